@@ -1,0 +1,3 @@
+from outbox_notifier.cli import main
+
+raise SystemExit(main())
