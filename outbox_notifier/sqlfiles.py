@@ -1,0 +1,66 @@
+"""Loads the SQL that ships in ``sql/``: numbered migrations and the named queries.
+
+``sql/queries.sql`` holds every statement the daemon runs, as blocks headed by a line
+``-- name: <query_name>`` followed by a one-line comment that says what the query is for. Keeping
+them in one file lets a reviewer (or an operator at 3 a.m.) read all the SQL in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from pathlib import Path
+from typing import LiteralString, cast
+
+import msgspec
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_QUERY_HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+
+
+class Migration(msgspec.Struct, frozen=True, kw_only=True):
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+@functools.cache
+def migrations() -> tuple[Migration, ...]:
+    """Every migration file, in version order."""
+    found = []
+    for path in sorted(SQL_DIR.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match:
+            found.append(
+                Migration(version=int(match.group(1)), name=path.stem, sql=path.read_text())
+            )
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migration files share a version: {versions}")
+    return tuple(found)
+
+
+@functools.cache
+def queries() -> dict[str, LiteralString]:
+    """The named queries of ``sql/queries.sql``."""
+    text = (SQL_DIR / "queries.sql").read_text()
+    parts = _QUERY_HEADER.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    named: dict[str, LiteralString] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in named:
+            raise RuntimeError(f"query {name!r} is defined twice in queries.sql")
+        # The file ships with the package and is never built from input, so it is static SQL.
+        named[name] = cast(LiteralString, body.strip().rstrip(";"))
+    return named
+
+
+def query(name: str) -> LiteralString:
+    return queries()[name]

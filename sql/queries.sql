@@ -1,0 +1,1 @@
+-- Every statement the daemon runs, by name. Loaded by outbox_notifier.sqlfiles.
