@@ -70,4 +70,3 @@ def migrate(dsn: str) -> list[str]:
                 logger.info("applied migration %s", migration.name)
                 applied.append(migration.name)
     return applied
-

@@ -1,6 +1,7 @@
 """Loads the SQL that ships in ``sql/``: numbered migrations and the named queries.
 
-``sql/queries.sql`` holds every statement the daemon runs, as blocks headed by a line
+Every non-migration file of ``sql/`` (``queries.sql`` for the pipeline, ``operator.sql`` for the
+operator commands) holds statements as blocks headed by a line
 ``-- name: <query_name>`` followed by a one-line comment that says what the query is for. Keeping
 them in one file lets a reviewer (or an operator at 3 a.m.) read all the SQL in one place.
 """
@@ -49,16 +50,18 @@ def migrations() -> tuple[Migration, ...]:
 
 @functools.cache
 def queries() -> dict[str, LiteralString]:
-    """The named queries of ``sql/queries.sql``."""
-    text = (SQL_DIR / "queries.sql").read_text()
-    parts = _QUERY_HEADER.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
+    """The named queries of every non-migration SQL file."""
     named: dict[str, LiteralString] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        if name in named:
-            raise RuntimeError(f"query {name!r} is defined twice in queries.sql")
-        # The file ships with the package and is never built from input, so it is static SQL.
-        named[name] = cast(LiteralString, body.strip().rstrip(";"))
+    for path in sorted(SQL_DIR.glob("*.sql")):
+        if _MIGRATION_NAME.match(path.name):
+            continue
+        parts = _QUERY_HEADER.split(path.read_text())
+        # parts = [preamble, name1, body1, name2, body2, ...]
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in named:
+                raise RuntimeError(f"query {name!r} is defined twice (again in {path.name})")
+            # The files ship with the package and are never built from input: static SQL.
+            named[name] = cast(LiteralString, body.strip().rstrip(";"))
     return named
 
 

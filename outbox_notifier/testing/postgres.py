@@ -126,7 +126,7 @@ class LocalCluster:
 
 def _docker_answers() -> bool:
     try:
-        import docker  # type: ignore[import-untyped]  # noqa: PLC0415
+        import docker
     except ImportError:
         return False
     try:
@@ -145,7 +145,7 @@ def throwaway_server(*, fsync: bool = False) -> Iterator[str]:
         yield existing
         return
     if _docker_answers():
-        from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+        from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url()

@@ -28,7 +28,7 @@ def _declared_objects() -> dict[str, set[str]]:
 
 def _actual_objects(conn: psycopg.Connection) -> dict[str, set[str]]:
     def names(query: str) -> set[str]:
-        return {row[0] for row in conn.execute(query)}  # type: ignore[arg-type]
+        return {row[0] for row in conn.execute(query)}
 
     return {
         "table": names(
@@ -57,8 +57,12 @@ def test_migrated_schema_matches_the_sql_files(empty_db: str) -> None:
     assert applied == [m.name for m in sqlfiles.migrations()]
     with psycopg.connect(empty_db) as conn:
         assert _actual_objects(conn) == _declared_objects()
-        versions = [r[0] for r in conn.execute(
-            "SELECT version FROM outbox_notifier.schema_migrations ORDER BY version")]
+        versions = [
+            r[0]
+            for r in conn.execute(
+                "SELECT version FROM outbox_notifier.schema_migrations ORDER BY version"
+            )
+        ]
         assert versions == [m.version for m in sqlfiles.migrations()]
 
 
@@ -66,11 +70,13 @@ def test_second_migrate_is_a_no_op(empty_db: str) -> None:
     migrations.migrate(empty_db)
     with psycopg.connect(empty_db) as conn:
         before = conn.execute(
-            "SELECT version, applied_at FROM outbox_notifier.schema_migrations").fetchall()
+            "SELECT version, applied_at FROM outbox_notifier.schema_migrations"
+        ).fetchall()
     assert migrations.migrate(empty_db) == []
     with psycopg.connect(empty_db) as conn:
         after = conn.execute(
-            "SELECT version, applied_at FROM outbox_notifier.schema_migrations").fetchall()
+            "SELECT version, applied_at FROM outbox_notifier.schema_migrations"
+        ).fetchall()
     assert after == before
 
 
@@ -99,7 +105,9 @@ def test_concurrent_migrations_apply_each_file_once(empty_db: str) -> None:
 def test_edited_migration_is_reported(empty_db: str) -> None:
     migrations.migrate(empty_db)
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        conn.execute("UPDATE outbox_notifier.schema_migrations SET checksum = 'x' WHERE version = 1")
+        conn.execute(
+            "UPDATE outbox_notifier.schema_migrations SET checksum = 'x' WHERE version = 1"
+        )
     with pytest.raises(migrations.MigrationError, match="was changed after it was applied"):
         migrations.migrate(empty_db)
 
@@ -132,7 +140,8 @@ def test_enqueue_commits_a_pending_row(conn: psycopg.Connection) -> None:
     assert row is not None
     stored = conn.execute(
         "SELECT event_type, event_version, payload, status FROM outbox_notifier.outbox"
-        " WHERE id = %s", (row[0],)
+        " WHERE id = %s",
+        (row[0],),
     ).fetchone()
     assert stored == ("notification.feishu.requested", "1", {"a": 1}, "pending")
 

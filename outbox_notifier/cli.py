@@ -1,0 +1,374 @@
+"""The ``outbox-notifier`` command: parses arguments, loads settings, dispatches. No business logic.
+
+Exit codes: 0 success; 1 runtime failure (e.g. the database is unreachable); 2 bad usage or
+configuration (one line on stderr naming the problem); 3 the command is not available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+import msgspec
+import psycopg
+
+from outbox_notifier import __version__, logs, settings
+
+PROG = "outbox-notifier"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+NO_DATABASE = "no database: pass --dsn or set OUTBOX_NOTIFIER_DSN"
+
+# (dest, flag) of global options that map straight onto a setting.
+_SETTING_FLAGS = (("dsn", "--dsn"), ("log_format", "--log-format"), ("log_level", "--log-level"))
+_GLOBAL_DESTS = ("config", "set", *(dest for dest, _ in _SETTING_FLAGS))
+
+
+def _setting_assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _timestamp(text: str) -> dt.datetime:
+    """An ISO 8601 time (UTC when no offset is given) or an age like ``30m``, ``6h``, ``2d``."""
+    relative = _RELATIVE.match(text.strip())
+    if relative:
+        amount, unit = relative.groups()
+        return dt.datetime.now(dt.UTC) - dt.timedelta(**{_UNITS[unit]: int(amount)})
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time or an age like 6h, got {text!r}"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _global_options(suffix: str, default: object) -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand.
+
+    argparse lets a subcommand's parser overwrite what the main parser stored under the same
+    dest, so each copy stores under its own dest (``suffix``) and `_merged_globals` joins them.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("global options")
+    group.add_argument(
+        "--config",
+        dest="config" + suffix,
+        metavar="PATH",
+        default=default,
+        help="TOML settings file (default: $OUTBOX_NOTIFIER_CONFIG)",
+    )
+    group.add_argument(
+        "--dsn",
+        dest="dsn" + suffix,
+        metavar="DSN",
+        default=default,
+        help="PostgreSQL connection string (default: $OUTBOX_NOTIFIER_DSN)",
+    )
+    group.add_argument(
+        "--set",
+        dest="set" + suffix,
+        metavar="NAME=VALUE",
+        action="append",
+        type=_setting_assignment,
+        default=default,
+        help="override any setting, e.g. --set poll_interval_s=2 (repeatable)",
+    )
+    group.add_argument(
+        "--log-format",
+        dest="log_format" + suffix,
+        choices=sorted(settings.LOG_FORMATS),
+        default=default,
+        help="log line format (default: plain)",
+    )
+    group.add_argument(
+        "--log-level",
+        dest="log_level" + suffix,
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        metavar="LEVEL",
+        default=default,
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: INFO)",
+    )
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for tests and documentation)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Relays a PostgreSQL transactional outbox into Feishu notifications: "
+            "relay, deliver, retry, and export metrics."
+        ),
+        epilog=(
+            "Settings come from defaults < the TOML file < OUTBOX_NOTIFIER_* environment "
+            "variables < flags. See 'check-config' to print the effective settings."
+        ),
+        parents=[_global_options("", None)],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    after = [_global_options("_after", None)]
+
+    def add(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return subs.add_parser(name, help=summary, description=description, parents=after)
+
+    add(
+        "migrate",
+        "create or upgrade the database schema",
+        "Apply the pending SQL migrations to schema outbox_notifier, each once, in order. "
+        "Serialised by an advisory lock, so replicas may run it at the same time; a re-run "
+        "is a no-op.",
+    )
+    add(
+        "run",
+        "run the daemon",
+        "Run the daemon: relay outbox rows into notification records, deliver them, retry "
+        "failures and rescue expired leases, and serve /metrics, /healthz and /readyz. "
+        "SIGTERM or SIGINT stops claiming work and drains in-flight deliveries within "
+        "shutdown_deadline_s.",
+    )
+    status = add(
+        "status",
+        "show the backlog",
+        "Show the backlog: record counts and the oldest record's age by status and channel, "
+        "plus dead and stuck-sending records.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    requeue = add(
+        "requeue",
+        "send dead or failed records again",
+        "Put records back to pending so they are delivered again: one record by --id, or "
+        "dead records matching the filters. Times are ISO 8601 (UTC unless an offset is "
+        "given) or ages like 30m, 6h, 2d.",
+    )
+    requeue.add_argument("--id", type=_positive_int, metavar="N", help="requeue record N")
+    requeue.add_argument("--channel", help="only records of this channel, e.g. feishu")
+    requeue.add_argument("--error-code", help="only records whose last error code is this")
+    requeue.add_argument(
+        "--since", type=_timestamp, metavar="TIME", help="only records created at or after TIME"
+    )
+    requeue.add_argument(
+        "--until", type=_timestamp, metavar="TIME", help="only records created before TIME"
+    )
+    requeue.add_argument(
+        "--dry-run", action="store_true", help="show what would be requeued; change nothing"
+    )
+    add(
+        "demo",
+        "see the pipeline work end to end",
+        "Enqueue a sample notification event and follow it through relay and delivery, "
+        "printing each step.",
+    )
+    check = add(
+        "check-config",
+        "validate and print the effective settings",
+        "Load the settings from defaults, the config file, the environment and flags; print "
+        "them with secrets masked. Exit 2 with one line naming the problem if any is invalid.",
+    )
+    check.add_argument("--json", action="store_true", help="print a JSON object")
+    return parser
+
+
+def _merged_globals(args: argparse.Namespace) -> None:
+    """Joins each global option given before the subcommand with its copy given after."""
+    for dest in _GLOBAL_DESTS:
+        before = getattr(args, dest)
+        later = getattr(args, dest + "_after", None)
+        if dest == "set":
+            setattr(args, dest, (before or []) + (later or []))
+        elif later is not None:
+            setattr(args, dest, later)
+
+
+def _load(args: argparse.Namespace) -> settings.Settings:
+    overrides: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for name, value in args.set:
+        overrides[name] = value
+        sources[name] = f"--set {name}"
+    # The dedicated flags are more specific than --set, so they win.
+    for dest, flag in _SETTING_FLAGS:
+        value = getattr(args, dest)
+        if value is not None:
+            overrides[dest] = value
+            sources[dest] = flag
+    return settings.load_settings(
+        config_path=args.config,
+        env=os.environ,
+        overrides=overrides,
+        override_sources=sources,
+    )
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: {' '.join(message.splitlines())}", file=sys.stderr)
+
+
+def _commands(command: str) -> ModuleType | None:
+    """The commands module, or None (after saying so) when it is not there yet."""
+    try:
+        return importlib.import_module("outbox_notifier.commands")
+    except ModuleNotFoundError as exc:
+        if exc.name != "outbox_notifier.commands":
+            raise  # a module the commands need is missing: a real error, not "not yet"
+        _fail(f"`{command}` is not available yet")
+        return None
+
+
+def _exit_code(result: object) -> int:
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _cmd_migrate(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    from outbox_notifier import migrations
+
+    try:
+        applied = migrations.migrate(cfg.dsn)
+    except migrations.MigrationError as exc:
+        _fail(str(exc))
+        return EXIT_FAILURE
+    for name in applied:
+        print(f"applied {name}")
+    if not applied:
+        print("schema is up to date")
+    return EXIT_OK
+
+
+def _format_value(value: object) -> str:
+    # JSON scalars and arrays are also TOML, so a line can be pasted into the config file.
+    return msgspec.json.encode(value).decode()
+
+
+def _cmd_check_config(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    shown = settings.masked(cfg)
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(shown).decode(), indent=2))
+    else:
+        for name, value in shown.items():
+            print(f"{name} = {_format_value(value)}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    commands = _commands("run")
+    if commands is None:
+        return EXIT_UNAVAILABLE
+    return _exit_code(commands.run(cfg))
+
+
+def _cmd_status(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    commands = _commands("status")
+    if commands is None:
+        return EXIT_UNAVAILABLE
+    return _exit_code(commands.status(cfg, args.json))
+
+
+def _cmd_requeue(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    commands = _commands("requeue")
+    if commands is None:
+        return EXIT_UNAVAILABLE
+    return _exit_code(
+        commands.requeue(
+            cfg,
+            record_id=args.id,
+            channel=args.channel,
+            error_code=args.error_code,
+            since=args.since,
+            until=args.until,
+            dry_run=args.dry_run,
+        )
+    )
+
+
+def _cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    commands = _commands("demo")
+    if commands is None:
+        return EXIT_UNAVAILABLE
+    return _exit_code(commands.demo(cfg))
+
+
+Handler = Callable[[argparse.Namespace, settings.Settings], int]
+
+# command -> (handler, needs a database)
+_HANDLERS: dict[str, tuple[Handler, bool]] = {
+    "migrate": (_cmd_migrate, True),
+    "run": (_cmd_run, True),
+    "status": (_cmd_status, True),
+    "requeue": (_cmd_requeue, True),
+    "demo": (_cmd_demo, False),
+    "check-config": (_cmd_check_config, False),
+}
+
+
+def _requeue_selection_problem(args: argparse.Namespace) -> str | None:
+    filters = (args.channel, args.error_code, args.since, args.until)
+    if args.id is not None and any(f is not None for f in filters):
+        return "--id cannot be combined with --channel, --error-code, --since or --until"
+    if args.id is None and all(f is None for f in filters):
+        return "pass --id N, or at least one of --channel, --error-code, --since, --until"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``outbox-notifier``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with usage on bad arguments
+    _merged_globals(args)
+
+    if args.command == "requeue":
+        problem = _requeue_selection_problem(args)
+        if problem:
+            _fail(f"requeue: {problem}")
+            return EXIT_USAGE
+
+    try:
+        cfg = _load(args)
+    except settings.SettingsError as exc:
+        _fail(str(exc))
+        return EXIT_USAGE
+    logs.configure_logging(cfg.log_format, cfg.log_level)
+
+    handler, needs_database = _HANDLERS[args.command]
+    if needs_database and not cfg.dsn:
+        _fail(NO_DATABASE)
+        return EXIT_USAGE
+    try:
+        return handler(args, cfg)
+    except settings.SettingsError as exc:
+        _fail(str(exc))
+        return EXIT_USAGE
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(f"cannot connect to the database: {first}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,257 @@
+"""Wires the loops together: relay, delivery, lease rescue, the LISTEN connection; signals.
+
+One asyncio process, one connection pool (autocommit connections: each batch statement is its
+own short transaction) plus one dedicated connection for LISTEN, which cannot go through a
+transaction-mode pooler and so may use ``listen_dsn``. NOTIFY only shortens waits: every loop
+also polls, so a lost notification or a listener that is reconnecting delays work by at most
+``poll_interval_s`` and never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import httpx
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from outbox_notifier import migrations
+from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
+from outbox_notifier.providers.base import Provider
+from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
+from outbox_notifier.relay import Relay
+from outbox_notifier.settings import Settings
+from outbox_notifier.store import RecordStore
+
+logger = logging.getLogger(__name__)
+
+OUTBOX_CHANNEL = "outbox_notifier_outbox"
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database schema is older (or newer) than this daemon."""
+
+
+def http_client(settings: Settings) -> httpx.AsyncClient:
+    """The one HTTP client every provider shares, sized to the delivery concurrency."""
+    limits = httpx.Limits(
+        max_connections=settings.delivery_concurrency,
+        max_keepalive_connections=settings.delivery_concurrency,
+    )
+    return httpx.AsyncClient(
+        limits=limits,
+        timeout=settings.http_timeout_s,
+        verify=settings.ca_bundle or True,  # never off: a private CA goes in ca_bundle
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str, Provider]:
+    return {
+        "feishu": FeishuFlowProvider(
+            client,
+            frontend_base_url=settings.frontend_base_url,
+            allowed_schemes=settings.flow_allowed_schemes,
+            allowed_hosts=settings.flow_allowed_hosts,
+            path_prefix=settings.flow_path_prefix,
+            timeout_s=settings.http_timeout_s,
+            response_body_max_bytes=settings.response_body_max_bytes,
+        )
+    }
+
+
+class Daemon:
+    """The long-running process. ``await run()`` until ``stop()`` (or SIGTERM/SIGINT)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        providers: Mapping[str, Provider] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._providers = providers
+        self._stop = asyncio.Event()
+        self._outbox_wake = asyncio.Event()
+        self._delivery_wake = asyncio.Event()
+        self.listener_up = False
+        self.heartbeats: dict[str, float] = {}
+        self.policy = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_s=settings.retry_base_s,
+            max_s=settings.retry_max_s,
+            retry_after_max_s=settings.retry_after_max_s,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        settings = self.settings
+        if install_signal_handlers:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        pool: AsyncConnectionPool[psycopg.AsyncConnection] = AsyncConnectionPool(
+            settings.dsn,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            kwargs={"autocommit": True},
+            timeout=10.0,
+            open=False,
+            name="outbox-notifier",
+        )
+        await pool.open(wait=True, timeout=30.0)
+        try:
+            store = RecordStore(pool)
+            await self._check_schema(store)
+            async with http_client(settings) as client:
+                providers = self._providers or default_providers(settings, client)
+                await self._run_loops(store, providers)
+        finally:
+            await pool.close()
+
+    async def _check_schema(self, store: RecordStore) -> None:
+        try:
+            version = await store.schema_version()
+        except psycopg.errors.UndefinedTable:
+            version = None
+        if version != migrations.latest_version():
+            raise SchemaNotCurrent(
+                f"database schema is at version {version}, this daemon needs "
+                f"{migrations.latest_version()}: run `outbox-notifier migrate`"
+            )
+
+    async def _run_loops(self, store: RecordStore, providers: Mapping[str, Provider]) -> None:
+        settings = self.settings
+        relay = Relay(
+            store,
+            batch_size=settings.relay_batch_size,
+            max_attempts=settings.max_attempts,
+            summary_max_runes=settings.summary_max_runes,
+        )
+        self.deliverer = Deliverer(
+            store,
+            providers,
+            self.policy,
+            batch_size=settings.delivery_batch_size,
+            concurrency=settings.delivery_concurrency,
+            lease_s=settings.lease_s,
+        )
+        background = [
+            asyncio.create_task(self._guard("relay", lambda: self._relay_loop(relay))),
+            asyncio.create_task(self._guard("listener", self._listen_loop)),
+            asyncio.create_task(self._guard("rescue", lambda: self._rescue_loop(store))),
+        ]
+        delivery = asyncio.create_task(
+            self._guard(
+                "delivery",
+                lambda: self.deliverer.run(
+                    self._stop, self._delivery_wake, settings.poll_interval_s
+                ),
+            )
+        )
+        logger.info("outbox-notifier running")
+        await self._stop.wait()
+        logger.info("stopping: no new claims; waiting up to %ss for in-flight calls",
+                    settings.shutdown_deadline_s)  # fmt: skip
+        for task in background:
+            task.cancel()
+        try:
+            await asyncio.wait_for(delivery, timeout=settings.shutdown_deadline_s)
+        except TimeoutError:
+            logger.warning(
+                "shutdown deadline passed with %d calls in flight; their leases will expire",
+                self.deliverer.in_flight,
+            )
+        await asyncio.gather(*background, return_exceptions=True)
+        logger.info("stopped")
+
+    async def _guard(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Runs a loop; if it crashes on a bug, logs it and starts it again after a pause."""
+        while not self._stop.is_set():
+            try:
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("%s loop crashed; restarting it", name)
+                await asyncio.sleep(1.0)
+
+    def beat(self, name: str) -> None:
+        self.heartbeats[name] = time.monotonic()
+
+    async def _relay_loop(self, relay: Relay) -> None:
+        while not self._stop.is_set():
+            self.beat("relay")
+            self._outbox_wake.clear()
+            try:
+                report = await relay.relay_once()
+            except psycopg.OperationalError as exc:
+                logger.warning("relay failed, database unavailable: %s", str(exc).strip())
+                await self._sleep(1.0)
+                continue
+            if report.created:
+                self._delivery_wake.set()
+            if report.claimed < relay.batch_size:
+                await self._wait(self._outbox_wake, self.settings.poll_interval_s)
+
+    async def _rescue_loop(self, store: RecordStore) -> None:
+        while not self._stop.is_set():
+            self.beat("rescue")
+            try:
+                rescued = await rescue_expired_leases(store, self.policy)
+            except psycopg.OperationalError as exc:
+                logger.warning("lease rescue failed, database unavailable: %s", str(exc).strip())
+                rescued = []
+            if rescued:
+                self._delivery_wake.set()
+            await self._sleep(self.settings.retry_interval_s)
+
+    async def _listen_loop(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            self.beat("listener")
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.settings.effective_listen_dsn, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    if not self.listener_up:
+                        logger.info("listening for outbox notifications")
+                    self.listener_up = True
+                    delay = 0.5
+                    # Rows inserted while we were not listening: look now, don't wait a poll.
+                    self._outbox_wake.set()
+                    while not self._stop.is_set():
+                        self.beat("listener")
+                        async for _ in conn.notifies(timeout=self.settings.poll_interval_s):
+                            self._outbox_wake.set()
+            except psycopg.OperationalError as exc:
+                if self.listener_up:
+                    logger.warning("listener lost its connection, reconnecting: %s",
+                                   str(exc).strip())  # fmt: skip
+                self.listener_up = False
+                await self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _wait(self, event: asyncio.Event, timeout_s: float) -> None:
+        stop = asyncio.ensure_future(self._stop.wait())
+        woke = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({stop, woke}, timeout=timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            stop.cancel()
+            woke.cancel()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)

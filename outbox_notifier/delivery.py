@@ -1,0 +1,372 @@
+"""Claim -> provider calls -> apply results; and the rescue of expired leases.
+
+The delivery loop keeps up to ``concurrency`` provider calls in flight. It claims only as many
+records as it has free slots, so a claimed record's lease starts ticking when its call starts,
+not while it waits in a queue. Claims are one statement (row locks and advisory try-locks are
+taken and released inside it); calls run with no transaction and no lock held; results are
+applied in batches by a separate task, each guarded by its fencing token.
+
+Invariant: ``lease_s`` must exceed the provider timeout plus the time a result waits to be
+applied, or a slow-but-alive call would be rescued and sent a second time. The settings enforce
+``lease_s > http_timeout_s``; results wait milliseconds, and at most ``apply_retry_s`` per retry
+while the database is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+import psycopg
+
+from outbox_notifier import backoff, message
+from outbox_notifier.providers.base import (
+    Delivery,
+    ErrorCode,
+    Outcome,
+    Provider,
+    SendResult,
+    Target,
+)
+from outbox_notifier.store import Applied, ClaimedRecord, RecordStore, Rescued, Result
+
+logger = logging.getLogger(__name__)
+
+ERROR_TEXT_MAX_RUNES = 2000
+RESPONSE_EXCERPT_MAX_CHARS = 2000
+
+_STATUS_BY_OUTCOME = {
+    Outcome.SUCCESS: "sent",
+    Outcome.SKIPPED: "skipped",
+    Outcome.PERMANENT_FAIL: "dead",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When to try again after a temporary failure (the seed's defaults)."""
+
+    max_attempts: int = 5
+    base_s: float = 300.0
+    max_s: float = 1800.0
+    retry_after_max_s: float = 3600.0
+
+    def delays_s(self, attempts: int) -> list[float]:
+        """Backoff delay after attempt 1..attempts, for statements that schedule in SQL."""
+        return [backoff.retry_delay_s(n, self.base_s, self.max_s) for n in range(1, attempts + 1)]
+
+
+def decide(
+    record: ClaimedRecord, result: SendResult, policy: RetryPolicy
+) -> tuple[str, float | None]:
+    """The record's next status after a call, and the delay before a retry (seed semantics)."""
+    status = _STATUS_BY_OUTCOME.get(result.outcome)
+    if status is not None:
+        return status, None
+    if backoff.after_temporary_failure(
+        record.attempt_count, record.max_attempts, policy.max_attempts
+    ):
+        return "dead", None
+    delay = backoff.next_delay_s(
+        record.attempt_count, policy.base_s, policy.max_s,
+        result.retry_after_s, policy.retry_after_max_s,
+    )  # fmt: skip
+    return "failed", delay
+
+
+def to_delivery(record: ClaimedRecord) -> Delivery:
+    target = None
+    if record.webhook_url is not None:
+        target = Target(
+            enabled=bool(record.channel_enabled),
+            webhook_url=record.webhook_url,
+            auth_kind=record.auth_kind or "none",
+            auth_secret=record.auth_secret,
+        )
+    return Delivery(
+        record_id=record.id,
+        channel=record.channel,
+        user_id=record.user_id,
+        trigger_id=record.trigger_id,
+        preview_id=record.preview_id,
+        trigger_type=record.trigger_type,
+        target_type=record.target_type,
+        target_id=record.target_id,
+        target_url=record.target_url,
+        message_text=message.message_text(
+            record.summary_text, record.fallback_text, record.fallback_used, record.target_url
+        ),
+        fallback_used=record.fallback_used,
+        trace_id=record.trace_id,
+        attempt=record.attempt_count,
+        dedupe_key=record.dedupe_key,
+        target=target,
+    )
+
+
+def _pg_text(value: str) -> str:
+    # Postgres text cannot hold NUL; a hostile response must not make the whole batch fail.
+    return value.replace("\x00", "\ufffd")
+
+
+def _response_json(result: SendResult) -> str | None:
+    """The response as stored in provider_response_json: JSON as sent, else a JSON string."""
+    body = result.response_body
+    if body is None:
+        return None
+    if b"\\u0000" not in body:
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            pass
+        else:
+            return body.decode()
+    return msgspec.json.encode(_pg_text(body.decode("utf-8", "replace"))).decode()
+
+
+def to_result(
+    record: ClaimedRecord, sent: SendResult, policy: RetryPolicy, started_at: datetime
+) -> Result:
+    status, delay_s = decide(record, sent, policy)
+    error = None
+    if sent.error_message and status != "sent":
+        error = _pg_text(message.truncate_runes(sent.error_message, ERROR_TEXT_MAX_RUNES))
+    response = _response_json(sent)
+    return Result(
+        record_id=record.id,
+        lease_token=record.lease_token,
+        attempt=record.attempt_count,
+        status=status,
+        outcome=str(sent.outcome),
+        error_code=None if status == "sent" else sent.error_code,
+        error=error,
+        delay_s=delay_s,
+        provider_message_id=sent.provider_message_id,
+        request_json=sent.request_json.decode() if sent.request_json is not None else None,
+        response_json=response,
+        http_status=sent.http_status,
+        started_at=started_at,
+        duration_ms=sent.duration_s * 1000.0,
+    )
+
+
+async def call_provider(provider: Provider | None, delivery: Delivery) -> SendResult:
+    """One provider call; whatever goes wrong becomes a SendResult (the seed's fallback)."""
+    if provider is None:
+        return SendResult(
+            outcome=Outcome.SKIPPED,
+            error_code=ErrorCode.RECIPIENT_MISSING,
+            error_message=f"no provider for channel {delivery.channel!r}",
+        )
+    started = time.perf_counter()
+    try:
+        return await provider.send(delivery)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a provider bug must not lose the record: retry it later
+        logger.exception("provider raised", extra={"record_id": delivery.record_id})
+        return SendResult(
+            outcome=Outcome.TEMPORARY_FAIL,
+            error_code=ErrorCode.NETWORK_ERROR,
+            error_message=f"{type(exc).__name__}: {exc}",
+            duration_s=time.perf_counter() - started,
+        )
+
+
+@dataclass
+class DeliveryStats:
+    """Counters the daemon's metrics and tests read."""
+
+    claimed: int = 0
+    applied: int = 0
+    fenced: int = 0  # results that arrived after their lease was taken over
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+class Deliverer:
+    """The delivery loop. ``run()`` until ``stop`` is set; ``wake`` cuts an idle wait short."""
+
+    def __init__(
+        self,
+        store: RecordStore,
+        providers: Mapping[str, Provider],
+        policy: RetryPolicy,
+        *,
+        batch_size: int,
+        concurrency: int,
+        lease_s: float,
+        apply_batch_size: int = 500,
+        apply_retry_s: float = 1.0,
+        on_applied: Callable[[Sequence[Result], Sequence[Applied]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.providers = providers
+        self.policy = policy
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.lease_s = lease_s
+        self.apply_batch_size = apply_batch_size
+        self.apply_retry_s = apply_retry_s
+        self.on_applied = on_applied
+        self.stats = DeliveryStats()
+        self.last_progress = time.monotonic()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._results: asyncio.Queue[Result] = asyncio.Queue()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    async def run(self, stop: asyncio.Event, wake: asyncio.Event, poll_interval_s: float) -> None:
+        applier = asyncio.create_task(self._apply_forever(), name="apply-results")
+        try:
+            while not stop.is_set():
+                self.last_progress = time.monotonic()
+                free = self.concurrency - len(self._inflight)
+                # Claim in chunks rather than one record per freed slot: fewer, larger claims.
+                if free < max(1, self.concurrency // 4) and self._inflight:
+                    self._slot_freed.clear()
+                    await _wait_any(stop, self._slot_freed, timeout_s=poll_interval_s)
+                    continue
+                wanted = min(self.batch_size, free)
+                wake.clear()
+                claimed = await self._claim(wanted)
+                if claimed is None:
+                    await _wait_any(stop, timeout_s=self.apply_retry_s)
+                    continue
+                for record in claimed:
+                    self._start(record)
+                if len(claimed) < wanted:
+                    await _wait_any(stop, wake, timeout_s=poll_interval_s)
+        finally:
+            await self._drain(applier)
+
+    async def deliver_once(self) -> int:
+        """Claims one batch, delivers it and applies the results (tests and tools)."""
+        claimed = await self.store.claim_records(self.batch_size, self.lease_s)
+        results = await asyncio.gather(*(self._call(r) for r in claimed))
+        if results:
+            await self._apply(results)
+        return len(claimed)
+
+    async def _claim(self, limit: int) -> list[ClaimedRecord] | None:
+        try:
+            claimed = await self.store.claim_records(limit, self.lease_s)
+        except psycopg.OperationalError as exc:
+            logger.warning("claim failed, database unavailable: %s", _first_line(exc))
+            return None
+        self.stats.claimed += len(claimed)
+        return claimed
+
+    def _start(self, record: ClaimedRecord) -> None:
+        task = asyncio.create_task(self._deliver(record))
+        self._inflight.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slot_freed.set()
+
+    async def _deliver(self, record: ClaimedRecord) -> None:
+        self._results.put_nowait(await self._call(record))
+
+    async def _call(self, record: ClaimedRecord) -> Result:
+        started_at = datetime.now(UTC)
+        sent = await call_provider(self.providers.get(record.channel), to_delivery(record))
+        return to_result(record, sent, self.policy, started_at)
+
+    async def _apply_forever(self) -> None:
+        while True:
+            batch = [await self._results.get()]
+            while len(batch) < self.apply_batch_size and not self._results.empty():
+                batch.append(self._results.get_nowait())
+            await self._apply_until_stored(batch)
+
+    async def _apply_until_stored(self, batch: list[Result]) -> None:
+        # A result is kept and retried while the database is away; if the daemon stops first,
+        # the lease expires and the rescue counts the call as a temporary failure.
+        while True:
+            try:
+                await self._apply(batch)
+                return
+            except psycopg.OperationalError as exc:
+                logger.warning("applying results failed, retrying: %s", _first_line(exc))
+                await asyncio.sleep(self.apply_retry_s)
+
+    async def _apply(self, batch: Sequence[Result]) -> None:
+        try:
+            applied = await self.store.apply_results(batch)
+        except psycopg.DataError:
+            # Should not happen (text is sanitised), but one bad value must not block the rest.
+            applied = []
+            for result in batch:
+                try:
+                    applied += await self.store.apply_results([result])
+                except psycopg.DataError:
+                    logger.exception("result refused", extra={"record_id": result.record_id})
+        self._account(batch, applied)
+
+    def _account(self, batch: Sequence[Result], applied: Sequence[Applied]) -> None:
+        self.stats.applied += len(applied)
+        self.stats.fenced += len(batch) - len(applied)
+        for row in applied:
+            self.stats.by_status[row.status] = self.stats.by_status.get(row.status, 0) + 1
+        if len(applied) < len(batch):
+            applied_ids = {row.id for row in applied}
+            for result in batch:
+                if result.record_id not in applied_ids:
+                    logger.warning(
+                        "late result discarded: the record's lease was taken over",
+                        extra={"record_id": result.record_id, "attempt": result.attempt},
+                    )
+        if self.on_applied is not None:
+            self.on_applied(batch, applied)
+
+    async def _drain(self, applier: asyncio.Task[None]) -> None:
+        """Lets in-flight calls finish and their results land; the caller bounds the time."""
+        try:
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+            while not self._results.empty():
+                batch: list[Result] = []
+                while not self._results.empty() and len(batch) < self.apply_batch_size:
+                    batch.append(self._results.get_nowait())
+                await self._apply_until_stored(batch)
+        finally:
+            applier.cancel()
+            for task in self._inflight:
+                task.cancel()
+
+
+async def rescue_expired_leases(
+    store: RecordStore, policy: RetryPolicy, *, limit: int = 500
+) -> list[Rescued]:
+    """Takes back records stuck in 'sending' past their lease (their worker died)."""
+    rescued = await store.rescue_expired_leases(limit, policy.delays_s(policy.max_attempts))
+    for row in rescued:
+        logger.warning(
+            "lease expired while sending; record is now %s", row.status,
+            extra={"record_id": row.id},
+        )  # fmt: skip
+    return rescued
+
+
+async def _wait_any(*events: asyncio.Event, timeout_s: float) -> None:
+    """Returns when any event is set or the timeout passes."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

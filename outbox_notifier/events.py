@@ -1,0 +1,171 @@
+"""Outbox event contract: payload structs, their validation, and the one decode entry point.
+
+An outbox row is ``(event_type, event_version, payload)``. :func:`decode_event` turns it into a
+validated :class:`FeishuNotificationRequested` or raises :class:`EventRejected`, whose ``reason``
+is the one line stored on the rejected row and whose ``reason_class`` is a bounded metric label.
+
+Validation and normalisation live in ``FeishuNotificationRequested.__post_init__``, so a struct
+built directly (in tests, by the demo) obeys the same rules as a decoded one. ``__post_init__``
+trims every string field (Go's ``strings.TrimSpace``, as the seed did before storing) through
+``msgspec.structs.force_setattr``, the documented way to finish a frozen struct; msgspec turns the
+``ValueError`` raised there into a ``ValidationError`` while decoding.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final, Literal
+
+import msgspec
+
+from outbox_notifier.message import trim_space
+
+EVENT_TYPE: Final = "notification.feishu.requested"
+EVENT_VERSION: Final = "1"
+
+ReasonClass = Literal["unknown_type", "unsupported_version", "malformed", "invalid"]
+REASON_CLASSES: Final[tuple[ReasonClass, ...]] = (
+    "unknown_type",
+    "unsupported_version",
+    "malformed",
+    "invalid",
+)
+"""Every ``EventRejected.reason_class``: label values a metric can pre-create."""
+
+# Limits on stored text, checked after trimming. Postgres would take more, but a hostile or buggy
+# producer must not be able to write megabyte rows or megabyte log lines through us.
+_STRING_MAX_CHARS: Final[dict[str, int]] = {
+    "trigger_id": 256,
+    "preview_id": 256,
+    "trigger_type": 256,
+    "target_type": 256,
+    "dedupe_key": 512,
+    "target_url": 2048,
+    "summary_text": 10_000,
+    "fallback_text": 10_000,
+    "trace_id": 256,
+}
+_REQUIRED_STRINGS: Final = ("preview_id", "dedupe_key", "target_url")
+# The ids land in bigint columns; a larger JSON integer would fail the insert instead of being
+# rejected here with a reason.
+_BIGINT_MIN: Final = -(2**63)
+_BIGINT_MAX: Final = 2**63 - 1
+# Event type/version are echoed into the reason; cut what a producer sent before quoting it.
+_ECHO_MAX_CHARS: Final = 100
+
+
+class FeishuNotificationRequested(msgspec.Struct, frozen=True, kw_only=True):
+    """Payload of ``notification.feishu.requested`` version ``1`` (the seed's payload).
+
+    Unknown fields are ignored, so producers may add fields before consumers know them. JSON
+    ``null`` is not accepted for any field; leave an optional field out instead.
+
+    Rules (each violation is a ``ValueError`` naming the field):
+
+    - ``user_id > 0``; ``notification_id``, ``user_id`` and ``target_id`` fit a Postgres bigint.
+      ``target_id`` is a JSON integer (not a string of digits, not ``1.0``), as in the seed.
+    - ``preview_id``, ``dedupe_key`` and ``target_url`` are non-empty after trimming.
+    - ``target_url`` is a path relative to the product, not a link: no ``://``, no leading ``//``.
+    - ``requested_at`` is an RFC 3339 timestamp with an offset (``Z`` or ``+08:00``).
+    - After trimming, ``dedupe_key`` has at most 512 characters, ``target_url`` 2048,
+      ``summary_text`` and ``fallback_text`` 10000, every other string 256.
+    - No string contains NUL (``\\x00``), which Postgres ``text`` cannot store.
+    """
+
+    notification_id: int = 0
+    user_id: int
+    trigger_id: str = ""
+    preview_id: str
+    trigger_type: str = ""
+    target_type: str = ""
+    target_id: int = 0
+    dedupe_key: str
+    target_url: str
+    summary_text: str = ""
+    fallback_text: str = ""
+    trace_id: str = ""
+    requested_at: datetime
+
+    def __post_init__(self) -> None:
+        for name in ("notification_id", "user_id", "target_id"):
+            number: int = getattr(self, name)
+            if not _BIGINT_MIN <= number <= _BIGINT_MAX:
+                raise ValueError(f"{name} is out of range for a 64-bit integer")
+        if self.user_id <= 0:
+            raise ValueError("user_id must be > 0")
+
+        for name, max_chars in _STRING_MAX_CHARS.items():
+            raw: str = getattr(self, name)
+            value = trim_space(raw)
+            if value != raw:
+                msgspec.structs.force_setattr(self, name, value)
+            if "\x00" in value:
+                raise ValueError(f"{name} must not contain NUL characters")
+            if len(value) > max_chars:
+                raise ValueError(f"{name} is too long ({len(value)} > {max_chars} characters)")
+
+        for name in _REQUIRED_STRINGS:
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if "://" in self.target_url or self.target_url.startswith("//"):
+            raise ValueError("target_url must be a relative path")
+
+        # utcoffset() rather than tzinfo: a tzinfo may still answer None.
+        if self.requested_at.utcoffset() is None:
+            raise ValueError("requested_at must be timezone-aware (RFC 3339 with an offset)")
+
+
+class EventRejected(Exception):
+    """An outbox row that cannot become a notification; the row is marked ``rejected``.
+
+    ``reason`` is one readable line for the row's ``error`` column and the log, e.g.
+    ``invalid payload: user_id must be > 0``. ``reason_class`` is one of :data:`REASON_CLASSES`:
+
+    - ``unknown_type``: no consumer for the event type;
+    - ``unsupported_version``: known type, unknown version;
+    - ``malformed``: the payload is not JSON, or not a JSON object;
+    - ``invalid``: a JSON object that breaks the contract (missing field, wrong type, a rule).
+    """
+
+    def __init__(self, reason: str, reason_class: ReasonClass) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reason_class: ReasonClass = reason_class
+
+
+_decoder: Final = msgspec.json.Decoder(FeishuNotificationRequested)
+
+
+def _quote(value: str) -> str:
+    """Quote producer-supplied text for a reason: bounded, escapes kept on one line."""
+    if len(value) > _ECHO_MAX_CHARS:
+        return repr(value[:_ECHO_MAX_CHARS]) + "..."
+    return repr(value)
+
+
+def decode_event(
+    event_type: str, event_version: str, payload: bytes
+) -> FeishuNotificationRequested:
+    """Decode and validate one outbox row's payload (JSON bytes).
+
+    Type and version must match :data:`EVENT_TYPE` and :data:`EVENT_VERSION` exactly. Raises
+    :class:`EventRejected`; never anything else for bad input.
+    """
+    if event_type != EVENT_TYPE:
+        raise EventRejected(f"unknown event type {_quote(event_type)}", "unknown_type")
+    if event_version != EVENT_VERSION:
+        raise EventRejected(
+            f"unsupported event_version {_quote(event_version)} for {EVENT_TYPE}",
+            "unsupported_version",
+        )
+    try:
+        return _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        # msgspec's wording when the top-level value has the wrong type; only the root has no
+        # "- at `$...`" suffix.
+        if message.startswith("Expected `object`, got `") and " - at `" not in message:
+            raise EventRejected("payload is not a JSON object", "malformed") from exc
+        raise EventRejected(f"invalid payload: {message}", "invalid") from exc
+    except msgspec.DecodeError as exc:
+        raise EventRejected(f"payload is not valid JSON: {exc}", "malformed") from exc

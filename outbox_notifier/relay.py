@@ -1,0 +1,139 @@
+"""Outbox -> notification records.
+
+One relay pass is one transaction: claim a batch of pending outbox rows (``FOR UPDATE SKIP
+LOCKED``, so replicas take disjoint batches), decode and validate every payload in Python, then
+write all records, relayed marks and rejected marks in a single statement. A row that fails to
+decode or validate is rejected with its reason; it never stops the loop and is never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from outbox_notifier import events, message
+from outbox_notifier.store import NewRecord, OutboxRow, RecordStore
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "feishu"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayReport:
+    """What one relay pass did."""
+
+    claimed: int
+    created: int
+    deduplicated: int
+    fallback_used: int
+    rejected: dict[str, int]  # by reason class
+
+    @property
+    def relayed(self) -> int:
+        return self.created + self.deduplicated
+
+
+@dataclass(frozen=True, slots=True)
+class _Sorted:
+    records: list[NewRecord]
+    rejected: list[tuple[int, str]]
+    reason_classes: dict[str, int]
+
+
+class Relay:
+    def __init__(self, store: RecordStore, *, batch_size: int, max_attempts: int,
+                 summary_max_runes: int) -> None:  # fmt: skip
+        self.store = store
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.summary_max_runes = summary_max_runes
+
+    async def relay_once(self) -> RelayReport:
+        try:
+            return await self._relay(isolate_rows=False)
+        except psycopg.DataError:
+            # A value that passed validation but that Postgres refuses would otherwise fail the
+            # whole batch forever. Retry the batch row by row so only the culprit is rejected.
+            logger.warning("relay batch refused by the database; retrying row by row")
+            return await self._relay(isolate_rows=True)
+
+    async def _relay(self, *, isolate_rows: bool) -> RelayReport:
+        async with self.store.transaction() as conn:
+            rows = await self.store.claim_outbox(conn, self.batch_size)
+            if not rows:
+                return RelayReport(0, 0, 0, 0, {})
+            batch = self._sort(rows)
+            if isolate_rows:
+                created = await self._write_one_by_one(conn, batch)
+            else:
+                created = await self.store.relay(
+                    conn, batch.records, batch.rejected,
+                    channel=CHANNEL, max_attempts=self.max_attempts,
+                )  # fmt: skip
+        for outbox_id, reason in batch.rejected:
+            logger.warning("outbox row rejected", extra={"outbox_id": outbox_id, "reason": reason})
+        return RelayReport(
+            claimed=len(rows),
+            created=len(created),
+            deduplicated=len(batch.records) - len(created),
+            fallback_used=sum(1 for r in batch.records if r.fallback_used),
+            rejected=batch.reason_classes,
+        )
+
+    async def _write_one_by_one(
+        self, conn: psycopg.AsyncConnection, batch: _Sorted
+    ) -> list[tuple[int, int]]:
+        created: list[tuple[int, int]] = []
+        for record in batch.records:
+            try:
+                async with conn.transaction():  # a savepoint: one bad row rolls back alone
+                    created += await self.store.relay(
+                        conn, [record], [], channel=CHANNEL, max_attempts=self.max_attempts
+                    )
+            except psycopg.DataError as exc:
+                reason = f"refused by the database: {str(exc).splitlines()[0]}"
+                batch.rejected.append((record.outbox_id, reason))
+                batch.reason_classes["invalid"] = batch.reason_classes.get("invalid", 0) + 1
+        await self.store.relay(
+            conn, [], batch.rejected, channel=CHANNEL, max_attempts=self.max_attempts
+        )
+        return created
+
+    def _sort(self, rows: Sequence[OutboxRow]) -> _Sorted:
+        records: list[NewRecord] = []
+        rejected: list[tuple[int, str]] = []
+        classes: dict[str, int] = {}
+        for row in rows:
+            try:
+                event = events.decode_event(row.event_type, row.event_version, row.payload.encode())
+            except events.EventRejected as exc:
+                rejected.append((row.id, exc.reason))
+                classes[exc.reason_class] = classes.get(exc.reason_class, 0) + 1
+                continue
+            summary, fallback, fallback_used = message.normalize_template(
+                event.summary_text, event.fallback_text, self.summary_max_runes
+            )
+            records.append(
+                NewRecord(
+                    outbox_id=row.id,
+                    user_id=event.user_id,
+                    trigger_id=event.trigger_id,
+                    preview_id=event.preview_id,
+                    trigger_type=event.trigger_type,
+                    target_type=event.target_type,
+                    target_id=event.target_id,
+                    dedupe_key=event.dedupe_key,
+                    target_url=event.target_url,
+                    summary_text=summary,
+                    fallback_text=fallback,
+                    fallback_used=fallback_used,
+                    trace_id=event.trace_id,
+                    # End-to-end latency starts when the producer committed the outbox row.
+                    requested_at=row.created_at,
+                )
+            )
+        return _Sorted(records, rejected, classes)

@@ -1,0 +1,437 @@
+"""Settings: one frozen struct, loaded from defaults, a TOML file, the environment and flags.
+
+Precedence, later wins::
+
+    defaults < TOML file < OUTBOX_NOTIFIER_* environment variables < command-line flags
+
+The TOML file is ``config_path`` (``--config``) or ``OUTBOX_NOTIFIER_CONFIG``; its keys are the
+field names below, at top level. The variable for field ``x_y`` is ``OUTBOX_NOTIFIER_X_Y``; its
+string value is converted to the field's type, and tuple fields are comma-separated.
+
+Every problem raises `SettingsError`, whose message is one line naming the setting, where the
+value came from and what is wrong, e.g.::
+
+    invalid setting poll_interval_s (from OUTBOX_NOTIFIER_POLL_INTERVAL_S):
+    expected a number > 0, got '-1'
+
+(shown wrapped here; it is one line). Secret values (the DSNs) are never echoed in messages;
+use `masked` to print settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+import typing
+import urllib.parse
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+from psycopg import conninfo
+
+ENV_PREFIX = "OUTBOX_NOTIFIER_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+# Variables with the prefix that are not settings: the config file path and the test fixture's DSN.
+NON_SETTING_ENV = frozenset({CONFIG_ENV, ENV_PREFIX + "TEST_DSN"})
+
+LOG_FORMATS = frozenset({"plain", "json"})
+LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+ALLOWED_FLOW_SCHEMES = frozenset({"http", "https"})
+
+_MASK = "***"
+_SECRET_FIELDS = frozenset({"dsn", "listen_dsn"})
+_SECRET_WORDS = ("secret", "token", "password")
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class SettingsError(Exception):
+    """A setting, the config file or a flag is invalid. ``str()`` is one line for the operator.
+
+    ``setting`` names the offending setting when there is one; ``reason`` is the message
+    without the setting and source, so a loader can add where the value came from.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        setting: str | None = None,
+        reason: str | None = None,
+        related: str | None = None,
+    ) -> None:
+        super().__init__(_one_line(message))
+        self.setting = setting
+        self.reason = reason
+        self.related = related
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+def _invalid(
+    setting: str, reason: str, *, source: str | None = None, related: str | None = None
+) -> SettingsError:
+    where = f" (from {source})" if source else ""
+    return SettingsError(
+        f"invalid setting {setting}{where}: {reason}",
+        setting=setting,
+        reason=reason,
+        related=related,
+    )
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the daemon can be told. Units are in the names (``_s`` seconds)."""
+
+    # Secret: the password is masked whenever settings are printed.
+    dsn: str = ""
+    # Direct DSN for LISTEN when ``dsn`` goes through PgBouncer in transaction mode, where
+    # LISTEN does not work; empty means use ``dsn``.
+    listen_dsn: str = ""
+    pool_min_size: NonNegativeInt = 2
+    pool_max_size: AtLeastOne = 10
+    poll_interval_s: Positive = 5.0  # fallback poll when no NOTIFY arrives
+    relay_batch_size: AtLeastOne = 500
+    delivery_batch_size: AtLeastOne = 100
+    delivery_concurrency: AtLeastOne = 50
+    retry_interval_s: Positive = 5.0  # lease rescue / retry scan interval
+    # A lease must outlive the HTTP call it guards, or a healthy but slow call would be
+    # rescued and delivered twice; checked in __post_init__.
+    lease_s: Positive = 60.0
+    shutdown_deadline_s: Positive = 20.0
+    max_attempts: AtLeastOne = 5
+    retry_base_s: Positive = 300.0
+    retry_max_s: Positive = 1800.0  # must be >= retry_base_s
+    retry_after_max_s: Positive = 3600.0  # clamp for a provider's Retry-After
+    summary_max_runes: AtLeastOne = 180
+    http_timeout_s: Positive = 5.0
+    response_body_max_bytes: AtLeastOne = 65536
+    frontend_base_url: str = ""  # action_url = frontend_base_url + target_url
+    flow_allowed_schemes: tuple[str, ...] = ("https",)
+    # A webhook host must equal one of these or be a subdomain of one.
+    flow_allowed_hosts: tuple[str, ...] = ("feishu.cn", "larksuite.com", "feishu-boe.cn")
+    flow_path_prefix: str = "/flow/api/trigger-webhook/"
+    ca_bundle: str = ""  # CA bundle for private CAs; TLS verification is always on
+    http_listen: str = "127.0.0.1:9464"  # host:port for /metrics, /healthz, /readyz
+    log_format: str = "plain"  # "plain" or "json"
+    log_level: str = "INFO"
+    maintenance_interval_s: Positive = 60.0
+
+    def __post_init__(self) -> None:
+        # msgspec checks Meta constraints only when decoding or converting; check them here
+        # too so a struct built directly in code is held to the same rules.
+        for name, tp in _field_types().items():
+            value = getattr(self, name)
+            try:
+                msgspec.convert(value, tp)
+            except msgspec.ValidationError:
+                raise _invalid(name, _describe(name, value, tp)) from None
+            if isinstance(value, float) and not math.isfinite(value):
+                raise _invalid(name, f"expected a finite number, got {value!r}")
+        _check_values(self)
+
+    @property
+    def effective_listen_dsn(self) -> str:
+        """The DSN for the LISTEN connection: ``listen_dsn``, else ``dsn``."""
+        return self.listen_dsn or self.dsn
+
+
+def _check_values(s: Settings) -> None:
+    """Checks that one field's type cannot express, and those across fields."""
+    for name in ("dsn", "listen_dsn"):
+        value: str = getattr(s, name)
+        if value and not _is_valid_dsn(value):
+            # libpq's own message may quote part of the string, password included.
+            raise _invalid(
+                name,
+                "not a valid connection string (expected key=value pairs or a postgresql:// URL)",
+            )
+    if s.pool_max_size < s.pool_min_size:
+        raise _invalid(
+            "pool_max_size",
+            f"must be >= pool_min_size, got {s.pool_max_size} "
+            f"while pool_min_size = {s.pool_min_size}",
+            related="pool_min_size",
+        )
+    if s.lease_s <= s.http_timeout_s:
+        raise _invalid(
+            "lease_s",
+            "must be greater than http_timeout_s (a lease must outlive the call it guards), "
+            f"got {s.lease_s} while http_timeout_s = {s.http_timeout_s}",
+            related="http_timeout_s",
+        )
+    if s.retry_max_s < s.retry_base_s:
+        raise _invalid(
+            "retry_max_s",
+            f"must be >= retry_base_s, got {s.retry_max_s} while retry_base_s = {s.retry_base_s}",
+            related="retry_base_s",
+        )
+    if s.log_format not in LOG_FORMATS:
+        raise _invalid("log_format", f"expected 'plain' or 'json', got {s.log_format!r}")
+    if s.log_level.upper() not in LOG_LEVELS:
+        choices = ", ".join(sorted(LOG_LEVELS))
+        raise _invalid("log_level", f"expected one of {choices}, got {s.log_level!r}")
+    try:
+        parse_host_port(s.http_listen)
+    except ValueError as exc:
+        raise _invalid("http_listen", f"{exc}, got {s.http_listen!r}") from None
+    if not s.flow_allowed_schemes:
+        raise _invalid("flow_allowed_schemes", "must name at least one scheme")
+    for scheme in s.flow_allowed_schemes:
+        if scheme not in ALLOWED_FLOW_SCHEMES:
+            raise _invalid(
+                "flow_allowed_schemes", f"only 'http' and 'https' are allowed, got {scheme!r}"
+            )
+    if not s.flow_allowed_hosts:
+        raise _invalid("flow_allowed_hosts", "must name at least one host")
+    for host in s.flow_allowed_hosts:
+        if not host or host != host.strip() or "/" in host or ":" in host:
+            raise _invalid("flow_allowed_hosts", f"expected bare host names, got {host!r}")
+    if not s.flow_path_prefix.startswith("/"):
+        raise _invalid("flow_path_prefix", f"must start with '/', got {s.flow_path_prefix!r}")
+    if s.frontend_base_url:
+        parts = urllib.parse.urlsplit(s.frontend_base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise _invalid(
+                "frontend_base_url",
+                f"expected an http:// or https:// URL, got {s.frontend_base_url!r}",
+            )
+
+
+def _is_valid_dsn(dsn: str) -> bool:
+    try:
+        conninfo.conninfo_to_dict(dsn)
+    except Exception:
+        return False
+    return True
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Splits ``host:port`` (IPv6 hosts in brackets: ``[::1]:9464``); port 0 means any free."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError("expected host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or (":" in host and not value.startswith("[")):
+        raise ValueError("expected host:port (IPv6 hosts in brackets)")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError("port must be between 0 and 65535")
+    return host, port
+
+
+_FIELD_TYPES: dict[str, Any] = {}
+
+
+def _field_types() -> dict[str, Any]:
+    """Field name -> annotated type (with its msgspec.Meta), in declaration order."""
+    if not _FIELD_TYPES:
+        hints = typing.get_type_hints(Settings, include_extras=True)
+        _FIELD_TYPES.update((name, hints[name]) for name in Settings.__struct_fields__)
+    return _FIELD_TYPES
+
+
+def setting_names() -> tuple[str, ...]:
+    """Every setting's name, in declaration order."""
+    return Settings.__struct_fields__
+
+
+def env_var(name: str) -> str:
+    """The environment variable for setting ``name``."""
+    return ENV_PREFIX + name.upper()
+
+
+def _describe(name: str, raw: object, tp: Any) -> str:
+    """What a field expects, and what it got (never the value of a secret)."""
+    base, constraints = tp, []
+    if typing.get_origin(tp) is Annotated:
+        base, *metas = typing.get_args(tp)
+        for meta in metas:
+            if isinstance(meta, msgspec.Meta):
+                for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+                    bound = getattr(meta, attr)
+                    if bound is not None:
+                        constraints.append(f"{op} {bound}")
+    if base is int:
+        noun = "an integer"
+    elif base is float:
+        noun = "a number"
+    elif base is str:
+        noun = "a string"
+    else:
+        noun = "a list of strings"
+    expected = " ".join([f"expected {noun}", " and ".join(constraints)]).rstrip()
+    if name in _SECRET_FIELDS:
+        return expected
+    shown = repr(raw)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{expected}, got {shown}"
+
+
+def _convert(name: str, raw: object, source: str, *, from_text: bool) -> object:
+    """Converts one raw value to its field's type, or raises a SettingsError naming the source."""
+    tp = _field_types()[name]
+    value = raw
+    if from_text and isinstance(raw, str):
+        if tp == tuple[str, ...]:
+            value = tuple(part.strip() for part in raw.split(",") if part.strip())
+        else:
+            value = raw.strip()
+    try:
+        converted = msgspec.convert(value, tp, strict=not from_text)
+    except msgspec.ValidationError:
+        raise _invalid(name, _describe(name, raw, tp), source=source) from None
+    if isinstance(converted, float) and not math.isfinite(converted):
+        reason = f"expected a finite number, got {raw!r}"
+        raise _invalid(name, reason, source=source)
+    return converted
+
+
+def _unknown(name: str, source: str) -> SettingsError:
+    close = difflib.get_close_matches(name, setting_names(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return SettingsError(f"unknown setting {name!r} (from {source}){hint}", setting=name)
+
+
+def _read_toml(path: str, source: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SettingsError(f"cannot read config file {path} (from {source}): {reason}") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The message ends "(at line N, column M)".
+        raise SettingsError(f"invalid config file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"invalid config file {path}: not valid UTF-8") from None
+
+
+def load_settings(
+    *,
+    config_path: str | None,
+    env: Mapping[str, str],
+    overrides: Mapping[str, object],
+    override_sources: Mapping[str, str] | None = None,
+) -> Settings:
+    """Builds the settings from defaults, the TOML file, ``env`` and ``overrides``.
+
+    ``overrides`` maps setting names to values from flags; string values are parsed like
+    environment values. ``override_sources`` optionally names the flag behind each override
+    for error messages (default ``--set NAME``).
+
+    Raises SettingsError, with a one-line message, for anything invalid.
+    """
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    known = set(setting_names())
+
+    if config_path is not None:
+        path, path_source = config_path, "--config"
+    else:
+        path, path_source = env.get(CONFIG_ENV, ""), CONFIG_ENV
+    if path:
+        file_source = f"config file {path}"
+        for key, raw in _read_toml(path, path_source).items():
+            if key not in known:
+                raise _unknown(key, file_source)
+            values[key] = _convert(key, raw, file_source, from_text=False)
+            sources[key] = file_source
+
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in NON_SETTING_ENV:
+            continue
+        key = var[len(ENV_PREFIX) :].lower()
+        if key not in known:
+            continue  # the prefix is not reserved for us alone; ignore strangers
+        values[key] = _convert(key, env[var], var, from_text=True)
+        sources[key] = var
+
+    for key, raw in overrides.items():
+        flag = (override_sources or {}).get(key, f"--set {key}")
+        if key not in known:
+            raise _unknown(key, flag)
+        values[key] = _convert(key, raw, flag, from_text=isinstance(raw, str))
+        sources[key] = flag
+
+    try:
+        settings = Settings(**values)  # type: ignore[arg-type]
+    except SettingsError as exc:
+        if exc.setting is None or exc.reason is None:
+            raise
+        reason = exc.reason
+        if exc.related is not None:
+            reason += f" (from {sources.get(exc.related, 'default')})"
+        source = sources.get(exc.setting, "default")
+        raise _invalid(exc.setting, reason, source=source) from None
+
+    if settings.ca_bundle and not os.path.isfile(settings.ca_bundle):
+        raise _invalid(
+            "ca_bundle",
+            f"no such file: {settings.ca_bundle!r}",
+            source=sources.get("ca_bundle", "default"),
+        )
+    return settings
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password (and any other secret parameter) replaced by ``***``.
+
+    Handles key=value strings and ``postgresql://`` URLs; a string that cannot be parsed is
+    masked whole, since it might hide a password anywhere.
+    """
+    if not dsn:
+        return dsn
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return _mask_url_dsn(dsn)
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except Exception:
+        return _MASK
+    masked_params = {k: _MASK if _is_secret_name(k) else v for k, v in params.items()}
+    return conninfo.make_conninfo("", **masked_params)
+
+
+def _mask_url_dsn(dsn: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+    except ValueError:
+        return _MASK
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:{_MASK}@{hosts}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = urllib.parse.urlencode(
+            [(k, _MASK if _is_secret_name(k) else v) for k, v in pairs], safe="*"
+        )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def masked(settings: Settings) -> dict[str, object]:
+    """Every setting by name, safe to print: DSN passwords and anything secret-named masked."""
+    out: dict[str, object] = {}
+    for name in setting_names():
+        value = getattr(settings, name)
+        if name in _SECRET_FIELDS:
+            value = mask_dsn(value)
+        elif _is_secret_name(name) and value:
+            value = _MASK
+        out[name] = value
+    return out

@@ -1,0 +1,204 @@
+"""The only module that runs SQL for the pipeline: claims, transitions and the attempt log.
+
+Every statement comes from ``sql/queries.sql`` and works on whole batches: a claim of N rows, or
+the results of N calls, is one statement whatever N is. Arrays go to Postgres as parameters and
+are unpacked there with ``unnest``, so there are no per-row round trips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import msgspec
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from outbox_notifier.sqlfiles import query
+
+
+class OutboxRow(msgspec.Struct, frozen=True):
+    id: int
+    event_type: str
+    event_version: str
+    payload: str
+    created_at: datetime
+
+
+class NewRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A notification record to create from a valid outbox row."""
+
+    outbox_id: int
+    user_id: int
+    trigger_id: str
+    preview_id: str
+    trigger_type: str
+    target_type: str
+    target_id: int
+    dedupe_key: str
+    target_url: str
+    summary_text: str
+    fallback_text: str
+    fallback_used: bool
+    trace_id: str
+    requested_at: datetime
+
+
+class ClaimedRecord(msgspec.Struct, frozen=True):
+    """A record claimed for delivery, with its user's channel row (None fields when missing)."""
+
+    id: int
+    channel: str
+    user_id: int
+    trigger_id: str
+    preview_id: str
+    trigger_type: str
+    target_type: str
+    target_id: int
+    dedupe_key: str
+    target_url: str
+    summary_text: str
+    fallback_text: str
+    fallback_used: bool
+    trace_id: str
+    attempt_count: int
+    max_attempts: int
+    lease_token: int
+    channel_enabled: bool | None
+    webhook_url: str | None
+    auth_kind: str | None
+    auth_secret: str | None
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of one provider call, as it will be written."""
+
+    record_id: int
+    lease_token: int
+    attempt: int
+    status: str
+    outcome: str
+    error_code: str | None
+    error: str | None
+    delay_s: float | None
+    provider_message_id: str | None
+    request_json: str | None
+    response_json: str | None
+    http_status: int | None
+    started_at: datetime
+    duration_ms: float
+
+
+class Applied(msgspec.Struct, frozen=True):
+    """A result that was applied (its worker still held the lease)."""
+
+    id: int
+    channel: str
+    status: str
+    latency_s: float | None
+
+
+class Rescued(msgspec.Struct, frozen=True):
+    id: int
+    channel: str
+    status: str
+
+
+class RecordStore:
+    """Batch statements over a connection pool whose connections are in autocommit mode.
+
+    A single statement is its own transaction; the relay, which must claim and write in one
+    transaction, runs inside ``transaction()``.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection]) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self.pool.connection() as conn, conn.transaction():
+            yield conn
+
+    # -- relay -----------------------------------------------------------------------------
+
+    async def claim_outbox(self, conn: AsyncConnection, limit: int) -> list[OutboxRow]:
+        cur = await conn.execute(query("claim_outbox"), {"limit": limit})
+        return [OutboxRow(*row) for row in await cur.fetchall()]
+
+    async def relay(
+        self,
+        conn: AsyncConnection,
+        records: Sequence[NewRecord],
+        rejected: Sequence[tuple[int, str]],
+        *,
+        channel: str,
+        max_attempts: int,
+    ) -> list[tuple[int, int]]:
+        """Writes a relay batch; returns (outbox_id, record_id) of the records created."""
+        params = {
+            "channel": channel,
+            "max_attempts": max_attempts,
+            "outbox_ids": [r.outbox_id for r in records],
+            "user_ids": [r.user_id for r in records],
+            "trigger_ids": [r.trigger_id for r in records],
+            "preview_ids": [r.preview_id for r in records],
+            "trigger_types": [r.trigger_type for r in records],
+            "target_types": [r.target_type for r in records],
+            "target_ids": [r.target_id for r in records],
+            "dedupe_keys": [r.dedupe_key for r in records],
+            "target_urls": [r.target_url for r in records],
+            "summary_texts": [r.summary_text for r in records],
+            "fallback_texts": [r.fallback_text for r in records],
+            "fallback_useds": [r.fallback_used for r in records],
+            "trace_ids": [r.trace_id for r in records],
+            "requested_ats": [r.requested_at for r in records],
+            "rejected_ids": [outbox_id for outbox_id, _ in rejected],
+            "reasons": [reason for _, reason in rejected],
+        }
+        cur = await conn.execute(query("relay_outbox"), params)
+        return [(row[0], row[1]) for row in await cur.fetchall()]
+
+    # -- delivery --------------------------------------------------------------------------
+
+    async def claim_records(self, limit: int, lease_s: float) -> list[ClaimedRecord]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query("claim_records"), {"limit": limit, "lease_s": lease_s})
+            return [ClaimedRecord(*row) for row in await cur.fetchall()]
+
+    async def apply_results(self, results: Sequence[Result]) -> list[Applied]:
+        params = {
+            "ids": [r.record_id for r in results],
+            "tokens": [r.lease_token for r in results],
+            "attempts": [r.attempt for r in results],
+            "statuses": [r.status for r in results],
+            "outcomes": [r.outcome for r in results],
+            "error_codes": [r.error_code for r in results],
+            "errors": [r.error for r in results],
+            "delays_s": [r.delay_s for r in results],
+            "message_ids": [r.provider_message_id for r in results],
+            "requests": [r.request_json for r in results],
+            "responses": [r.response_json for r in results],
+            "http_statuses": [r.http_status for r in results],
+            "started_ats": [r.started_at for r in results],
+            "durations_ms": [r.duration_ms for r in results],
+        }
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query("apply_results"), params)
+            return [
+                Applied(row[0], row[1], row[2], None if row[3] is None else float(row[3]))
+                for row in await cur.fetchall()
+            ]
+
+    async def rescue_expired_leases(self, limit: int, delays_s: Sequence[float]) -> list[Rescued]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                query("rescue_expired_leases"), {"limit": limit, "delays_s": list(delays_s)}
+            )
+            return [Rescued(*row) for row in await cur.fetchall()]
+
+    async def schema_version(self) -> int | None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query("schema_version"))
+            row = await cur.fetchone()
+            return None if row is None else row[0]

@@ -1,0 +1,338 @@
+"""The relay, delivery and rescue loops against real Postgres and the local Feishu-like server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from outbox_notifier.daemon import Daemon
+from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
+from outbox_notifier.providers.base import Outcome, SendResult
+from outbox_notifier.relay import Relay
+from outbox_notifier.store import RecordStore
+from outbox_notifier.testing.feishu_server import FeishuServer, Reply
+from tests.support import (
+    FLOW_PREFIX,
+    add_channel,
+    attempts,
+    enqueue,
+    eventually,
+    outbox_rows,
+    payload,
+    records,
+    running,
+    scalar,
+    settings_for,
+)
+
+
+@pytest.fixture
+async def server() -> Any:
+    async with FeishuServer() as srv:
+        yield srv
+
+
+def _status_of(conn: psycopg.Connection[Any], dedupe_key: str) -> str | None:
+    row = conn.execute(
+        "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
+        (dedupe_key,),
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+async def test_committed_event_is_delivered_once_with_the_seed_body(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url("alice"))
+    with psycopg.connect(db) as business:  # a business transaction that commits
+        business.execute("CREATE TABLE orders (id int)")
+        business.execute("INSERT INTO orders VALUES (1)")
+        enqueue(business, payload("k-commit"))
+        business.commit()
+    with psycopg.connect(db) as business:  # and one that rolls back
+        enqueue(business, payload("k-rollback"))
+        business.rollback()
+
+    async with running(Daemon(settings_for(db, frontend_base_url="https://app.example"))):
+        await eventually(lambda: _status_of(conn, "k-commit") == "sent", what="sent")
+        await asyncio.sleep(0.3)
+
+    assert server.count(FLOW_PREFIX) == 1
+    request = server.requests[0]
+    assert request.path == FLOW_PREFIX + "alice"
+    body = request.json
+    assert isinstance(body, dict)
+    [record] = records(conn)
+    assert body["event"] == "smartflow.schedule_adjustment_ready"
+    assert body["notification_id"] == record["id"]
+    assert body["user_id"] == 1
+    assert body["preview_id"] == "asp_1"
+    assert body["target_id"] == 19
+    assert body["trace_id"] == "trace-k-commit"
+    assert body["message"]["summary"] == (
+        "Your Tuesday has two overlapping meetings.\n/assistant/preview/asp_1"
+    )
+    assert body["message"]["action_url"] == "https://app.example/assistant/preview/asp_1"
+    assert record["status"] == "sent"
+    assert record["attempt_count"] == 1
+    assert record["sent_at"] is not None
+    assert record["provider_request_json"] == body
+    assert [o["status"] for o in outbox_rows(conn)] == ["relayed"]
+    assert [a["outcome"] for a in attempts(conn, record["id"])] == ["success"]
+
+
+async def test_notify_wakes_the_relay_long_before_the_poll(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url())
+    async with running(Daemon(settings_for(db, poll_interval_s=60.0))):
+        await asyncio.sleep(1.0)  # let the first (empty) poll pass; the next one is 60 s away
+        started = time.monotonic()
+        enqueue(conn, payload("k-notify"))
+        await eventually(lambda: server.count(FLOW_PREFIX) == 1, timeout_s=5, what="delivery")
+        elapsed = time.monotonic() - started
+    assert elapsed < 3.0
+
+
+async def test_bad_rows_are_rejected_with_reasons_and_the_daemon_keeps_going(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url())
+    bad = {
+        "not_object": enqueue(conn, ["a", "list"]),
+        "missing": enqueue(conn, {k: v for k, v in payload("m").items() if k != "dedupe_key"}),
+        "wrong_type": enqueue(conn, {**payload("w"), "user_id": "seven"}),
+        "bad_url": enqueue(conn, payload("u", target_url="https://evil.example/x")),
+        "version": enqueue(conn, payload("v"), version="2"),
+        "type": enqueue(conn, payload("t"), event_type="order.created"),
+    }
+    good = enqueue(conn, payload("k-good"))
+    async with running(Daemon(settings_for(db))):
+        await eventually(lambda: _status_of(conn, "k-good") == "sent", what="good row sent")
+    rows = {r["id"]: r for r in outbox_rows(conn)}
+    assert rows[good]["status"] == "relayed"
+    reasons = {name: rows[i]["error"] for name, i in bad.items()}
+    assert all(rows[i]["status"] == "rejected" for i in bad.values())
+    assert reasons["not_object"] == "payload is not a JSON object"
+    assert "dedupe_key" in reasons["missing"]
+    assert "user_id" in reasons["wrong_type"]
+    assert reasons["bad_url"] == "invalid payload: target_url must be a relative path"
+    assert reasons["version"].startswith("unsupported event_version '2'")
+    assert reasons["type"] == "unknown event type 'order.created'"
+    assert len(records(conn)) == 1
+
+
+async def test_duplicates_reuse_one_record(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url())
+    for _ in range(3):
+        enqueue(conn, payload("k-dup"))
+    async with running(Daemon(settings_for(db))):
+        await eventually(lambda: _status_of(conn, "k-dup") == "sent")
+        await asyncio.sleep(0.3)
+    assert len(records(conn)) == 1
+    assert server.count(FLOW_PREFIX) == 1
+    assert {o["status"] for o in outbox_rows(conn)} == {"relayed"}
+
+
+async def test_500_then_200_is_retried_when_due(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url("flaky"))
+    server.script(FLOW_PREFIX + "flaky", [Reply(status=500)])
+    enqueue(conn, payload("k-retry"))
+    async with running(Daemon(settings_for(db, retry_base_s=1.0, retry_max_s=2.0))):
+        await eventually(lambda: _status_of(conn, "k-retry") == "failed", what="failed")
+        [failed] = records(conn)
+        assert failed["last_error_code"] == "provider_5xx"
+        assert failed["attempt_count"] == 1
+        assert failed["next_retry_at"] > failed["updated_at"]
+        await eventually(lambda: _status_of(conn, "k-retry") == "sent", what="sent on retry")
+    [record] = records(conn)
+    assert record["attempt_count"] == 2
+    assert record["last_error_code"] is None
+    log = attempts(conn, record["id"])
+    assert [(a["attempt"], a["outcome"], a["http_status"]) for a in log] == [
+        (1, "temporary_fail", 500),
+        (2, "success", 200),
+    ]
+
+
+async def test_missing_or_disabled_channel_is_skipped(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 2, server.flow_url(), enabled=False)
+    enqueue(conn, payload("k-none", user_id=1))
+    enqueue(conn, payload("k-disabled", user_id=2))
+    async with running(Daemon(settings_for(db))):
+        await eventually(
+            lambda: {r["status"] for r in records(conn)} == {"skipped"} and len(records(conn)) == 2
+        )
+    assert {r["last_error_code"] for r in records(conn)} == {"recipient_missing"}
+    assert server.count() == 0
+
+
+async def test_permanent_failure_goes_dead(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url("denied"))
+    server.script(FLOW_PREFIX + "denied", [], then=Reply(status=403))
+    enqueue(conn, payload("k-403"))
+    async with running(Daemon(settings_for(db))):
+        await eventually(lambda: _status_of(conn, "k-403") == "dead")
+    [record] = records(conn)
+    assert record["last_error_code"] == "provider_auth_failed"
+    assert server.count() == 1
+
+
+async def test_advisory_lock_keeps_every_loop_off_the_record(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url())
+    enqueue(conn, payload("k-held"))
+    enqueue(conn, payload("k-free"))
+    with psycopg.connect(db, autocommit=True) as operator:
+        operator.execute(
+            "SELECT pg_advisory_lock(outbox_notifier.record_lock_key('feishu', 'k-held'))"
+        )
+        async with running(Daemon(settings_for(db))):
+            await eventually(lambda: _status_of(conn, "k-free") == "sent")
+            await asyncio.sleep(1.0)  # several delivery and rescue passes
+            assert _status_of(conn, "k-held") == "pending"
+            operator.execute("SELECT pg_advisory_unlock_all()")
+            await eventually(lambda: _status_of(conn, "k-held") == "sent", what="after unlock")
+
+
+async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url())
+    enqueue(conn, payload("k-lease"))
+    policy = RetryPolicy(max_attempts=5, base_s=0.1, max_s=0.1)
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        store = RecordStore(pool)
+        relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
+        assert (await relay.relay_once()).created == 1
+        # Worker A claims with a lease that expires at once, then "dies" mid-call.
+        [claimed] = await store.claim_records(10, lease_s=0.01)
+        assert claimed.attempt_count == 1
+        await asyncio.sleep(0.05)
+        [rescued] = await rescue_expired_leases(store, policy)
+        assert rescued.status == "failed"
+        [record] = records(conn)
+        assert record["last_error_code"] == "sending_lease_expired"
+        # Worker B takes over once the retry is due and delivers.
+        await asyncio.sleep(0.15)
+        deliverer = Deliverer(store, {}, policy, batch_size=10, concurrency=1, lease_s=30)
+        [claimed_b] = await store.claim_records(10, lease_s=30)
+        assert claimed_b.lease_token != claimed.lease_token
+        assert claimed_b.attempt_count == 2
+        # A's late result arrives now: it must not overwrite B's lease.
+        from outbox_notifier.delivery import to_result
+
+        late = to_result(
+            claimed, SendResult(outcome=Outcome.PERMANENT_FAIL, error_code="payload_invalid"),
+            policy, record["updated_at"],
+        )  # fmt: skip
+        assert await store.apply_results([late]) == []
+        assert _status_of(conn, "k-lease") == "sending"
+        ok = to_result(claimed_b, SendResult(outcome=Outcome.SUCCESS), policy, record["updated_at"])
+        assert [a.status for a in await store.apply_results([ok])] == ["sent"]
+        del deliverer
+    [record] = records(conn)
+    assert record["status"] == "sent"
+    log = attempts(conn, record["id"])
+    assert [(a["attempt"], a["error_code"], a["applied"]) for a in log] == [
+        (1, "sending_lease_expired", True),
+        (1, "payload_invalid", False),
+        (2, None, True),
+    ]
+
+
+async def test_lease_expiry_on_the_last_attempt_is_dead(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    enqueue(conn, payload("k-last"))
+    policy = RetryPolicy(max_attempts=1)
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        store = RecordStore(pool)
+        await Relay(store, batch_size=10, max_attempts=1, summary_max_runes=180).relay_once()
+        await store.claim_records(10, lease_s=0.01)
+        await asyncio.sleep(0.05)
+        [rescued] = await rescue_expired_leases(store, policy)
+    assert rescued.status == "dead"
+    assert records(conn)[0]["next_retry_at"] is None
+
+
+async def test_claim_of_100_records_is_one_statement(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    for i in range(100):
+        enqueue(conn, payload(f"k-{i}"))
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        store = RecordStore(pool)
+        await Relay(store, batch_size=500, max_attempts=5, summary_max_runes=180).relay_once()
+        async with pool.connection() as probe:
+            pid = (await (await probe.execute("SELECT pg_backend_pid()")).fetchone() or [0])[0]
+        before = scalar(
+            conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        claimed = await store.claim_records(100, lease_s=30)
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        await asyncio.sleep(0.6)  # statistics are flushed by backends at most every 500 ms
+        after = scalar(
+            conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        del pid
+    assert len(claimed) == 100
+    # One transaction for the claim (the probe's own stats reads add a couple more at most).
+    assert after - before <= 4
+
+
+@pytest.mark.parametrize(
+    ("query_name", "index"),
+    [
+        ("pending", "records_pending_idx"),
+        ("failed", "records_failed_due_idx"),
+        ("sending", "records_sending_lease_idx"),
+        ("outbox", "outbox_pending_idx"),
+    ],
+)
+def test_claim_queries_use_their_partial_indexes(
+    conn: psycopg.Connection[Any], query_name: str, index: str
+) -> None:
+    # A realistic table shape: many finished rows, a few due ones.
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url, status)"
+        " SELECT 'feishu', 1, 'p', 'k' || g, '/x', 'sent' FROM generate_series(1, 20000) g"
+    )
+    conn.execute(
+        "INSERT INTO outbox_notifier.outbox (event_type, payload, status)"
+        " SELECT 't', '{}', 'relayed' FROM generate_series(1, 20000)"
+    )
+    conn.execute("ANALYZE outbox_notifier.notification_records")
+    conn.execute("ANALYZE outbox_notifier.outbox")
+    from outbox_notifier.sqlfiles import query
+
+    statements = {
+        "pending": query("claim_records"),
+        "failed": query("claim_records"),
+        "sending": query("rescue_expired_leases"),
+        "outbox": query("claim_outbox"),
+    }
+    params = {"limit": 100, "lease_s": 30.0, "delays_s": [1.0]}
+    with conn.transaction():
+        plan = conn.execute(
+            b"EXPLAIN (FORMAT JSON) " + statements[query_name].encode(), params
+        ).fetchone()
+        assert plan is not None
+    text = str(plan[0])
+    assert f"'Index Name': '{index}'" in text

@@ -1,0 +1,136 @@
+"""Helpers shared by the integration and acceptance tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+import psycopg
+
+from outbox_notifier.daemon import Daemon
+from outbox_notifier.events import EVENT_TYPE
+from outbox_notifier.settings import Settings
+
+FLOW_PREFIX = "/flow/api/trigger-webhook/"
+
+
+def settings_for(dsn: str, **overrides: Any) -> Settings:
+    """Settings pointing at a test database and allowing the local server's URLs."""
+    values: dict[str, Any] = {
+        "dsn": dsn,
+        "poll_interval_s": 0.5,
+        "retry_interval_s": 0.2,
+        "flow_allowed_schemes": ("http",),
+        "flow_allowed_hosts": ("127.0.0.1",),
+        "http_listen": "127.0.0.1:0",
+        "shutdown_deadline_s": 5.0,
+        "pool_min_size": 1,
+        "pool_max_size": 4,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def payload(dedupe_key: str, user_id: int = 1, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "notification_id": 0,
+        "user_id": user_id,
+        "trigger_id": "trg_1",
+        "preview_id": "asp_1",
+        "trigger_type": "schedule_conflict",
+        "target_type": "schedule",
+        "target_id": 19,
+        "dedupe_key": dedupe_key,
+        "target_url": "/assistant/preview/asp_1",
+        "summary_text": "Your Tuesday has two overlapping meetings.",
+        "fallback_text": "",
+        "trace_id": f"trace-{dedupe_key}",
+        "requested_at": "2026-11-29T08:00:00Z",
+    }
+    body.update(fields)
+    return body
+
+
+def enqueue(
+    conn: psycopg.Connection[Any],
+    body: object,
+    event_type: str = EVENT_TYPE,
+    version: str = "1",
+) -> int:
+    row = conn.execute(
+        "SELECT outbox_notifier.enqueue(%s, %s::jsonb, %s)",
+        (event_type, msgspec.json.encode(body).decode(), version),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def add_channel(
+    conn: psycopg.Connection[Any],
+    user_id: int,
+    url: str,
+    *,
+    enabled: bool = True,
+    auth_kind: str = "none",
+    secret: str | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_channels"
+        " (user_id, channel, enabled, webhook_url, auth_kind, auth_secret)"
+        " VALUES (%s, 'feishu', %s, %s, %s, %s)",
+        (user_id, enabled, url, auth_kind, secret),
+    )
+
+
+def records(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute("SELECT * FROM outbox_notifier.notification_records ORDER BY id").fetchall()
+
+
+def outbox_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute("SELECT * FROM outbox_notifier.outbox ORDER BY id").fetchall()
+
+
+def attempts(conn: psycopg.Connection[Any], record_id: int) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute(
+        "SELECT * FROM outbox_notifier.delivery_attempts WHERE record_id = %s ORDER BY id",
+        (record_id,),
+    ).fetchall()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], timeout_s: float = 10.0, what: str = ""
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or check}")
+        await asyncio.sleep(0.05)
+
+
+def scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Any:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
+@contextlib.asynccontextmanager
+async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
+    """Runs a daemon in this event loop for the block; stops it and re-raises its errors."""
+    task = asyncio.create_task(daemon.run(install_signal_handlers=False))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, timeout=30)

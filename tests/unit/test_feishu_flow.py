@@ -1,0 +1,483 @@
+"""FeishuFlowProvider against ``httpx.MockTransport``: the full reply and failure mapping.
+
+The transport boundary is the only thing replaced; request building, URL policy, body
+capping and classification all run for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from outbox_notifier.providers import base, feishu_flow
+from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
+from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
+
+TOKEN = "s3cr3t-trigger-key-0123456789"
+WEBHOOK = f"https://www.feishu.cn/flow/api/trigger-webhook/{TOKEN}"
+NOW = datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC)
+
+Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+
+
+def make_delivery(target: Target | None = None, **overrides: Any) -> Delivery:
+    fields: dict[str, Any] = {
+        "record_id": 123,
+        "channel": "feishu",
+        "user_id": 7,
+        "trigger_id": "trg_1",
+        "preview_id": "asp_1",
+        "trigger_type": "important_urgent_task",
+        "target_type": "task_pool",
+        "target_id": 19,
+        "target_url": "/assistant/preview/asp_1",
+        "message_text": "Two tasks moved.\n/assistant/preview/asp_1",
+        "fallback_used": False,
+        "trace_id": "trace-abc",
+        "attempt": 1,
+        "dedupe_key": "dk-1",
+        "target": target
+        if target is not None
+        else Target(enabled=True, webhook_url=WEBHOOK, auth_kind="none", auth_secret=None),
+    }
+    fields.update(overrides)
+    return Delivery(**fields)
+
+
+def make_provider(
+    handler: Handler,
+    *,
+    timeout_s: float = 5.0,
+    response_body_max_bytes: int = 65536,
+    frontend_base_url: str = "https://app.example.com/",
+) -> tuple[FeishuFlowProvider, httpx.AsyncClient]:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    provider = FeishuFlowProvider(
+        client,
+        frontend_base_url=frontend_base_url,
+        allowed_schemes=("https",),
+        allowed_hosts=("feishu.cn", "127.0.0.1"),
+        path_prefix="/flow/api/trigger-webhook/",
+        timeout_s=timeout_s,
+        response_body_max_bytes=response_body_max_bytes,
+        clock=lambda: NOW,
+    )
+    return provider, client
+
+
+async def send_with(handler: Handler, delivery: Delivery | None = None, **kw: Any) -> SendResult:
+    provider, client = make_provider(handler, **kw)
+    async with client:
+        return await provider.send(delivery or make_delivery())
+
+
+def reply(status: int, content: bytes = b"", headers: dict[str, str] | None = None) -> Handler:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=content, headers=headers)
+
+    return handler
+
+
+def raising(exc: BaseException) -> Handler:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("status", "content", "outcome", "code"),
+    [
+        (200, b'{"code":0,"msg":"success","data":{}}', Outcome.SUCCESS, None),
+        (200, b"", Outcome.SUCCESS, None),
+        (200, b"<html>ok</html>", Outcome.SUCCESS, None),
+        (200, b'{"msg":"no code field"}', Outcome.SUCCESS, None),
+        (200, b'["not", "an", "object"]', Outcome.SUCCESS, None),
+        (200, b'{"code":"1234"}', Outcome.SUCCESS, None),
+        (204, b"", Outcome.SUCCESS, None),
+        (200, b'{"code":1234,"msg":"bad params"}', Outcome.PERMANENT_FAIL, "payload_invalid"),
+        (201, b'{"code":-1}', Outcome.PERMANENT_FAIL, "payload_invalid"),
+        (500, b"oops", Outcome.TEMPORARY_FAIL, "provider_5xx"),
+        (502, b"", Outcome.TEMPORARY_FAIL, "provider_5xx"),
+        (503, b"", Outcome.TEMPORARY_FAIL, "provider_5xx"),
+        (429, b"", Outcome.TEMPORARY_FAIL, "provider_rate_limited"),
+        (401, b"", Outcome.PERMANENT_FAIL, "provider_auth_failed"),
+        (403, b"", Outcome.PERMANENT_FAIL, "provider_auth_failed"),
+        (400, b'{"code":0}', Outcome.PERMANENT_FAIL, "payload_invalid"),
+        (404, b"", Outcome.PERMANENT_FAIL, "payload_invalid"),
+        (302, b"", Outcome.PERMANENT_FAIL, "payload_invalid"),
+    ],
+)
+async def test_status_and_body_mapping(
+    status: int, content: bytes, outcome: Outcome, code: str | None
+) -> None:
+    result = await send_with(reply(status, content))
+    assert result.outcome is outcome
+    assert result.error_code == code
+    assert result.http_status == status
+    assert result.response_body == content
+    assert result.response_truncated is False
+    assert result.request_json is not None
+    assert result.duration_s >= 0
+    if outcome is Outcome.SUCCESS:
+        assert result.error_message is None
+    else:
+        assert result.error_message
+
+
+async def test_code_rejection_message_has_code_and_msg() -> None:
+    result = await send_with(reply(200, b'{"code":1234,"msg":"bad params"}'))
+    assert result.error_message is not None
+    assert "1234" in result.error_message
+    assert "bad params" in result.error_message
+
+
+async def test_provider_message_id_from_reply() -> None:
+    found = await send_with(reply(200, b'{"code":0,"data":{"message_id":"om_42"}}'))
+    assert found.provider_message_id == "om_42"
+    absent = await send_with(reply(200, b'{"code":0,"data":{}}'))
+    assert absent.provider_message_id is None
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("30", 30.0),
+        ("0", 0.0),
+        ("Mon, 01 Jan 2024 00:00:30 GMT", 30.0),
+        ("Sun, 31 Dec 2023 23:59:00 GMT", 0.0),  # already past
+        ("soon", None),
+        (None, None),
+    ],
+)
+async def test_rate_limited_retry_after(header: str | None, expected: float | None) -> None:
+    headers = {"Retry-After": header} if header is not None else None
+    result = await send_with(reply(429, b"", headers))
+    assert result.outcome is Outcome.TEMPORARY_FAIL
+    assert result.error_code == ErrorCode.PROVIDER_RATE_LIMITED
+    assert result.retry_after_s == expected
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "type_name"),
+    [
+        (httpx.ReadTimeout("read timed out"), "provider_timeout", "ReadTimeout"),
+        (httpx.ConnectTimeout(""), "provider_timeout", "ConnectTimeout"),
+        (httpx.PoolTimeout("pool"), "provider_timeout", "PoolTimeout"),
+        (httpx.ConnectError("[Errno 111] Connection refused"), "network_error", "ConnectError"),
+        (httpx.RemoteProtocolError("peer closed"), "network_error", "RemoteProtocolError"),
+        (httpx.ReadError("reset"), "network_error", "ReadError"),
+        (RuntimeError("unexpected"), "network_error", "RuntimeError"),
+    ],
+)
+async def test_transport_failures_are_temporary(
+    exc: BaseException, code: str, type_name: str
+) -> None:
+    result = await send_with(raising(exc))
+    assert result.outcome is Outcome.TEMPORARY_FAIL
+    assert result.error_code == code
+    assert result.error_message is not None
+    assert type_name in result.error_message
+    assert result.http_status is None
+    assert result.request_json is not None
+
+
+async def test_overall_deadline_covers_a_stalled_server() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(10)
+        return httpx.Response(200)
+
+    result = await send_with(handler, timeout_s=0.05)
+    assert result.outcome is Outcome.TEMPORARY_FAIL
+    assert result.error_code == ErrorCode.PROVIDER_TIMEOUT
+    assert result.duration_s < 5
+
+
+async def test_body_trickling_past_the_deadline_times_out_with_status() -> None:
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b'{"code":'
+        await asyncio.sleep(10)
+        yield b"0}"
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=slow_body())
+
+    result = await send_with(handler, timeout_s=0.05)
+    assert result.outcome is Outcome.TEMPORARY_FAIL
+    assert result.error_code == ErrorCode.PROVIDER_TIMEOUT
+    assert result.http_status == 200
+
+
+async def test_cancellation_propagates() -> None:
+    with pytest.raises(asyncio.CancelledError):
+        await send_with(raising(asyncio.CancelledError()))
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        (None, "no feishu channel"),
+        (
+            Target(enabled=False, webhook_url=WEBHOOK, auth_kind="none", auth_secret=None),
+            "disabled",
+        ),
+        (Target(enabled=True, webhook_url="  ", auth_kind="none", auth_secret=None), "no webhook"),
+    ],
+)
+async def test_missing_target_is_skipped_without_a_call(target: Target | None, reason: str) -> None:
+    calls: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200)
+
+    delivery = make_delivery()
+    delivery = msgspec.structs.replace(delivery, target=target)
+    result = await send_with(handler, delivery)
+    assert result.outcome is Outcome.SKIPPED
+    assert result.error_code == ErrorCode.RECIPIENT_MISSING
+    assert result.error_message is not None
+    assert reason in result.error_message
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://www.feishu.cn/flow/api/trigger-webhook/{TOKEN}",  # scheme
+        f"https://evil.com/flow/api/trigger-webhook/{TOKEN}",  # foreign host
+        f"https://feishu.cn.evil.com/flow/api/trigger-webhook/{TOKEN}",  # suffix trick
+        f"https://evilfeishu.cn/flow/api/trigger-webhook/{TOKEN}",  # not a subdomain
+        f"https://feishu.cn@evil.com/flow/api/trigger-webhook/{TOKEN}",  # userinfo trick
+        f"https://www.feishu.cn/open-apis/bot/v2/hook/{TOKEN}",  # wrong path prefix
+        f"https://www.feishu.cn/flow/api/trigger-webhook/../../admin/{TOKEN}",  # traversal
+        f"www.feishu.cn/flow/api/trigger-webhook/{TOKEN}",  # no scheme
+        f"https://[bad/flow/api/trigger-webhook/{TOKEN}",  # unparsable
+    ],
+)
+async def test_url_policy_violations_are_invalid_url(url: str) -> None:
+    calls: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200)
+
+    target = Target(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
+    result = await send_with(handler, make_delivery(target))
+    assert result.outcome is Outcome.PERMANENT_FAIL
+    assert result.error_code == ErrorCode.INVALID_URL
+    assert result.error_message
+    assert TOKEN not in result.error_message
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        WEBHOOK,
+        f"https://feishu.cn/flow/api/trigger-webhook/{TOKEN}",
+        f"https://FEISHU.CN./flow/api/trigger-webhook/{TOKEN}",
+        f"https://127.0.0.1:8443/flow/api/trigger-webhook/{TOKEN}?x=1",
+    ],
+)
+async def test_url_policy_accepts(url: str) -> None:
+    target = Target(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
+    result = await send_with(reply(200, b'{"code":0}'), make_delivery(target))
+    assert result.outcome is Outcome.SUCCESS
+
+
+async def test_local_http_allowed_when_configured() -> None:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(reply(200)))
+    provider = FeishuFlowProvider(
+        client,
+        frontend_base_url="",
+        allowed_schemes=("http", "https"),
+        allowed_hosts=("127.0.0.1",),
+        path_prefix="/flow/api/trigger-webhook/",
+    )
+    target = Target(
+        enabled=True,
+        webhook_url=f"http://127.0.0.1:8080/flow/api/trigger-webhook/{TOKEN}",
+        auth_kind="none",
+        auth_secret=None,
+    )
+    async with client:
+        result = await provider.send(make_delivery(target))
+    assert result.outcome is Outcome.SUCCESS
+
+
+async def capture(delivery: Delivery, **kw: Any) -> tuple[httpx.Request, SendResult]:
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"code": 0})
+
+    result = await send_with(handler, delivery, **kw)
+    assert len(seen) == 1
+    return seen[0], result
+
+
+@pytest.mark.parametrize(
+    ("auth_kind", "secret", "expected"),
+    [
+        ("bearer", "tok-xyz", "Bearer tok-xyz"),
+        ("bearer", "", None),
+        ("none", "tok-xyz", None),
+    ],
+)
+async def test_bearer_header(auth_kind: str, secret: str, expected: str | None) -> None:
+    target = Target(enabled=True, webhook_url=WEBHOOK, auth_kind=auth_kind, auth_secret=secret)
+    request, result = await capture(make_delivery(target))
+    assert request.headers.get("Authorization") == expected
+    assert result.request_json is not None
+    if secret:
+        assert secret.encode() not in result.request_json
+
+
+async def test_request_body_is_the_seeds() -> None:
+    request, result = await capture(make_delivery())
+    assert request.method == "POST"
+    assert str(request.url) == WEBHOOK
+    assert request.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert request.content == result.request_json
+    body = json.loads(request.content)
+    assert list(body) == [
+        "event",
+        "version",
+        "notification_id",
+        "user_id",
+        "preview_id",
+        "trigger_id",
+        "trigger_type",
+        "target_type",
+        "target_id",
+        "message",
+        "trace_id",
+        "sent_at",
+    ]
+    assert body == {
+        "event": "smartflow.schedule_adjustment_ready",
+        "version": "1",
+        "notification_id": 123,
+        "user_id": 7,
+        "preview_id": "asp_1",
+        "trigger_id": "trg_1",
+        "trigger_type": "important_urgent_task",
+        "target_type": "task_pool",
+        "target_id": 19,
+        "message": {
+            "title": "SmartFlow 日程调整建议",
+            "summary": "Two tasks moved.\n/assistant/preview/asp_1",
+            "action_text": "查看并确认调整",
+            "action_url": "https://app.example.com/assistant/preview/asp_1",
+        },
+        "trace_id": "trace-abc",
+        "sent_at": "2024-01-01T00:00:00Z",
+    }
+
+
+async def test_body_omits_empty_trace_id_and_fills_empty_summary() -> None:
+    request, _ = await capture(make_delivery(trace_id="", message_text="  "))
+    body = json.loads(request.content)
+    assert "trace_id" not in body
+    assert body["message"]["summary"] == feishu_flow.DEFAULT_SUMMARY
+
+
+async def test_action_url_without_frontend_base_is_the_target_url() -> None:
+    request, _ = await capture(make_delivery(), frontend_base_url="")
+    assert json.loads(request.content)["message"]["action_url"] == "/assistant/preview/asp_1"
+
+
+async def test_huge_response_body_is_capped_not_read_whole() -> None:
+    chunk = b"x" * 1024
+    produced = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal produced
+        while True:
+            produced += 1
+            yield chunk
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, content=endless())
+
+    result = await send_with(handler, response_body_max_bytes=4096 + 100)
+    assert result.outcome is Outcome.TEMPORARY_FAIL
+    assert result.error_code == ErrorCode.PROVIDER_5XX
+    assert result.response_body == b"x" * (4096 + 100)
+    assert result.response_truncated is True
+    assert produced <= 6
+
+
+async def test_2xx_body_cut_at_the_cap_is_a_success() -> None:
+    big = b'{"code":1234,"msg":"' + b"y" * 10_000 + b'"}'
+    result = await send_with(reply(200, big), response_body_max_bytes=100)
+    assert result.outcome is Outcome.SUCCESS
+    assert result.response_body == big[:100]
+    assert result.response_truncated is True
+
+
+async def test_body_exactly_at_the_cap_is_not_truncated() -> None:
+    result = await send_with(reply(200, b"a" * 64), response_body_max_bytes=64)
+    assert result.response_body == b"a" * 64
+    assert result.response_truncated is False
+
+
+async def test_error_messages_are_truncated() -> None:
+    msg = "m" * 5000
+    result = await send_with(reply(200, json.dumps({"code": 9, "msg": msg}).encode()))
+    assert result.error_message is not None
+    assert len(result.error_message) == 2000
+
+
+async def test_transport_error_quoting_the_url_is_scrubbed() -> None:
+    result = await send_with(raising(httpx.ConnectError(f"cannot reach {WEBHOOK}")))
+    assert result.error_message is not None
+    assert TOKEN not in result.error_message
+
+
+def test_classify_status() -> None:
+    assert base.classify_status(200) == (Outcome.SUCCESS, None)
+    assert base.classify_status(429) == (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_RATE_LIMITED)
+    assert base.classify_status(599) == (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_5XX)
+    assert base.classify_status(401) == (Outcome.PERMANENT_FAIL, ErrorCode.PROVIDER_AUTH_FAILED)
+    assert base.classify_status(418) == (Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("120", 120.0), ("1.5", 1.5), (" 7 ", 7.0), ("-1", None), ("inf", None), ("1_000", None)],
+)
+def test_parse_retry_after_seconds(value: str, expected: float | None) -> None:
+    assert base.parse_retry_after(value, now=NOW) == expected
+
+
+def test_error_code_partition() -> None:
+    assert set(ErrorCode) == base.RETRYABLE_ERROR_CODES | base.PERMANENT_ERROR_CODES
+    assert not base.RETRYABLE_ERROR_CODES & base.PERMANENT_ERROR_CODES
+    assert ErrorCode.SENDING_LEASE_EXPIRED in base.RETRYABLE_ERROR_CODES
+
+
+async def test_bad_bearer_token_is_rejected_without_a_call() -> None:
+    calls: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200)
+
+    secret = "tok\nInjected: yes"
+    target = Target(enabled=True, webhook_url=WEBHOOK, auth_kind="bearer", auth_secret=secret)
+    result = await send_with(handler, make_delivery(target))
+    assert result.outcome is Outcome.PERMANENT_FAIL
+    assert result.error_code == ErrorCode.PROVIDER_AUTH_FAILED
+    assert result.error_message is not None
+    assert "Injected" not in result.error_message
+    assert calls == []
