@@ -122,7 +122,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_listen: str = "127.0.0.1:9464"  # host:port for /metrics, /healthz, /readyz
     log_format: str = "plain"  # "plain" or "json"
     log_level: str = "INFO"
-    maintenance_interval_s: Positive = 60.0
+    maintenance_interval_s: Positive = 60.0  # retention pass and metric snapshot interval
+    outbox_retention_s: Positive = 7 * 86400.0  # relayed/rejected outbox rows older are deleted
+    records_retention_s: Positive = 30 * 86400.0  # sent/dead/skipped records older are deleted
+    health_stale_s: Positive = 60.0  # /healthz fails when a loop has not progressed for this long
 
     def __post_init__(self) -> None:
         # msgspec checks Meta constraints only when decoding or converting; check them here

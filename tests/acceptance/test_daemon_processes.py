@@ -1,0 +1,164 @@
+"""Real daemon processes: several replicas, SIGKILL mid-call, SIGTERM drain."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbox_notifier.testing.feishu_server import FeishuServer, Reply
+from tests.support import add_channel, enqueue, payload, scalar
+
+
+def start_daemon(dsn: str, *extra: str) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable, "-m", "outbox_notifier", "run", "--dsn", dsn,
+        "--set", "flow_allowed_schemes=http", "--set", "flow_allowed_hosts=127.0.0.1",
+        "--set", "http_listen=127.0.0.1:0", "--set", "poll_interval_s=0.5",
+        "--set", "retry_interval_s=0.2", "--set", "pool_min_size=1",
+        *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(check: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[str], timeout_s: float = 30) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout_s)
+    return proc.returncode, out
+
+
+@pytest.fixture
+def server() -> Iterator[FeishuServer]:
+    with FeishuServer.in_thread() as srv:
+        yield srv
+
+
+def _count(conn: psycopg.Connection[Any], where: str) -> int:
+    return int(scalar(conn, f"SELECT count(*) FROM outbox_notifier.notification_records {where}"))
+
+
+@pytest.mark.timeout(180)
+def test_three_replicas_deliver_each_of_500_keys_exactly_once(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    for user_id in range(1, 6):
+        add_channel(conn, user_id, server.flow_url(f"user-{user_id}"))
+    with psycopg.connect(db) as producer:
+        for i in range(2000):
+            key = f"key-{i % 500}"
+            enqueue(producer, payload(key, user_id=1 + (i % 500) % 5))
+        producer.commit()
+    daemons = [start_daemon(db) for _ in range(3)]
+    try:
+        wait_until(lambda: _count(conn, "WHERE status = 'sent'") == 500, 120, "500 sent")
+        time.sleep(0.5)
+    finally:
+        outputs = [stop(d) for d in daemons]
+    assert [code for code, _ in outputs] == [0, 0, 0], outputs
+    assert _count(conn, "") == 500
+    assert _count(conn, "WHERE status IN ('pending', 'sending')") == 0
+    assert (
+        scalar(conn, "SELECT count(*) FROM outbox_notifier.outbox WHERE status <> 'relayed'") == 0
+    )
+    per_record = collections.Counter(r.json["notification_id"] for r in server.requests)  # type: ignore[index]
+    assert len(per_record) == 500
+    assert max(per_record.values()) == 1
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.delivery_attempts") == 500
+
+
+@pytest.mark.timeout(120)
+def test_killed_worker_records_are_finished_by_another_after_the_lease(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url("held"))
+    for i in range(5):
+        enqueue(conn, payload(f"k-{i}"))
+    server.hold_all()
+    victim = start_daemon(db, "--set", "lease_s=6", "--set", "http_timeout_s=5")
+    try:
+        server.wait_for_count_sync(5, timeout_s=30)
+        assert _count(conn, "WHERE status = 'sending'") == 5
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+    server.release_all()  # the killed worker never hears the answers
+    rescuer = start_daemon(db, "--set", "retry_base_s=0.5", "--set", "retry_max_s=1")
+    try:
+        wait_until(lambda: _count(conn, "WHERE status = 'sent'") == 5, 60, "rescued and sent")
+    finally:
+        code, out = stop(rescuer)
+    assert code == 0, out
+    rows = conn.execute(
+        "SELECT attempt_count, (SELECT array_agg(error_code ORDER BY id) FROM"
+        " outbox_notifier.delivery_attempts a WHERE a.record_id = r.id)"
+        " FROM outbox_notifier.notification_records r"
+    ).fetchall()
+    assert {(attempt, tuple(codes)) for attempt, codes in rows} == {
+        (2, ("sending_lease_expired", None))
+    }
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_drains_in_flight_calls_and_exits_0(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url("slow"))
+    server.script("slow", [], then=Reply(delay_s=1.5))
+    for i in range(3):
+        enqueue(conn, payload(f"k-{i}"))
+    daemon = start_daemon(db, "--set", "shutdown_deadline_s=10")
+    server.wait_for_count_sync(3, timeout_s=30)
+    started = time.monotonic()
+    code, out = stop(daemon)
+    elapsed = time.monotonic() - started
+    assert code == 0, out
+    assert elapsed < 10
+    # The calls in flight at SIGTERM finished and their results landed.
+    assert _count(conn, "WHERE status = 'sent'") == 3
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_past_the_deadline_still_exits_0_and_leaves_leases(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url("stuck"))
+    server.hold_all()
+    enqueue(conn, payload("k-stuck"))
+    daemon = start_daemon(db, "--set", "shutdown_deadline_s=1")
+    try:
+        try:
+            server.wait_for_count_sync(1, timeout_s=30)
+        except TimeoutError:
+            raise AssertionError(stop(daemon)) from None
+        started = time.monotonic()
+        code, out = stop(daemon)
+        elapsed = time.monotonic() - started
+    finally:
+        server.release_all()
+    assert code == 0, out
+    assert elapsed < 5
+    assert _count(conn, "WHERE status = 'sending' AND lease_expires_at > now()") == 1
+
+
+def test_run_refuses_an_unmigrated_database(empty_db: str) -> None:
+    proc = start_daemon(empty_db)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "run `outbox-notifier migrate`" in out
+    assert "Traceback" not in out
