@@ -15,18 +15,24 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import httpx
 import psycopg
+from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import migrations
+from outbox_notifier import migrations, retention
 from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
+from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
+from outbox_notifier.metrics import Metrics
 from outbox_notifier.providers.base import Provider
+from outbox_notifier.providers.feishu_bot import FeishuBotProvider
 from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
+from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.relay import Relay
-from outbox_notifier.settings import Settings
-from outbox_notifier.store import RecordStore
+from outbox_notifier.settings import Settings, parse_host_port
+from outbox_notifier.store import ClaimPolicy, RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +59,54 @@ def http_client(settings: Settings) -> httpx.AsyncClient:
 
 
 def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str, Provider]:
+    """The providers by the name a channel row selects (``notification_channels.provider``)."""
+    common: dict[str, Any] = {
+        "frontend_base_url": settings.frontend_base_url,
+        "timeout_s": settings.http_timeout_s,
+        "response_body_max_bytes": settings.response_body_max_bytes,
+    }
     return {
-        "feishu": FeishuFlowProvider(
+        "feishu_flow": FeishuFlowProvider(
             client,
-            frontend_base_url=settings.frontend_base_url,
             allowed_schemes=settings.flow_allowed_schemes,
             allowed_hosts=settings.flow_allowed_hosts,
             path_prefix=settings.flow_path_prefix,
-            timeout_s=settings.http_timeout_s,
-            response_body_max_bytes=settings.response_body_max_bytes,
-        )
+            **common,
+        ),
+        "feishu_bot": FeishuBotProvider(
+            client,
+            allowed_schemes=settings.bot_allowed_schemes,
+            allowed_hosts=settings.bot_allowed_hosts,
+            path_prefix=settings.bot_path_prefix,
+            message_format="card" if settings.bot_message_format == "card" else "text",
+            **common,
+        ),
+        "webhook": WebhookProvider(
+            client,
+            allowed_schemes=settings.webhook_allowed_schemes,
+            allowed_hosts=settings.webhook_allowed_hosts,
+            **common,
+        ),
     }
+
+
+def claim_policy(settings: Settings) -> ClaimPolicy:
+    return ClaimPolicy(
+        lease_s=settings.lease_s,
+        per_s={
+            "feishu_bot": settings.bot_max_per_s,
+            "feishu_flow": settings.flow_max_per_s,
+            "webhook": settings.webhook_max_per_s,
+        },
+        per_min={
+            "feishu_bot": settings.bot_max_per_min,
+            "feishu_flow": settings.flow_max_per_min,
+            "webhook": settings.webhook_max_per_min,
+        },
+        margin_s=settings.pacing_margin_s,
+        breaker_failures=settings.breaker_failures,
+        cooloff_s=settings.breaker_cooloff_s,
+    )
 
 
 class Daemon:
@@ -74,6 +117,7 @@ class Daemon:
         settings: Settings,
         *,
         providers: Mapping[str, Provider] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self._providers = providers
@@ -81,7 +125,15 @@ class Daemon:
         self._outbox_wake = asyncio.Event()
         self._delivery_wake = asyncio.Event()
         self.listener_up = False
-        self.heartbeats: dict[str, float] = {}
+        if registry is None:
+            registry = CollectorRegistry()
+            process_collector.ProcessCollector(registry=registry)
+            platform_collector.PlatformCollector(registry=registry)
+            gc_collector.GCCollector(registry=registry)
+        self.registry = registry
+        self.metrics = Metrics(registry)
+        self.monitor = HeartbeatMonitor()
+        self.http_port: int | None = None
         self.policy = RetryPolicy(
             max_attempts=settings.max_attempts,
             base_s=settings.retry_base_s,
@@ -107,14 +159,26 @@ class Daemon:
             open=False,
             name="outbox-notifier",
         )
-        await pool.open(wait=True, timeout=30.0)
+        host, port = parse_host_port(settings.http_listen)
+        server = HealthServer(
+            host,
+            port,
+            self.registry,
+            health=lambda: self.monitor.report(settings.health_stale_s),
+            ready=lambda: readiness(pool, lambda: self.listener_up, migrations.latest_version()),
+        )
+        await server.start()
+        self.http_port = server.port
         try:
+            await pool.open(wait=True, timeout=30.0)
             store = RecordStore(pool)
             await self._check_schema(store)
             async with http_client(settings) as client:
                 providers = self._providers or default_providers(settings, client)
                 await self._run_loops(store, providers)
         finally:
+            self.listener_up = False
+            await server.close()
             await pool.close()
 
     async def _check_schema(self, store: RecordStore) -> None:
@@ -140,14 +204,20 @@ class Daemon:
             store,
             providers,
             self.policy,
+            claim_policy(settings),
             batch_size=settings.delivery_batch_size,
             concurrency=settings.delivery_concurrency,
-            lease_s=settings.lease_s,
+            metrics=self.metrics,
+        )
+        self.monitor.watch("delivery", lambda: self.deliverer.last_progress)
+        self.metrics.track(
+            listener_up=lambda: self.listener_up, in_flight=lambda: self.deliverer.in_flight
         )
         background = [
             asyncio.create_task(self._guard("relay", lambda: self._relay_loop(relay))),
             asyncio.create_task(self._guard("listener", self._listen_loop)),
             asyncio.create_task(self._guard("rescue", lambda: self._rescue_loop(store))),
+            asyncio.create_task(self._guard("maintenance", lambda: self._maintenance_loop(store))),
         ]
         delivery = asyncio.create_task(
             self._guard(
@@ -186,18 +256,21 @@ class Daemon:
                 await asyncio.sleep(1.0)
 
     def beat(self, name: str) -> None:
-        self.heartbeats[name] = time.monotonic()
+        self.monitor.beat(name)
 
     async def _relay_loop(self, relay: Relay) -> None:
         while not self._stop.is_set():
             self.beat("relay")
             self._outbox_wake.clear()
             try:
-                report = await relay.relay_once()
+                with self.metrics.claim_timer("relay"):
+                    report = await relay.relay_once()
             except psycopg.OperationalError as exc:
                 logger.warning("relay failed, database unavailable: %s", str(exc).strip())
+                self.metrics.database_error("relay")
                 await self._sleep(1.0)
                 continue
+            self.metrics.observe_relay(report)
             if report.created:
                 self._delivery_wake.set()
             if report.claimed < relay.batch_size:
@@ -207,10 +280,13 @@ class Daemon:
         while not self._stop.is_set():
             self.beat("rescue")
             try:
-                rescued = await rescue_expired_leases(store, self.policy)
+                with self.metrics.claim_timer("rescue"):
+                    rescued = await rescue_expired_leases(store, self.policy)
             except psycopg.OperationalError as exc:
                 logger.warning("lease rescue failed, database unavailable: %s", str(exc).strip())
+                self.metrics.database_error("rescue")
                 rescued = []
+            self.metrics.observe_rescued(rescued)
             if rescued:
                 self._delivery_wake.set()
             await self._sleep(self.settings.retry_interval_s)
@@ -235,12 +311,56 @@ class Daemon:
                         async for _ in conn.notifies(timeout=self.settings.poll_interval_s):
                             self._outbox_wake.set()
             except psycopg.OperationalError as exc:
+                self.metrics.database_error("listener")
                 if self.listener_up:
                     logger.warning("listener lost its connection, reconnecting: %s",
                                    str(exc).strip())  # fmt: skip
+                    self.metrics.listener_reconnected()
                 self.listener_up = False
                 await self._sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _maintenance_loop(self, store: RecordStore) -> None:
+        """Metric snapshots on every replica (one cheap query on the partial indexes), and
+        retention on one replica at a time (the holder of the maintenance lease)."""
+        settings = self.settings
+        snapshot_every_s = min(settings.maintenance_interval_s, 5.0)
+        next_purge = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self.beat("maintenance")
+                await self.metrics.snapshot(store.pool)
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + settings.maintenance_interval_s
+                    await self._purge(store)
+                await self._sleep(snapshot_every_s)
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                await retention.release_leadership(store.pool)
+
+    async def _purge(self, store: RecordStore) -> None:
+        settings = self.settings
+
+        async def purge() -> retention.RetentionReport:
+            return await retention.purge_once(
+                store.pool,
+                outbox_max_age_s=settings.outbox_retention_s,
+                records_max_age_s=settings.records_retention_s,
+            )
+
+        try:
+            report = await retention.run_if_leader(
+                store.pool, purge, ttl_s=3 * settings.maintenance_interval_s
+            )
+        except psycopg.OperationalError as exc:
+            logger.warning("retention failed, database unavailable: %s", str(exc).strip())
+            self.metrics.database_error("maintenance")
+            return
+        if report is not None and (report.outbox_deleted or report.records_deleted):
+            logger.info(
+                "retention deleted %d outbox rows and %d records",
+                report.outbox_deleted, report.records_deleted,
+            )  # fmt: skip
 
     async def _wait(self, event: asyncio.Event, timeout_s: float) -> None:
         stop = asyncio.ensure_future(self._stop.wait())

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 import psycopg
@@ -33,7 +34,17 @@ from outbox_notifier.providers.base import (
     SendResult,
     Target,
 )
-from outbox_notifier.store import Applied, ClaimedRecord, RecordStore, Rescued, Result
+from outbox_notifier.store import (
+    Applied,
+    ClaimedRecord,
+    ClaimPolicy,
+    RecordStore,
+    Rescued,
+    Result,
+)
+
+if TYPE_CHECKING:
+    from outbox_notifier.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +152,10 @@ def to_result(
         record_id=record.id,
         lease_token=record.lease_token,
         attempt=record.attempt_count,
+        channel=record.channel,
+        user_id=record.user_id,
+        target_key=record.target_key,
+        disable_channel=sent.disable_target,
         status=status,
         outcome=str(sent.outcome),
         error_code=None if status == "sent" else sent.error_code,
@@ -196,22 +211,24 @@ class Deliverer:
         store: RecordStore,
         providers: Mapping[str, Provider],
         policy: RetryPolicy,
+        claim_policy: ClaimPolicy,
         *,
         batch_size: int,
         concurrency: int,
-        lease_s: float,
         apply_batch_size: int = 500,
         apply_retry_s: float = 1.0,
+        metrics: Metrics | None = None,
         on_applied: Callable[[Sequence[Result], Sequence[Applied]], None] | None = None,
     ) -> None:
         self.store = store
         self.providers = providers
         self.policy = policy
+        self.claim_policy = claim_policy
         self.batch_size = batch_size
         self.concurrency = concurrency
-        self.lease_s = lease_s
         self.apply_batch_size = apply_batch_size
         self.apply_retry_s = apply_retry_s
+        self.metrics = metrics
         self.on_applied = on_applied
         self.stats = DeliveryStats()
         self.last_progress = time.monotonic()
@@ -243,26 +260,42 @@ class Deliverer:
                 for record in claimed:
                     self._start(record)
                 if len(claimed) < wanted:
-                    await _wait_any(stop, wake, timeout_s=poll_interval_s)
+                    await _wait_any(stop, wake, timeout_s=await self._idle_s(poll_interval_s))
         finally:
             await self._drain(applier)
 
     async def deliver_once(self) -> int:
         """Claims one batch, delivers it and applies the results (tests and tools)."""
-        claimed = await self.store.claim_records(self.batch_size, self.lease_s)
+        claimed = await self.store.claim_records(self.batch_size, self.claim_policy)
         results = await asyncio.gather(*(self._call(r) for r in claimed))
         if results:
             await self._apply(results)
         return len(claimed)
 
     async def _claim(self, limit: int) -> list[ClaimedRecord] | None:
+        started = time.perf_counter()
         try:
-            claimed = await self.store.claim_records(limit, self.lease_s)
+            claimed = await self.store.claim_records(limit, self.claim_policy)
         except psycopg.OperationalError as exc:
             logger.warning("claim failed, database unavailable: %s", _first_line(exc))
+            if self.metrics is not None:
+                self.metrics.database_error("delivery")
             return None
+        if self.metrics is not None:
+            self.metrics.observe_claim("delivery", time.perf_counter() - started)
         self.stats.claimed += len(claimed)
         return claimed
+
+    async def _idle_s(self, poll_interval_s: float) -> float:
+        """How long to wait after a short claim: the poll interval, or less when a deferred or
+        failed record falls due sooner (pacing and retries then run on time)."""
+        try:
+            due_in = await self.store.seconds_until_next_due()
+        except psycopg.OperationalError:
+            return poll_interval_s
+        if due_in is None:
+            return poll_interval_s
+        return min(poll_interval_s, max(due_in, 0.01))
 
     def _start(self, record: ClaimedRecord) -> None:
         task = asyncio.create_task(self._deliver(record))
@@ -278,7 +311,7 @@ class Deliverer:
 
     async def _call(self, record: ClaimedRecord) -> Result:
         started_at = datetime.now(UTC)
-        sent = await call_provider(self.providers.get(record.channel), to_delivery(record))
+        sent = await call_provider(self.providers.get(record.provider), to_delivery(record))
         return to_result(record, sent, self.policy, started_at)
 
     async def _apply_forever(self) -> None:
@@ -297,6 +330,8 @@ class Deliverer:
                 return
             except psycopg.OperationalError as exc:
                 logger.warning("applying results failed, retrying: %s", _first_line(exc))
+                if self.metrics is not None:
+                    self.metrics.database_error("apply")
                 await asyncio.sleep(self.apply_retry_s)
 
     async def _apply(self, batch: Sequence[Result]) -> None:
@@ -311,8 +346,15 @@ class Deliverer:
                 except psycopg.DataError:
                     logger.exception("result refused", extra={"record_id": result.record_id})
         self._account(batch, applied)
+        # Target bookkeeping after the results are safe: if it fails, only a pause is late.
+        await self.store.disable_channels(batch)
+        paused = await self.store.record_target_results(batch, self.claim_policy)
+        for key in paused:
+            logger.warning("target paused after repeated failures", extra={"target": key[:12]})
 
     def _account(self, batch: Sequence[Result], applied: Sequence[Applied]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_results(batch, applied)
         self.stats.applied += len(applied)
         self.stats.fenced += len(batch) - len(applied)
         for row in applied:

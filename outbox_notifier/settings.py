@@ -126,6 +126,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     outbox_retention_s: Positive = 7 * 86400.0  # relayed/rejected outbox rows older are deleted
     records_retention_s: Positive = 30 * 86400.0  # sent/dead/skipped records older are deleted
     health_stale_s: Positive = 60.0  # /healthz fails when a loop has not progressed for this long
+    # Per-target pacing, shared by all replicas through Postgres (0 = no limit). Feishu bots
+    # accept 5 requests/s and 100/min per bot.
+    bot_max_per_s: NonNegativeInt = 5
+    bot_max_per_min: NonNegativeInt = 100
+    flow_max_per_s: NonNegativeInt = 0
+    flow_max_per_min: NonNegativeInt = 0
+    webhook_max_per_s: NonNegativeInt = 0
+    webhook_max_per_min: NonNegativeInt = 0
+    pacing_margin_s: Positive = 0.05  # widens pacing windows for network jitter
+    # Endpoint protection: this many consecutive temporary failures pause a target.
+    breaker_failures: AtLeastOne = 5
+    breaker_cooloff_s: Positive = 60.0
+    bot_message_format: str = "text"  # "text" or "card" (an interactive card with a button)
+    bot_allowed_schemes: tuple[str, ...] = ("https",)
+    bot_allowed_hosts: tuple[str, ...] = ("open.feishu.cn", "open.larksuite.com")
+    bot_path_prefix: str = "/open-apis/bot/v2/hook/"
+    webhook_allowed_schemes: tuple[str, ...] = ("https",)
+    webhook_allowed_hosts: tuple[str, ...] = ()  # empty: any host
 
     def __post_init__(self) -> None:
         # msgspec checks Meta constraints only when decoding or converting; check them here
@@ -185,20 +203,15 @@ def _check_values(s: Settings) -> None:
         parse_host_port(s.http_listen)
     except ValueError as exc:
         raise _invalid("http_listen", f"{exc}, got {s.http_listen!r}") from None
-    if not s.flow_allowed_schemes:
-        raise _invalid("flow_allowed_schemes", "must name at least one scheme")
-    for scheme in s.flow_allowed_schemes:
-        if scheme not in ALLOWED_FLOW_SCHEMES:
-            raise _invalid(
-                "flow_allowed_schemes", f"only 'http' and 'https' are allowed, got {scheme!r}"
-            )
-    if not s.flow_allowed_hosts:
-        raise _invalid("flow_allowed_hosts", "must name at least one host")
-    for host in s.flow_allowed_hosts:
-        if not host or host != host.strip() or "/" in host or ":" in host:
-            raise _invalid("flow_allowed_hosts", f"expected bare host names, got {host!r}")
-    if not s.flow_path_prefix.startswith("/"):
-        raise _invalid("flow_path_prefix", f"must start with '/', got {s.flow_path_prefix!r}")
+    for provider in ("flow", "bot", "webhook"):
+        _check_url_policy(s, provider)
+    for name in ("flow_path_prefix", "bot_path_prefix"):
+        if not getattr(s, name).startswith("/"):
+            raise _invalid(name, f"must start with '/', got {getattr(s, name)!r}")
+    if s.bot_message_format not in ("text", "card"):
+        raise _invalid(
+            "bot_message_format", f"expected 'text' or 'card', got {s.bot_message_format!r}"
+        )
     if s.frontend_base_url:
         parts = urllib.parse.urlsplit(s.frontend_base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -206,6 +219,23 @@ def _check_values(s: Settings) -> None:
                 "frontend_base_url",
                 f"expected an http:// or https:// URL, got {s.frontend_base_url!r}",
             )
+
+
+def _check_url_policy(s: Settings, provider: str) -> None:
+    """Schemes and hosts a provider may call; only the generic webhook may allow any host."""
+    schemes_name, hosts_name = f"{provider}_allowed_schemes", f"{provider}_allowed_hosts"
+    schemes: tuple[str, ...] = getattr(s, schemes_name)
+    hosts: tuple[str, ...] = getattr(s, hosts_name)
+    if not schemes:
+        raise _invalid(schemes_name, "must name at least one scheme")
+    for scheme in schemes:
+        if scheme not in ALLOWED_FLOW_SCHEMES:
+            raise _invalid(schemes_name, f"only 'http' and 'https' are allowed, got {scheme!r}")
+    if not hosts and provider != "webhook":
+        raise _invalid(hosts_name, "must name at least one host")
+    for host in hosts:
+        if not host or host != host.strip() or "/" in host or ":" in host:
+            raise _invalid(hosts_name, f"expected bare host names, got {host!r}")
 
 
 def _is_valid_dsn(dsn: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any
 
 import msgspec
 from psycopg import AsyncConnection
@@ -69,6 +70,24 @@ class ClaimedRecord(msgspec.Struct, frozen=True):
     webhook_url: str | None
     auth_kind: str | None
     auth_secret: str | None
+    provider: str
+    target_key: str | None
+
+
+class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-target pacing and endpoint protection applied by every claim.
+
+    ``per_s``/``per_min`` give, by provider name, the most calls one target may receive in any
+    second / minute from all replicas together (0: no limit). ``breaker_failures`` consecutive
+    temporary failures pause a target for ``cooloff_s``.
+    """
+
+    lease_s: float
+    per_s: dict[str, int] = msgspec.field(default_factory=dict)
+    per_min: dict[str, int] = msgspec.field(default_factory=dict)
+    margin_s: float = 0.05
+    breaker_failures: int = 5
+    cooloff_s: float = 60.0
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,6 +96,10 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     record_id: int
     lease_token: int
     attempt: int
+    channel: str
+    user_id: int
+    target_key: str | None
+    disable_channel: bool = False
     status: str
     outcome: str
     error_code: str | None
@@ -161,10 +184,69 @@ class RecordStore:
 
     # -- delivery --------------------------------------------------------------------------
 
-    async def claim_records(self, limit: int, lease_s: float) -> list[ClaimedRecord]:
+    async def claim_records(self, limit: int, policy: ClaimPolicy) -> list[ClaimedRecord]:
+        paced = sorted(set(policy.per_s) | set(policy.per_min))
+        params = {
+            "limit": limit,
+            "lease_s": policy.lease_s,
+            "paced": paced,
+            "per_s": [policy.per_s.get(p, 0) for p in paced],
+            "per_min": [policy.per_min.get(p, 0) for p in paced],
+            "margin_s": policy.margin_s,
+            "breaker_failures": policy.breaker_failures,
+            "cooloff_s": policy.cooloff_s,
+        }
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query("claim_records"), {"limit": limit, "lease_s": lease_s})
+            cur = await conn.execute(query("claim_records"), params)
             return [ClaimedRecord(*row) for row in await cur.fetchall()]
+
+    async def seconds_until_next_due(self) -> float | None:
+        """When the earliest deferred or failed record becomes due (None: nothing waits)."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(query("next_due"))).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def record_target_results(
+        self, results: Sequence[Result], policy: ClaimPolicy
+    ) -> list[str]:
+        """Endpoint-protection bookkeeping for a batch; returns targets that are paused now."""
+        tally: dict[str, list[Any]] = {}
+        for r in results:
+            if r.target_key is None:
+                continue
+            entry = tally.setdefault(r.target_key, [0, 0, None])
+            if r.outcome == "success":
+                entry[0] += 1
+            elif r.outcome == "temporary_fail":
+                entry[1] += 1
+                entry[2] = r.error_code
+        if not tally:
+            return []
+        keys = sorted(tally)
+        params = {
+            "keys": keys,
+            "successes": [tally[k][0] for k in keys],
+            "failures": [tally[k][1] for k in keys],
+            "codes": [tally[k][2] for k in keys],
+            "breaker_failures": policy.breaker_failures,
+            "cooloff_s": policy.cooloff_s,
+        }
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query("record_target_results"), params)
+            return [row[0] for row in await cur.fetchall() if row[0] is not None]
+
+    async def disable_channels(self, results: Sequence[Result]) -> None:
+        """Switches off the channels whose target answered that it is gone for good."""
+        gone = [r for r in results if r.disable_channel]
+        if not gone:
+            return
+        params = {
+            "user_ids": [r.user_id for r in gone],
+            "channels": [r.channel for r in gone],
+            "reasons": [r.error or "target gone" for r in gone],
+        }
+        async with self.pool.connection() as conn:
+            await conn.execute(query("disable_channels"), params)
 
     async def apply_results(self, results: Sequence[Result]) -> list[Applied]:
         params = {

@@ -62,48 +62,35 @@ WITH input AS (
 SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
--- Claims due records (pending, then failed whose next_retry_at has come), each on its partial
--- index: row lock, advisory try-lock, then 'sending' with a fresh lease and fencing token. Returns
--- the claimed records with their user's channel row.
-WITH due AS (
-    (SELECT id FROM outbox_notifier.notification_records
-     WHERE status = 'pending' ORDER BY id LIMIT %(limit)s)
-    UNION ALL
-    (SELECT id FROM outbox_notifier.notification_records
-     WHERE status = 'failed' AND next_retry_at <= now() ORDER BY next_retry_at LIMIT %(limit)s)
-    LIMIT %(limit)s
-), locked AS MATERIALIZED (
-    -- re-checked under the row lock: another replica may have moved the row since the scan
-    SELECT r.id, r.channel, r.dedupe_key
-    FROM outbox_notifier.notification_records r
-    WHERE r.id IN (SELECT id FROM due)
-      AND (r.status = 'pending' OR (r.status = 'failed' AND r.next_retry_at <= now()))
-    FOR UPDATE SKIP LOCKED
-), claimable AS MATERIALIZED (
-    SELECT id FROM locked
-    WHERE pg_try_advisory_xact_lock(outbox_notifier.record_lock_key(channel, dedupe_key))
-), claimed AS (
-    UPDATE outbox_notifier.notification_records r
-    SET status = 'sending',
-        attempt_count = r.attempt_count + 1,
-        next_retry_at = NULL,
-        last_error_code = NULL,
-        last_error = NULL,
-        lease_expires_at = now() + make_interval(secs => %(lease_s)s),
-        lease_token = nextval('outbox_notifier.lease_token_seq'),
-        updated_at = now()
-    FROM claimable
-    WHERE r.id = claimable.id
-    RETURNING r.id, r.channel, r.user_id, r.trigger_id, r.preview_id, r.trigger_type,
-              r.target_type, r.target_id, r.dedupe_key, r.target_url, r.summary_text,
-              r.fallback_text, r.fallback_used, r.trace_id, r.attempt_count, r.max_attempts,
-              r.lease_token
-)
-SELECT claimed.*, ch.enabled, ch.webhook_url, ch.auth_kind, ch.auth_secret
-FROM claimed
-LEFT JOIN outbox_notifier.notification_channels ch
-       ON ch.user_id = claimed.user_id AND ch.channel = claimed.channel
-ORDER BY claimed.id;
+-- Claims due records with pacing and endpoint protection; see outbox_notifier.claim_due.
+SELECT * FROM outbox_notifier.claim_due(
+    %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
+    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s
+);
+
+-- name: next_due
+-- Seconds until the earliest deferred or failed record becomes due (NULL when none waits).
+SELECT extract(epoch FROM least(
+    (SELECT min(next_retry_at) FROM outbox_notifier.notification_records
+     WHERE status = 'pending' AND next_retry_at IS NOT NULL),
+    (SELECT min(next_retry_at) FROM outbox_notifier.notification_records
+     WHERE status = 'failed')
+) - now());
+
+-- name: record_target_results
+-- Endpoint protection bookkeeping; returns the keys of targets paused now.
+SELECT * FROM outbox_notifier.record_target_results(
+    %(keys)s::text[], %(successes)s::integer[], %(failures)s::integer[],
+    %(codes)s::text[], %(breaker_failures)s, %(cooloff_s)s
+);
+
+-- name: disable_channels
+-- A target answered 410 Gone: the user's channel is switched off, with the reason kept.
+UPDATE outbox_notifier.notification_channels ch
+SET enabled = false, disabled_reason = u.reason, updated_at = now()
+FROM unnest(%(user_ids)s::bigint[], %(channels)s::text[], %(reasons)s::text[])
+     AS u(user_id, channel, reason)
+WHERE ch.user_id = u.user_id AND ch.channel = u.channel;
 
 -- name: apply_results
 -- Applies provider results, each only while the record still holds the worker's fencing token,

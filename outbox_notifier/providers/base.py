@@ -15,9 +15,13 @@ Outcome -> record status, applied by the delivery loop (seed semantics):
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import ipaddress
 import math
 import re
+import time
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Protocol
@@ -52,6 +56,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_URL = "invalid_url"
     PROVIDER_AUTH_FAILED = "provider_auth_failed"
     PAYLOAD_INVALID = "payload_invalid"
+    ENDPOINT_GONE = "endpoint_gone"  # HTTP 410: the receiver retired the endpoint for good
 
 
 RETRYABLE_ERROR_CODES: frozenset[ErrorCode] = frozenset(
@@ -110,7 +115,9 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     ``request_json`` is the body that was sent with any secret masked (None when nothing was
     sent); ``response_body`` holds at most the provider's cap of raw response bytes, with
     ``response_truncated`` set when more were left unread. ``retry_after_s`` carries the
-    provider's ``Retry-After`` so the retry can honour it.
+    provider's ``Retry-After`` so the retry can honour it. ``disable_target`` asks the daemon
+    to disable the user's channel: the receiver said the endpoint is gone for good (HTTP 410),
+    so every later delivery to it would fail the same way.
     """
 
     outcome: Outcome
@@ -123,6 +130,7 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     response_truncated: bool = False
     retry_after_s: float | None = None
     duration_s: float = 0.0
+    disable_target: bool = False
 
 
 class Provider(Protocol):
@@ -202,3 +210,172 @@ async def read_body_capped(response: httpx.Response, max_bytes: int) -> tuple[by
 def truncate(text: str, limit: int = ERROR_MESSAGE_MAX_CHARS) -> str:
     """Cut ``text`` to ``limit`` characters (code points, like the seed's runes)."""
     return text if len(text) <= limit else text[:limit]
+
+
+def skipped(reason: str) -> SendResult:
+    """The result for a user without a usable channel: nothing was sent."""
+    return SendResult(
+        outcome=Outcome.SKIPPED, error_code=ErrorCode.RECIPIENT_MISSING, error_message=reason
+    )
+
+
+def is_header_token(value: str) -> bool:
+    """Visible ASCII only: no spaces, control characters or line breaks."""
+    return value.isascii() and all(0x21 <= ord(c) <= 0x7E for c in value)
+
+
+# Host names in rejection messages are cut so a garbled URL cannot smuggle a long secret.
+_HOST_IN_MESSAGE_MAX_CHARS = 100
+
+
+class UrlRejected(ValueError):
+    """A webhook URL outside the policy; the message never contains the URL's path."""
+
+
+class UrlPolicy:
+    """Which webhook URLs a provider may call.
+
+    Usage::
+
+        policy = UrlPolicy(schemes=("https",), hosts=("feishu.cn",), path_prefix="/flow/")
+        url = policy.check(raw_url)  # httpx.URL, or raises UrlRejected
+
+    ``hosts`` match exactly or as a parent domain (``feishu.cn`` allows ``www.feishu.cn``,
+    never ``feishu.cn.evil.com``); an empty ``hosts`` allows any host, while the schemes
+    are always enforced. Credentials in the URL are refused. The path is checked after
+    normalisation, so ``..`` segments cannot climb out of ``path_prefix``. Rejections name
+    only scheme and host: the path (and query) of a webhook URL is usually its secret.
+    """
+
+    def __init__(
+        self, *, schemes: Iterable[str], hosts: Iterable[str], path_prefix: str = "/"
+    ) -> None:
+        self.schemes = frozenset(s.strip().lower() for s in schemes)
+        if not self.schemes:
+            raise ValueError("allowed schemes must not be empty")
+        self.hosts = frozenset(h.strip().strip(".").lower() for h in hosts)
+        self._host_suffixes = tuple("." + h for h in self.hosts)
+        self.path_prefix = path_prefix
+
+    def check(self, raw_url: str) -> httpx.URL:
+        """Parse ``raw_url`` and enforce the policy; raise ``UrlRejected`` if outside it."""
+        try:
+            url = httpx.URL(raw_url.strip())
+        except (httpx.InvalidURL, ValueError, TypeError):
+            raise UrlRejected("webhook url cannot be parsed") from None
+        scheme = url.scheme
+        host = url.host.rstrip(".")
+        shown = f"{scheme}://{host[:_HOST_IN_MESSAGE_MAX_CHARS]}"
+        if scheme not in self.schemes:
+            allowed = ", ".join(sorted(self.schemes))
+            raise UrlRejected(f"webhook url {shown}: scheme {scheme!r} not allowed ({allowed})")
+        if not _is_host_name(url.raw_host.decode("ascii").rstrip(".")) or (
+            self.hosts and host not in self.hosts and not host.endswith(self._host_suffixes)
+        ):
+            raise UrlRejected(f"webhook url {shown}: host not allowed")
+        if url.userinfo:
+            raise UrlRejected(f"webhook url {shown}: credentials in the url are not allowed")
+        if not url.raw_path.decode("ascii").startswith(self.path_prefix):
+            raise UrlRejected(f"webhook url {shown}: path must start with {self.path_prefix!r}")
+        return url
+
+
+# A DNS name in its ASCII (IDNA) form: letters, digits and hyphens, dot-separated.
+_DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*", re.I)
+
+
+def _is_host_name(host: str) -> bool:
+    """A DNS name or an IP address (IPv6 without its brackets), nothing else."""
+    if _DNS_NAME.fullmatch(host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def scrub(message: str, url: httpx.URL, secrets: Iterable[str] = ()) -> str:
+    """Mask a webhook's path and query (where its key lives) and ``secrets`` in ``message``."""
+    for part in (url.raw_path.decode("ascii"), url.path):
+        if len(part) > 1 and part in message:
+            message = message.replace(part, "/****")
+    query = url.query.decode("ascii")
+    if query and query in message:
+        message = message.replace(query, "****")
+    for secret in secrets:
+        if secret and secret in message:
+            message = message.replace(secret, "****")
+    return message
+
+
+class HttpReply(msgspec.Struct, frozen=True, kw_only=True):
+    """What came back from one ``post_capped`` call."""
+
+    status: int
+    body: bytes
+    truncated: bool
+    retry_after: str | None
+    duration_s: float
+
+
+async def post_capped(
+    client: httpx.AsyncClient,
+    url: httpx.URL,
+    *,
+    content: bytes,
+    headers: Mapping[str, str],
+    timeout_s: float,
+    response_body_max_bytes: int,
+    request_json: bytes | None,
+    secrets: Iterable[str] = (),
+) -> HttpReply | SendResult:
+    """POST ``content`` once; the reply with its body capped, or a retryable failure result.
+
+    The whole call, body included, has one deadline of ``timeout_s``; the delivery lease must
+    stay longer than it. Redirects are never followed, whatever the shared client is set to:
+    a redirect could lead off the allowed hosts. A transport failure, or a body that cannot
+    be read after the status arrived, is a ``TEMPORARY_FAIL`` result (``provider_timeout``
+    for timeouts, ``network_error`` otherwise) carrying ``request_json``; its message has the
+    URL's path and query and ``secrets`` masked. Only cancellation propagates.
+    """
+    started = time.perf_counter()
+    status: int | None = None
+    try:
+        request = client.build_request(
+            "POST", url, content=content, headers=headers, timeout=httpx.Timeout(timeout_s)
+        )
+        async with asyncio.timeout(timeout_s):
+            response = await client.send(request, stream=True, follow_redirects=False)
+            try:
+                status = response.status_code
+                body, truncated = await read_body_capped(response, response_body_max_bytes)
+            finally:
+                await response.aclose()
+    except (httpx.TimeoutException, TimeoutError) as exc:
+        code = ErrorCode.PROVIDER_TIMEOUT
+        kind = type(exc).__name__
+        detail = str(exc) or f"no reply within {timeout_s:g}s"
+    except Exception as exc:  # every transport error and anything unforeseen: retry
+        code = ErrorCode.NETWORK_ERROR
+        kind = type(exc).__name__
+        detail = str(exc)
+    else:
+        return HttpReply(
+            status=response.status_code,
+            body=body,
+            truncated=truncated,
+            retry_after=response.headers.get("Retry-After"),
+            duration_s=time.perf_counter() - started,
+        )
+    message = f"{kind}: {detail}" if detail else kind
+    if status is not None:
+        message = f"HTTP {status}, reading the reply failed: {message}"
+    return SendResult(
+        outcome=Outcome.TEMPORARY_FAIL,
+        error_code=code,
+        error_message=truncate(scrub(message, url, secrets)),
+        http_status=status,
+        request_json=request_json,
+        duration_s=time.perf_counter() - started,
+    )

@@ -37,8 +37,6 @@ failure, or a body that cannot be read after the status arrived, is retryable:
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -51,11 +49,17 @@ from .base import (
     ErrorCode,
     Outcome,
     SendResult,
+    UrlPolicy,
+    UrlRejected,
     classify_status,
+    is_header_token,
     parse_retry_after,
-    read_body_capped,
+    post_capped,
+    skipped,
     truncate,
 )
+
+__all__ = ["FeishuFlowProvider", "FlowMessage", "FlowPayload", "UrlRejected"]
 
 EVENT = "smartflow.schedule_adjustment_ready"
 VERSION = "1"
@@ -63,9 +67,6 @@ MESSAGE_TITLE = "SmartFlow 日程调整建议"
 MESSAGE_ACTION_TEXT = "查看并确认调整"
 # The seed's fallback summary; the full-width comma is the correct Chinese punctuation.
 DEFAULT_SUMMARY = "我为你生成了一份日程调整建议，请回到系统确认是否应用。"  # noqa: RUF001
-
-# Host names in rejection messages are cut so a garbled URL cannot smuggle a long secret.
-_HOST_IN_MESSAGE_MAX_CHARS = 100
 
 
 class FlowMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,10 +96,6 @@ class FlowPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
 
 _encoder = msgspec.json.Encoder()
-
-
-class UrlRejected(ValueError):
-    """A webhook URL outside the policy; the message never contains the URL's path."""
 
 
 def _utc_now() -> datetime:
@@ -151,34 +148,16 @@ class FeishuFlowProvider:
             raise ValueError("allowed_hosts must not be empty")
         self._client = client
         self._frontend_base_url = frontend_base_url.strip().rstrip("/")
-        self._allowed_schemes = frozenset(s.strip().lower() for s in allowed_schemes)
-        self._allowed_hosts = frozenset(h.strip().strip(".").lower() for h in allowed_hosts)
-        self._host_suffixes = tuple("." + h for h in self._allowed_hosts)
-        self._path_prefix = path_prefix
+        self._url_policy = UrlPolicy(
+            schemes=allowed_schemes, hosts=allowed_hosts, path_prefix=path_prefix
+        )
         self._timeout_s = timeout_s
-        self._timeout = httpx.Timeout(timeout_s)
         self._body_max_bytes = response_body_max_bytes
         self._clock = clock
 
     def check_url(self, raw_url: str) -> httpx.URL:
         """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
-        try:
-            url = httpx.URL(raw_url.strip())
-        except (httpx.InvalidURL, ValueError, TypeError):
-            raise UrlRejected("webhook url cannot be parsed") from None
-        scheme = url.scheme
-        host = url.host.rstrip(".")
-        shown = f"{scheme}://{host[:_HOST_IN_MESSAGE_MAX_CHARS]}"
-        if scheme not in self._allowed_schemes:
-            allowed = ", ".join(sorted(self._allowed_schemes))
-            raise UrlRejected(f"webhook url {shown}: scheme {scheme!r} not allowed ({allowed})")
-        if not host or (host not in self._allowed_hosts and not host.endswith(self._host_suffixes)):
-            raise UrlRejected(f"webhook url {shown}: host not allowed")
-        if url.userinfo:
-            raise UrlRejected(f"webhook url {shown}: credentials in the url are not allowed")
-        if not url.raw_path.decode("ascii").startswith(self._path_prefix):
-            raise UrlRejected(f"webhook url {shown}: path must start with {self._path_prefix!r}")
-        return url
+        return self._url_policy.check(raw_url)
 
     def build_payload(self, delivery: Delivery) -> FlowPayload:
         """The seed's body for ``delivery``, stamped with the current time."""
@@ -212,11 +191,11 @@ class FeishuFlowProvider:
         """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
         target = delivery.target
         if target is None:
-            return _skipped("user has no feishu channel configured")
+            return skipped("user has no feishu channel configured")
         if not target.enabled:
-            return _skipped("user's feishu channel is disabled")
+            return skipped("user's feishu channel is disabled")
         if not target.webhook_url.strip():
-            return _skipped("user's feishu channel has no webhook url")
+            return skipped("user's feishu channel has no webhook url")
         try:
             url = self.check_url(target.webhook_url)
         except UrlRejected as exc:
@@ -234,7 +213,7 @@ class FeishuFlowProvider:
         }
         secret = (target.auth_secret or "").strip() if target.auth_kind == "bearer" else ""
         if secret:
-            if not _is_header_token(secret):
+            if not is_header_token(secret):
                 # A broken secret is a configuration fault, not worth retrying; and the HTTP
                 # layer's own error would quote the value.
                 return SendResult(
@@ -244,33 +223,23 @@ class FeishuFlowProvider:
                 )
             headers["Authorization"] = "Bearer " + secret
 
-        started = time.perf_counter()
-        status: int | None = None
-        try:
-            request = self._client.build_request(
-                "POST", url, content=body, headers=headers, timeout=self._timeout
-            )
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._client.send(request, stream=True)
-                try:
-                    status = response.status_code
-                    reply, truncated = await read_body_capped(response, self._body_max_bytes)
-                finally:
-                    await response.aclose()
-        except (httpx.TimeoutException, TimeoutError) as exc:
-            return _transport_failure(
-                ErrorCode.PROVIDER_TIMEOUT, exc, url, secret, body, status, started, self._timeout_s
-            )
-        except Exception as exc:  # every transport error and anything unforeseen: retry
-            return _transport_failure(
-                ErrorCode.NETWORK_ERROR, exc, url, secret, body, status, started, self._timeout_s
-            )
-        duration_s = time.perf_counter() - started
+        reply = await post_capped(
+            self._client,
+            url,
+            content=body,
+            headers=headers,
+            timeout_s=self._timeout_s,
+            response_body_max_bytes=self._body_max_bytes,
+            request_json=body,
+            secrets=(secret,),
+        )
+        if isinstance(reply, SendResult):
+            return reply
 
-        status = response.status_code
+        status = reply.status
         outcome, code = classify_status(status)
         if outcome is Outcome.SUCCESS:
-            rejection, message_id = _inspect_reply(reply)
+            rejection, message_id = _inspect_reply(reply.body)
             if rejection is not None:
                 outcome, code = Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID
             return SendResult(
@@ -280,73 +249,24 @@ class FeishuFlowProvider:
                 provider_message_id=message_id,
                 http_status=status,
                 request_json=body,
-                response_body=reply,
-                response_truncated=truncated,
-                duration_s=duration_s,
+                response_body=reply.body,
+                response_truncated=reply.truncated,
+                duration_s=reply.duration_s,
             )
         retry_after_s = None
         if code is ErrorCode.PROVIDER_RATE_LIMITED:
-            retry_after_s = parse_retry_after(
-                response.headers.get("Retry-After"), now=self._clock()
-            )
+            retry_after_s = parse_retry_after(reply.retry_after, now=self._clock())
         return SendResult(
             outcome=outcome,
             error_code=code,
             error_message=f"feishu flow webhook returned HTTP {status}",
             http_status=status,
             request_json=body,
-            response_body=reply,
-            response_truncated=truncated,
+            response_body=reply.body,
+            response_truncated=reply.truncated,
             retry_after_s=retry_after_s,
-            duration_s=duration_s,
+            duration_s=reply.duration_s,
         )
-
-
-def _is_header_token(value: str) -> bool:
-    """Visible ASCII only: no spaces, control characters or line breaks."""
-    return value.isascii() and all(0x21 <= ord(c) <= 0x7E for c in value)
-
-
-def _skipped(reason: str) -> SendResult:
-    return SendResult(
-        outcome=Outcome.SKIPPED, error_code=ErrorCode.RECIPIENT_MISSING, error_message=reason
-    )
-
-
-def _transport_failure(
-    code: ErrorCode,
-    exc: BaseException,
-    url: httpx.URL,
-    secret: str,
-    body: bytes,
-    status: int | None,
-    started: float,
-    timeout_s: float,
-) -> SendResult:
-    detail = str(exc) or (
-        f"no reply within {timeout_s:g}s" if code is ErrorCode.PROVIDER_TIMEOUT else ""
-    )
-    message = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    if status is not None:
-        message = f"HTTP {status}, reading the reply failed: {message}"
-    return SendResult(
-        outcome=Outcome.TEMPORARY_FAIL,
-        error_code=code,
-        error_message=truncate(_scrub(message, url, secret)),
-        http_status=status,
-        request_json=body,
-        duration_s=time.perf_counter() - started,
-    )
-
-
-def _scrub(message: str, url: httpx.URL, secret: str) -> str:
-    """Mask the webhook's path (its key) and the bearer token should an exception quote them."""
-    for path in (url.raw_path.decode("ascii"), url.path):
-        if len(path) > 1 and path in message:
-            message = message.replace(path, "/****")
-    if secret and secret in message:
-        message = message.replace(secret, "****")
-    return message
 
 
 def _inspect_reply(reply: bytes) -> tuple[str | None, str | None]:

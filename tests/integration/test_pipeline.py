@@ -14,7 +14,7 @@ from outbox_notifier.daemon import Daemon
 from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
 from outbox_notifier.providers.base import Outcome, SendResult
 from outbox_notifier.relay import Relay
-from outbox_notifier.store import RecordStore
+from outbox_notifier.store import ClaimPolicy, RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import (
     FLOW_PREFIX,
@@ -220,7 +220,7 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
         relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
         assert (await relay.relay_once()).created == 1
         # Worker A claims with a lease that expires at once, then "dies" mid-call.
-        [claimed] = await store.claim_records(10, lease_s=0.01)
+        [claimed] = await store.claim_records(10, ClaimPolicy(lease_s=0.01))
         assert claimed.attempt_count == 1
         await asyncio.sleep(0.05)
         [rescued] = await rescue_expired_leases(store, policy)
@@ -229,8 +229,10 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
         assert record["last_error_code"] == "sending_lease_expired"
         # Worker B takes over once the retry is due and delivers.
         await asyncio.sleep(0.15)
-        deliverer = Deliverer(store, {}, policy, batch_size=10, concurrency=1, lease_s=30)
-        [claimed_b] = await store.claim_records(10, lease_s=30)
+        deliverer = Deliverer(
+            store, {}, policy, ClaimPolicy(lease_s=30), batch_size=10, concurrency=1
+        )
+        [claimed_b] = await store.claim_records(10, ClaimPolicy(lease_s=30))
         assert claimed_b.lease_token != claimed.lease_token
         assert claimed_b.attempt_count == 2
         # A's late result arrives now: it must not overwrite B's lease.
@@ -263,7 +265,7 @@ async def test_lease_expiry_on_the_last_attempt_is_dead(
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         store = RecordStore(pool)
         await Relay(store, batch_size=10, max_attempts=1, summary_max_runes=180).relay_once()
-        await store.claim_records(10, lease_s=0.01)
+        await store.claim_records(10, ClaimPolicy(lease_s=0.01))
         await asyncio.sleep(0.05)
         [rescued] = await rescue_expired_leases(store, policy)
     assert rescued.status == "dead"
@@ -284,7 +286,7 @@ async def test_claim_of_100_records_is_one_statement(
             conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
         )
         conn.execute("SELECT pg_stat_clear_snapshot()")
-        claimed = await store.claim_records(100, lease_s=30)
+        claimed = await store.claim_records(100, ClaimPolicy(lease_s=30))
         conn.execute("SELECT pg_stat_clear_snapshot()")
         await asyncio.sleep(0.6)  # statistics are flushed by backends at most every 500 ms
         after = scalar(
@@ -296,23 +298,48 @@ async def test_claim_of_100_records_is_one_statement(
     assert after - before <= 4
 
 
+def _plans(conn: psycopg.Connection[Any], statement: bytes, params: dict[str, Any]) -> str:
+    """Every plan the statement runs, nested statements of functions included (auto_explain
+    sends them to the client as notices)."""
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    conn.execute("SET auto_explain.log_min_duration = 0")
+    conn.execute("SET auto_explain.log_nested_statements = on")
+    conn.execute("SET auto_explain.log_level = notice")
+    with conn.transaction(force_rollback=True):
+        conn.execute(statement, params)
+    return "\n".join(notices)
+
+
 @pytest.mark.parametrize(
-    ("query_name", "index"),
+    ("query_name", "indexes"),
     [
-        ("pending", "records_pending_idx"),
-        ("failed", "records_failed_due_idx"),
-        ("sending", "records_sending_lease_idx"),
-        ("outbox", "outbox_pending_idx"),
+        ("claim_records", ["records_pending_due_idx", "records_failed_due_idx"]),
+        ("rescue_expired_leases", ["records_sending_lease_idx"]),
+        ("claim_outbox", ["outbox_pending_idx"]),
+        ("next_due", ["records_pending_due_idx", "records_failed_due_idx"]),
     ],
 )
 def test_claim_queries_use_their_partial_indexes(
-    conn: psycopg.Connection[Any], query_name: str, index: str
+    conn: psycopg.Connection[Any], query_name: str, indexes: list[str]
 ) -> None:
-    # A realistic table shape: many finished rows, a few due ones.
+    # A realistic table shape: many finished rows, a few due ones of each kind.
     conn.execute(
         "INSERT INTO outbox_notifier.notification_records"
         " (channel, user_id, preview_id, dedupe_key, target_url, status)"
         " SELECT 'feishu', 1, 'p', 'k' || g, '/x', 'sent' FROM generate_series(1, 20000) g"
+    )
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url, status, next_retry_at)"
+        " SELECT 'feishu', 1, 'p', 'f' || g, '/x', 'failed', now() - interval '1 s'"
+        " FROM generate_series(1, 5) g"
+    )
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url)"
+        " SELECT 'feishu', 1, 'p', 'p' || g, '/x' FROM generate_series(1, 5) g"
     )
     conn.execute(
         "INSERT INTO outbox_notifier.outbox (event_type, payload, status)"
@@ -322,17 +349,14 @@ def test_claim_queries_use_their_partial_indexes(
     conn.execute("ANALYZE outbox_notifier.outbox")
     from outbox_notifier.sqlfiles import query
 
-    statements = {
-        "pending": query("claim_records"),
-        "failed": query("claim_records"),
-        "sending": query("rescue_expired_leases"),
-        "outbox": query("claim_outbox"),
-    }
-    params = {"limit": 100, "lease_s": 30.0, "delays_s": [1.0]}
-    with conn.transaction():
-        plan = conn.execute(
-            b"EXPLAIN (FORMAT JSON) " + statements[query_name].encode(), params
-        ).fetchone()
-        assert plan is not None
-    text = str(plan[0])
-    assert f"'Index Name': '{index}'" in text
+    params = {
+        "limit": 100, "lease_s": 30.0, "delays_s": [1.0], "paced": [], "per_s": [],
+        "per_min": [], "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
+    }  # fmt: skip
+    plans = _plans(conn, query(query_name).encode(), params)
+    for index in indexes:
+        assert f"Index Scan using {index}" in plans or f"Index Only Scan using {index}" in plans, (
+            plans
+        )
+    assert "Seq Scan on notification_records" not in plans, plans
+    assert "Seq Scan on outbox" not in plans, plans

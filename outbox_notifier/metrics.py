@@ -1,0 +1,347 @@
+"""Prometheus collectors on an injected registry, fed with the pipeline's own objects.
+
+Every name starts ``outbox_notifier_``; counters end ``_total`` and durations ``_seconds``.
+Label values are bounded: channels, statuses, outcomes, error codes, reason classes and loop
+names, never a user id, URL or dedupe key. A value outside a known set (an error code a new
+provider invents, say) is exported as ``other`` rather than growing a new series.
+
+Three kinds of source::
+
+    metrics = Metrics(registry)
+    metrics.observe_relay(report)               # events, as the loops produce them
+    metrics.track(listener_up=..., in_flight=...)  # process state, read at scrape time
+    await metrics.snapshot(pool)                # database state, every few seconds
+
+The snapshot's gauges describe the whole database, not this replica: with several replicas,
+only the one running the maintenance loop refreshes them; ``snapshot_timestamp_seconds`` says
+when, so a dashboard takes the freshest replica's values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Final
+
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from outbox_notifier import __version__
+from outbox_notifier.events import REASON_CLASSES
+from outbox_notifier.providers.base import ErrorCode, Outcome
+from outbox_notifier.relay import CHANNEL, RelayReport
+from outbox_notifier.sqlfiles import query
+from outbox_notifier.store import Applied, Rescued, Result
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE: Final = "outbox_notifier"
+OTHER: Final = "other"
+
+#: Statuses the snapshot counts: live work, each on its partial index (see sql/metrics.sql).
+SNAPSHOT_STATUSES: Final = ("pending", "sending", "failed")
+#: Loop names for ``database_errors_total`` and ``claim_duration_seconds``.
+LOOPS: Final = ("relay", "delivery", "apply", "rescue", "listener", "maintenance")
+
+_OUTCOMES: Final = frozenset(str(o) for o in Outcome)
+_ERROR_CODES: Final = frozenset(str(c) for c in ErrorCode)
+_REASON_CLASSES: Final = frozenset(REASON_CLASSES)
+
+# A provider call is capped by the HTTP timeout (5 s by default).
+PROVIDER_CALL_BUCKETS_S: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+# Outbox commit -> sent: milliseconds when all is well, hours through the retry schedule
+# (5 attempts, backoff up to 30 min) or an outage.
+END_TO_END_BUCKETS_S: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0,
+)  # fmt: skip
+CLAIM_BUCKETS_S: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+def _bounded(value: str | None, allowed: frozenset[str]) -> str:
+    return value if value in allowed else OTHER
+
+
+class Metrics:
+    """Every collector of the daemon, registered on ``registry``.
+
+    ``channels`` are pre-created in every per-channel series, so dashboards and alerts see
+    zeros from the start rather than missing data.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, *, channels: Sequence[str] = (CHANNEL,)
+    ) -> None:
+        self.registry = registry
+        self.channels: tuple[str, ...] = tuple(channels) or (CHANNEL,)
+        self._channel_set = frozenset(self.channels)
+        ns = NAMESPACE
+        r = registry
+
+        # -- relay ---------------------------------------------------------------------------
+        self.outbox_relayed = Counter(
+            "outbox_relayed_total", "Outbox rows turned into notification records (new or reused).",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.outbox_rejected = Counter(
+            "outbox_rejected_total", "Outbox rows rejected, by reason class.",
+            ["reason_class"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.dedupe_hits = Counter(
+            "dedupe_hits_total", "Outbox rows whose (channel, dedupe_key) already had a record.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.fallback_used = Counter(
+            "fallback_used_total", "Relayed records that use the fallback text.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+
+        # -- delivery ------------------------------------------------------------------------
+        self.delivery_attempts = Counter(
+            "delivery_attempts_total", "Provider calls, by outcome.",
+            ["channel", "outcome"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.provider_errors = Counter(
+            "provider_errors_total", "Provider calls that did not succeed, by error code.",
+            ["channel", "error_code"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.records_dead = Counter(
+            "records_dead_total", "Records that became dead (no more automatic attempts).",
+            ["channel"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.leases_expired = Counter(
+            "leases_expired_total", "Records taken back from 'sending' after their lease expired.",
+            ["channel"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.late_results = Counter(
+            "late_results_total",
+            "Provider results discarded because the record's lease had been taken over.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.provider_call_duration = Histogram(
+            "provider_call_duration_seconds", "Duration of one provider call.",
+            ["channel"], namespace=ns, registry=r, buckets=PROVIDER_CALL_BUCKETS_S,
+        )  # fmt: skip
+        self.end_to_end_latency = Histogram(
+            "end_to_end_latency_seconds", "From the outbox row's commit to the record being sent.",
+            ["channel"], namespace=ns, registry=r, buckets=END_TO_END_BUCKETS_S,
+        )  # fmt: skip
+
+        # -- loops ---------------------------------------------------------------------------
+        self.claim_duration = Histogram(
+            "claim_duration_seconds", "Duration of one claim (and, for the relay, its writes).",
+            ["loop"], namespace=ns, registry=r, buckets=CLAIM_BUCKETS_S,
+        )  # fmt: skip
+        self.database_errors = Counter(
+            "database_errors_total", "Database operations that failed, by loop.",
+            ["loop"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.listener_reconnects = Counter(
+            "listener_reconnects_total", "Times the LISTEN connection was lost and opened again.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+
+        # -- state ---------------------------------------------------------------------------
+        self.records = Gauge(
+            "records", "Records in pending, sending or failed, by channel and status (snapshot).",
+            ["channel", "status"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.oldest_due_record_age = Gauge(
+            "oldest_due_record_age_seconds",
+            "How long the oldest due record (pending, or failed and due) has waited (snapshot).",
+            ["channel"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.outbox_pending = Gauge(
+            "outbox_pending", "Pending outbox rows (snapshot).", namespace=ns, registry=r
+        )
+        self.outbox_oldest_pending_age = Gauge(
+            "outbox_oldest_pending_age_seconds", "Age of the oldest pending outbox row (snapshot).",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.snapshot_timestamp = Gauge(
+            "snapshot_timestamp_seconds", "Unix time of this process's last database snapshot.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.listener_up = Gauge(
+            "listener_up", "1 while the LISTEN connection is open.", namespace=ns, registry=r
+        )
+        self.in_flight = Gauge(
+            "in_flight", "Provider calls in flight in this process.", namespace=ns, registry=r
+        )
+        self.paused_targets = Gauge(
+            "paused_targets", "Delivery targets paused by pacing.", namespace=ns, registry=r
+        )
+        self.build_info = Info("build", "Version of outbox-notifier and of Python.",
+                               namespace=ns, registry=r)  # fmt: skip
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+
+        self._snapshot_channels: set[str] = set(self.channels)
+        self._zero_initialise()
+
+    def _zero_initialise(self) -> None:
+        for channel in self.channels:
+            for outcome in sorted(_OUTCOMES):
+                self.delivery_attempts.labels(channel, outcome)
+            for code in sorted(_ERROR_CODES):
+                self.provider_errors.labels(channel, code)
+            self.records_dead.labels(channel)
+            self.leases_expired.labels(channel)
+            self.provider_call_duration.labels(channel)
+            self.end_to_end_latency.labels(channel)
+            for status in SNAPSHOT_STATUSES:
+                self.records.labels(channel, status).set(0)
+            self.oldest_due_record_age.labels(channel).set(0)
+        for reason_class in REASON_CLASSES:
+            self.outbox_rejected.labels(reason_class)
+        for loop in LOOPS:
+            self.database_errors.labels(loop)
+        for loop in ("relay", "delivery", "rescue"):
+            self.claim_duration.labels(loop)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def observe_relay(self, report: RelayReport) -> None:
+        """One relay pass."""
+        self.outbox_relayed.inc(report.relayed)
+        self.dedupe_hits.inc(report.deduplicated)
+        self.fallback_used.inc(report.fallback_used)
+        for reason_class, count in report.rejected.items():
+            self.outbox_rejected.labels(_bounded(reason_class, _REASON_CLASSES)).inc(count)
+
+    def observe_results(self, results: Sequence[Result], applied: Sequence[Applied]) -> None:
+        """One batch of provider results and the records it updated (``Deliverer.on_applied``).
+
+        Every result is a provider call: it counts as an attempt even when it arrived late.
+        A result whose record is not among ``applied`` lost its lease (fencing) and is counted
+        in ``late_results_total``.
+        """
+        applied_ids = {row.id for row in applied}
+        for result in results:
+            channel = _bounded(result.channel, self._channel_set)
+            if result.record_id not in applied_ids:
+                self.late_results.inc()
+            self.delivery_attempts.labels(channel, _bounded(result.outcome, _OUTCOMES)).inc()
+            if result.error_code is not None:
+                code = _bounded(result.error_code, _ERROR_CODES)
+                self.provider_errors.labels(channel, code).inc()
+            # A result with no request and no time spent never reached a provider (a missing
+            # recipient, a refused URL): it has no call duration to report.
+            if result.request_json is not None or result.duration_ms > 0:
+                self.provider_call_duration.labels(channel).observe(result.duration_ms / 1000.0)
+        for row in applied:
+            if row.status == "dead":
+                self.records_dead.labels(row.channel).inc()
+            elif row.status == "sent" and row.latency_s is not None:
+                self.end_to_end_latency.labels(row.channel).observe(max(row.latency_s, 0.0))
+
+    def observe_rescued(self, rows: Sequence[Rescued]) -> None:
+        """Records taken back from expired leases by one rescue pass."""
+        for row in rows:
+            self.leases_expired.labels(row.channel).inc()
+            if row.status == "dead":
+                self.records_dead.labels(row.channel).inc()
+
+    def observe_claim(self, loop: str, seconds: float) -> None:
+        self.claim_duration.labels(loop).observe(seconds)
+
+    @contextlib.contextmanager
+    def claim_timer(self, loop: str) -> Iterator[None]:
+        """Times the block into ``claim_duration_seconds{loop}``; a block that raises is not
+        timed (count it with `database_error`)."""
+        started = time.perf_counter()
+        yield
+        self.observe_claim(loop, time.perf_counter() - started)
+
+    def database_error(self, loop: str) -> None:
+        self.database_errors.labels(loop).inc()
+
+    def listener_reconnected(self) -> None:
+        self.listener_reconnects.inc()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def track(
+        self,
+        *,
+        listener_up: Callable[[], bool] | None = None,
+        in_flight: Callable[[], int] | None = None,
+        paused_targets: Callable[[], int] | None = None,
+    ) -> None:
+        """Reads the process's own state at every scrape, so it is never stale.
+
+        A callable that raises (say, before the object it reads exists) exports NaN.
+        """
+        for gauge, read in (
+            (self.listener_up, listener_up),
+            (self.in_flight, in_flight),
+            (self.paused_targets, paused_targets),
+        ):
+            if read is not None:
+                gauge.set_function(_safe(read))
+
+    async def snapshot(
+        self, pool: AsyncConnectionPool[AsyncConnection], *, timeout_s: float = 5.0
+    ) -> bool:
+        """Sets the database gauges from one query; False (and counted) if the query failed."""
+        try:
+            async with asyncio.timeout(timeout_s), pool.connection() as conn:
+                cur = await conn.execute(query("metrics_snapshot"))
+                rows = await cur.fetchall()
+        except (psycopg.Error, TimeoutError) as exc:
+            self.database_error("maintenance")
+            logger.warning("metrics snapshot failed: %s", _first_line(exc))
+            return False
+        self.apply_snapshot(rows)
+        return True
+
+    def apply_snapshot(
+        self, rows: Iterable[tuple[str, str | None, str | None, int, float | None]]
+    ) -> None:
+        """Sets the gauges from the rows of ``metrics_snapshot`` (see sql/metrics.sql)."""
+        counts: dict[tuple[str, str], int] = {}
+        oldest: dict[str, float] = {}
+        outbox_pending, outbox_age = 0, 0.0
+        for kind, channel, status, n, age_s in rows:
+            if kind == "outbox":
+                outbox_pending, outbox_age = n, age_s or 0.0
+            elif kind == "paused_targets":
+                self.paused_targets.set(n)
+            elif channel is not None and status is not None:
+                counts[(channel, status)] = n
+                if age_s is not None:
+                    oldest[channel] = max(oldest.get(channel, 0.0), age_s)
+        # Channels once seen are set back to zero when their rows are gone, not left stale.
+        self._snapshot_channels.update(channel for channel, _ in counts)
+        for channel in self._snapshot_channels:
+            for status in SNAPSHOT_STATUSES:
+                self.records.labels(channel, status).set(counts.get((channel, status), 0))
+            self.oldest_due_record_age.labels(channel).set(oldest.get(channel, 0.0))
+        self.outbox_pending.set(outbox_pending)
+        self.outbox_oldest_pending_age.set(outbox_age)
+        self.snapshot_timestamp.set(time.time())
+
+
+def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:
+    def value() -> float:
+        try:
+            return float(read())
+        except Exception:
+            return math.nan
+
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

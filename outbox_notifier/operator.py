@@ -1,0 +1,413 @@
+"""The operator commands ``status`` and ``requeue``: short-lived, synchronous, one connection.
+
+Both print for a person at a terminal (or, for ``status --json``, for a script) and return the
+process exit code: 0 done; 1 the database is unreachable, the schema is missing, or not
+everything asked for was requeued. Nothing printed here ever includes a channel's webhook URL or
+secret: the queries never select them, and the error texts of dead letters, which come from
+providers, have any URL cut down to its scheme and host.
+
+The filters of a bulk requeue live in one SQL function, ``outbox_notifier.dead_letters_matching``,
+which both the dry run and ``outbox_notifier.requeue_dead`` select through, so the two cannot
+disagree.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import psycopg
+
+from outbox_notifier.settings import Settings
+from outbox_notifier.sqlfiles import query
+
+PROG = "outbox-notifier"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+RECENT_DEAD_LETTERS = 10
+ERROR_EXCERPT_RUNES = 120
+
+# scheme://host, then the rest of the URL (a webhook path carries the bot's token).
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s'\"<>]*)[^\s'\"<>]*")
+
+
+class RecordCount(msgspec.Struct, frozen=True, kw_only=True):
+    channel: str
+    status: str
+    count: int
+    oldest_age_s: float
+
+
+class OutboxCounts(msgspec.Struct, frozen=True, kw_only=True):
+    pending: int
+    relayed: int
+    rejected: int
+    oldest_pending_age_s: float | None
+
+
+class StuckSending(msgspec.Struct, frozen=True, kw_only=True):
+    count: int  # every record in 'sending'
+    lease_expired: int  # of which the lease has expired: the retry loop will take them back
+    oldest_expired_for_s: float | None
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    channel: str
+    error_code: str | None
+    error: str | None
+    updated_at: datetime
+
+
+class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``status --json`` prints; the keys are stable."""
+
+    records: list[RecordCount]
+    outbox: OutboxCounts
+    stuck_sending: StuckSending
+    dead_letters: list[DeadLetter]  # the most recent, newest first
+
+
+class MatchingDeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    channel: str
+    error_code: str | None
+    updated_at: datetime
+
+
+class OperatorError(Exception):
+    """The command cannot run; ``str()`` is one line for the operator."""
+
+
+# -- database ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _connect(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    try:
+        conn = psycopg.connect(settings.dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise OperatorError(f"cannot connect to the database: {_first_line(exc)}") from exc
+    with conn:
+        try:
+            yield conn
+        except psycopg.errors.UndefinedTable as exc:
+            raise OperatorError(
+                f"the outbox_notifier schema is missing or old ({_first_line(exc)}): "
+                "run `outbox-notifier migrate`"
+            ) from exc
+        except psycopg.errors.UndefinedFunction as exc:
+            raise OperatorError(
+                f"the outbox_notifier schema is old ({_first_line(exc)}): "
+                "run `outbox-notifier migrate`"
+            ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def load_status(conn: psycopg.Connection[Any]) -> StatusReport:
+    """Reads the backlog in one read-only snapshot, so the sections agree with each other."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        records = [
+            RecordCount(channel=row[0], status=row[1], count=row[2], oldest_age_s=row[3])
+            for row in conn.execute(query("status_records")).fetchall()
+        ]
+        outbox_row = conn.execute(query("status_outbox")).fetchone()
+        stuck_row = conn.execute(query("status_stuck_sending")).fetchone()
+        dead_rows = conn.execute(
+            query("status_dead_letters"), {"limit": RECENT_DEAD_LETTERS}
+        ).fetchall()
+    assert outbox_row is not None and stuck_row is not None  # aggregates: always one row
+    return StatusReport(
+        records=records,
+        outbox=OutboxCounts(
+            pending=outbox_row[0],
+            relayed=outbox_row[1],
+            rejected=outbox_row[2],
+            oldest_pending_age_s=outbox_row[3],
+        ),
+        stuck_sending=StuckSending(
+            count=stuck_row[0], lease_expired=stuck_row[1], oldest_expired_for_s=stuck_row[2]
+        ),
+        dead_letters=[
+            DeadLetter(
+                id=row[0],
+                channel=row[1],
+                error_code=row[2],
+                error=short_error(row[3]),
+                updated_at=row[4],
+            )
+            for row in dead_rows
+        ],
+    )
+
+
+def short_error(text: str | None) -> str | None:
+    """An error text on one line, URLs cut to scheme and host, at most ERROR_EXCERPT_RUNES."""
+    if text is None:
+        return None
+    one_line = " ".join(_URL.sub(r"\1/...", text).split())
+    if len(one_line) > ERROR_EXCERPT_RUNES:
+        return one_line[: ERROR_EXCERPT_RUNES - 3] + "..."
+    return one_line
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def status(settings: Settings, *, as_json: bool) -> int:
+    """Prints the backlog: record counts, the outbox, stuck sends and recent dead letters."""
+    try:
+        with _connect(settings) as conn:
+            report = load_status(conn)
+    except OperatorError as exc:
+        return _fail(str(exc))
+    if as_json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(render_status(report), end="")
+    return EXIT_OK
+
+
+def render_status(report: StatusReport) -> str:
+    """The human form of `status`: small aligned tables under headings."""
+    out: list[str] = []
+
+    out.append("records")
+    if report.records:
+        out += _table(
+            ("channel", "status", "count", "oldest age"),
+            [
+                (r.channel, r.status, str(r.count), format_age(r.oldest_age_s))
+                for r in report.records
+            ],
+            right=(2,),
+        )
+    else:
+        out.append("  (no records)")
+
+    outbox = report.outbox
+    out += ["", "outbox"]
+    out += _table(
+        ("status", "count", "oldest age"),
+        [
+            ("pending", str(outbox.pending), format_age(outbox.oldest_pending_age_s)),
+            ("relayed", str(outbox.relayed), ""),
+            ("rejected", str(outbox.rejected), ""),
+        ],
+        right=(1,),
+    )
+
+    stuck = report.stuck_sending
+    out += ["", "stuck in sending"]
+    out += _table(
+        ("sending", "lease expired", "longest expired for"),
+        [
+            (
+                str(stuck.count),
+                str(stuck.lease_expired),
+                format_age(stuck.oldest_expired_for_s),
+            )
+        ],
+        right=(0, 1),
+    )
+
+    out += ["", f"recent dead letters (newest {RECENT_DEAD_LETTERS})"]
+    if report.dead_letters:
+        out += _table(
+            ("id", "channel", "error code", "updated at", "error"),
+            [
+                (
+                    str(d.id),
+                    d.channel,
+                    d.error_code or "",
+                    _timestamp(d.updated_at),
+                    d.error or "",
+                )
+                for d in report.dead_letters
+            ],
+            right=(0,),
+        )
+    else:
+        out.append("  (none)")
+    return "\n".join(out) + "\n"
+
+
+def format_age(seconds: float | None) -> str:
+    """``None`` -> ``-``; otherwise the two largest units, e.g. ``3d4h``, ``5m12s``, ``0.4s``."""
+    if seconds is None:
+        return "-"
+    if seconds < 0:
+        return "-" + format_age(-seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    parts: list[str] = []
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)):
+        amount, whole = divmod(whole, size)
+        if amount or parts:
+            parts.append(f"{amount}{unit}")
+    return "".join(parts[:2])
+
+
+def _timestamp(value: datetime) -> str:
+    return value.isoformat(sep=" ", timespec="seconds")
+
+
+def _table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[int] = ()
+) -> list[str]:
+    """Rows as aligned columns (``right``: column numbers aligned right), indented two spaces."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return ("  " + "  ".join(padded)).rstrip()
+
+    return [line(header), *(line(row) for row in rows)]
+
+
+# -- requeue -----------------------------------------------------------------------------------
+
+_REFUSALS: dict[str | None, str] = {
+    None: "no such record",
+    "sent": "status is sent",
+    "sending": "it is in flight (status sending)",
+    "pending": "it is already pending",
+}
+
+
+def requeue(
+    settings: Settings,
+    *,
+    record_id: int | None,
+    channel: str | None,
+    error_code: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    dry_run: bool,
+) -> int:
+    """Requeues one record by id, or the dead records matching the filters.
+
+    By id: a dead, failed or skipped record goes back to pending with a fresh attempt budget;
+    exit 1 with the reason when it cannot. By filters: every matching dead record (exit 1 when
+    some were held by another transaction and skipped; run again). ``dry_run`` prints what
+    would be requeued and changes nothing.
+    """
+    filters = {"channel": channel, "error_code": error_code, "since": since, "until": until}
+    try:
+        with _connect(settings) as conn:
+            if record_id is not None:
+                return _requeue_one(conn, record_id, dry_run=dry_run)
+            return _requeue_matching(conn, filters, dry_run=dry_run)
+    except OperatorError as exc:
+        return _fail(str(exc))
+
+
+def _requeue_one(conn: psycopg.Connection[Any], record_id: int, *, dry_run: bool) -> int:
+    params = {"id": record_id}
+    if dry_run:
+        row = conn.execute(query("record_status"), params).fetchone()
+        status_now: str | None = None if row is None else row[0]
+        if status_now in ("dead", "failed", "skipped"):
+            print(f"would requeue record {record_id} (status {status_now})")
+            return EXIT_OK
+        print(f"record {record_id} would not be requeued: {_refusal(status_now)}")
+        return EXIT_FAILURE
+    current: str | None = None
+    with conn.transaction():
+        row = conn.execute(query("requeue_record"), params).fetchone()
+        requeued = row is not None and bool(row[0])
+        if not requeued:
+            row = conn.execute(query("record_status"), params).fetchone()
+            current = None if row is None else row[0]
+    if requeued:
+        print(f"requeued record {record_id}")
+        return EXIT_OK
+    print(f"record {record_id} was not requeued: {_refusal(current)}")
+    return EXIT_FAILURE
+
+
+def _refusal(current: str | None) -> str:
+    if current in _REFUSALS:
+        return _REFUSALS[current]
+    # dead, failed or skipped, yet not requeued: it changed or was held by another transaction
+    return f"it is held by another transaction (status {current}); try again"
+
+
+def _requeue_matching(
+    conn: psycopg.Connection[Any], filters: dict[str, Any], *, dry_run: bool
+) -> int:
+    if dry_run:
+        matching = dead_letters_matching(conn, filters)
+        if not matching:
+            print("no dead records match")
+            return EXIT_OK
+        print(f"would requeue {_count(len(matching), 'dead record')}:")
+        table = _table(
+            ("id", "channel", "error code", "updated at"),
+            [
+                (str(m.id), m.channel, m.error_code or "", _timestamp(m.updated_at))
+                for m in matching
+            ],
+            right=(0,),
+        )
+        print("\n".join(table))
+        return EXIT_OK
+
+    with conn.transaction():
+        matching_ids = [m.id for m in dead_letters_matching(conn, filters)]
+        requeued = [row[0] for row in conn.execute(query("requeue_dead"), filters).fetchall()]
+    # Rows locked by a worker or another operator are skipped rather than waited for.
+    skipped = sorted(set(matching_ids) - set(requeued))
+    if not requeued and not skipped:
+        print("no dead records match")
+        return EXIT_OK
+    print(f"requeued {_count(len(requeued), 'dead record')}{_id_list(requeued)}")
+    if skipped:
+        print(
+            f"skipped {_count(len(skipped), 'record')} held by another transaction"
+            f"{_id_list(skipped)}; run the command again"
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def dead_letters_matching(
+    conn: psycopg.Connection[Any], filters: dict[str, Any]
+) -> list[MatchingDeadLetter]:
+    """The dead records a bulk requeue with these filters would pick.
+
+    ``filters`` holds ``channel``, ``error_code``, ``since`` and ``until``; None means any.
+    """
+    return [
+        MatchingDeadLetter(id=row[0], channel=row[1], error_code=row[2], updated_at=row[3])
+        for row in conn.execute(query("dead_letters_matching"), filters).fetchall()
+    ]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _id_list(ids: Sequence[int]) -> str:
+    return ": " + ", ".join(str(i) for i in ids) if ids else ""

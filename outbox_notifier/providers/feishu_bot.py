@@ -1,0 +1,451 @@
+"""Feishu/Lark group bot provider: posts to a custom bot's webhook in a group chat.
+
+The webhook is ``https://open.feishu.cn/open-apis/bot/v2/hook/<token>`` (Lark:
+``open.larksuite.com``); the token in the path is the credential, so the URL's path never
+reaches an error message. Two message formats::
+
+    {"msg_type": "text", "content": {"text": "<message_text>"}}
+
+    {"msg_type": "interactive",
+     "card": {"header": {"title": {"tag": "plain_text", "content": "<title>"}},
+              "elements": [{"tag": "div", "text": {"tag": "plain_text", "content": "<summary>"}},
+                           {"tag": "action", "actions": [
+                               {"tag": "button", "text": {"tag": "plain_text",
+                                                          "content": "<action text>"},
+                                "type": "primary", "url": "<action url>"}]}]}}
+
+The card's summary is ``plain_text``, not ``lark_md``: the text comes from event payloads,
+and markdown would let it render links and ``<at>`` mentions in the group. The button is
+left out when there is no absolute ``http(s)`` action URL (no frontend base URL and a
+relative target), since Feishu rejects a card whose button URL is not absolute. The text
+format has no such switch: Feishu renders ``<at user_id="all">`` tags in a text message, so
+a summary holding one would mention the whole group; prefer ``card`` for untrusted text.
+
+Signing: a channel whose ``auth_kind`` is ``bot_secret`` adds top-level ``timestamp``
+(epoch seconds, as a string) and ``sign`` = base64(HMAC-SHA256(key=f"{timestamp}\\n{secret}",
+msg=b"")). Feishu refuses a timestamp more than an hour off, so both are computed afresh on
+every call, never stored with the record. ``request_json`` keeps the body as sent with
+``sign`` replaced by ``***``.
+
+Size: Feishu refuses request bodies over 20 KB, so the text is cut (by code points, with a
+trailing ellipsis) until the encoded body fits ``request_body_max_bytes``; a message that
+cannot fit even with an empty text is a permanent ``payload_invalid`` and nothing is sent.
+
+Reply mapping. Feishu reports application errors as HTTP 200 with a non-zero ``code``
+(``StatusCode`` in older replies), the message in ``msg`` (``StatusMessage``):
+
+==========================================  ==========================================
+reply                                       result
+==========================================  ==========================================
+2xx, ``code`` 0, absent or unreadable body  success
+``code`` 11232 (frequency limited)          temporary ``provider_rate_limited``
+``code`` 9499 saying "too many request",    temporary ``provider_rate_limited``
+"frequency" or "rate"
+``code`` 19021 (sign or timestamp), 19001   permanent ``provider_auth_failed``
+(token or parameter)
+any other ``code`` (19024 keyword, 19002,   permanent ``payload_invalid``
+19007, 19022, other 9499 ...)
+HTTP 429                                    temporary ``provider_rate_limited``
+HTTP 5xx                                    temporary ``provider_5xx``
+HTTP 401/403                                permanent ``provider_auth_failed``
+other 4xx carrying a ``code``               as that code
+other status                                permanent ``payload_invalid``
+timeout / transport error                   temporary ``provider_timeout`` /
+                                            ``network_error``
+==========================================  ==========================================
+
+A code's message reads ``feishu code 19021: sign match fail or timestamp is not within one
+hour from current time``. Any temporary result carries the reply's ``Retry-After`` as
+``retry_after_s``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+import msgspec
+
+from .base import (
+    Delivery,
+    ErrorCode,
+    HttpReply,
+    Outcome,
+    SendResult,
+    UrlPolicy,
+    UrlRejected,
+    classify_status,
+    parse_retry_after,
+    post_capped,
+    scrub,
+    skipped,
+    truncate,
+)
+from .feishu_flow import DEFAULT_SUMMARY, MESSAGE_ACTION_TEXT, MESSAGE_TITLE
+
+__all__ = [
+    "DEFAULT_HOSTS",
+    "FEISHU_BODY_MAX_BYTES",
+    "FeishuBotProvider",
+    "MessageFormat",
+    "bot_sign",
+    "classify_feishu_code",
+]
+
+MessageFormat = Literal["text", "card"]
+
+DEFAULT_HOSTS: tuple[str, ...] = ("open.feishu.cn", "open.larksuite.com")
+DEFAULT_PATH_PREFIX = "/open-apis/bot/v2/hook/"
+
+#: Feishu's limit on a custom bot's request body (20 KB).
+FEISHU_BODY_MAX_BYTES = 20 * 1024
+# Default cap: a margin under the limit, since whether Feishu counts 1000 or 1024 bytes to
+# the KB is not documented.
+_DEFAULT_REQUEST_BODY_MAX_BYTES = 19_000
+
+CODE_FREQUENCY_LIMITED = 11232
+CODE_GENERIC = 9499
+_AUTH_CODES = frozenset({19001, 19021})
+_THROTTLING = re.compile(r"too many request|frequen|\brate\b|\brate[\s_-]?limit", re.IGNORECASE)
+
+_MASK = "***"
+_ELLIPSIS = "…"
+
+
+class PlainText(msgspec.Struct, frozen=True, kw_only=True):
+    tag: str
+    content: str
+
+
+class TextContent(msgspec.Struct, frozen=True, kw_only=True):
+    text: str
+
+
+class CardHeader(msgspec.Struct, frozen=True, kw_only=True):
+    title: PlainText
+
+
+class CardDiv(msgspec.Struct, frozen=True, kw_only=True):
+    tag: str
+    text: PlainText
+
+
+class CardButton(msgspec.Struct, frozen=True, kw_only=True):
+    tag: str
+    text: PlainText
+    type: str
+    url: str
+
+
+class CardAction(msgspec.Struct, frozen=True, kw_only=True):
+    tag: str
+    actions: list[CardButton]
+
+
+class Card(msgspec.Struct, frozen=True, kw_only=True):
+    header: CardHeader
+    elements: list[CardDiv | CardAction]
+
+
+class BotMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The custom bot's request body; unset fields are left out."""
+
+    timestamp: str | None = None
+    sign: str | None = None
+    msg_type: str
+    content: TextContent | None = None
+    card: Card | None = None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def bot_sign(secret: str, timestamp: str) -> str:
+    """Feishu's signature: base64 of HMAC-SHA256 keyed by ``timestamp + "\\n" + secret`` over
+    an empty message."""
+    key = f"{timestamp}\n{secret}".encode()
+    return base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode("ascii")
+
+
+def classify_feishu_code(code: int, msg: str) -> tuple[Outcome, ErrorCode | None]:
+    """Map a Feishu application ``code`` (with its ``msg``) to an outcome."""
+    if code == 0:
+        return Outcome.SUCCESS, None
+    if code == CODE_FREQUENCY_LIMITED or (code == CODE_GENERIC and _THROTTLING.search(msg)):
+        return Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_RATE_LIMITED
+    if code in _AUTH_CODES:
+        return Outcome.PERMANENT_FAIL, ErrorCode.PROVIDER_AUTH_FAILED
+    return Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID
+
+
+class FeishuBotProvider:
+    """Delivers to a Feishu/Lark custom group bot configured per user.
+
+    Usage::
+
+        async with httpx.AsyncClient() as client:
+            provider = FeishuBotProvider(
+                client, frontend_base_url="https://app.example", message_format="card"
+            )
+            result = await provider.send(delivery)
+
+    ``client`` is shared and owned by the caller. The URL policy defaults to Feishu's and
+    Lark's bot endpoints; tests point ``allowed_schemes``/``allowed_hosts`` at a local
+    server. ``allowed_hosts`` match exactly or as a parent domain. ``clock`` gives the
+    signing timestamp and the reference for ``Retry-After`` dates.
+    """
+
+    channel: str = "feishu_bot"
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        frontend_base_url: str = "",
+        allowed_schemes: tuple[str, ...] = ("https",),
+        allowed_hosts: tuple[str, ...] = DEFAULT_HOSTS,
+        path_prefix: str = DEFAULT_PATH_PREFIX,
+        timeout_s: float = 5.0,
+        response_body_max_bytes: int = 65536,
+        request_body_max_bytes: int = _DEFAULT_REQUEST_BODY_MAX_BYTES,
+        message_format: MessageFormat = "text",
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        if response_body_max_bytes < 0:
+            raise ValueError(
+                f"response_body_max_bytes must not be negative, got {response_body_max_bytes!r}"
+            )
+        if not 0 < request_body_max_bytes <= FEISHU_BODY_MAX_BYTES:
+            raise ValueError(
+                f"request_body_max_bytes must be in 1..{FEISHU_BODY_MAX_BYTES}, "
+                f"got {request_body_max_bytes!r}"
+            )
+        if message_format not in ("text", "card"):
+            raise ValueError(f"message_format must be 'text' or 'card', got {message_format!r}")
+        if not allowed_hosts:
+            # The token in the URL is a credential: it must only ever go to known hosts.
+            raise ValueError("allowed_hosts must not be empty")
+        self._client = client
+        self._frontend_base_url = frontend_base_url.strip().rstrip("/")
+        self._url_policy = UrlPolicy(
+            schemes=allowed_schemes, hosts=allowed_hosts, path_prefix=path_prefix
+        )
+        self._timeout_s = timeout_s
+        self._response_max_bytes = response_body_max_bytes
+        self._request_max_bytes = request_body_max_bytes
+        self._format: MessageFormat = message_format
+        self._clock = clock
+
+    def check_url(self, raw_url: str) -> httpx.URL:
+        """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
+        return self._url_policy.check(raw_url)
+
+    def build_message(self, delivery: Delivery, text: str | None = None) -> BotMessage:
+        """The unsigned body for ``delivery``; ``text`` overrides its (summary) text."""
+        if text is None:
+            text = delivery.message_text.strip() or DEFAULT_SUMMARY
+        if self._format == "text":
+            return BotMessage(msg_type="text", content=TextContent(text=text))
+        elements: list[CardDiv | CardAction] = [
+            CardDiv(tag="div", text=PlainText(tag="plain_text", content=text))
+        ]
+        action_url = self._action_url(delivery.target_url)
+        if action_url.startswith(("https://", "http://")):
+            button = CardButton(
+                tag="button",
+                text=PlainText(tag="plain_text", content=MESSAGE_ACTION_TEXT),
+                type="primary",
+                url=action_url,
+            )
+            elements.append(CardAction(tag="action", actions=[button]))
+        card = Card(
+            header=CardHeader(title=PlainText(tag="plain_text", content=MESSAGE_TITLE)),
+            elements=elements,
+        )
+        return BotMessage(msg_type="interactive", card=card)
+
+    def _action_url(self, target_url: str) -> str:
+        target_url = target_url.strip()
+        if not self._frontend_base_url or target_url.startswith(("https://", "http://")):
+            return target_url
+        return self._frontend_base_url + "/" + target_url.lstrip("/")
+
+    def _fit(self, delivery: Delivery, signed: BotMessage) -> BotMessage | None:
+        """``signed``, its text cut if it must be for the encoded body to fit the size cap;
+        None when even an empty text does not fit."""
+        if len(_encoder.encode(signed)) <= self._request_max_bytes:
+            return signed
+        text = delivery.message_text.strip() or DEFAULT_SUMMARY
+
+        def cut(n: int) -> BotMessage:
+            message = self.build_message(delivery, text[:n] + _ELLIPSIS)
+            return msgspec.structs.replace(message, timestamp=signed.timestamp, sign=signed.sign)
+
+        def fits(n: int) -> bool:
+            return len(_encoder.encode(cut(n))) <= self._request_max_bytes
+
+        if not fits(0):
+            return None
+        # Largest n that fits, by bisection: the encoded size grows with n, though not by a
+        # fixed number of bytes per code point (UTF-8 widths and JSON escapes vary).
+        low, high = 0, len(text) - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid - 1
+        return cut(low)
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
+        target = delivery.target
+        if target is None:
+            return skipped("user has no feishu bot channel configured")
+        if not target.enabled:
+            return skipped("user's feishu bot channel is disabled")
+        if not target.webhook_url.strip():
+            return skipped("user's feishu bot channel has no webhook url")
+        try:
+            url = self.check_url(target.webhook_url)
+        except UrlRejected as exc:
+            return SendResult(
+                outcome=Outcome.PERMANENT_FAIL,
+                error_code=ErrorCode.INVALID_URL,
+                error_message=truncate(str(exc)),
+            )
+
+        secret = ""
+        message = self.build_message(delivery)
+        if target.auth_kind == "bot_secret":
+            secret = (target.auth_secret or "").strip()
+            if not secret:
+                return SendResult(
+                    outcome=Outcome.PERMANENT_FAIL,
+                    error_code=ErrorCode.PROVIDER_AUTH_FAILED,
+                    error_message="feishu bot channel wants signing but has no secret",
+                )
+            # Fresh on every call: Feishu refuses a timestamp more than an hour off.
+            timestamp = str(int(self._clock().timestamp()))
+            message = msgspec.structs.replace(
+                message, timestamp=timestamp, sign=bot_sign(secret, timestamp)
+            )
+
+        fitted = self._fit(delivery, message)
+        if fitted is None:
+            return SendResult(
+                outcome=Outcome.PERMANENT_FAIL,
+                error_code=ErrorCode.PAYLOAD_INVALID,
+                error_message=(
+                    f"feishu bot message exceeds {self._request_max_bytes} bytes "
+                    "even with its text cut"
+                ),
+            )
+        body = _encoder.encode(fitted)
+        # What the record keeps: the body as sent, but never a usable signature.
+        request_json = (
+            _encoder.encode(msgspec.structs.replace(fitted, sign=_MASK)) if secret else body
+        )
+        reply = await post_capped(
+            self._client,
+            url,
+            content=body,
+            headers={
+                "Content-Type": "application/json; charset=utf-8",
+                # Only raw bytes can be capped before they are read.
+                "Accept-Encoding": "identity",
+            },
+            timeout_s=self._timeout_s,
+            response_body_max_bytes=self._response_max_bytes,
+            request_json=request_json,
+            secrets=(secret,),
+        )
+        if isinstance(reply, SendResult):
+            return reply
+        return self._classify(reply, url, secret, request_json)
+
+    def _classify(
+        self, reply: HttpReply, url: httpx.URL, secret: str, request_json: bytes
+    ) -> SendResult:
+        status = reply.status
+        outcome, code = classify_status(status)
+        parsed = _feishu_reply(reply.body)
+        error_message: str | None = None
+        if parsed is not None and parsed[0] != 0 and outcome is not Outcome.TEMPORARY_FAIL:
+            # 2xx (Feishu's usual way) or a 4xx carrying a Feishu code: the code decides.
+            # 429 and 5xx stay as the status says, whatever the body.
+            feishu_code, msg = parsed
+            outcome, code = classify_feishu_code(feishu_code, msg)
+            error_message = (
+                f"feishu code {feishu_code}: {msg}" if msg else f"feishu code {feishu_code}"
+            )
+            if not 200 <= status < 300:
+                error_message += f" (HTTP {status})"
+        elif outcome is not Outcome.SUCCESS:
+            error_message = f"feishu bot webhook returned HTTP {status}"
+            if parsed is not None and parsed[0] != 0:
+                error_message += f", feishu code {parsed[0]}: {parsed[1]}"
+        retry_after_s = None
+        if outcome is Outcome.TEMPORARY_FAIL:
+            retry_after_s = parse_retry_after(reply.retry_after, now=self._clock())
+        return SendResult(
+            outcome=outcome,
+            error_code=code,
+            error_message=(
+                truncate(scrub(error_message, url, (secret,))) if error_message else None
+            ),
+            provider_message_id=_message_id(reply.body) if outcome is Outcome.SUCCESS else None,
+            http_status=status,
+            request_json=request_json,
+            response_body=reply.body,
+            response_truncated=reply.truncated,
+            retry_after_s=retry_after_s,
+            duration_s=reply.duration_s,
+        )
+
+
+def _decode_object(reply: bytes) -> dict[str, Any] | None:
+    if not reply.strip():
+        return None
+    try:
+        parsed: Any = msgspec.json.decode(reply)
+    except msgspec.DecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _feishu_reply(reply: bytes) -> tuple[int, str] | None:
+    """``(code, msg)`` from a reply carrying an integer ``code`` (or older ``StatusCode``)."""
+    parsed = _decode_object(reply)
+    if parsed is None:
+        return None
+    for code_key, msg_key in (("code", "msg"), ("StatusCode", "StatusMessage")):
+        code = parsed.get(code_key)
+        if isinstance(code, int) and not isinstance(code, bool):
+            msg = parsed.get(msg_key)
+            return code, msg.strip() if isinstance(msg, str) else ""
+    return None
+
+
+def _message_id(reply: bytes) -> str | None:
+    parsed = _decode_object(reply)
+    if parsed is None:
+        return None
+    for holder in (parsed, parsed.get("data")):
+        if isinstance(holder, dict):
+            value = holder.get("message_id")
+            if isinstance(value, str) and value:
+                return value
+    return None

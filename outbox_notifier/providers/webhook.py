@@ -1,0 +1,352 @@
+"""Generic webhook provider: a signed JSON event per notification, Standard Webhooks style.
+
+Each delivery POSTs one event to the channel's URL::
+
+    {"id": "msg_123",                               # the webhook-id header, stable
+     "type": "smartflow.schedule_adjustment_ready",
+     "timestamp": "2024-01-01T00:00:00Z",           # when this attempt was sent (UTC)
+     "data": {"notification_id": 123, "user_id": 7, "preview_id": "...",
+              "trigger_id": "...", "trigger_type": "...", "target_type": "...",
+              "target_id": 9, "title": "...", "message_text": "...",
+              "action_text": "...", "action_url": "https://app.example/preview/9",
+              "trace_id": "..."}}                   # trace_id omitted when empty
+
+with the headers of the Standard Webhooks specification:
+
+- ``webhook-id``: ``msg_<record id>``, the same on every attempt, so a receiver can drop
+  the duplicates that at-least-once delivery produces;
+- ``webhook-timestamp``: epoch seconds of this attempt;
+- ``webhook-signature``: ``v1,<base64 HMAC-SHA256>`` over ``"{id}.{timestamp}.{body}"``,
+  keyed by the base64-decoded secret (after its ``whsec_`` prefix), present when the
+  channel's ``auth_kind`` is ``bot_secret`` (the schema's kind for a signing secret). The
+  secret field may hold several secrets separated by white space, to rotate without a gap:
+  one signature each, space-separated, and the receiver accepts any.
+
+A channel with ``auth_kind`` ``bearer`` gets an ``Authorization: Bearer`` header instead.
+Secrets appear in neither ``request_json`` (the body holds none, headers are not stored)
+nor an error message.
+
+Reply mapping (redirects are never followed: the URL policy vouches for the URL given, not
+for wherever it points):
+
+===================  ==============================================================
+status               result
+===================  ==============================================================
+2xx                  success
+3xx                  permanent ``payload_invalid`` ("redirect not followed")
+408                  temporary ``provider_timeout``
+425, 429             temporary ``provider_rate_limited``
+5xx                  temporary ``provider_5xx``
+401, 403             permanent ``provider_auth_failed``
+410                  permanent ``endpoint_gone`` with ``disable_target``
+other                permanent ``payload_invalid``
+timeout / transport  temporary ``provider_timeout`` / ``network_error``
+===================  ==============================================================
+
+Every temporary result carries the reply's ``Retry-After`` as ``retry_after_s``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import httpx
+import msgspec
+
+from .base import (
+    Delivery,
+    ErrorCode,
+    Outcome,
+    SendResult,
+    UrlPolicy,
+    UrlRejected,
+    is_header_token,
+    parse_retry_after,
+    post_capped,
+    skipped,
+    truncate,
+)
+from .feishu_flow import DEFAULT_SUMMARY, EVENT, MESSAGE_ACTION_TEXT, MESSAGE_TITLE
+
+__all__ = [
+    "SecretInvalid",
+    "WebhookData",
+    "WebhookEvent",
+    "WebhookProvider",
+    "classify_webhook_status",
+    "parse_secrets",
+    "sign",
+    "webhook_id",
+]
+
+SECRET_PREFIX = "whsec_"
+
+
+class WebhookData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The notification itself; ``trace_id`` is the only field left out when empty."""
+
+    notification_id: int
+    user_id: int
+    preview_id: str
+    trigger_id: str
+    trigger_type: str
+    target_type: str
+    target_id: int
+    title: str
+    message_text: str
+    action_text: str
+    action_url: str
+    trace_id: str = ""
+
+
+class WebhookEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """The event envelope (Standard Webhooks' recommended ``type``/``timestamp``/``data``)."""
+
+    id: str
+    type: str
+    timestamp: str
+    data: WebhookData
+
+
+_encoder = msgspec.json.Encoder()
+
+
+class SecretInvalid(ValueError):
+    """A signing secret that is not base64; the message never contains the secret."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def webhook_id(record_id: int) -> str:
+    """The ``webhook-id`` of a record: the same on every attempt."""
+    return f"msg_{record_id}"
+
+
+def parse_secrets(raw: str) -> list[bytes]:
+    """The keys in a secret field: white-space separated, ``whsec_`` prefix optional, base64.
+
+    Raises ``SecretInvalid`` for an empty field or a secret that is not base64.
+    """
+    keys: list[bytes] = []
+    for position, item in enumerate(raw.split(), start=1):
+        # Unpadded base64 is common in the wild: padding is restored before decoding.
+        encoded = item.removeprefix(SECRET_PREFIX).rstrip("=")
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise SecretInvalid(f"webhook signing secret #{position} is not base64") from None
+        if not key:
+            raise SecretInvalid(f"webhook signing secret #{position} is empty")
+        keys.append(key)
+    if not keys:
+        raise SecretInvalid("webhook signing secret is empty")
+    return keys
+
+
+def sign(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: one ``v1,<base64>`` per key, space-separated."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+        for key in keys
+    )
+
+
+def classify_webhook_status(status: int) -> tuple[Outcome, ErrorCode | None]:
+    """Map a receiver's HTTP status to an outcome (see the module docstring)."""
+    if 200 <= status < 300:
+        return Outcome.SUCCESS, None
+    if status == 408:
+        return Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_TIMEOUT
+    if status in (425, 429):
+        return Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_RATE_LIMITED
+    if status >= 500:
+        return Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_5XX
+    if status in (401, 403):
+        return Outcome.PERMANENT_FAIL, ErrorCode.PROVIDER_AUTH_FAILED
+    if status == 410:
+        return Outcome.PERMANENT_FAIL, ErrorCode.ENDPOINT_GONE
+    return Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID
+
+
+class WebhookProvider:
+    """Delivers a signed JSON event to the webhook URL configured per user.
+
+    Usage::
+
+        async with httpx.AsyncClient() as client:
+            provider = WebhookProvider(
+                client,
+                frontend_base_url="https://app.example",
+                allowed_schemes=("https",),
+                allowed_hosts=(),          # any host; the scheme is still enforced
+            )
+            result = await provider.send(delivery)
+
+    ``client`` is shared and owned by the caller. ``allowed_hosts`` match exactly or as a
+    parent domain; empty allows any host. ``clock`` gives the timestamps and the reference
+    for ``Retry-After`` dates.
+    """
+
+    channel: str = "webhook"
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        frontend_base_url: str = "",
+        allowed_schemes: tuple[str, ...] = ("https",),
+        allowed_hosts: tuple[str, ...] = (),
+        path_prefix: str = "/",
+        timeout_s: float = 5.0,
+        response_body_max_bytes: int = 65536,
+        event_type: str = EVENT,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        if response_body_max_bytes < 0:
+            raise ValueError(
+                f"response_body_max_bytes must not be negative, got {response_body_max_bytes!r}"
+            )
+        self._client = client
+        self._frontend_base_url = frontend_base_url.strip().rstrip("/")
+        self._url_policy = UrlPolicy(
+            schemes=allowed_schemes, hosts=allowed_hosts, path_prefix=path_prefix
+        )
+        self._timeout_s = timeout_s
+        self._body_max_bytes = response_body_max_bytes
+        self._event_type = event_type
+        self._clock = clock
+
+    def check_url(self, raw_url: str) -> httpx.URL:
+        """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
+        return self._url_policy.check(raw_url)
+
+    def build_event(self, delivery: Delivery, now: datetime) -> WebhookEvent:
+        """The event for ``delivery``, stamped with ``now``."""
+        return WebhookEvent(
+            id=webhook_id(delivery.record_id),
+            type=self._event_type,
+            timestamp=now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            data=WebhookData(
+                notification_id=delivery.record_id,
+                user_id=delivery.user_id,
+                preview_id=delivery.preview_id.strip(),
+                trigger_id=delivery.trigger_id.strip(),
+                trigger_type=delivery.trigger_type.strip(),
+                target_type=delivery.target_type.strip(),
+                target_id=delivery.target_id,
+                title=MESSAGE_TITLE,
+                message_text=delivery.message_text.strip() or DEFAULT_SUMMARY,
+                action_text=MESSAGE_ACTION_TEXT,
+                action_url=self._action_url(delivery.target_url),
+                trace_id=delivery.trace_id.strip(),
+            ),
+        )
+
+    def _action_url(self, target_url: str) -> str:
+        target_url = target_url.strip()
+        if not self._frontend_base_url or target_url.startswith(("https://", "http://")):
+            return target_url
+        return self._frontend_base_url + "/" + target_url.lstrip("/")
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
+        target = delivery.target
+        if target is None:
+            return skipped("user has no webhook channel configured")
+        if not target.enabled:
+            return skipped("user's webhook channel is disabled")
+        if not target.webhook_url.strip():
+            return skipped("user's webhook channel has no url")
+        try:
+            url = self.check_url(target.webhook_url)
+        except UrlRejected as exc:
+            return SendResult(
+                outcome=Outcome.PERMANENT_FAIL,
+                error_code=ErrorCode.INVALID_URL,
+                error_message=truncate(str(exc)),
+            )
+
+        now = self._clock()
+        event = self.build_event(delivery, now)
+        body = _encoder.encode(event)
+        timestamp = int(now.timestamp())
+        headers = {
+            "Content-Type": "application/json; charset=utf-8",
+            # Only raw bytes can be capped before they are read.
+            "Accept-Encoding": "identity",
+            "webhook-id": event.id,
+            "webhook-timestamp": str(timestamp),
+        }
+        raw_secret = (target.auth_secret or "").strip()
+        secrets: tuple[str, ...] = ()
+        if target.auth_kind == "bot_secret":
+            try:
+                keys = parse_secrets(raw_secret)
+            except SecretInvalid as exc:
+                return _auth_config_fault(str(exc))
+            headers["webhook-signature"] = sign(keys, event.id, timestamp, body)
+            secrets = tuple(raw_secret.split())
+        elif target.auth_kind == "bearer" and raw_secret:
+            if not is_header_token(raw_secret):
+                return _auth_config_fault(
+                    "bearer token has characters not allowed in an HTTP header"
+                )
+            headers["Authorization"] = "Bearer " + raw_secret
+            secrets = (raw_secret,)
+
+        reply = await post_capped(
+            self._client,
+            url,
+            content=body,
+            headers=headers,
+            timeout_s=self._timeout_s,
+            response_body_max_bytes=self._body_max_bytes,
+            request_json=body,
+            secrets=secrets,
+        )
+        if isinstance(reply, SendResult):
+            return reply
+
+        status = reply.status
+        outcome, code = classify_webhook_status(status)
+        message: str | None = None
+        if outcome is not Outcome.SUCCESS:
+            message = f"webhook returned HTTP {status}"
+            if 300 <= status < 400:
+                message += ": redirect not followed"
+            elif code is ErrorCode.ENDPOINT_GONE:
+                message += ": endpoint gone, channel to be disabled"
+        retry_after_s = None
+        if outcome is Outcome.TEMPORARY_FAIL:
+            retry_after_s = parse_retry_after(reply.retry_after, now=self._clock())
+        return SendResult(
+            outcome=outcome,
+            error_code=code,
+            error_message=message,
+            http_status=status,
+            request_json=body,
+            response_body=reply.body,
+            response_truncated=reply.truncated,
+            retry_after_s=retry_after_s,
+            duration_s=reply.duration_s,
+            disable_target=code is ErrorCode.ENDPOINT_GONE,
+        )
+
+
+def _auth_config_fault(message: str) -> SendResult:
+    # A broken secret is a configuration fault, not worth retrying; nothing is sent.
+    return SendResult(
+        outcome=Outcome.PERMANENT_FAIL,
+        error_code=ErrorCode.PROVIDER_AUTH_FAILED,
+        error_message=message,
+    )

@@ -1,0 +1,263 @@
+-- 0003: delivery providers per channel, per-target pacing and endpoint protection.
+
+-- Which provider delivers to a user's channel: the Feishu Flow trigger (the original one), a
+-- Feishu/Lark group bot, or a signed generic webhook.
+ALTER TABLE outbox_notifier.notification_channels
+    ADD COLUMN provider text NOT NULL DEFAULT 'feishu_flow'
+        CHECK (provider IN ('feishu_flow', 'feishu_bot', 'webhook'));
+
+-- One row per delivery target (a webhook URL), shared by every replica:
+-- * pacing: recent_sends is the log of the latest calls, so "at most N calls in any window" holds
+--   across all replicas together;
+-- * protection: consecutive temporary failures pause the target until paused_until; after the
+--   cool-off one probe is let through, and its result resumes or re-pauses the target.
+-- The key is a hash of the URL: the URL carries the bot's token, which this table never shows.
+CREATE TABLE outbox_notifier.targets (
+    target_key           text        PRIMARY KEY,
+    provider             text        NOT NULL,
+    host                 text        NOT NULL,
+    recent_sends         timestamptz[] NOT NULL DEFAULT '{}',
+    consecutive_failures integer     NOT NULL DEFAULT 0,
+    paused_until         timestamptz,
+    last_error_code      text,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE FUNCTION outbox_notifier.target_key(webhook_url text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT md5(webhook_url);
+$$;
+
+-- Pending records may now carry next_retry_at as "not before": a record held back by pacing or
+-- by a paused target waits there without spending an attempt. Claims take undeferred rows first.
+DROP INDEX outbox_notifier.records_pending_idx;
+CREATE INDEX records_pending_due_idx ON outbox_notifier.notification_records
+    (next_retry_at NULLS FIRST, id) WHERE status = 'pending';
+
+-- Targets that are paused now, or have failed recently.
+CREATE VIEW outbox_notifier.target_health AS
+SELECT target_key, provider, host, consecutive_failures, paused_until,
+       paused_until > now() AS paused, last_error_code, updated_at,
+       cardinality(recent_sends) AS recent_sends
+FROM outbox_notifier.targets;
+
+-- Claims due records for delivery in one round trip.
+--
+-- 1. Due records (pending first, then failed whose retry time has come), row-locked with
+--    SKIP LOCKED and advisory-try-locked on (channel, dedupe_key); busy ones are skipped.
+-- 2. Their targets' rows are locked in key order (short: this transaction only), so pacing and
+--    pausing decisions of all replicas are serialised per target.
+-- 3. Per target, records beyond the pacing budget or aimed at a paused target are deferred:
+--    next_retry_at moves to when the target can take them, attempt_count is untouched.
+-- 4. The rest become 'sending' with attempt_count + 1, a lease and a fresh fencing token, and
+--    their calls are written into the target's send log.
+--
+-- p_paced: provider names with limits p_per_s / p_per_min (same positions; 0 = no limit).
+-- Pacing uses clock_timestamp() taken under the target lock, so the log is ordered even when
+-- transactions started in another order; p_margin_s widens the windows for network jitter.
+CREATE FUNCTION outbox_notifier.claim_due(
+    p_limit integer,
+    p_lease_s double precision,
+    p_paced text[],
+    p_per_s integer[],
+    p_per_min integer[],
+    p_margin_s double precision,
+    p_breaker_failures integer,
+    p_cooloff_s double precision
+) RETURNS TABLE (
+    id bigint, channel text, user_id bigint, trigger_id text, preview_id text,
+    trigger_type text, target_type text, target_id bigint, dedupe_key text, target_url text,
+    summary_text text, fallback_text text, fallback_used boolean, trace_id text,
+    attempt_count integer, max_attempts integer, lease_token bigint,
+    enabled boolean, webhook_url text, auth_kind text, auth_secret text, provider text,
+    target_key text
+)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids bigint[];
+    v_keys text[];
+    v_providers text[];
+    v_hosts text[];
+    v_claim bigint[];
+    v_now timestamptz;
+BEGIN
+    WITH due AS (
+        (SELECT r.id FROM outbox_notifier.notification_records r
+         WHERE r.status = 'pending' AND (r.next_retry_at IS NULL OR r.next_retry_at <= now())
+         ORDER BY r.next_retry_at NULLS FIRST, r.id LIMIT p_limit)
+        UNION ALL
+        (SELECT r.id FROM outbox_notifier.notification_records r
+         WHERE r.status = 'failed' AND r.next_retry_at <= now()
+         ORDER BY r.next_retry_at LIMIT p_limit)
+        LIMIT p_limit
+    ), locked AS MATERIALIZED (
+        -- re-checked under the row lock: another replica may have moved the row since the scan
+        SELECT r.id, r.channel, r.dedupe_key, r.user_id
+        FROM outbox_notifier.notification_records r
+        WHERE r.id IN (SELECT due.id FROM due)
+          AND (r.status IN ('pending', 'failed'))
+          AND (r.next_retry_at IS NULL OR r.next_retry_at <= now())
+        ORDER BY r.id
+        FOR UPDATE OF r SKIP LOCKED
+    ), candidates AS MATERIALIZED (
+        SELECT l.id, ch.webhook_url, coalesce(ch.provider, 'feishu_flow') AS provider
+        FROM locked l
+        LEFT JOIN outbox_notifier.notification_channels ch
+               ON ch.user_id = l.user_id AND ch.channel = l.channel AND ch.enabled
+        WHERE pg_try_advisory_xact_lock(outbox_notifier.record_lock_key(l.channel, l.dedupe_key))
+    )
+    SELECT coalesce(array_agg(c.id ORDER BY c.id), '{}'),
+           coalesce(array_agg(CASE WHEN c.webhook_url IS NOT NULL
+                                   THEN outbox_notifier.target_key(c.webhook_url) END
+                              ORDER BY c.id), '{}'),
+           coalesce(array_agg(c.provider ORDER BY c.id), '{}'),
+           coalesce(array_agg(substring(c.webhook_url FROM '^[a-z]+://([^/:?#]+)') ORDER BY c.id),
+                    '{}')
+    INTO v_ids, v_keys, v_providers, v_hosts
+    FROM candidates c;
+
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
+
+    INSERT INTO outbox_notifier.targets (target_key, provider, host)
+    SELECT DISTINCT ON (k) k, p, coalesce(h, '')
+    FROM unnest(v_keys, v_providers, v_hosts) AS u(k, p, h)
+    WHERE k IS NOT NULL
+    ORDER BY k
+    ON CONFLICT (target_key) DO NOTHING;
+
+    PERFORM 1 FROM outbox_notifier.targets t
+    WHERE t.target_key = ANY (v_keys)
+    ORDER BY t.target_key
+    FOR UPDATE;
+    v_now := clock_timestamp();
+
+    WITH c AS (
+        SELECT u.id, u.k, u.p, row_number() OVER (PARTITION BY u.k ORDER BY u.id) AS rn
+        FROM unnest(v_ids, v_keys, v_providers) AS u(id, k, p)
+    ), limits AS (
+        SELECT pl.p, pl.per_s, pl.per_min
+        FROM unnest(p_paced, p_per_s, p_per_min) AS pl(p, per_s, per_min)
+    ), budget AS (
+        SELECT t.target_key,
+               CASE
+                   WHEN t.paused_until > v_now THEN 0
+                   -- cool-off over: one probe decides whether the target resumes
+                   WHEN t.consecutive_failures >= p_breaker_failures THEN 1
+                   ELSE 2147483647
+               END AS breaker_allow,
+               CASE WHEN coalesce(lim.per_s, 0) > 0 THEN
+                   lim.per_s - (SELECT count(*) FROM unnest(t.recent_sends) s
+                                WHERE s > v_now - make_interval(secs => 1 + p_margin_s))
+               ELSE 2147483647 END AS per_s_allow,
+               CASE WHEN coalesce(lim.per_min, 0) > 0 THEN
+                   lim.per_min - (SELECT count(*) FROM unnest(t.recent_sends) s
+                                  WHERE s > v_now - make_interval(secs => 60 + p_margin_s))
+               ELSE 2147483647 END AS per_min_allow
+        FROM outbox_notifier.targets t
+        LEFT JOIN limits lim ON lim.p = t.provider
+        WHERE t.target_key = ANY (v_keys)
+    )
+    SELECT coalesce(array_agg(c.id), '{}') INTO v_claim
+    FROM c LEFT JOIN budget b ON b.target_key = c.k
+    WHERE c.k IS NULL OR c.rn <= least(b.breaker_allow, b.per_s_allow, b.per_min_allow);
+
+    -- Deferred records wait, without spending an attempt, until their target can take them.
+    UPDATE outbox_notifier.notification_records r
+    SET next_retry_at = greatest(
+            coalesce(t.paused_until, v_now),
+            v_now + make_interval(secs => 0.05)
+        ),
+        updated_at = now()
+    FROM unnest(v_ids, v_keys) AS u(id, k)
+    JOIN outbox_notifier.targets t ON t.target_key = u.k
+    WHERE r.id = u.id AND NOT (u.id = ANY (v_claim));
+
+    -- The calls about to be made go into each target's log (entries older than a minute drop
+    -- out); a probe re-arms the pause so no other replica probes at the same time.
+    UPDATE outbox_notifier.targets t
+    SET recent_sends = (
+            SELECT coalesce(array_agg(s ORDER BY s), '{}')
+            FROM (
+                SELECT s FROM unnest(t.recent_sends) s
+                WHERE s > v_now - make_interval(secs => 60 + p_margin_s)
+                UNION ALL
+                SELECT v_now FROM generate_series(1, n.sent)
+            ) kept
+        ),
+        paused_until = CASE WHEN t.consecutive_failures >= p_breaker_failures
+                            THEN v_now + make_interval(secs => p_cooloff_s)
+                            ELSE t.paused_until END,
+        updated_at = now()
+    FROM (
+        SELECT u.k, count(*)::integer AS sent
+        FROM unnest(v_ids, v_keys) AS u(id, k)
+        WHERE u.k IS NOT NULL AND u.id = ANY (v_claim)
+        GROUP BY u.k
+    ) n
+    WHERE t.target_key = n.k;
+
+    RETURN QUERY
+    WITH claimed AS (
+        UPDATE outbox_notifier.notification_records r
+        SET status = 'sending',
+            attempt_count = r.attempt_count + 1,
+            next_retry_at = NULL,
+            last_error_code = NULL,
+            last_error = NULL,
+            lease_expires_at = now() + make_interval(secs => p_lease_s),
+            lease_token = nextval('outbox_notifier.lease_token_seq'),
+            updated_at = now()
+        WHERE r.id = ANY (v_claim)
+        RETURNING r.*
+    )
+    SELECT claimed.id, claimed.channel, claimed.user_id, claimed.trigger_id, claimed.preview_id,
+           claimed.trigger_type, claimed.target_type, claimed.target_id, claimed.dedupe_key,
+           claimed.target_url, claimed.summary_text, claimed.fallback_text,
+           claimed.fallback_used, claimed.trace_id, claimed.attempt_count,
+           claimed.max_attempts, claimed.lease_token, ch.enabled, ch.webhook_url, ch.auth_kind,
+           ch.auth_secret, coalesce(ch.provider, 'feishu_flow'),
+           outbox_notifier.target_key(ch.webhook_url)
+    FROM claimed
+    LEFT JOIN outbox_notifier.notification_channels ch
+           ON ch.user_id = claimed.user_id AND ch.channel = claimed.channel
+    ORDER BY claimed.id;
+END;
+$$;
+
+-- Endpoint protection bookkeeping after a batch of results: a success resets a target's
+-- failure count and any pause; temporary failures add up and pause the target for the cool-off
+-- once they reach p_breaker_failures. Targets are locked in key order (no deadlocks with claims).
+CREATE FUNCTION outbox_notifier.record_target_results(
+    p_keys text[],
+    p_successes integer[],
+    p_failures integer[],
+    p_last_error_codes text[],
+    p_breaker_failures integer,
+    p_cooloff_s double precision
+) RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM 1 FROM outbox_notifier.targets t
+    WHERE t.target_key = ANY (p_keys)
+    ORDER BY t.target_key
+    FOR UPDATE;
+
+    RETURN QUERY
+    UPDATE outbox_notifier.targets t
+    SET consecutive_failures = CASE WHEN u.ok > 0 THEN 0
+                                    ELSE t.consecutive_failures + u.failed END,
+        paused_until = CASE
+            WHEN u.ok > 0 THEN NULL
+            WHEN t.consecutive_failures + u.failed >= p_breaker_failures
+                THEN now() + make_interval(secs => p_cooloff_s)
+            ELSE t.paused_until END,
+        last_error_code = CASE WHEN u.ok > 0 THEN NULL ELSE coalesce(u.code, t.last_error_code) END,
+        updated_at = now()
+    FROM unnest(p_keys, p_successes, p_failures, p_last_error_codes) AS u(k, ok, failed, code)
+    WHERE t.target_key = u.k
+    RETURNING CASE WHEN t.paused_until > now() THEN t.target_key END;
+END;
+$$;

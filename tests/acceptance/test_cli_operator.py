@@ -1,0 +1,104 @@
+"""`status` and `requeue` as an operator runs them: the CLI in a subprocess, a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+
+from tests.support import add_channel, records
+
+SECRET = "sekret-token"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_NOTIFIER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "outbox_notifier", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def add_record(
+    conn: psycopg.Connection[Any], key: str, status: str, error_code: str | None = None
+) -> int:
+    row = conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url, status, attempt_count,"
+        "  last_error_code, last_error)"
+        " VALUES ('feishu', 1, 'p', %s, '/x', %s, 5, %s, %s) RETURNING id",
+        (key, status, error_code, None if error_code is None else f"{error_code}: boom"),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_status_json(db: str, conn: psycopg.Connection[Any]) -> None:
+    add_channel(
+        conn,
+        1,
+        "https://open.feishu.cn/flow/api/trigger-webhook/hook-abc",
+        auth_kind="bearer",
+        secret=SECRET,
+    )
+    add_record(conn, "p", "pending")
+    dead = add_record(conn, "d", "dead", "provider_auth_failed")
+    conn.execute("INSERT INTO outbox_notifier.outbox (event_type, payload) VALUES ('t', '{}')")
+
+    result = cli("status", "--json", "--dsn", db)
+
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert [(r["status"], r["count"]) for r in shown["records"]] == [("pending", 1), ("dead", 1)]
+    assert shown["outbox"]["pending"] == 1
+    assert shown["stuck_sending"]["count"] == 0
+    assert [(d["id"], d["error_code"]) for d in shown["dead_letters"]] == [
+        (dead, "provider_auth_failed")
+    ]
+    assert SECRET not in result.stdout + result.stderr
+    assert "hook-abc" not in result.stdout + result.stderr
+
+
+def test_status_table(db: str, conn: psycopg.Connection[Any]) -> None:
+    add_record(conn, "d", "dead", "provider_5xx")
+    result = cli("status", "--dsn", db)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for heading in ("records", "outbox", "stuck in sending", "recent dead letters (newest 10)"):
+        assert heading in lines
+
+
+def test_requeue_dry_run_then_for_real(db: str, conn: psycopg.Connection[Any]) -> None:
+    auth = add_record(conn, "a", "dead", "provider_auth_failed")
+    add_record(conn, "b", "dead", "provider_5xx")
+    add_record(conn, "c", "sent")
+    before = records(conn)
+
+    dry = cli("requeue", "--dry-run", "--error-code", "provider_auth_failed", "--dsn", db)
+
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert lines[0] == "would requeue 1 dead record:"
+    assert lines[2].split()[:3] == [str(auth), "feishu", "provider_auth_failed"]
+    assert records(conn) == before
+
+    real = cli("requeue", "--error-code", "provider_auth_failed", "--since", "1h", "--dsn", db)
+
+    assert real.returncode == 0, real.stderr
+    assert real.stdout == f"requeued 1 dead record: {auth}\n"
+    assert {r["id"]: r["status"] for r in records(conn)}[auth] == "pending"
+
+
+def test_requeue_by_id_refused_exits_1(db: str, conn: psycopg.Connection[Any]) -> None:
+    sent = add_record(conn, "s", "sent")
+    result = cli("requeue", "--id", str(sent), "--dsn", db)
+    assert result.returncode == 1
+    assert result.stdout == f"record {sent} was not requeued: status is sent\n"
