@@ -22,7 +22,7 @@ import psycopg
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import migrations, retention
+from outbox_notifier import migrations, retention, sdnotify
 from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
 from outbox_notifier.metrics import Metrics
@@ -118,8 +118,10 @@ class Daemon:
         *,
         providers: Mapping[str, Provider] | None = None,
         registry: CollectorRegistry | None = None,
+        notifier: sdnotify.SystemdNotifier | None = None,
     ) -> None:
         self.settings = settings
+        self.notifier = notifier or sdnotify.SystemdNotifier()
         self._providers = providers
         self._stop = asyncio.Event()
         self._outbox_wake = asyncio.Event()
@@ -180,6 +182,7 @@ class Daemon:
             self.listener_up = False
             await server.close()
             await pool.close()
+            self.notifier.close()
 
     async def _check_schema(self, store: RecordStore) -> None:
         try:
@@ -228,7 +231,21 @@ class Daemon:
             )
         )
         logger.info("outbox-notifier running")
+        # Ready only now: HTTP is up, the schema is checked and every loop has started.
+        self.notifier.ready(status="running")
+        # The watchdog is fed only while every loop makes progress (the /healthz check), so
+        # systemd restarts a wedged daemon.
+        background.append(
+            asyncio.create_task(
+                sdnotify.run_watchdog(
+                    self.notifier, lambda: self.monitor.healthy(settings.health_stale_s)[0]
+                )
+            )
+        )
         await self._stop.wait()
+        self.notifier.stopping(
+            status=f"draining in-flight calls (up to {settings.shutdown_deadline_s:g}s)"
+        )
         logger.info("stopping: no new claims; waiting up to %ss for in-flight calls",
                     settings.shutdown_deadline_s)  # fmt: skip
         for task in background:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +20,7 @@ from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import add_channel, enqueue, payload, scalar
 
 
-def start_daemon(dsn: str, *extra: str) -> subprocess.Popen[str]:
+def start_daemon(dsn: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     cmd = [
         sys.executable, "-m", "outbox_notifier", "run", "--dsn", dsn,
         "--set", "flow_allowed_schemes=http", "--set", "flow_allowed_hosts=127.0.0.1",
@@ -25,7 +28,9 @@ def start_daemon(dsn: str, *extra: str) -> subprocess.Popen[str]:
         "--set", "retry_interval_s=0.2", "--set", "pool_min_size=1",
         *extra,
     ]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 def wait_until(check: Any, timeout_s: float, what: str) -> None:
@@ -162,3 +167,30 @@ def test_run_refuses_an_unmigrated_database(empty_db: str) -> None:
     assert proc.returncode == 1
     assert "run `outbox-notifier migrate`" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.timeout(60)
+def test_systemd_notifications_from_a_real_daemon(db: str, tmp_path: Any) -> None:
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+        daemon = start_daemon(db, env=env)
+        messages: list[str] = []
+        try:
+            while not any("WATCHDOG=1" in m for m in messages):
+                messages.append(sock.recv(4096).decode())
+            code, out = stop(daemon)
+            sock.settimeout(5)
+            with contextlib.suppress(TimeoutError):
+                while not any("STOPPING=1" in m for m in messages):
+                    messages.append(sock.recv(4096).decode())
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+    assert code == 0, out
+    ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
+    watchdog = next(i for i, m in enumerate(messages) if "WATCHDOG=1" in m)
+    stopping = next(i for i, m in enumerate(messages) if "STOPPING=1" in m)
+    assert ready < watchdog < stopping, messages

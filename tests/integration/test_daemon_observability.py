@@ -1,0 +1,140 @@
+"""A running daemon seen from outside: /metrics after a known workload, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from outbox_notifier.daemon import Daemon
+from outbox_notifier.testing.feishu_server import FeishuServer, Reply
+from tests.support import FLOW_PREFIX, add_channel, enqueue, eventually, payload, running
+from tests.support import settings_for as base_settings
+
+
+@pytest.fixture
+async def server() -> Any:
+    async with FeishuServer() as srv:
+        yield srv
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(scraped: dict[Any, float], name: str, **labels: str) -> float | None:
+    return scraped.get((name, tuple(sorted(labels.items()))))
+
+
+async def scrape(daemon: Daemon, path: str) -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        return await client.get(f"http://127.0.0.1:{daemon.http_port}{path}")
+
+
+async def test_metrics_after_a_known_workload(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url("ok"))
+    add_channel(conn, 2, server.flow_url("flaky"))
+    server.script(FLOW_PREFIX + "flaky", [Reply(status=500)])
+    enqueue(conn, payload("a", user_id=1))
+    enqueue(conn, payload("a", user_id=1))  # duplicate: a dedupe hit
+    enqueue(conn, payload("b", user_id=2))  # 500, then 200 on retry
+    enqueue(conn, payload("c", user_id=1, summary_text="see https://x.example"))  # fallback
+    enqueue(conn, payload("d", user_id=3))  # no channel: skipped
+    enqueue(conn, ["not", "an", "object"])  # rejected: malformed
+    enqueue(conn, payload("e"), event_type="other.event")  # rejected: unknown type
+
+    daemon = Daemon(
+        base_settings(db, retry_base_s=0.5, retry_max_s=1.0), registry=CollectorRegistry()
+    )
+    async with running(daemon):
+
+        def settled() -> bool:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE status IN ('sent', 'skipped')), count(*)"
+                " FROM outbox_notifier.notification_records"
+            ).fetchone()
+            return row == (4, 4)
+
+        await eventually(settled, timeout_s=15, what="all records settled")
+        await asyncio.sleep(0.3)
+        response = await scrape(daemon, "/metrics")
+    assert response.status_code == 200
+    m = samples(response.text)
+    p = "outbox_notifier_"
+    assert value(m, p + "outbox_relayed_total") == 5
+    assert value(m, p + "outbox_rejected_total", reason_class="malformed") == 1
+    assert value(m, p + "outbox_rejected_total", reason_class="unknown_type") == 1
+    assert value(m, p + "dedupe_hits_total") == 1
+    assert value(m, p + "fallback_used_total") == 1
+    assert value(m, p + "delivery_attempts_total", channel="feishu", outcome="success") == 3
+    assert value(m, p + "delivery_attempts_total", channel="feishu", outcome="skipped") == 1
+    assert value(m, p + "delivery_attempts_total", channel="feishu", outcome="temporary_fail") == 1
+    assert value(m, p + "provider_errors_total", channel="feishu", error_code="provider_5xx") == 1
+    assert value(m, p + "records_dead_total", channel="feishu") == 0
+    assert value(m, p + "end_to_end_latency_seconds_count", channel="feishu") == 3
+    assert value(m, p + "late_results_total") == 0
+    # Labels stay bounded: no user ids, URLs or dedupe keys anywhere.
+    labels = {v for (_, pairs) in m for _, v in pairs}
+    assert not any("flow/api" in v or v in {"a", "b", "c"} for v in labels)
+
+
+async def test_healthz_fails_when_a_loop_is_wedged_and_recovers(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    daemon = Daemon(base_settings(db, health_stale_s=1.0, poll_interval_s=0.2))
+    async with running(daemon):
+        await eventually(lambda: daemon.listener_up, what="listener up")
+        assert (await scrape(daemon, "/healthz")).status_code == 200
+        assert (await scrape(daemon, "/readyz")).status_code == 200
+        # Wedge the relay: its claim blocks behind an exclusive lock on the outbox.
+        with psycopg.connect(db) as blocker:
+            blocker.execute("LOCK TABLE outbox_notifier.outbox IN ACCESS EXCLUSIVE MODE")
+            await asyncio.sleep(2.0)
+            wedged = await scrape(daemon, "/healthz")
+            assert wedged.status_code == 503
+            assert wedged.json()["loops"]["relay"]["ok"] is False
+            blocker.rollback()
+        await eventually(lambda: _status(daemon, "/healthz", 200), what="healthy again")
+
+
+async def _status(daemon: Daemon, path: str, expected: int) -> bool:
+    return (await scrape(daemon, path)).status_code == expected
+
+
+async def test_readyz_follows_the_database(db: str, pg_server: str) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
+    daemon = Daemon(base_settings(db))
+    async with running(daemon):
+        await eventually(lambda: daemon.listener_up, what="listener up")
+        assert (await scrape(daemon, "/readyz")).status_code == 200
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            try:
+                await eventually(
+                    lambda: _status(daemon, "/readyz", 503),
+                    timeout_s=10,
+                    what="not ready while the database is away",
+                )
+            finally:
+                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await eventually(
+            lambda: _status(daemon, "/readyz", 200),
+            timeout_s=20,
+            what="ready again",
+        )
