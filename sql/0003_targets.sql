@@ -164,17 +164,6 @@ BEGIN
     FROM c LEFT JOIN budget b ON b.target_key = c.k
     WHERE c.k IS NULL OR c.rn <= least(b.breaker_allow, b.per_s_allow, b.per_min_allow);
 
-    -- Deferred records wait, without spending an attempt, until their target can take them.
-    UPDATE outbox_notifier.notification_records r
-    SET next_retry_at = greatest(
-            coalesce(t.paused_until, v_now),
-            v_now + make_interval(secs => 0.05)
-        ),
-        updated_at = now()
-    FROM unnest(v_ids, v_keys) AS u(id, k)
-    JOIN outbox_notifier.targets t ON t.target_key = u.k
-    WHERE r.id = u.id AND NOT (u.id = ANY (v_claim));
-
     -- The calls about to be made go into each target's log (entries older than a minute drop
     -- out); a probe re-arms the pause so no other replica probes at the same time.
     UPDATE outbox_notifier.targets t
@@ -198,6 +187,26 @@ BEGIN
         GROUP BY u.k
     ) n
     WHERE t.target_key = n.k;
+
+    -- Deferred records wait, without spending an attempt, until their target can take one
+    -- more call: the end of a pause, or when the call that fills a window leaves it (the
+    -- per_s-th / per_min-th newest entry of the log, which is sorted oldest first).
+    UPDATE outbox_notifier.notification_records r
+    SET next_retry_at = greatest(
+            v_now + make_interval(secs => 0.05),
+            CASE WHEN t.paused_until > v_now THEN t.paused_until END,
+            CASE WHEN lim.per_s > 0 AND cardinality(t.recent_sends) >= lim.per_s
+                 THEN t.recent_sends[cardinality(t.recent_sends) - lim.per_s + 1]
+                      + make_interval(secs => 1 + p_margin_s) END,
+            CASE WHEN lim.per_min > 0 AND cardinality(t.recent_sends) >= lim.per_min
+                 THEN t.recent_sends[cardinality(t.recent_sends) - lim.per_min + 1]
+                      + make_interval(secs => 60 + p_margin_s) END
+        ),
+        updated_at = now()
+    FROM unnest(v_ids, v_keys) AS u(id, k)
+    JOIN outbox_notifier.targets t ON t.target_key = u.k
+    LEFT JOIN unnest(p_paced, p_per_s, p_per_min) AS lim(p, per_s, per_min) ON lim.p = t.provider
+    WHERE r.id = u.id AND NOT (u.id = ANY (v_claim));
 
     RETURN QUERY
     WITH claimed AS (

@@ -26,6 +26,9 @@ def settings_for(dsn: str, **overrides: Any) -> Settings:
         "retry_interval_s": 0.2,
         "flow_allowed_schemes": ("http",),
         "flow_allowed_hosts": ("127.0.0.1",),
+        "bot_allowed_schemes": ("http",),
+        "bot_allowed_hosts": ("127.0.0.1",),
+        "webhook_allowed_schemes": ("http",),
         "http_listen": "127.0.0.1:0",
         "shutdown_deadline_s": 5.0,
         "pool_min_size": 1,
@@ -77,12 +80,13 @@ def add_channel(
     enabled: bool = True,
     auth_kind: str = "none",
     secret: str | None = None,
+    provider: str = "feishu_flow",
 ) -> None:
     conn.execute(
         "INSERT INTO outbox_notifier.notification_channels"
-        " (user_id, channel, enabled, webhook_url, auth_kind, auth_secret)"
-        " VALUES (%s, 'feishu', %s, %s, %s, %s)",
-        (user_id, enabled, url, auth_kind, secret),
+        " (user_id, channel, enabled, webhook_url, auth_kind, auth_secret, provider)"
+        " VALUES (%s, 'feishu', %s, %s, %s, %s, %s)",
+        (user_id, enabled, url, auth_kind, secret, provider),
     )
 
 

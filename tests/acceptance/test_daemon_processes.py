@@ -194,3 +194,28 @@ def test_systemd_notifications_from_a_real_daemon(db: str, tmp_path: Any) -> Non
     watchdog = next(i for i, m in enumerate(messages) if "WATCHDOG=1" in m)
     stopping = next(i for i, m in enumerate(messages) if "STOPPING=1" in m)
     assert ready < watchdog < stopping, messages
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_replicas_pace_one_bot_to_five_requests_per_second(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.bot_url("paced"), provider="feishu_bot")
+    with psycopg.connect(db) as producer:
+        for i in range(300):
+            enqueue(producer, payload(f"paced-{i}"))
+        producer.commit()
+    bot = ("--set", "bot_allowed_schemes=http", "--set", "bot_allowed_hosts=127.0.0.1",
+           "--set", "bot_max_per_s=5", "--set", "bot_max_per_min=0")  # fmt: skip
+    daemons = [start_daemon(db, *bot) for _ in range(2)]
+    try:
+        wait_until(lambda: _count(conn, "WHERE status = 'sent'") == 300, 150, "300 sent")
+    finally:
+        outputs = [stop(d) for d in daemons]
+    assert [code for code, _ in outputs] == [0, 0], outputs
+    peak = server.max_per_window(1.0, path_prefix="/open-apis/bot/v2/hook/")
+    print(f"300 bot deliveries from 2 replicas: peak {peak} requests in any 1 s window")
+    assert peak <= 5
+    assert server.count("/open-apis/bot/v2/hook/") == 300
+    assert _count(conn, "WHERE attempt_count <> 1") == 0
