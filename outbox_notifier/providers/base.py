@@ -21,10 +21,10 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 import msgspec
@@ -219,6 +219,33 @@ def skipped(reason: str) -> SendResult:
     )
 
 
+def utc_now() -> datetime:
+    """The current time in UTC: every provider's default clock."""
+    return datetime.now(UTC)
+
+
+def check_limits(*, timeout_s: float, response_body_max_bytes: int) -> None:
+    """Raise ``ValueError`` for a non-positive ``timeout_s`` or a negative body cap."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+    if response_body_max_bytes < 0:
+        raise ValueError(
+            f"response_body_max_bytes must not be negative, got {response_body_max_bytes!r}"
+        )
+
+
+def action_url(frontend_base_url: str, target_url: str) -> str:
+    """The link a message offers: ``target_url`` joined to ``frontend_base_url``.
+
+    ``frontend_base_url`` comes without a trailing slash; when it is empty, or the target is
+    already an absolute ``http(s)`` URL, the (stripped) target is the link itself.
+    """
+    target_url = target_url.strip()
+    if not frontend_base_url or target_url.startswith(("https://", "http://")):
+        return target_url
+    return frontend_base_url + "/" + target_url.lstrip("/")
+
+
 def is_header_token(value: str) -> bool:
     """Visible ASCII only: no spaces, control characters or line breaks."""
     return value.isascii() and all(0x21 <= ord(c) <= 0x7E for c in value)
@@ -280,6 +307,33 @@ class UrlPolicy:
         return url
 
 
+def resolve_target(
+    delivery: Delivery, policy: UrlPolicy, what: str, *, url_name: str = "webhook url"
+) -> tuple[Target, httpx.URL] | SendResult:
+    """The delivery's target and its checked URL, or the result that ends the call unsent.
+
+    No target, a disabled one or one without a URL is ``skipped`` (the messages name the
+    channel as ``what`` and its URL as ``url_name``); a URL outside ``policy`` is a permanent
+    ``invalid_url``, its message naming only scheme and host.
+    """
+    target = delivery.target
+    if target is None:
+        return skipped(f"user has no {what} channel configured")
+    if not target.enabled:
+        return skipped(f"user's {what} channel is disabled")
+    if not target.webhook_url.strip():
+        return skipped(f"user's {what} channel has no {url_name}")
+    try:
+        url = policy.check(target.webhook_url)
+    except UrlRejected as exc:
+        return SendResult(
+            outcome=Outcome.PERMANENT_FAIL,
+            error_code=ErrorCode.INVALID_URL,
+            error_message=truncate(str(exc)),
+        )
+    return target, url
+
+
 # A DNS name in its ASCII (IDNA) form: letters, digits and hyphens, dot-separated.
 _DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*", re.I)
 
@@ -307,6 +361,27 @@ def scrub(message: str, url: httpx.URL, secrets: Iterable[str] = ()) -> str:
         if secret and secret in message:
             message = message.replace(secret, "****")
     return message
+
+
+def decode_json_object(reply: bytes) -> dict[str, Any] | None:
+    """A reply body's JSON object; None for an empty, unreadable or non-object body."""
+    if not reply.strip():
+        return None
+    try:
+        parsed: Any = msgspec.json.decode(reply)
+    except msgspec.DecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def reply_message_id(parsed: dict[str, Any]) -> str | None:
+    """A non-empty string ``message_id`` at the top of a reply object or under ``data``."""
+    for holder in (parsed, parsed.get("data")):
+        if isinstance(holder, dict):
+            value = holder.get("message_id")
+            if isinstance(value, str) and value:
+                return value
+    return None
 
 
 class HttpReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -379,3 +454,58 @@ async def post_capped(
         request_json=request_json,
         duration_s=time.perf_counter() - started,
     )
+
+
+class HttpProvider:
+    """What the webhook-calling providers share: the client, the URL policy, limits, clock.
+
+    A subclass validates its options first (``check_limits`` and its own checks, in the order
+    its errors should come), then calls ``super().__init__``. ``client`` is shared and owned
+    by the caller; ``frontend_base_url`` is kept without its trailing slash.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        frontend_base_url: str,
+        allowed_schemes: Iterable[str],
+        allowed_hosts: Iterable[str],
+        path_prefix: str,
+        timeout_s: float,
+        response_body_max_bytes: int,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._client = client
+        self._frontend_base_url = frontend_base_url.strip().rstrip("/")
+        self._url_policy = UrlPolicy(
+            schemes=allowed_schemes, hosts=allowed_hosts, path_prefix=path_prefix
+        )
+        self._timeout_s = timeout_s
+        self._response_max_bytes = response_body_max_bytes
+        self._clock = clock
+
+    def check_url(self, raw_url: str) -> httpx.URL:
+        """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
+        return self._url_policy.check(raw_url)
+
+    async def _post(
+        self,
+        url: httpx.URL,
+        *,
+        content: bytes,
+        headers: Mapping[str, str],
+        request_json: bytes,
+        secrets: Iterable[str],
+    ) -> HttpReply | SendResult:
+        """``post_capped`` with this provider's client, deadline and response cap."""
+        return await post_capped(
+            self._client,
+            url,
+            content=content,
+            headers=headers,
+            timeout_s=self._timeout_s,
+            response_body_max_bytes=self._response_max_bytes,
+            request_json=request_json,
+            secrets=secrets,
+        )

@@ -66,8 +66,8 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any, Literal
+from datetime import datetime
+from typing import Literal
 
 import httpx
 import msgspec
@@ -75,17 +75,20 @@ import msgspec
 from .base import (
     Delivery,
     ErrorCode,
+    HttpProvider,
     HttpReply,
     Outcome,
     SendResult,
-    UrlPolicy,
-    UrlRejected,
+    action_url,
+    check_limits,
     classify_status,
+    decode_json_object,
     parse_retry_after,
-    post_capped,
+    reply_message_id,
+    resolve_target,
     scrub,
-    skipped,
     truncate,
+    utc_now,
 )
 from .feishu_flow import DEFAULT_SUMMARY, MESSAGE_ACTION_TEXT, MESSAGE_TITLE
 
@@ -166,10 +169,6 @@ class BotMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 _encoder = msgspec.json.Encoder()
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 def bot_sign(secret: str, timestamp: str) -> str:
     """Feishu's signature: base64 of HMAC-SHA256 keyed by ``timestamp + "\\n" + secret`` over
     an empty message."""
@@ -188,7 +187,7 @@ def classify_feishu_code(code: int, msg: str) -> tuple[Outcome, ErrorCode | None
     return Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID
 
 
-class FeishuBotProvider:
+class FeishuBotProvider(HttpProvider):
     """Delivers to a Feishu/Lark custom group bot configured per user.
 
     Usage::
@@ -219,14 +218,9 @@ class FeishuBotProvider:
         response_body_max_bytes: int = 65536,
         request_body_max_bytes: int = _DEFAULT_REQUEST_BODY_MAX_BYTES,
         message_format: MessageFormat = "text",
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        if response_body_max_bytes < 0:
-            raise ValueError(
-                f"response_body_max_bytes must not be negative, got {response_body_max_bytes!r}"
-            )
+        check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
         if not 0 < request_body_max_bytes <= FEISHU_BODY_MAX_BYTES:
             raise ValueError(
                 f"request_body_max_bytes must be in 1..{FEISHU_BODY_MAX_BYTES}, "
@@ -237,20 +231,18 @@ class FeishuBotProvider:
         if not allowed_hosts:
             # The token in the URL is a credential: it must only ever go to known hosts.
             raise ValueError("allowed_hosts must not be empty")
-        self._client = client
-        self._frontend_base_url = frontend_base_url.strip().rstrip("/")
-        self._url_policy = UrlPolicy(
-            schemes=allowed_schemes, hosts=allowed_hosts, path_prefix=path_prefix
+        super().__init__(
+            client,
+            frontend_base_url=frontend_base_url,
+            allowed_schemes=allowed_schemes,
+            allowed_hosts=allowed_hosts,
+            path_prefix=path_prefix,
+            timeout_s=timeout_s,
+            response_body_max_bytes=response_body_max_bytes,
+            clock=clock,
         )
-        self._timeout_s = timeout_s
-        self._response_max_bytes = response_body_max_bytes
         self._request_max_bytes = request_body_max_bytes
         self._format: MessageFormat = message_format
-        self._clock = clock
-
-    def check_url(self, raw_url: str) -> httpx.URL:
-        """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
-        return self._url_policy.check(raw_url)
 
     def build_message(self, delivery: Delivery, text: str | None = None) -> BotMessage:
         """The unsigned body for ``delivery``; ``text`` overrides its (summary) text."""
@@ -261,13 +253,13 @@ class FeishuBotProvider:
         elements: list[CardDiv | CardAction] = [
             CardDiv(tag="div", text=PlainText(tag="plain_text", content=text))
         ]
-        action_url = self._action_url(delivery.target_url)
-        if action_url.startswith(("https://", "http://")):
+        link = action_url(self._frontend_base_url, delivery.target_url)
+        if link.startswith(("https://", "http://")):
             button = CardButton(
                 tag="button",
                 text=PlainText(tag="plain_text", content=MESSAGE_ACTION_TEXT),
                 type="primary",
-                url=action_url,
+                url=link,
             )
             elements.append(CardAction(tag="action", actions=[button]))
         card = Card(
@@ -275,12 +267,6 @@ class FeishuBotProvider:
             elements=elements,
         )
         return BotMessage(msg_type="interactive", card=card)
-
-    def _action_url(self, target_url: str) -> str:
-        target_url = target_url.strip()
-        if not self._frontend_base_url or target_url.startswith(("https://", "http://")):
-            return target_url
-        return self._frontend_base_url + "/" + target_url.lstrip("/")
 
     def _fit(self, delivery: Delivery, signed: BotMessage) -> BotMessage | None:
         """``signed``, its text cut if it must be for the encoded body to fit the size cap;
@@ -311,21 +297,10 @@ class FeishuBotProvider:
 
     async def send(self, delivery: Delivery) -> SendResult:
         """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
-        target = delivery.target
-        if target is None:
-            return skipped("user has no feishu bot channel configured")
-        if not target.enabled:
-            return skipped("user's feishu bot channel is disabled")
-        if not target.webhook_url.strip():
-            return skipped("user's feishu bot channel has no webhook url")
-        try:
-            url = self.check_url(target.webhook_url)
-        except UrlRejected as exc:
-            return SendResult(
-                outcome=Outcome.PERMANENT_FAIL,
-                error_code=ErrorCode.INVALID_URL,
-                error_message=truncate(str(exc)),
-            )
+        resolved = resolve_target(delivery, self._url_policy, "feishu bot")
+        if isinstance(resolved, SendResult):
+            return resolved
+        target, url = resolved
 
         secret = ""
         message = self.build_message(delivery)
@@ -358,8 +333,7 @@ class FeishuBotProvider:
         request_json = (
             _encoder.encode(msgspec.structs.replace(fitted, sign=_MASK)) if secret else body
         )
-        reply = await post_capped(
-            self._client,
+        reply = await self._post(
             url,
             content=body,
             headers={
@@ -367,8 +341,6 @@ class FeishuBotProvider:
                 # Only raw bytes can be capped before they are read.
                 "Accept-Encoding": "identity",
             },
-            timeout_s=self._timeout_s,
-            response_body_max_bytes=self._response_max_bytes,
             request_json=request_json,
             secrets=(secret,),
         )
@@ -416,19 +388,9 @@ class FeishuBotProvider:
         )
 
 
-def _decode_object(reply: bytes) -> dict[str, Any] | None:
-    if not reply.strip():
-        return None
-    try:
-        parsed: Any = msgspec.json.decode(reply)
-    except msgspec.DecodeError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
 def _feishu_reply(reply: bytes) -> tuple[int, str] | None:
     """``(code, msg)`` from a reply carrying an integer ``code`` (or older ``StatusCode``)."""
-    parsed = _decode_object(reply)
+    parsed = decode_json_object(reply)
     if parsed is None:
         return None
     for code_key, msg_key in (("code", "msg"), ("StatusCode", "StatusMessage")):
@@ -440,12 +402,5 @@ def _feishu_reply(reply: bytes) -> tuple[int, str] | None:
 
 
 def _message_id(reply: bytes) -> str | None:
-    parsed = _decode_object(reply)
-    if parsed is None:
-        return None
-    for holder in (parsed, parsed.get("data")):
-        if isinstance(holder, dict):
-            value = holder.get("message_id")
-            if isinstance(value, str) and value:
-                return value
-    return None
+    parsed = decode_json_object(reply)
+    return None if parsed is None else reply_message_id(parsed)

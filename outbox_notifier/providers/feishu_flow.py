@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 import msgspec
@@ -47,16 +46,20 @@ import msgspec
 from .base import (
     Delivery,
     ErrorCode,
+    HttpProvider,
     Outcome,
     SendResult,
-    UrlPolicy,
     UrlRejected,
+    action_url,
+    check_limits,
     classify_status,
+    decode_json_object,
     is_header_token,
     parse_retry_after,
-    post_capped,
-    skipped,
+    reply_message_id,
+    resolve_target,
     truncate,
+    utc_now,
 )
 
 __all__ = ["FeishuFlowProvider", "FlowMessage", "FlowPayload", "UrlRejected"]
@@ -98,11 +101,7 @@ class FlowPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 _encoder = msgspec.json.Encoder()
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-class FeishuFlowProvider:
+class FeishuFlowProvider(HttpProvider):
     """Delivers to the Feishu Flow webhook trigger configured per user.
 
     Usage::
@@ -134,30 +133,23 @@ class FeishuFlowProvider:
         path_prefix: str,
         timeout_s: float = 5.0,
         response_body_max_bytes: int = 65536,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        if response_body_max_bytes < 0:
-            raise ValueError(
-                f"response_body_max_bytes must not be negative, got {response_body_max_bytes!r}"
-            )
+        check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
         if not allowed_schemes:
             raise ValueError("allowed_schemes must not be empty")
         if not allowed_hosts:
             raise ValueError("allowed_hosts must not be empty")
-        self._client = client
-        self._frontend_base_url = frontend_base_url.strip().rstrip("/")
-        self._url_policy = UrlPolicy(
-            schemes=allowed_schemes, hosts=allowed_hosts, path_prefix=path_prefix
+        super().__init__(
+            client,
+            frontend_base_url=frontend_base_url,
+            allowed_schemes=allowed_schemes,
+            allowed_hosts=allowed_hosts,
+            path_prefix=path_prefix,
+            timeout_s=timeout_s,
+            response_body_max_bytes=response_body_max_bytes,
+            clock=clock,
         )
-        self._timeout_s = timeout_s
-        self._body_max_bytes = response_body_max_bytes
-        self._clock = clock
-
-    def check_url(self, raw_url: str) -> httpx.URL:
-        """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
-        return self._url_policy.check(raw_url)
 
     def build_payload(self, delivery: Delivery) -> FlowPayload:
         """The seed's body for ``delivery``, stamped with the current time."""
@@ -175,35 +167,18 @@ class FeishuFlowProvider:
                 title=MESSAGE_TITLE,
                 summary=delivery.message_text.strip() or DEFAULT_SUMMARY,
                 action_text=MESSAGE_ACTION_TEXT,
-                action_url=self._action_url(delivery.target_url),
+                action_url=action_url(self._frontend_base_url, delivery.target_url),
             ),
             trace_id=delivery.trace_id.strip(),
             sent_at=self._clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
 
-    def _action_url(self, target_url: str) -> str:
-        target_url = target_url.strip()
-        if not self._frontend_base_url or target_url.startswith(("https://", "http://")):
-            return target_url
-        return self._frontend_base_url + "/" + target_url.lstrip("/")
-
     async def send(self, delivery: Delivery) -> SendResult:
         """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
-        target = delivery.target
-        if target is None:
-            return skipped("user has no feishu channel configured")
-        if not target.enabled:
-            return skipped("user's feishu channel is disabled")
-        if not target.webhook_url.strip():
-            return skipped("user's feishu channel has no webhook url")
-        try:
-            url = self.check_url(target.webhook_url)
-        except UrlRejected as exc:
-            return SendResult(
-                outcome=Outcome.PERMANENT_FAIL,
-                error_code=ErrorCode.INVALID_URL,
-                error_message=truncate(str(exc)),
-            )
+        resolved = resolve_target(delivery, self._url_policy, "feishu")
+        if isinstance(resolved, SendResult):
+            return resolved
+        target, url = resolved
 
         body = _encoder.encode(self.build_payload(delivery))
         headers = {
@@ -223,15 +198,8 @@ class FeishuFlowProvider:
                 )
             headers["Authorization"] = "Bearer " + secret
 
-        reply = await post_capped(
-            self._client,
-            url,
-            content=body,
-            headers=headers,
-            timeout_s=self._timeout_s,
-            response_body_max_bytes=self._body_max_bytes,
-            request_json=body,
-            secrets=(secret,),
+        reply = await self._post(
+            url, content=body, headers=headers, request_json=body, secrets=(secret,)
         )
         if isinstance(reply, SendResult):
             return reply
@@ -275,13 +243,8 @@ def _inspect_reply(reply: bytes) -> tuple[str | None, str | None]:
     As in the seed, only a JSON object whose ``code`` is an integer other than 0 rejects;
     anything unreadable counts as accepted.
     """
-    if not reply.strip():
-        return None, None
-    try:
-        parsed: Any = msgspec.json.decode(reply)
-    except msgspec.DecodeError:
-        return None, None
-    if not isinstance(parsed, dict):
+    parsed = decode_json_object(reply)
+    if parsed is None:
         return None, None
     code = parsed.get("code")
     if isinstance(code, int) and not isinstance(code, bool) and code != 0:
@@ -290,13 +253,4 @@ def _inspect_reply(reply: bytes) -> tuple[str | None, str | None]:
         if isinstance(msg, str) and msg.strip():
             text += f" msg={msg.strip()}"
         return truncate(text), None
-    return None, _message_id(parsed)
-
-
-def _message_id(parsed: dict[str, Any]) -> str | None:
-    for holder in (parsed, parsed.get("data")):
-        if isinstance(holder, dict):
-            value = holder.get("message_id")
-            if isinstance(value, str) and value:
-                return value
-    return None
+    return None, reply_message_id(parsed)

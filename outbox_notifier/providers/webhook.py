@@ -61,15 +61,15 @@ import msgspec
 from .base import (
     Delivery,
     ErrorCode,
+    HttpProvider,
     Outcome,
     SendResult,
-    UrlPolicy,
-    UrlRejected,
+    action_url,
+    check_limits,
     is_header_token,
     parse_retry_after,
-    post_capped,
-    skipped,
-    truncate,
+    resolve_target,
+    utc_now,
 )
 from .feishu_flow import DEFAULT_SUMMARY, EVENT, MESSAGE_ACTION_TEXT, MESSAGE_TITLE
 
@@ -118,10 +118,6 @@ _encoder = msgspec.json.Encoder()
 
 class SecretInvalid(ValueError):
     """A signing secret that is not base64; the message never contains the secret."""
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def webhook_id(record_id: int) -> str:
@@ -176,7 +172,7 @@ def classify_webhook_status(status: int) -> tuple[Outcome, ErrorCode | None]:
     return Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID
 
 
-class WebhookProvider:
+class WebhookProvider(HttpProvider):
     """Delivers a signed JSON event to the webhook URL configured per user.
 
     Usage::
@@ -208,27 +204,20 @@ class WebhookProvider:
         timeout_s: float = 5.0,
         response_body_max_bytes: int = 65536,
         event_type: str = EVENT,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        if response_body_max_bytes < 0:
-            raise ValueError(
-                f"response_body_max_bytes must not be negative, got {response_body_max_bytes!r}"
-            )
-        self._client = client
-        self._frontend_base_url = frontend_base_url.strip().rstrip("/")
-        self._url_policy = UrlPolicy(
-            schemes=allowed_schemes, hosts=allowed_hosts, path_prefix=path_prefix
+        check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
+        super().__init__(
+            client,
+            frontend_base_url=frontend_base_url,
+            allowed_schemes=allowed_schemes,
+            allowed_hosts=allowed_hosts,
+            path_prefix=path_prefix,
+            timeout_s=timeout_s,
+            response_body_max_bytes=response_body_max_bytes,
+            clock=clock,
         )
-        self._timeout_s = timeout_s
-        self._body_max_bytes = response_body_max_bytes
         self._event_type = event_type
-        self._clock = clock
-
-    def check_url(self, raw_url: str) -> httpx.URL:
-        """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
-        return self._url_policy.check(raw_url)
 
     def build_event(self, delivery: Delivery, now: datetime) -> WebhookEvent:
         """The event for ``delivery``, stamped with ``now``."""
@@ -247,34 +236,17 @@ class WebhookProvider:
                 title=MESSAGE_TITLE,
                 message_text=delivery.message_text.strip() or DEFAULT_SUMMARY,
                 action_text=MESSAGE_ACTION_TEXT,
-                action_url=self._action_url(delivery.target_url),
+                action_url=action_url(self._frontend_base_url, delivery.target_url),
                 trace_id=delivery.trace_id.strip(),
             ),
         )
 
-    def _action_url(self, target_url: str) -> str:
-        target_url = target_url.strip()
-        if not self._frontend_base_url or target_url.startswith(("https://", "http://")):
-            return target_url
-        return self._frontend_base_url + "/" + target_url.lstrip("/")
-
     async def send(self, delivery: Delivery) -> SendResult:
         """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
-        target = delivery.target
-        if target is None:
-            return skipped("user has no webhook channel configured")
-        if not target.enabled:
-            return skipped("user's webhook channel is disabled")
-        if not target.webhook_url.strip():
-            return skipped("user's webhook channel has no url")
-        try:
-            url = self.check_url(target.webhook_url)
-        except UrlRejected as exc:
-            return SendResult(
-                outcome=Outcome.PERMANENT_FAIL,
-                error_code=ErrorCode.INVALID_URL,
-                error_message=truncate(str(exc)),
-            )
+        resolved = resolve_target(delivery, self._url_policy, "webhook", url_name="url")
+        if isinstance(resolved, SendResult):
+            return resolved
+        target, url = resolved
 
         now = self._clock()
         event = self.build_event(delivery, now)
@@ -304,15 +276,8 @@ class WebhookProvider:
             headers["Authorization"] = "Bearer " + raw_secret
             secrets = (raw_secret,)
 
-        reply = await post_capped(
-            self._client,
-            url,
-            content=body,
-            headers=headers,
-            timeout_s=self._timeout_s,
-            response_body_max_bytes=self._body_max_bytes,
-            request_json=body,
-            secrets=secrets,
+        reply = await self._post(
+            url, content=body, headers=headers, request_json=body, secrets=secrets
         )
         if isinstance(reply, SendResult):
             return reply

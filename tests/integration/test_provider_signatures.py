@@ -23,6 +23,7 @@ from outbox_notifier.providers import Delivery, ErrorCode, Outcome, Target
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider
 from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.testing.feishu_server import FeishuServer, Recorded, Reply
+from tests import provider_support
 
 BOT_TOKEN = "it-bot-token-5f1c"
 BOT_SECRET = "it-bot-secret-0a9b"
@@ -43,26 +44,16 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+DELIVERY_FIELDS: dict[str, Any] = {
+    "record_id": 4242,
+    "channel": "feishu_bot",
+    "trace_id": "trace-it",
+    "dedupe_key": "dk-it",
+}
+
+
 def delivery(target: Target, **overrides: Any) -> Delivery:
-    fields: dict[str, Any] = {
-        "record_id": 4242,
-        "channel": "feishu_bot",
-        "user_id": 7,
-        "trigger_id": "trg_1",
-        "preview_id": "asp_1",
-        "trigger_type": "important_urgent_task",
-        "target_type": "task_pool",
-        "target_id": 19,
-        "target_url": "/assistant/preview/asp_1",
-        "message_text": "Two tasks moved.",
-        "fallback_used": False,
-        "trace_id": "trace-it",
-        "attempt": 1,
-        "dedupe_key": "dk-it",
-        "target": target,
-    }
-    fields.update(overrides)
-    return Delivery(**fields)
+    return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
 
 
 def bot_provider(client: httpx.AsyncClient, **kw: Any) -> FeishuBotProvider:

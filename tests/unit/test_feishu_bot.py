@@ -10,7 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,14 +21,19 @@ import pytest
 from outbox_notifier.providers import feishu_bot, feishu_flow
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider, MessageFormat
+from tests import provider_support
+from tests.provider_support import Handler, mock_client, raising, recording, reply
 
 TOKEN = "b0t-hook-token-0123456789abcdef"
 SECRET = "bot-signing-secret-XYZ"
 WEBHOOK = f"https://open.feishu.cn/open-apis/bot/v2/hook/{TOKEN}"
 NOW = datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC)
 NOW_TS = "1704067200"
-
-Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+DELIVERY_FIELDS: dict[str, Any] = {
+    "record_id": 321,
+    "channel": "feishu_bot",
+    "message_text": "Two tasks moved.\n/assistant/preview/asp_1",
+}
 
 
 def expected_sign(timestamp: str, secret: str) -> str:
@@ -45,39 +50,8 @@ def make_target(
 
 
 def make_delivery(target: Target | None = None, **overrides: Any) -> Delivery:
-    fields: dict[str, Any] = {
-        "record_id": 321,
-        "channel": "feishu_bot",
-        "user_id": 7,
-        "trigger_id": "trg_1",
-        "preview_id": "asp_1",
-        "trigger_type": "important_urgent_task",
-        "target_type": "task_pool",
-        "target_id": 19,
-        "target_url": "/assistant/preview/asp_1",
-        "message_text": "Two tasks moved.\n/assistant/preview/asp_1",
-        "fallback_used": False,
-        "trace_id": "trace-abc",
-        "attempt": 1,
-        "dedupe_key": "dk-1",
-        "target": target if target is not None else make_target(),
-    }
-    fields.update(overrides)
-    return Delivery(**fields)
-
-
-def reply(status: int, content: bytes = b"", headers: dict[str, str] | None = None) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=content, headers=headers)
-
-    return handler
-
-
-def raising(exc: BaseException) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        raise exc
-
-    return handler
+    target = target if target is not None else make_target()
+    return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
 
 
 async def send_with(
@@ -87,7 +61,7 @@ async def send_with(
     clock: Callable[[], datetime] = lambda: NOW,
     **kw: Any,
 ) -> SendResult:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = mock_client(handler)
     kw.setdefault("frontend_base_url", "https://app.example.com/")
     provider = FeishuBotProvider(client, clock=clock, **kw)
     async with client:
@@ -97,12 +71,7 @@ async def send_with(
 async def capture(
     delivery: Delivery | None = None, **kw: Any
 ) -> tuple[list[httpx.Request], SendResult]:
-    seen: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"code": 0, "msg": "success", "data": {}})
-
+    seen, handler = recording(200, json={"code": 0, "msg": "success", "data": {}})
     result = await send_with(handler, delivery, **kw)
     return seen, result
 
@@ -208,13 +177,8 @@ async def test_unsigned_when_auth_kind_is_not_bot_secret() -> None:
 
 async def test_signature_is_recomputed_on_every_call() -> None:
     now = [NOW]
-    seen: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"code": 11232, "msg": "frequency limited"})
-
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    seen, handler = recording(200, json={"code": 11232, "msg": "frequency limited"})
+    client = mock_client(handler)
     provider = FeishuBotProvider(client, clock=lambda: now[0])
     delivery = make_delivery(make_target(auth_kind="bot_secret", secret=SECRET))
     async with client:
@@ -494,13 +458,8 @@ async def test_transport_failures_are_temporary_and_scrubbed(exc: BaseException,
 
 
 async def test_redirects_are_not_followed_even_if_the_client_would() -> None:
-    seen: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(302, headers={"Location": "https://evil.example/steal"})
-
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=True)
+    seen, handler = recording(302, headers={"Location": "https://evil.example/steal"})
+    client = mock_client(handler, follow_redirects=True)
     provider = FeishuBotProvider(client, clock=lambda: NOW)
     async with client:
         result = await provider.send(make_delivery())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,36 +19,23 @@ import pytest
 from outbox_notifier.providers import base, feishu_flow
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
+from tests import provider_support
+from tests.provider_support import Handler, mock_client, raising, recording, reply
 
 TOKEN = "s3cr3t-trigger-key-0123456789"
 WEBHOOK = f"https://www.feishu.cn/flow/api/trigger-webhook/{TOKEN}"
 NOW = datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC)
-
-Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+DELIVERY_FIELDS: dict[str, Any] = {
+    "record_id": 123,
+    "channel": "feishu",
+    "message_text": "Two tasks moved.\n/assistant/preview/asp_1",
+}
 
 
 def make_delivery(target: Target | None = None, **overrides: Any) -> Delivery:
-    fields: dict[str, Any] = {
-        "record_id": 123,
-        "channel": "feishu",
-        "user_id": 7,
-        "trigger_id": "trg_1",
-        "preview_id": "asp_1",
-        "trigger_type": "important_urgent_task",
-        "target_type": "task_pool",
-        "target_id": 19,
-        "target_url": "/assistant/preview/asp_1",
-        "message_text": "Two tasks moved.\n/assistant/preview/asp_1",
-        "fallback_used": False,
-        "trace_id": "trace-abc",
-        "attempt": 1,
-        "dedupe_key": "dk-1",
-        "target": target
-        if target is not None
-        else Target(enabled=True, webhook_url=WEBHOOK, auth_kind="none", auth_secret=None),
-    }
-    fields.update(overrides)
-    return Delivery(**fields)
+    if target is None:
+        target = Target(enabled=True, webhook_url=WEBHOOK, auth_kind="none", auth_secret=None)
+    return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
 
 
 def make_provider(
@@ -58,7 +45,7 @@ def make_provider(
     response_body_max_bytes: int = 65536,
     frontend_base_url: str = "https://app.example.com/",
 ) -> tuple[FeishuFlowProvider, httpx.AsyncClient]:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = mock_client(handler)
     provider = FeishuFlowProvider(
         client,
         frontend_base_url=frontend_base_url,
@@ -76,20 +63,6 @@ async def send_with(handler: Handler, delivery: Delivery | None = None, **kw: An
     provider, client = make_provider(handler, **kw)
     async with client:
         return await provider.send(delivery or make_delivery())
-
-
-def reply(status: int, content: bytes = b"", headers: dict[str, str] | None = None) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=content, headers=headers)
-
-    return handler
-
-
-def raising(exc: BaseException) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        raise exc
-
-    return handler
 
 
 @pytest.mark.parametrize(
@@ -232,11 +205,7 @@ async def test_cancellation_propagates() -> None:
     ],
 )
 async def test_missing_target_is_skipped_without_a_call(target: Target | None, reason: str) -> None:
-    calls: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        return httpx.Response(200)
+    calls, handler = recording(200)
 
     delivery = make_delivery()
     delivery = msgspec.structs.replace(delivery, target=target)
@@ -263,11 +232,7 @@ async def test_missing_target_is_skipped_without_a_call(target: Target | None, r
     ],
 )
 async def test_url_policy_violations_are_invalid_url(url: str) -> None:
-    calls: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        return httpx.Response(200)
+    calls, handler = recording(200)
 
     target = Target(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
     result = await send_with(handler, make_delivery(target))
@@ -294,7 +259,7 @@ async def test_url_policy_accepts(url: str) -> None:
 
 
 async def test_local_http_allowed_when_configured() -> None:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(reply(200)))
+    client = mock_client(reply(200))
     provider = FeishuFlowProvider(
         client,
         frontend_base_url="",
@@ -314,12 +279,7 @@ async def test_local_http_allowed_when_configured() -> None:
 
 
 async def capture(delivery: Delivery, **kw: Any) -> tuple[httpx.Request, SendResult]:
-    seen: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"code": 0})
-
+    seen, handler = recording(200, json={"code": 0})
     result = await send_with(handler, delivery, **kw)
     assert len(seen) == 1
     return seen[0], result
@@ -467,11 +427,7 @@ def test_error_code_partition() -> None:
 
 
 async def test_bad_bearer_token_is_rejected_without_a_call() -> None:
-    calls: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        return httpx.Response(200)
+    calls, handler = recording(200)
 
     secret = "tok\nInjected: yes"
     target = Target(enabled=True, webhook_url=WEBHOOK, auth_kind="bearer", auth_secret=secret)

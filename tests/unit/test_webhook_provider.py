@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,14 +20,15 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from outbox_notifier.providers import webhook
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.webhook import WebhookProvider
+from tests import provider_support
+from tests.provider_support import Handler, mock_client, raising, recording, reply
 
 URL_KEY = "url-path-key-0123456789"
 URL = f"https://hooks.example.com/in/{URL_KEY}?sig=q-s3cr3t"
 NOW = datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC)
 SECRET_A = "whsec_" + base64.b64encode(b"first signing key, 32 bytes long").decode()
 SECRET_B = "whsec_" + base64.b64encode(b"second key for the rotation....").decode()
-
-Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+DELIVERY_FIELDS: dict[str, Any] = {"record_id": 555, "channel": "webhook"}
 
 
 def make_target(
@@ -37,45 +38,14 @@ def make_target(
 
 
 def make_delivery(target: Target | None = None, **overrides: Any) -> Delivery:
-    fields: dict[str, Any] = {
-        "record_id": 555,
-        "channel": "webhook",
-        "user_id": 7,
-        "trigger_id": "trg_1",
-        "preview_id": "asp_1",
-        "trigger_type": "important_urgent_task",
-        "target_type": "task_pool",
-        "target_id": 19,
-        "target_url": "/assistant/preview/asp_1",
-        "message_text": "Two tasks moved.",
-        "fallback_used": False,
-        "trace_id": "trace-abc",
-        "attempt": 1,
-        "dedupe_key": "dk-1",
-        "target": target if target is not None else make_target(),
-    }
-    fields.update(overrides)
-    return Delivery(**fields)
-
-
-def reply(status: int, content: bytes = b"", headers: dict[str, str] | None = None) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=content, headers=headers)
-
-    return handler
-
-
-def raising(exc: BaseException) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        raise exc
-
-    return handler
+    target = target if target is not None else make_target()
+    return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
 
 
 def make_provider(
     handler: Handler, *, clock: Callable[[], datetime] = lambda: NOW, **kw: Any
 ) -> tuple[WebhookProvider, httpx.AsyncClient]:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = mock_client(handler)
     kw.setdefault("frontend_base_url", "https://app.example.com")
     return WebhookProvider(client, clock=clock, **kw), client
 
@@ -89,12 +59,7 @@ async def send_with(handler: Handler, delivery: Delivery | None = None, **kw: An
 async def capture(
     delivery: Delivery | None = None, **kw: Any
 ) -> tuple[list[httpx.Request], SendResult]:
-    seen: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(204)
-
+    seen, handler = recording(204)
     result = await send_with(handler, delivery, **kw)
     return seen, result
 
@@ -147,12 +112,7 @@ async def test_empty_trace_id_is_omitted() -> None:
 
 async def test_webhook_id_is_stable_across_attempts() -> None:
     now = [NOW]
-    seen: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(503)
-
+    seen, handler = recording(503)
     provider, client = make_provider(handler, clock=lambda: now[0])
     delivery = make_delivery()
     async with client:
@@ -303,13 +263,8 @@ def test_endpoint_gone_is_a_permanent_code() -> None:
 
 
 async def test_redirect_is_not_followed_even_if_the_client_would() -> None:
-    seen: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(307, headers={"Location": "http://169.254.169.254/latest"})
-
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=True)
+    seen, handler = recording(307, headers={"Location": "http://169.254.169.254/latest"})
+    client = mock_client(handler, follow_redirects=True)
     provider = WebhookProvider(client, clock=lambda: NOW)
     async with client:
         result = await provider.send(make_delivery())
