@@ -180,7 +180,10 @@ class Metrics:
             "in_flight", "Provider calls in flight in this process.", namespace=ns, registry=r
         )
         self.paused_targets = Gauge(
-            "paused_targets", "Delivery targets paused by endpoint protection (snapshot).", namespace=ns, registry=r
+            "paused_targets",
+            "Delivery targets paused by endpoint protection (snapshot).",
+            namespace=ns,
+            registry=r,
         )
         self.build_info = Info("build", "Version of outbox-notifier and of Python.",
                                namespace=ns, registry=r)  # fmt: skip
