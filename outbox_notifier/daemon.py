@@ -90,6 +90,15 @@ def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str
     }
 
 
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """Pool connections: autocommit (each batch statement is its own short transaction) and,
+    behind a transaction-mode pooler, no server-side prepared statements."""
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if not settings.prepared_statements:
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
 def claim_policy(settings: Settings) -> ClaimPolicy:
     return ClaimPolicy(
         lease_s=settings.lease_s,
@@ -156,7 +165,7 @@ class Daemon:
             settings.dsn,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
-            kwargs={"autocommit": True},
+            kwargs=connection_kwargs(settings),
             timeout=10.0,
             open=False,
             name="outbox-notifier",

@@ -161,7 +161,9 @@ def to_result(
         error_code=None if status == "sent" else sent.error_code,
         error=error,
         delay_s=delay_s,
-        provider_message_id=sent.provider_message_id,
+        provider_message_id=(
+            None if sent.provider_message_id is None else _pg_text(sent.provider_message_id)
+        ),
         request_json=sent.request_json.decode() if sent.request_json is not None else None,
         response_json=response,
         http_status=sent.http_status,
@@ -245,6 +247,9 @@ class Deliverer:
         try:
             while not stop.is_set():
                 self.last_progress = time.monotonic()
+                if applier.done():  # only a bug ends it; results must keep landing
+                    logger.error("result applier stopped (%r); restarting it", applier)
+                    applier = asyncio.create_task(self._apply_forever(), name="apply-results")
                 free = self.concurrency - len(self._inflight)
                 # Claim in chunks rather than one record per freed slot: fewer, larger claims.
                 if free < max(1, self.concurrency // 4) and self._inflight:
@@ -328,7 +333,9 @@ class Deliverer:
             try:
                 await self._apply(batch)
                 return
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
+                # Any database error, not only a lost connection: dropping the batch would let
+                # the leases expire and send every record in it a second time.
                 logger.warning("applying results failed, retrying: %s", _first_line(exc))
                 if self.metrics is not None:
                     self.metrics.database_error("apply")
@@ -346,9 +353,14 @@ class Deliverer:
                 except psycopg.DataError:
                     logger.exception("result refused", extra={"record_id": result.record_id})
         self._account(batch, applied)
-        # Target bookkeeping after the results are safe: if it fails, only a pause is late.
-        await self.store.disable_channels(batch)
-        paused = await self.store.record_target_results(batch, self.claim_policy)
+        # Target bookkeeping after the results are stored, and outside their retry: if it
+        # fails, a pause or a disabled channel comes late, and the results are not re-applied.
+        try:
+            await self.store.disable_channels(batch)
+            paused = await self.store.record_target_results(batch, self.claim_policy)
+        except psycopg.Error as exc:
+            logger.warning("target bookkeeping failed: %s", _first_line(exc))
+            return
         for key in paused:
             logger.warning("target paused after repeated failures", extra={"target": key[:12]})
 

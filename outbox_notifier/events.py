@@ -169,3 +169,7 @@ def decode_event(
         raise EventRejected(f"invalid payload: {message}", "invalid") from exc
     except msgspec.DecodeError as exc:
         raise EventRejected(f"payload is not valid JSON: {exc}", "malformed") from exc
+    except RecursionError as exc:
+        # jsonb accepts nesting thousands of levels deep; the decoder recurses into unknown
+        # fields and runs out of stack. Such a row is refused, not allowed to stop the relay.
+        raise EventRejected("payload is nested too deeply", "malformed") from exc

@@ -114,6 +114,12 @@ class Relay:
                 rejected.append((row.id, exc.reason))
                 classes[exc.reason_class] = classes.get(exc.reason_class, 0) + 1
                 continue
+            except Exception as exc:
+                # A decoder bug must cost one row, not the whole outbox behind it.
+                logger.exception("unexpected error decoding outbox row %d", row.id)
+                rejected.append((row.id, f"could not decode payload: {type(exc).__name__}"))
+                classes["malformed"] = classes.get("malformed", 0) + 1
+                continue
             summary, fallback, fallback_used = message.normalize_template(
                 event.summary_text, event.fallback_text, self.summary_max_runes
             )

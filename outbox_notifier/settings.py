@@ -95,6 +95,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Direct DSN for LISTEN when ``dsn`` goes through PgBouncer in transaction mode, where
     # LISTEN does not work; empty means use ``dsn``.
     listen_dsn: str = ""
+    # Behind PgBouncer in transaction mode (before 1.21) server-side prepared statements break:
+    # set false there. listen_dsn must then point at Postgres directly.
+    prepared_statements: bool = True
     pool_min_size: NonNegativeInt = 2
     pool_max_size: AtLeastOne = 10
     poll_interval_s: Positive = 5.0  # fallback poll when no NOTIFY arrives

@@ -18,6 +18,14 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.sqlfiles import query
 
+_encoder = msgspec.json.Encoder()
+
+
+def _json(value: object) -> str:
+    """A batch as one JSON document, unpacked in SQL by ``jsonb_to_recordset``: one parameter
+    instead of one array per column, and far cheaper for the driver to send."""
+    return _encoder.encode(value).decode()
+
 
 class OutboxRow(msgspec.Struct, frozen=True):
     id: int
@@ -162,22 +170,8 @@ class RecordStore:
         params = {
             "channel": channel,
             "max_attempts": max_attempts,
-            "outbox_ids": [r.outbox_id for r in records],
-            "user_ids": [r.user_id for r in records],
-            "trigger_ids": [r.trigger_id for r in records],
-            "preview_ids": [r.preview_id for r in records],
-            "trigger_types": [r.trigger_type for r in records],
-            "target_types": [r.target_type for r in records],
-            "target_ids": [r.target_id for r in records],
-            "dedupe_keys": [r.dedupe_key for r in records],
-            "target_urls": [r.target_url for r in records],
-            "summary_texts": [r.summary_text for r in records],
-            "fallback_texts": [r.fallback_text for r in records],
-            "fallback_useds": [r.fallback_used for r in records],
-            "trace_ids": [r.trace_id for r in records],
-            "requested_ats": [r.requested_at for r in records],
-            "rejected_ids": [outbox_id for outbox_id, _ in rejected],
-            "reasons": [reason for _, reason in rejected],
+            "records": _json(records),
+            "rejected": _json([{"id": i, "reason": reason} for i, reason in rejected]),
         }
         cur = await conn.execute(query("relay_outbox"), params)
         return [(row[0], row[1]) for row in await cur.fetchall()]
@@ -249,22 +243,7 @@ class RecordStore:
             await conn.execute(query("disable_channels"), params)
 
     async def apply_results(self, results: Sequence[Result]) -> list[Applied]:
-        params = {
-            "ids": [r.record_id for r in results],
-            "tokens": [r.lease_token for r in results],
-            "attempts": [r.attempt for r in results],
-            "statuses": [r.status for r in results],
-            "outcomes": [r.outcome for r in results],
-            "error_codes": [r.error_code for r in results],
-            "errors": [r.error for r in results],
-            "delays_s": [r.delay_s for r in results],
-            "message_ids": [r.provider_message_id for r in results],
-            "requests": [r.request_json for r in results],
-            "responses": [r.response_json for r in results],
-            "http_statuses": [r.http_status for r in results],
-            "started_ats": [r.started_at for r in results],
-            "durations_ms": [r.duration_ms for r in results],
-        }
+        params = {"results": _json(results)}
         async with self.pool.connection() as conn:
             cur = await conn.execute(query("apply_results"), params)
             return [

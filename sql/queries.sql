@@ -23,18 +23,16 @@ FOR UPDATE SKIP LOCKED;
 -- name: relay_outbox
 -- Inserts the records of valid rows (an existing (channel, dedupe_key) is a dedupe hit and is
 -- reused), marks them relayed and the invalid rows rejected; returns (outbox_id, record_id) of
--- the records created.
+-- the records created. The batch arrives as one JSON document (cheaper to send than one array
+-- per column).
 WITH input AS (
     SELECT *
-    FROM unnest(
-        %(outbox_ids)s::bigint[], %(user_ids)s::bigint[], %(trigger_ids)s::text[],
-        %(preview_ids)s::text[], %(trigger_types)s::text[], %(target_types)s::text[],
-        %(target_ids)s::bigint[], %(dedupe_keys)s::text[], %(target_urls)s::text[],
-        %(summary_texts)s::text[], %(fallback_texts)s::text[], %(fallback_useds)s::boolean[],
-        %(trace_ids)s::text[], %(requested_ats)s::timestamptz[]
-    ) AS t(outbox_id, user_id, trigger_id, preview_id, trigger_type, target_type, target_id,
-           dedupe_key, target_url, summary_text, fallback_text, fallback_used, trace_id,
-           requested_at)
+    FROM jsonb_to_recordset(%(records)s::jsonb) AS t(
+        outbox_id bigint, user_id bigint, trigger_id text, preview_id text, trigger_type text,
+        target_type text, target_id bigint, dedupe_key text, target_url text,
+        summary_text text, fallback_text text, fallback_used boolean, trace_id text,
+        requested_at timestamptz
+    )
 ), inserted AS (
     INSERT INTO outbox_notifier.notification_records (
         channel, user_id, trigger_id, preview_id, trigger_type, target_type, target_id,
@@ -56,7 +54,7 @@ WITH input AS (
 ), rejected AS (
     UPDATE outbox_notifier.outbox o
     SET status = 'rejected', relayed_at = now(), error = r.reason
-    FROM unnest(%(rejected_ids)s::bigint[], %(reasons)s::text[]) AS r(id, reason)
+    FROM jsonb_to_recordset(%(rejected)s::jsonb) AS r(id bigint, reason text)
     WHERE o.id = r.id
 )
 SELECT outbox_id, id FROM inserted;
@@ -98,14 +96,12 @@ WHERE ch.user_id = u.user_id AND ch.channel = u.channel;
 -- lease). next_retry_at is computed on the database clock. Returns the records updated.
 WITH input AS (
     SELECT *
-    FROM unnest(
-        %(ids)s::bigint[], %(tokens)s::bigint[], %(attempts)s::integer[], %(statuses)s::text[],
-        %(outcomes)s::text[], %(error_codes)s::text[], %(errors)s::text[],
-        %(delays_s)s::float8[], %(message_ids)s::text[], %(requests)s::text[],
-        %(responses)s::text[], %(http_statuses)s::integer[], %(started_ats)s::timestamptz[],
-        %(durations_ms)s::float8[]
-    ) AS t(id, token, attempt, status, outcome, error_code, error, delay_s, message_id, request,
-           response, http_status, started_at, duration_ms)
+    FROM jsonb_to_recordset(%(results)s::jsonb) AS t(
+        record_id bigint, lease_token bigint, attempt integer, status text, outcome text,
+        error_code text, error text, delay_s float8, provider_message_id text,
+        request_json text, response_json text, http_status integer, started_at timestamptz,
+        duration_ms float8
+    )
 ), applied AS (
     UPDATE outbox_notifier.notification_records r
     SET status = input.status,
@@ -114,24 +110,24 @@ WITH input AS (
         next_retry_at = CASE WHEN input.status = 'failed'
                              THEN now() + make_interval(secs => input.delay_s) END,
         sent_at = CASE WHEN input.status = 'sent' THEN now() ELSE r.sent_at END,
-        provider_message_id = input.message_id,
-        provider_request_json = coalesce(input.request::jsonb, r.provider_request_json),
-        provider_response_json = input.response::jsonb,
+        provider_message_id = input.provider_message_id,
+        provider_request_json = coalesce(input.request_json::jsonb, r.provider_request_json),
+        provider_response_json = input.response_json::jsonb,
         lease_expires_at = NULL,
         lease_token = NULL,
         updated_at = now()
     FROM input
-    WHERE r.id = input.id AND r.status = 'sending' AND r.lease_token = input.token
+    WHERE r.id = input.record_id AND r.status = 'sending' AND r.lease_token = input.lease_token
     RETURNING r.id, r.channel, r.status, extract(epoch FROM now() - r.requested_at) AS latency_s
 ), logged AS (
     INSERT INTO outbox_notifier.delivery_attempts (
         record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code,
         http_status, response_excerpt, applied
     )
-    SELECT input.id, input.attempt, input.token, input.started_at, input.duration_ms,
-           input.outcome, input.error_code, input.http_status, left(input.response, 2000),
-           applied.id IS NOT NULL
-    FROM input LEFT JOIN applied ON applied.id = input.id
+    SELECT input.record_id, input.attempt, input.lease_token, input.started_at,
+           input.duration_ms, input.outcome, input.error_code, input.http_status,
+           left(input.response_json, 2000), applied.id IS NOT NULL
+    FROM input LEFT JOIN applied ON applied.id = input.record_id
 )
 SELECT id, channel, status, latency_s FROM applied;
 

@@ -1,0 +1,187 @@
+"""Scenario 6: a skewed host clock does not move retries; bad settings fail fast with exit 2.
+
+Retry times are computed by Postgres (``now() + delay`` in the apply statement), so the
+backoff holds on the database clock whatever the daemon's host clock says. Shown in-process:
+the delivery module's ``datetime`` is replaced by one that runs a day fast or slow.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from outbox_notifier import delivery as delivery_module
+from outbox_notifier import events
+from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult
+from outbox_notifier.relay import Relay
+from outbox_notifier.store import ClaimPolicy, RecordStore
+from tests.faults.harness import add_channels, env_without_settings, event_payload
+
+pytestmark = pytest.mark.faults
+
+
+class _Failing:
+    """A provider that always fails temporarily; the n-th call may carry a Retry-After."""
+
+    channel = "feishu"
+
+    def __init__(self, retry_after_s: float | None = None) -> None:
+        self.retry_after_s = retry_after_s
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        return SendResult(
+            outcome=Outcome.TEMPORARY_FAIL,
+            error_code=ErrorCode.PROVIDER_5XX,
+            error_message="HTTP 503",
+            http_status=503,
+            retry_after_s=self.retry_after_s,
+        )
+
+
+def _skewed(skew: timedelta) -> type[datetime]:
+    class Skewed(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return datetime.now(tz) + skew
+
+    return Skewed
+
+
+@pytest.fixture
+async def pool(db: str) -> Any:
+    p: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        db, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
+    )
+    await p.open()
+    yield p
+    await p.close()
+
+
+@pytest.mark.parametrize("skew_h", [-24, 0, 24])
+async def test_retry_times_follow_the_database_clock_whatever_the_host_clock(
+    db: str,
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    record_property: Callable[[str, object], None],
+    skew_h: int,
+) -> None:
+    monkeypatch.setattr(delivery_module, "datetime", _skewed(timedelta(hours=skew_h)))
+    add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
+    store = RecordStore(pool)
+    relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
+
+    async def produce(key: str) -> None:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
+                         (events.EVENT_TYPE,
+                          msgspec.json.encode(event_payload(key, 1, 1)).decode()))  # fmt: skip
+        await relay.relay_once()
+
+    await produce("clock-a")
+    policy = RetryPolicy(max_attempts=5, base_s=60, max_s=600)
+    claim = ClaimPolicy(lease_s=30)
+
+    def deliverer(provider: _Failing) -> Deliverer:
+        return Deliverer(store, {"feishu_flow": provider}, policy, claim,
+                         batch_size=1, concurrency=1)  # fmt: skip
+
+    rows: list[tuple[Any, ...]] = []
+    with psycopg.connect(db, autocommit=True) as conn:
+        gaps = []
+        for attempt, expected in ((1, 60.0), (2, 120.0), (3, 240.0)):
+            assert await deliverer(_Failing()).deliver_once() == 1
+            row = conn.execute(
+                "SELECT extract(epoch FROM next_retry_at - updated_at),"
+                " extract(epoch FROM next_retry_at - now()), attempt_count"
+                " FROM outbox_notifier.notification_records WHERE dedupe_key = 'clock-a'"
+            ).fetchone()
+            assert row is not None
+            gap, ahead, attempts = float(row[0]), float(row[1]), row[2]
+            assert attempts == attempt
+            assert gap == pytest.approx(expected, abs=1e-3)  # exactly the backoff, DB clock
+            assert expected - 5 < ahead <= expected  # in the DB's future, not the host's
+            gaps.append(gap)
+            # make it due again on the database clock
+            conn.execute(
+                "UPDATE outbox_notifier.notification_records SET next_retry_at = now()"
+                " WHERE dedupe_key = 'clock-a'"
+            )
+        conn.execute(  # clock-a out of the way; clock-b gets a Retry-After
+            "UPDATE outbox_notifier.notification_records SET next_retry_at = now() + interval"
+            " '1 day' WHERE dedupe_key = 'clock-a'"
+        )
+        await produce("clock-b")
+        assert await deliverer(_Failing(retry_after_s=7)).deliver_once() == 1
+        retry_after_gap = conn.execute(
+            "SELECT extract(epoch FROM next_retry_at - updated_at)"
+            " FROM outbox_notifier.notification_records WHERE dedupe_key = 'clock-b'"
+        ).fetchone()
+        rows = conn.execute(
+            "SELECT extract(epoch FROM started_at - now()) FROM outbox_notifier.delivery_attempts"
+        ).fetchall()
+    assert retry_after_gap is not None and float(retry_after_gap[0]) == pytest.approx(7, abs=1e-3)
+    started_offset_h = max(abs(float(r[0])) for r in rows) / 3600
+    line = (
+        f"[faults:clock skew={skew_h:+d}h] backoff_gaps_s={[round(g, 3) for g in gaps]}"
+        f" retry_after_gap_s={float(retry_after_gap[0]):.3f}"
+        f" attempt_started_at_offset_h={started_offset_h:.1f}"
+    )
+    print("\n" + line)
+    record_property("faults_figures", line)
+
+
+BAD_SETTINGS = [
+    ({"OUTBOX_NOTIFIER_LEASE_S": "abc"}, "lease_s"),
+    ({"OUTBOX_NOTIFIER_POLL_INTERVAL_S": "-1"}, "poll_interval_s"),
+    ({"OUTBOX_NOTIFIER_MAX_ATTEMPTS": "0"}, "max_attempts"),
+    ({"OUTBOX_NOTIFIER_LEASE_S": "2", "OUTBOX_NOTIFIER_HTTP_TIMEOUT_S": "5"}, "lease_s"),
+    ({"OUTBOX_NOTIFIER_LOG_FORMAT": "xml"}, "log_format"),
+    ({"OUTBOX_NOTIFIER_RETRY_BASE_S": "nan"}, "retry_base_s"),
+    ({"OUTBOX_NOTIFIER_POOL_MIN_SIZE": "5", "OUTBOX_NOTIFIER_POOL_MAX_SIZE": "1"}, "pool_max_size"),
+    ({"OUTBOX_NOTIFIER_DELIVERY_CONCURRENCY": "1.5"}, "delivery_concurrency"),
+]
+
+
+@pytest.fixture
+def bad_runs(db: str) -> Iterator[list[tuple[str, subprocess.Popen[str], float]]]:
+    """Every bad configuration started at once (they must all exit quickly)."""
+    procs = []
+    for env_extra, setting in BAD_SETTINGS:
+        env = {**env_without_settings(), **env_extra}
+        cmd = [sys.executable, "-m", "outbox_notifier", "run", "--dsn", db]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)  # fmt: skip
+        procs.append((setting, proc, time.monotonic()))
+    yield procs
+    for _, proc, _ in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_invalid_settings_fail_fast_with_exit_2_and_one_line(
+    bad_runs: list[tuple[str, subprocess.Popen[str], float]],
+    record_property: Callable[[str, object], None],
+) -> None:
+    slowest = 0.0
+    for setting, proc, started in bad_runs:
+        out, _ = proc.communicate(timeout=30)
+        slowest = max(slowest, time.monotonic() - started)
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert proc.returncode == 2, (setting, proc.returncode, out)
+        assert len(lines) == 1, (setting, out)
+        assert setting in lines[0], (setting, out)
+        assert "Traceback" not in out
+    line = f"[faults:bad_settings] cases={len(bad_runs)} exit=2 slowest_exit_s={slowest:.2f}"
+    print("\n" + line)
+    record_property("faults_figures", line)

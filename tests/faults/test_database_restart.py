@@ -1,0 +1,207 @@
+"""Scenario 2: the database restarts (``pg_ctl restart -m fast``) under a running workload.
+
+The shared test server may not be ours to restart, so this scenario makes a private cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from outbox_notifier import migrations
+from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.providers.base import Delivery, Outcome, SendResult
+from outbox_notifier.relay import Relay
+from outbox_notifier.store import ClaimPolicy, RecordStore, Result
+from outbox_notifier.testing.feishu_server import FeishuServer
+from outbox_notifier.testing.postgres import LocalCluster, create_database
+from tests.faults.harness import (
+    Fleet,
+    LeaseWatch,
+    Producer,
+    add_channels,
+    check_invariants,
+    env_without_settings,
+    event_payload,
+    report,
+    wait_settled,
+    wait_until,
+)
+
+pytestmark = pytest.mark.faults
+
+EVENTS = 1500
+USERS = 10
+RESTARTS = 2
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    own = LocalCluster()
+    try:
+        own.start()
+        yield own
+    finally:
+        own.remove()
+
+
+def _status(dsn: str, key: str) -> str | None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
+            (key,),
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+@pytest.mark.timeout(150)
+def test_database_restarts_lose_nothing_and_listen_comes_back(
+    cluster: LocalCluster, server: FeishuServer, record_property: Callable[[str, object], None]
+) -> None:
+    dsn = create_database(cluster.dsn, prefix="on_faults")
+    migrations.migrate(dsn)
+    add_channels(dsn, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
+    producer = Producer(dsn, EVENTS, users=range(1, USERS + 1), duration_s=10.0)
+    started = time.monotonic()
+    outages: list[float] = []
+    # A long poll interval: after the restarts only a working LISTEN makes delivery prompt.
+    with (
+        Fleet(
+            dsn, 3,
+            "poll_interval_s=5", "lease_s=10", "http_timeout_s=2",
+            "retry_base_s=0.2", "retry_max_s=1", "max_attempts=10",
+            env=env_without_settings(),
+        ) as fleet,
+        LeaseWatch(dsn) as watch,
+    ):  # fmt: skip
+        fleet.wait_ready()
+        producer.start()
+        for _ in range(RESTARTS):
+            time.sleep(3.5)
+            down = time.monotonic()
+            cluster.restart("fast")
+            outages.append(time.monotonic() - down)
+        producer.join()
+        fleet.wait_ready(timeout_s=30)  # readiness includes "the LISTEN connection is up"
+        settle_s = wait_settled(dsn, timeout_s=60)
+        reconnects = [r.metric("outbox_notifier_listener_reconnects_total") for r in fleet.replicas]
+        db_errors = sum(r.metric("outbox_notifier_database_errors_total") for r in fleet.replicas)
+        # One more event after the restarts: NOTIFY (not the 5 s poll) must bring it in at once.
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
+                ("notification.feishu.requested",
+                 Jsonb(event_payload("after-restart", 1, 999_999))),
+            )  # fmt: skip
+        notify_latency_s = wait_until(
+            lambda: _status(dsn, "after-restart") == "sent", 4.0, "a prompt delivery via NOTIFY"
+        )
+        codes = fleet.stop()
+    elapsed = time.monotonic() - started
+    assert codes == [0, 0, 0], fleet.logs()[-5000:]
+    figures = check_invariants(dsn, server.requests, lease_watch=watch)
+    figures.extra.update(
+        events=producer.committed_rows,
+        db_restarts=RESTARTS,
+        outage_s="/".join(f"{o:.1f}" for o in outages),
+        producer_retries=producer.commit_errors,
+        daemon_db_errors=int(db_errors),
+        listener_reconnects="/".join(str(int(r)) for r in reconnects),
+        notify_latency_s=round(notify_latency_s, 2),
+        kills=0,
+        settle_s=round(settle_s, 1),
+        run_s=round(elapsed, 1),
+    )
+    report("database_restart", figures, record_property)
+    assert figures.records == len(producer.acknowledged) + 1
+    assert figures.rejected >= producer.bad_acknowledged
+    assert figures.by_status == {"sent": figures.records}
+    assert all(r >= RESTARTS for r in reconnects), reconnects
+    assert figures.duplicates == 0
+    assert figures.lease_rescues == 0  # outages far shorter than the lease
+    assert "Traceback" not in fleet.logs(), fleet.logs()[-5000:]
+
+
+class _BookkeepingFailsOnce(RecordStore):
+    """A store whose endpoint-protection bookkeeping loses its connection once, right after a
+    batch of results was applied: what a database restart between the two statements does."""
+
+    failures = 1
+
+    async def record_target_results(
+        self, results: Sequence[Result], policy: ClaimPolicy
+    ) -> list[str]:
+        if self.failures:
+            self.failures -= 1
+            raise psycopg.OperationalError("terminating connection due to administrator command")
+        return await super().record_target_results(results, policy)
+
+
+class _AlwaysOk:
+    channel = "feishu"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        self.calls += 1
+        return SendResult(outcome=Outcome.SUCCESS, http_status=200)
+
+
+async def test_results_applied_before_a_lost_connection_are_not_logged_again_as_late(
+    db: str, record_property: Callable[[str, object], None]
+) -> None:
+    add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
+    with psycopg.connect(db, autocommit=True) as conn:
+        for i in range(3):
+            conn.execute(
+                "SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
+                ("notification.feishu.requested",
+                 Jsonb(event_payload(f"bk-{i}", 1, i))),
+            )  # fmt: skip
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        db, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
+    )
+    await pool.open()
+    try:
+        store = _BookkeepingFailsOnce(pool)
+        await Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180).relay_once()
+        provider = _AlwaysOk()
+        deliverer = Deliverer(
+            store, {"feishu_flow": provider}, RetryPolicy(), ClaimPolicy(lease_s=30),
+            batch_size=10, concurrency=10, apply_retry_s=0.05,
+        )  # fmt: skip
+        stop, wake = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(deliverer.run(stop, wake, 0.1))
+
+        async def all_sent() -> bool:
+            async with pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM outbox_notifier.notification_records"
+                    " WHERE status = 'sent'"
+                )
+                row = await cur.fetchone()
+            return row is not None and row[0] == 3
+
+        deadline = time.monotonic() + 10
+        while not await all_sent():
+            assert time.monotonic() < deadline, "records were not sent"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # let the retried batch land
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await pool.close()
+    figures = check_invariants(db, None)
+    figures.extra.update(provider_calls=provider.calls, fenced=deliverer.stats.fenced)
+    report("bookkeeping_after_apply", figures, record_property)
+    assert provider.calls == 3
+    assert figures.late_results == 0, "applied results were written again as late results"
+    assert deliverer.stats.fenced == 0
