@@ -236,7 +236,8 @@ class Deliverer:
         self.last_progress = time.monotonic()
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
-        self._results: asyncio.Queue[Result] = asyncio.Queue()
+        # None is the end-of-work marker _drain() sends the applier.
+        self._results: asyncio.Queue[Result | None] = asyncio.Queue()
 
     @property
     def in_flight(self) -> int:
@@ -320,11 +321,21 @@ class Deliverer:
         return to_result(record, sent, self.policy, started_at)
 
     async def _apply_forever(self) -> None:
-        while True:
-            batch = [await self._results.get()]
-            while len(batch) < self.apply_batch_size and not self._results.empty():
-                batch.append(self._results.get_nowait())
-            await self._apply_until_stored(batch)
+        """Applies results in batches until it takes the end-of-work marker."""
+        done = False
+        while not done:
+            batch: list[Result] = []
+            item = await self._results.get()
+            while True:
+                if item is None:
+                    done = True
+                    break
+                batch.append(item)
+                if len(batch) >= self.apply_batch_size or self._results.empty():
+                    break
+                item = self._results.get_nowait()
+            if batch:
+                await self._apply_until_stored(batch)
 
     async def _apply_until_stored(self, batch: list[Result]) -> None:
         # A result is kept and retried while the database is away; if the daemon stops first,
@@ -387,11 +398,12 @@ class Deliverer:
         try:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
-            while not self._results.empty():
-                batch: list[Result] = []
-                while not self._results.empty() and len(batch) < self.apply_batch_size:
-                    batch.append(self._results.get_nowait())
-                await self._apply_until_stored(batch)
+            # The applier may be in the middle of a batch: let it finish everything queued,
+            # then stop at the marker (cancelling it here would lose results it holds).
+            if applier.done():  # it crashed on a bug: a fresh one drains the queue
+                applier = asyncio.create_task(self._apply_forever(), name="apply-results")
+            self._results.put_nowait(None)
+            await applier
         finally:
             applier.cancel()
             for task in self._inflight:

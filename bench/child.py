@@ -1,0 +1,51 @@
+"""The daemon under test with a chosen provider or HTTP transport, as its own process.
+
+``python -m bench.child --dsn DSN [--provider instant] [--transport aiohttp|minimal|default]``
+
+Used for the figures the plain CLI cannot give: the database side alone (an instant in-process
+provider) and the daemon over another httpx transport. Settings are the CLI's defaults plus the
+URL policy that lets the daemon post to the local server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from bench.clients import TRANSPORTS, InstantProvider, make_client
+from outbox_notifier import logs
+from outbox_notifier.daemon import Daemon, default_providers
+from outbox_notifier.providers.base import Provider
+from outbox_notifier.settings import Settings
+
+
+async def _run(args: argparse.Namespace) -> None:
+    settings = Settings(
+        dsn=args.dsn,
+        flow_allowed_schemes=("http",),
+        flow_allowed_hosts=("127.0.0.1",),
+        http_listen="127.0.0.1:0",
+    )
+    logs.configure_logging(settings.log_format, settings.log_level)
+    providers: dict[str, Provider]
+    if args.provider == "instant":
+        providers = {"feishu_flow": InstantProvider()}
+        await Daemon(settings, providers=providers).run()
+        return
+    async with make_client(args.transport, settings.delivery_concurrency) as client:
+        providers = default_providers(settings, client)
+        await Daemon(settings, providers=providers).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.child")
+    parser.add_argument("--dsn", required=True)
+    parser.add_argument("--provider", choices=("flow", "instant"), default="flow")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="default")
+    asyncio.run(_run(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
