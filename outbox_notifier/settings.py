@@ -115,6 +115,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_max_s: Positive = 3600.0  # clamp for a provider's Retry-After
     summary_max_runes: AtLeastOne = 180
     http_timeout_s: Positive = 5.0
+    http_transport: str = "keepalive"  # "keepalive" (ours, fast) or "httpx" (httpx's own pool)
     response_body_max_bytes: AtLeastOne = 65536
     frontend_base_url: str = ""  # action_url = frontend_base_url + target_url
     flow_allowed_schemes: tuple[str, ...] = ("https",)
@@ -211,6 +212,10 @@ def _check_values(s: Settings) -> None:
     for name in ("flow_path_prefix", "bot_path_prefix"):
         if not getattr(s, name).startswith("/"):
             raise _invalid(name, f"must start with '/', got {getattr(s, name)!r}")
+    if s.http_transport not in ("keepalive", "httpx"):
+        raise _invalid(
+            "http_transport", f"expected 'keepalive' or 'httpx', got {s.http_transport!r}"
+        )
     if s.bot_message_format not in ("text", "card"):
         raise _invalid(
             "bot_message_format", f"expected 'text' or 'card', got {s.bot_message_format!r}"
