@@ -15,6 +15,7 @@ while the database is away.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -120,6 +121,29 @@ def to_delivery(record: ClaimedRecord) -> Delivery:
     )
 
 
+_LOG_LEVEL_BY_STATUS = {
+    "sent": logging.DEBUG,
+    "failed": logging.INFO,
+    "skipped": logging.INFO,
+    "dead": logging.WARNING,
+}
+
+
+def dedupe_key_hash(dedupe_key: str) -> str:
+    """A short, stable stand-in for a dedupe key in logs (keys may carry business data)."""
+    return hashlib.sha256(dedupe_key.encode()).hexdigest()[:12]
+
+
+def _log_fields(result: Result) -> dict[str, object]:
+    return {
+        "record_id": result.record_id,
+        "trace_id": result.trace_id,
+        "dedupe_key_hash": dedupe_key_hash(result.dedupe_key),
+        "attempt": result.attempt,
+        "error_code": result.error_code,
+    }
+
+
 def _pg_text(value: str) -> str:
     # Postgres text cannot hold NUL; a hostile response must not make the whole batch fail.
     return value.replace("\x00", "\ufffd")
@@ -155,6 +179,8 @@ def to_result(
         channel=record.channel,
         user_id=record.user_id,
         target_key=record.target_key,
+        trace_id=record.trace_id,
+        dedupe_key=record.dedupe_key,
         disable_channel=sent.disable_target,
         status=status,
         outcome=str(sent.outcome),
@@ -382,14 +408,21 @@ class Deliverer:
         self.stats.fenced += len(batch) - len(applied)
         for row in applied:
             self.stats.by_status[row.status] = self.stats.by_status.get(row.status, 0) + 1
-        if len(applied) < len(batch):
-            applied_ids = {row.id for row in applied}
-            for result in batch:
-                if result.record_id not in applied_ids:
-                    logger.warning(
-                        "late result discarded: the record's lease was taken over",
-                        extra={"record_id": result.record_id, "attempt": result.attempt},
-                    )
+        applied_ids = {row.id for row in applied}
+        for result in batch:
+            if result.record_id not in applied_ids:
+                logger.warning(
+                    "late result discarded: the record's lease was taken over",
+                    extra=_log_fields(result),
+                )
+            else:
+                # Sent is the hot path: DEBUG, so a busy daemon is not slowed by its own logs.
+                level = _LOG_LEVEL_BY_STATUS.get(result.status, logging.INFO)
+                if logger.isEnabledFor(level):
+                    logger.log(
+                        level, "record %s: %s", result.status, result.error_code or "ok",
+                        extra=_log_fields(result),
+                    )  # fmt: skip
         if self.on_applied is not None:
             self.on_applied(batch, applied)
 

@@ -76,6 +76,11 @@ class Relay:
                 )  # fmt: skip
         for outbox_id, reason in batch.rejected:
             logger.warning("outbox row rejected", extra={"outbox_id": outbox_id, "reason": reason})
+        if logger.isEnabledFor(logging.DEBUG):  # one line per row: only when asked for
+            for outbox_id, record_id in created:
+                logger.debug(
+                    "outbox row relayed", extra={"outbox_id": outbox_id, "record_id": record_id}
+                )
         return RelayReport(
             claimed=len(rows),
             created=len(created),

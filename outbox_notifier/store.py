@@ -107,6 +107,8 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     channel: str
     user_id: int
     target_key: str | None
+    trace_id: str = ""
+    dedupe_key: str = ""
     disable_channel: bool = False
     status: str
     outcome: str

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import httpx
+import msgspec
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from outbox_notifier.daemon import Daemon
+from outbox_notifier.delivery import dedupe_key_hash
+from outbox_notifier.logs import JsonFormatter
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import FLOW_PREFIX, add_channel, enqueue, eventually, payload, running
 from tests.support import settings_for as base_settings
@@ -138,3 +142,41 @@ async def test_readyz_follows_the_database(db: str, pg_server: str) -> None:
             timeout_s=20,
             what="ready again",
         )
+
+
+async def test_log_lines_carry_ids_and_never_secrets(
+    db: str,
+    conn: psycopg.Connection[Any],
+    server: FeishuServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="outbox_notifier")
+    add_channel(conn, 1, server.bot_url("tok-SECRET-PATH"), provider="feishu_bot",
+                auth_kind="bot_secret", secret="sign-secret-XYZ")  # fmt: skip
+    server.script(
+        "tok-SECRET-PATH", [Reply(status=503)], then=Reply.feishu_error(19021, "bad sign")
+    )
+    enqueue(conn, payload("log-me"))
+    settings = base_settings(db, retry_base_s=0.2, retry_max_s=0.2)
+    async with running(Daemon(settings)):
+        await eventually(
+            lambda: (
+                conn.execute("SELECT status FROM outbox_notifier.notification_records").fetchone()
+                == ("dead",)
+            ),
+            what="dead",
+        )
+    formatter = JsonFormatter()
+    lines = [formatter.format(r) for r in caplog.records if r.name.startswith("outbox_notifier")]
+    text = "\n".join(lines)
+    assert "tok-SECRET-PATH" not in text
+    assert "sign-secret-XYZ" not in text
+    events = [msgspec.json.decode(line) for line in lines]
+    failed = [e for e in events if e.get("msg") == "record failed: provider_5xx"]
+    dead = [e for e in events if e.get("msg") == "record dead: provider_auth_failed"]
+    assert len(failed) == 1 and len(dead) == 1
+    assert failed[0]["trace_id"] == "trace-log-me"
+    assert failed[0]["attempt"] == 1 and dead[0]["attempt"] == 2
+    assert failed[0]["dedupe_key_hash"] == dedupe_key_hash("log-me")
+    assert "log-me" not in failed[0]["dedupe_key_hash"]
+    assert any(e.get("msg") == "outbox row relayed" for e in events)
