@@ -81,6 +81,10 @@ DECLARE
     v_hosts text[];
     v_claim bigint[];
     v_now timestamptz;
+    -- providers with a pacing limit
+    v_paced text[] := ARRAY(
+        SELECT pl.p FROM unnest(p_paced, p_per_s, p_per_min) AS pl(p, per_s, per_min)
+        WHERE pl.per_s > 0 OR pl.per_min > 0);
 BEGIN
     WITH due AS (
         (SELECT r.id FROM outbox_notifier.notification_records r
@@ -128,8 +132,13 @@ BEGIN
     ORDER BY k
     ON CONFLICT (target_key) DO NOTHING;
 
+    -- Lock (and so serialise across replicas) only the targets whose decision depends on
+    -- shared state: paced ones, and failing or paused ones. A healthy unpaced target is only
+    -- read: the worst a race there can do is let a call or two through just as it starts failing.
     PERFORM 1 FROM outbox_notifier.targets t
     WHERE t.target_key = ANY (v_keys)
+      AND (t.consecutive_failures > 0 OR t.paused_until IS NOT NULL
+           OR t.provider = ANY (v_paced))
     ORDER BY t.target_key
     FOR UPDATE;
     v_now := clock_timestamp();
@@ -186,7 +195,10 @@ BEGIN
         WHERE u.k IS NOT NULL AND u.id = ANY (v_claim)
         GROUP BY u.k
     ) n
-    WHERE t.target_key = n.k;
+    WHERE t.target_key = n.k
+      -- only paced targets keep a log, and only failing ones can need a probe re-armed
+      AND (t.consecutive_failures >= p_breaker_failures
+           OR t.provider = ANY (v_paced));
 
     -- Deferred records wait, without spending an attempt, until their target can take one
     -- more call: the end of a pause, or when the call that fills a window leaves it (the
@@ -249,10 +261,13 @@ CREATE FUNCTION outbox_notifier.record_target_results(
 ) RETURNS SETOF text
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
+    -- A success on a healthy target changes nothing: only failures, and targets that were
+    -- failing or paused, are locked and written.
     PERFORM 1 FROM outbox_notifier.targets t
-    WHERE t.target_key = ANY (p_keys)
+    JOIN unnest(p_keys, p_failures) AS u(k, failed) ON u.k = t.target_key
+    WHERE u.failed > 0 OR t.consecutive_failures > 0 OR t.paused_until IS NOT NULL
     ORDER BY t.target_key
-    FOR UPDATE;
+    FOR UPDATE OF t;
 
     RETURN QUERY
     UPDATE outbox_notifier.targets t
@@ -267,6 +282,7 @@ BEGIN
         updated_at = now()
     FROM unnest(p_keys, p_successes, p_failures, p_last_error_codes) AS u(k, ok, failed, code)
     WHERE t.target_key = u.k
+      AND (u.failed > 0 OR t.consecutive_failures > 0 OR t.paused_until IS NOT NULL)
     RETURNING CASE WHEN t.paused_until > now() THEN t.target_key END;
 END;
 $$;
