@@ -1,0 +1,93 @@
+"""The plain loop the daemon is compared with, as its own process.
+
+``python -m bench.baseline --dsn DSN``: claim 100 jobs (``FOR UPDATE SKIP LOCKED``), POST each
+with ``httpx.AsyncClient.post(json=...)``, 50 at a time, mark the batch sent in one statement;
+repeat. No relay, no attempt log, no fencing: the least work a relay to HTTP can do.
+Prints ``ready`` once connected; runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import httpx
+import psycopg
+
+from bench.clients import TRANSPORTS, make_client
+
+SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS bench;
+CREATE TABLE IF NOT EXISTS bench.jobs (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    url         text        NOT NULL,
+    payload     jsonb       NOT NULL,
+    status      text        NOT NULL DEFAULT 'pending',
+    http_status integer,
+    sent_at     timestamptz
+);
+CREATE INDEX IF NOT EXISTS jobs_pending_idx ON bench.jobs (id) WHERE status = 'pending';
+"""
+
+CLAIM = """
+UPDATE bench.jobs j SET status = 'sending'
+WHERE j.id IN (SELECT id FROM bench.jobs WHERE status = 'pending'
+               ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING j.id, j.url, j.payload
+"""
+
+FINISH = """
+UPDATE bench.jobs j SET status = 'sent', sent_at = now(), http_status = r.http_status
+FROM unnest(%(ids)s::bigint[], %(statuses)s::integer[]) AS r(id, http_status)
+WHERE j.id = r.id
+"""
+
+
+async def _post(
+    client: httpx.AsyncClient, limit: asyncio.Semaphore, url: str, payload: object
+) -> int:
+    async with limit:
+        try:
+            response = await client.post(url, json=payload)
+        except httpx.HTTPError:
+            return 0
+        return response.status_code
+
+
+async def run(dsn: str, *, batch: int, concurrency: int, transport: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    limit = asyncio.Semaphore(concurrency)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+        make_client(transport, concurrency) as client,
+    ):
+        print("ready", flush=True)
+        while not stop.is_set():
+            rows = await (await conn.execute(CLAIM, {"limit": batch})).fetchall()
+            if not rows:
+                await asyncio.sleep(0.01)
+                continue
+            statuses = await asyncio.gather(*(_post(client, limit, u, p) for _, u, p in rows))
+            await conn.execute(FINISH, {"ids": [r[0] for r in rows], "statuses": statuses})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.baseline")
+    parser.add_argument("--dsn", required=True)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--transport", choices=TRANSPORTS, default="default")
+    args = parser.parse_args(argv)
+    asyncio.run(
+        run(args.dsn, batch=args.batch, concurrency=args.concurrency, transport=args.transport)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
