@@ -174,10 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("--channel", help="only records of this channel, e.g. feishu")
     requeue.add_argument("--error-code", help="only records whose last error code is this")
     requeue.add_argument(
-        "--since", type=_timestamp, metavar="TIME", help="only records created at or after TIME"
+        "--since",
+        type=_timestamp,
+        metavar="TIME",
+        help="only dead records whose last change (when they died) is at or after TIME",
     )
     requeue.add_argument(
-        "--until", type=_timestamp, metavar="TIME", help="only records created before TIME"
+        "--until",
+        type=_timestamp,
+        metavar="TIME",
+        help="only dead records whose last change is before TIME",
     )
     requeue.add_argument(
         "--dry-run", action="store_true", help="show what would be requeued; change nothing"
