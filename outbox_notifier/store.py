@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -245,7 +245,7 @@ class RecordStore:
             await conn.execute(query("disable_channels"), params)
 
     async def apply_results(self, results: Sequence[Result]) -> list[Applied]:
-        params = {"results": _json(results)}
+        params = {"results": _json(results), "host_now": datetime.now(UTC)}
         async with self.pool.connection() as conn:
             cur = await conn.execute(query("apply_results"), params)
             return [

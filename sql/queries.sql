@@ -124,8 +124,10 @@ WITH input AS (
         record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code,
         http_status, response_excerpt, applied
     )
-    SELECT input.record_id, input.attempt, input.lease_token, input.started_at,
-           input.duration_ms, input.outcome, input.error_code, input.http_status,
+    -- started_at was read on this host's clock: moved onto the database clock, as every
+    -- other time the daemon writes
+    SELECT input.record_id, input.attempt, input.lease_token,
+           now() - (%(host_now)s::timestamptz - input.started_at), input.duration_ms, input.outcome, input.error_code, input.http_status,
            left(input.response_json, 2000), applied.id IS NOT NULL
     FROM input LEFT JOIN applied ON applied.id = input.record_id
 )

@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import delivery as delivery_module
 from outbox_notifier import events
+from outbox_notifier import store as store_module
 from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult
 from outbox_notifier.relay import Relay
@@ -75,7 +76,9 @@ async def test_retry_times_follow_the_database_clock_whatever_the_host_clock(
     record_property: Callable[[str, object], None],
     skew_h: int,
 ) -> None:
+    # The whole daemon's host clock is off by skew_h: the modules that read it are patched.
     monkeypatch.setattr(delivery_module, "datetime", _skewed(timedelta(hours=skew_h)))
+    monkeypatch.setattr(store_module, "datetime", _skewed(timedelta(hours=skew_h)))
     add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
     store = RecordStore(pool)
     relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
@@ -131,6 +134,8 @@ async def test_retry_times_follow_the_database_clock_whatever_the_host_clock(
         ).fetchall()
     assert retry_after_gap is not None and float(retry_after_gap[0]) == pytest.approx(7, abs=1e-3)
     started_offset_h = max(abs(float(r[0])) for r in rows) / 3600
+    # The attempt log is written on the database clock too.
+    assert started_offset_h < 0.01
     line = (
         f"[faults:clock skew={skew_h:+d}h] backoff_gaps_s={[round(g, 3) for g in gaps]}"
         f" retry_after_gap_s={float(retry_after_gap[0]):.3f}"
