@@ -108,8 +108,10 @@ CREATE TABLE outbox_notifier.notification_records (
 );
 
 -- The claim queries, each on a partial index that holds only the rows it looks for.
-CREATE INDEX records_pending_idx ON outbox_notifier.notification_records (id)
-    WHERE status = 'pending';
+-- Pending records may carry next_retry_at as "not before" (held back by pacing or a paused
+-- target, without spending an attempt): claims take the undeferred ones first.
+CREATE INDEX records_pending_due_idx ON outbox_notifier.notification_records
+    (next_retry_at NULLS FIRST, id) WHERE status = 'pending';
 CREATE INDEX records_failed_due_idx ON outbox_notifier.notification_records (next_retry_at)
     WHERE status = 'failed';
 CREATE INDEX records_sending_lease_idx ON outbox_notifier.notification_records (lease_expires_at)
@@ -193,31 +195,5 @@ BEGIN
 END;
 $$;
 
--- Bulk requeue of dead records, filtered by channel, error code and time of the last change; all
--- filters optional. Returns the ids requeued.
-CREATE FUNCTION outbox_notifier.requeue_dead(
-    p_channel text DEFAULT NULL,
-    p_error_code text DEFAULT NULL,
-    p_since timestamptz DEFAULT NULL,
-    p_until timestamptz DEFAULT NULL
-) RETURNS SETOF bigint
-LANGUAGE sql VOLATILE AS $$
-    WITH picked AS (
-        SELECT id, channel, dedupe_key
-        FROM outbox_notifier.notification_records
-        WHERE status = 'dead'
-          AND (p_channel IS NULL OR channel = p_channel)
-          AND (p_error_code IS NULL OR last_error_code = p_error_code)
-          AND (p_since IS NULL OR updated_at >= p_since)
-          AND (p_until IS NULL OR updated_at < p_until)
-        ORDER BY id
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE outbox_notifier.notification_records r
-    SET status = 'pending', attempt_count = 0, next_retry_at = NULL, last_error_code = NULL,
-        last_error = NULL, lease_expires_at = NULL, lease_token = NULL, updated_at = now()
-    FROM picked
-    WHERE r.id = picked.id
-      AND pg_try_advisory_xact_lock(outbox_notifier.record_lock_key(picked.channel, picked.dedupe_key))
-    RETURNING r.id;
-$$;
+-- The bulk requeue of dead records, outbox_notifier.requeue_dead(), is in 0002 beside the one
+-- filter it shares with the dry run.

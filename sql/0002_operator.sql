@@ -22,10 +22,10 @@ LANGUAGE sql STABLE AS $$
       AND (p_until IS NULL OR updated_at < p_until);
 $$;
 
--- Replaces 0001's requeue_dead (same signature, same effect) so that it selects through
+-- Bulk requeue of dead records (back to pending with a fresh attempt budget), picked through
 -- dead_letters_matching. Rows are re-checked under the row lock; a record locked or held
 -- elsewhere is skipped, not waited for. Returns the ids requeued.
-CREATE OR REPLACE FUNCTION outbox_notifier.requeue_dead(
+CREATE FUNCTION outbox_notifier.requeue_dead(
     p_channel text DEFAULT NULL,
     p_error_code text DEFAULT NULL,
     p_since timestamptz DEFAULT NULL,

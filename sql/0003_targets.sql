@@ -28,12 +28,6 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT md5(webhook_url);
 $$;
 
--- Pending records may now carry next_retry_at as "not before": a record held back by pacing or
--- by a paused target waits there without spending an attempt. Claims take undeferred rows first.
-DROP INDEX outbox_notifier.records_pending_idx;
-CREATE INDEX records_pending_due_idx ON outbox_notifier.notification_records
-    (next_retry_at NULLS FIRST, id) WHERE status = 'pending';
-
 -- Targets that are paused now, or have failed recently.
 CREATE VIEW outbox_notifier.target_health AS
 SELECT target_key, provider, host, consecutive_failures, paused_until,
