@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import psycopg
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations, retention, sdnotify
@@ -351,7 +352,7 @@ class Daemon:
                 async with await psycopg.AsyncConnection.connect(
                     self.settings.effective_listen_dsn, autocommit=True
                 ) as conn:
-                    await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(OUTBOX_CHANNEL)))
                     if not self.listener_up:
                         logger.info("listening for outbox notifications")
                     self.listener_up = True
