@@ -138,3 +138,19 @@ async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
     finally:
         daemon.stop()
         await asyncio.wait_for(task, timeout=30)
+
+
+def fill_history(conn: psycopg.Connection[Any], rows: int = 20_000) -> None:
+    """A long history of finished records and outbox rows, the shape the partial indexes are
+    for: plan tests add their few live rows and ANALYZE."""
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url, status)"
+        " SELECT 'feishu', 1, 'p', 'k' || g, '/x', 'sent' FROM generate_series(1, %s) g",
+        (rows,),
+    )
+    conn.execute(
+        "INSERT INTO outbox_notifier.outbox (event_type, payload, status)"
+        " SELECT 't', '{}', 'relayed' FROM generate_series(1, %s)",
+        (rows,),
+    )

@@ -20,7 +20,7 @@ from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.relay import RelayReport
 from outbox_notifier.sqlfiles import query
-from tests.support import eventually
+from tests.support import eventually, fill_history
 
 MAX_AGE_S = 10.0
 
@@ -356,15 +356,7 @@ def test_snapshot_reads_live_statuses_through_their_partial_indexes(
     conn: psycopg.Connection[Any],
 ) -> None:
     # A realistic shape: a long history of sent records, a small live backlog.
-    conn.execute(
-        "INSERT INTO outbox_notifier.notification_records"
-        " (channel, user_id, preview_id, dedupe_key, target_url, status)"
-        " SELECT 'feishu', 1, 'p', 'k' || g, '/x', 'sent' FROM generate_series(1, 20000) g"
-    )
-    conn.execute(
-        "INSERT INTO outbox_notifier.outbox (event_type, payload, status)"
-        " SELECT 't', '{}', 'relayed' FROM generate_series(1, 20000)"
-    )
+    fill_history(conn)
     conn.execute("ANALYZE outbox_notifier.notification_records")
     conn.execute("ANALYZE outbox_notifier.outbox")
     plan = conn.execute(b"EXPLAIN (FORMAT JSON) " + query("metrics_snapshot").encode()).fetchone()

@@ -11,7 +11,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.daemon import Daemon
-from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
+from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
 from outbox_notifier.providers.base import Outcome, SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.store import ClaimPolicy, RecordStore
@@ -22,6 +22,7 @@ from tests.support import (
     attempts,
     enqueue,
     eventually,
+    fill_history,
     outbox_rows,
     payload,
     records,
@@ -229,9 +230,6 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
         assert record["last_error_code"] == "sending_lease_expired"
         # Worker B takes over once the retry is due and delivers.
         await asyncio.sleep(0.15)
-        deliverer = Deliverer(
-            store, {}, policy, ClaimPolicy(lease_s=30), batch_size=10, concurrency=1
-        )
         [claimed_b] = await store.claim_records(10, ClaimPolicy(lease_s=30))
         assert claimed_b.lease_token != claimed.lease_token
         assert claimed_b.attempt_count == 2
@@ -246,7 +244,6 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
         assert _status_of(conn, "k-lease") == "sending"
         ok = to_result(claimed_b, SendResult(outcome=Outcome.SUCCESS), policy, record["updated_at"])
         assert [a.status for a in await store.apply_results([ok])] == ["sent"]
-        del deliverer
     [record] = records(conn)
     assert record["status"] == "sent"
     log = attempts(conn, record["id"])
@@ -277,24 +274,23 @@ async def test_claim_of_100_records_is_one_statement(
 ) -> None:
     for i in range(100):
         enqueue(conn, payload(f"k-{i}"))
-    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+    commits = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    # One connection, so the claim runs on the backend whose statistics are flushed below.
+    pool = AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1, max_size=1)
+    async with pool:
         store = RecordStore(pool)
         await Relay(store, batch_size=500, max_attempts=5, summary_max_runes=180).relay_once()
-        async with pool.connection() as probe:
-            pid = (await (await probe.execute("SELECT pg_backend_pid()")).fetchone() or [0])[0]
-        before = scalar(
-            conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-        )
-        conn.execute("SELECT pg_stat_clear_snapshot()")
+        async with pool.connection() as backend:
+            await backend.execute("SELECT pg_stat_force_next_flush()")
+        before = scalar(conn, commits)
         claimed = await store.claim_records(100, ClaimPolicy(lease_s=30))
-        conn.execute("SELECT pg_stat_clear_snapshot()")
-        await asyncio.sleep(0.6)  # statistics are flushed by backends at most every 500 ms
-        after = scalar(
-            conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-        )
-        del pid
+        async with pool.connection() as backend:
+            # Each autocommit statement is one transaction: force the claim's into the view.
+            await backend.execute("SELECT pg_stat_force_next_flush()")
+        after = scalar(conn, commits)
     assert len(claimed) == 100
-    # One transaction for the claim (the probe's own stats reads add a couple more at most).
+    # The claim, the flush and this test's own reads: a handful, where per-row work would be
+    # a hundred or more.
     assert after - before <= 4
 
 
@@ -325,11 +321,7 @@ def test_claim_queries_use_their_partial_indexes(
     conn: psycopg.Connection[Any], query_name: str, indexes: list[str]
 ) -> None:
     # A realistic table shape: many finished rows, a few due ones of each kind.
-    conn.execute(
-        "INSERT INTO outbox_notifier.notification_records"
-        " (channel, user_id, preview_id, dedupe_key, target_url, status)"
-        " SELECT 'feishu', 1, 'p', 'k' || g, '/x', 'sent' FROM generate_series(1, 20000) g"
-    )
+    fill_history(conn)
     conn.execute(
         "INSERT INTO outbox_notifier.notification_records"
         " (channel, user_id, preview_id, dedupe_key, target_url, status, next_retry_at)"
@@ -340,10 +332,6 @@ def test_claim_queries_use_their_partial_indexes(
         "INSERT INTO outbox_notifier.notification_records"
         " (channel, user_id, preview_id, dedupe_key, target_url)"
         " SELECT 'feishu', 1, 'p', 'p' || g, '/x' FROM generate_series(1, 5) g"
-    )
-    conn.execute(
-        "INSERT INTO outbox_notifier.outbox (event_type, payload, status)"
-        " SELECT 't', '{}', 'relayed' FROM generate_series(1, 20000)"
     )
     conn.execute("ANALYZE outbox_notifier.notification_records")
     conn.execute("ANALYZE outbox_notifier.outbox")

@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import retention
 from outbox_notifier.sqlfiles import query
-from tests.support import scalar
+from tests.support import fill_history, scalar
 
 DAY_S = 86_400.0
 OUTBOX_MAX_AGE_S = 7 * DAY_S
@@ -217,15 +217,7 @@ def test_purge_batches_use_their_partial_indexes(
     conn: psycopg.Connection[Any], query_name: str, index: str
 ) -> None:
     # A realistic shape: a large recent history, a few rows past the cutoff.
-    conn.execute(
-        "INSERT INTO outbox_notifier.notification_records"
-        " (channel, user_id, preview_id, dedupe_key, target_url, status)"
-        " SELECT 'feishu', 1, 'p', 'k' || g, '/x', 'sent' FROM generate_series(1, 20000) g"
-    )
-    conn.execute(
-        "INSERT INTO outbox_notifier.outbox (event_type, payload, status)"
-        " SELECT 't', '{}', 'relayed' FROM generate_series(1, 20000)"
-    )
+    fill_history(conn)
     conn.execute("ANALYZE outbox_notifier.notification_records")
     conn.execute("ANALYZE outbox_notifier.outbox")
     with conn.transaction():
