@@ -1,0 +1,208 @@
+"""The least-privilege roles of 0004, used through login roles that have one of them only.
+
+Roles belong to the cluster, not to a database: the group roles already exist when another
+test's database was migrated first, and each login role here has a unique name and is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbox_notifier.daemon import Daemon
+from outbox_notifier.testing.feishu_server import FeishuServer, Reply
+from tests.support import add_channel, enqueue, eventually, payload, running, scalar, settings_for
+
+LoginAs = Callable[[str], str]
+
+
+@pytest.fixture
+def login_as(db: str) -> Iterator[LoginAs]:
+    """Makes a login role that is a member of one group role only; returns its DSN."""
+    made: list[str] = []
+
+    def make(group: str) -> str:
+        name = f"on_login_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(db, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                    sql.Identifier(name), sql.Identifier(group)
+                )
+            )
+        made.append(name)
+        return psycopg.conninfo.make_conninfo(db, user=name)
+
+    yield make
+    with psycopg.connect(db, autocommit=True) as admin:
+        for name in made:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def test_roles_are_group_roles_that_cannot_log_in(conn: psycopg.Connection[Any]) -> None:
+    rows = conn.execute(
+        "SELECT rolname, rolcanlogin, rolsuper, rolcreaterole, rolcreatedb FROM pg_roles"
+        " WHERE rolname LIKE 'outbox\\_notifier\\_%' ORDER BY rolname"
+    ).fetchall()
+    assert rows == [
+        (f"outbox_notifier_{r}", False, False, False, False)
+        for r in ("daemon", "operator", "producer")
+    ]
+
+
+async def test_daemon_delivers_as_a_login_role_with_only_the_daemon_role(
+    db: str,
+    conn: psycopg.Connection[Any],
+    login_as: LoginAs,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dsn = login_as("outbox_notifier_daemon")
+    async with FeishuServer() as server:
+        add_channel(conn, 1, server.flow_url("alice"))
+        add_channel(conn, 2, server.url + "/hooks/gone", provider="webhook")
+        server.script("/hooks/gone", [], then=Reply(status=410))
+        enqueue(conn, payload("roles-sent", user_id=1))
+        enqueue(conn, payload("roles-gone", user_id=2))
+        enqueue(conn, {"user_id": 0})  # rejected by validation
+        # a record whose worker died mid-call (lease expired) and a month-old sent record
+        # with its attempt log, for the rescue loop and retention
+        conn.execute(
+            "INSERT INTO outbox_notifier.notification_records (channel, user_id, preview_id,"
+            " dedupe_key, target_url, status, attempt_count, lease_expires_at, lease_token)"
+            " VALUES ('feishu', 1, 'p', 'roles-stuck', '/x', 'sending', 1,"
+            " now() - interval '1 minute', 1)"
+        )
+        old = scalar(
+            conn,
+            "INSERT INTO outbox_notifier.notification_records (channel, user_id, preview_id,"
+            " dedupe_key, target_url, status, updated_at)"
+            " VALUES ('feishu', 1, 'p', 'roles-old', '/x', 'sent', now() - interval '40 days')"
+            " RETURNING id",
+        )
+        conn.execute(
+            "INSERT INTO outbox_notifier.delivery_attempts (record_id, attempt, started_at,"
+            " duration_ms, outcome) VALUES (%s, 1, now() - interval '40 days', 1, 'success')",
+            (old,),
+        )
+
+        def status(key: str) -> str | None:
+            row = conn.execute(
+                "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
+                (key,),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        settings = settings_for(dsn, records_retention_s=86400.0)
+        with caplog.at_level(logging.INFO):
+            async with running(Daemon(settings)):
+                await eventually(lambda: status("roles-sent") == "sent", what="sent")
+                await eventually(lambda: status("roles-gone") == "dead", what="dead on 410")
+                await eventually(lambda: status("roles-stuck") == "failed", what="rescued")
+                await eventually(lambda: status("roles-old") is None, what="purged")
+                await eventually(
+                    lambda: (
+                        scalar(conn, "SELECT count(*) FROM outbox_notifier.maintenance_leases") == 1
+                    ),
+                    what="the maintenance lease taken",
+                )
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.outbox WHERE status = 'pending'") == 0
+    assert (
+        scalar(conn, "SELECT enabled FROM outbox_notifier.notification_channels WHERE user_id = 2")
+        is False
+    )
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.delivery_attempts") >= 3
+    assert "permission denied" not in caplog.text
+    assert "InsufficientPrivilege" not in caplog.text
+
+
+def test_the_daemon_role_cannot_touch_what_the_loops_do_not_need(
+    conn: psycopg.Connection[Any], login_as: LoginAs
+) -> None:
+    add_channel(conn, 1, "http://127.0.0.1/hooks/x", auth_kind="bearer", secret="s3cret")
+    with psycopg.connect(login_as("outbox_notifier_daemon"), autocommit=True) as daemon:
+        for statement in (
+            "UPDATE outbox_notifier.notification_channels SET webhook_url = 'http://evil'",
+            "DELETE FROM outbox_notifier.notification_channels",
+            "SELECT * FROM outbox_notifier.delivery_attempts",
+            "DELETE FROM outbox_notifier.delivery_attempts",
+            "INSERT INTO outbox_notifier.outbox (event_type, payload) VALUES ('t', '{}')",
+            "SELECT outbox_notifier.requeue(1)",
+            "DELETE FROM outbox_notifier.schema_migrations",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                daemon.execute(statement)
+
+
+def test_producer_can_enqueue_and_nothing_else(
+    conn: psycopg.Connection[Any], login_as: LoginAs
+) -> None:
+    add_channel(conn, 1, "http://127.0.0.1/hooks/x", auth_kind="bearer", secret="s3cret")
+    with psycopg.connect(login_as("outbox_notifier_producer"), autocommit=True) as producer:
+        outbox_id = enqueue(producer, payload("from-producer"))
+        for statement in (
+            "SELECT * FROM outbox_notifier.notification_channels",
+            "SELECT user_id FROM outbox_notifier.notification_channels",
+            "SELECT * FROM outbox_notifier.outbox",
+            "SELECT * FROM outbox_notifier.notification_records",
+            "SELECT * FROM outbox_notifier.backlog",
+            "SELECT outbox_notifier.requeue(1)",
+            "INSERT INTO outbox_notifier.outbox (event_type, payload) VALUES ('t', '{}')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                producer.execute(statement)
+    row = conn.execute(
+        "SELECT payload ->> 'dedupe_key', status FROM outbox_notifier.outbox WHERE id = %s",
+        (outbox_id,),
+    ).fetchone()
+    assert row == ("from-producer", "pending")
+
+
+def test_operator_can_read_and_requeue_but_not_see_secrets_or_write(
+    db: str, conn: psycopg.Connection[Any], login_as: LoginAs
+) -> None:
+    add_channel(conn, 1, "http://127.0.0.1/hooks/x", auth_kind="bearer", secret="s3cret")
+    dead = scalar(
+        conn,
+        "INSERT INTO outbox_notifier.notification_records (channel, user_id, preview_id,"
+        " dedupe_key, target_url, status, attempt_count, last_error_code)"
+        " VALUES ('feishu', 1, 'p', 'op-dead', '/x', 'dead', 5, 'provider_5xx') RETURNING id",
+    )
+    dsn = login_as("outbox_notifier_operator")
+    with psycopg.connect(dsn, autocommit=True) as operator:
+        assert operator.execute("SELECT count(*) FROM outbox_notifier.dead_letters").fetchone() == (
+            1,
+        )
+        assert operator.execute(
+            "SELECT user_id, enabled, auth_kind FROM outbox_notifier.notification_channels"
+        ).fetchall() == [(1, True, "bearer")]
+        assert operator.execute("SELECT outbox_notifier.requeue(%s)", (dead,)).fetchone() == (True,)
+        for statement in (
+            "SELECT auth_secret FROM outbox_notifier.notification_channels",
+            "SELECT webhook_url FROM outbox_notifier.notification_channels",
+            "SELECT * FROM outbox_notifier.notification_channels",
+            "UPDATE outbox_notifier.notification_records SET status = 'sent'",
+            "DELETE FROM outbox_notifier.delivery_attempts",
+            "SELECT outbox_notifier.enqueue('t', '{}')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                operator.execute(statement)
+    assert (
+        scalar(
+            conn, "SELECT status FROM outbox_notifier.notification_records WHERE id = %s", (dead,)
+        )
+        == "pending"
+    )
+    # The operator commands work with this role too.
+    for args in (["status"], ["requeue", "--channel", "feishu", "--dry-run"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "outbox_notifier", *args, "--dsn", dsn],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
