@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 
 import msgspec
 import psycopg
@@ -54,6 +55,7 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     name: str
     kind: str | None
+    applied_at: datetime | None = None
 
 
 class Compatibility(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,6 +95,15 @@ def assess(applied: Sequence[Applied] | None, daemon_version: int) -> Compatibil
             f"{daemon_version}: run `outbox-notifier migrate`",
             db_version,
         )
+    # Migrations apply in order, so with the daemon's latest one its earlier ones are there;
+    # a newer release's migrate may have run before this one's, though.
+    if daemon_version not in {m.version for m in applied}:
+        return verdict(
+            False,
+            f"database schema is at version {db_version} but lacks this daemon's migration "
+            f"{daemon_version}: run this release's `outbox-notifier migrate`",
+            db_version,
+        )
     newer = sorted((m for m in applied if m.version > daemon_version), key=lambda m: m.version)
     # A kind nobody recorded is treated as breaking: running on it would be a guess.
     blocking = next((m for m in newer if m.kind != "additive"), None)
@@ -115,8 +126,8 @@ def assess(applied: Sequence[Applied] | None, daemon_version: int) -> Compatibil
     return verdict(True, f"database schema is at version {db_version}, as this daemon", db_version)
 
 
-def _applied_rows(rows: Sequence[tuple[int, str, str | None]]) -> list[Applied]:
-    return [Applied(version=v, name=n, kind=k) for v, n, k in rows]
+def _applied_rows(rows: Sequence[tuple[int, str, str | None, datetime]]) -> list[Applied]:
+    return [Applied(version=v, name=n, kind=k, applied_at=at) for v, n, k, at in rows]
 
 
 async def compatibility(
@@ -143,6 +154,21 @@ def applied_migrations(conn: psycopg.Connection) -> list[Applied] | None:
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
         return None
     return _applied_rows(rows)
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``migrate --status`` and ``--dry-run`` show: the database's rows, this release's
+    files not applied yet, and this release's verdict on the schema as it is now."""
+
+    applied: list[Applied]
+    pending: list[sqlfiles.Migration]
+    verdict: Compatibility
+
+
+def plan(dsn: str) -> Plan:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = applied_migrations(conn)
+    return Plan(applied=rows or [], pending=pending(rows), verdict=assess(rows, latest_version()))
 
 
 def pending(

@@ -175,6 +175,6 @@ SELECT id, channel, status FROM rescued;
 -- name: applied_migrations
 -- Every applied migration with its kind. Read through to_jsonb so that a schema migrated by
 -- release 0.1.0, before schema_migrations had a kind column, still answers (kind NULL).
-SELECT m.version, m.name, to_jsonb(m) ->> 'kind'
+SELECT m.version, m.name, to_jsonb(m) ->> 'kind', m.applied_at
 FROM outbox_notifier.schema_migrations m
 ORDER BY m.version;

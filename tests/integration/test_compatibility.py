@@ -132,3 +132,48 @@ def test_schema_migrated_by_0_1_0_gets_its_kinds_filled_in(empty_db: str) -> Non
     assert [(a.version, a.kind) for a in applied] == [
         (m.version, m.kind) for m in sqlfiles.migrations()
     ]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outbox_notifier", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_migrate_status_lists_applied_pending_and_newer_migrations_with_their_kind(
+    empty_db: str,
+) -> None:
+    own = sqlfiles.migrations()
+    migrations.migrate(empty_db, [*own[:-1], ADDITIVE])  # the latest one left pending
+    proc = _cli("migrate", "--status", "--dsn", empty_db)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["VERSION", "NAME", "KIND", "STATE"]
+    rows = {line.split()[1]: line.split()[2:] for line in lines[1:-1]}
+    assert list(rows) == [*(m.name for m in own), ADDITIVE.name]
+    assert rows[own[0].name][:2] == ["breaking", "applied"]
+    assert rows[own[-1].name] == ["additive", "pending"]
+    assert rows[ADDITIVE.name][0:2] == ["additive", "applied"]
+    assert rows[ADDITIVE.name][-4:] == ["newer", "than", "this", "release"]
+    assert lines[-1].startswith("this release cannot run on it: ")
+    assert f"version {NEXT}" in lines[-1]
+
+
+def test_migrate_dry_run_prints_the_pending_sql_and_changes_nothing(empty_db: str) -> None:
+    proc = _cli("migrate", "--dry-run", "--dsn", empty_db)
+    assert proc.returncode == 0, proc.stderr
+    for m in sqlfiles.migrations():
+        assert f"-- would apply {m.name} ({m.kind}), in its own transaction\n" in proc.stdout
+        assert m.sql.rstrip() in proc.stdout
+    with psycopg.connect(empty_db) as conn:
+        assert migrations.applied_migrations(conn) is None
+    migrations.migrate(empty_db)
+    again = _cli("migrate", "--dry-run", "--dsn", empty_db)
+    assert again.stdout == "-- schema is up to date: nothing would run\n"
+
+
+def test_migrate_status_and_dry_run_exclude_each_other(empty_db: str) -> None:
+    proc = _cli("migrate", "--status", "--dry-run", "--dsn", empty_db)
+    assert proc.returncode == 2
+    assert "not allowed with argument" in proc.stderr

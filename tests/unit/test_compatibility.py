@@ -46,6 +46,15 @@ def test_newer_schema_with_a_breaking_or_unknown_migration_is_refused(kind: str 
     assert "built for version 3 or later" in verdict.reason
 
 
+def test_newer_schema_without_the_daemons_own_migration_is_refused() -> None:
+    verdict = migrations.assess(_applied((1, "breaking"), (3, "additive")), 2)
+    assert not verdict.ok
+    assert verdict.reason == (
+        "database schema is at version 3 but lacks this daemon's migration 2: "
+        "run this release's `outbox-notifier migrate`"
+    )
+
+
 def test_breaking_migrations_up_to_the_daemons_own_do_not_matter() -> None:
     verdict = migrations.assess(_applied((1, "breaking"), (2, "breaking"), (3, "additive")), 2)
     assert verdict.ok
