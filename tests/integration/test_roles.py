@@ -7,10 +7,12 @@ test's database was migrated first, and each login role here has a unique name a
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -206,3 +208,31 @@ def test_operator_can_read_and_requeue_but_not_see_secrets_or_write(
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_readme_role_statements_make_login_roles_of_one_group_each(
+    conn: psycopg.Connection[Any],
+) -> None:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    match = re.search(r"<!-- roles-sql: [^>]*-->\s*```sql\n(.*?)```", text, re.S)
+    assert match, "README has no roles-sql block"
+    statements = [s.strip() for s in match.group(1).split(";") if s.strip()]
+    names = [re.match(r"CREATE ROLE (\w+)", s).group(1) for s in statements]  # type: ignore[union-attr]
+    try:
+        for statement in statements:
+            conn.execute(statement.encode())
+        rows = conn.execute(
+            "SELECT r.rolname, r.rolcanlogin, array_agg(g.rolname ORDER BY g.rolname)"
+            " FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid"
+            " JOIN pg_roles g ON g.oid = m.roleid WHERE r.rolname = ANY(%s)"
+            " GROUP BY r.rolname, r.rolcanlogin ORDER BY r.rolname",
+            (names,),
+        ).fetchall()
+        assert rows == [
+            ("notifier_daemon", True, ["outbox_notifier_daemon"]),
+            ("notifier_operator", True, ["outbox_notifier_operator"]),
+            ("shop_app", True, ["outbox_notifier_producer"]),
+        ]
+    finally:
+        for name in names:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
