@@ -32,7 +32,8 @@ runtime = "runc"
 
 
 def missing_tools() -> list[str]:
-    return [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
+    tools = ("podman", "runc", "debootstrap", "docker-registry")
+    return [tool for tool in tools if shutil.which(tool) is None]
 
 
 class Podman:
