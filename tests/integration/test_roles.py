@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from outbox_notifier import migrations, sqlfiles
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import add_channel, enqueue, eventually, payload, running, scalar, settings_for
@@ -236,3 +237,38 @@ def test_the_readme_role_statements_make_login_roles_of_one_group_each(
     finally:
         for name in names:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_migrate_works_as_a_schema_owner_that_is_not_a_superuser(empty_db: str) -> None:
+    # The admin DSN of a managed database is rarely a superuser: the database's owner, with
+    # CREATEROLE, must be enough (the group roles already exist in this cluster).
+    owner = f"on_owner_{uuid.uuid4().hex[:10]}"
+    dbname = psycopg.conninfo.conninfo_to_dict(empty_db)["dbname"]
+    assert isinstance(dbname, str)
+    with psycopg.connect(empty_db, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEROLE").format(sql.Identifier(owner)))
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(dbname), sql.Identifier(owner)
+            )
+        )
+        try:
+            applied = migrations.migrate(psycopg.conninfo.make_conninfo(empty_db, user=owner))
+            assert applied == [m.name for m in sqlfiles.migrations()]
+            assert (
+                scalar(
+                    admin,
+                    "SELECT pg_get_userbyid(p.proowner) FROM pg_proc p"
+                    " WHERE p.oid = 'outbox_notifier.claim_due_v1'::regproc",
+                )
+                == owner
+            )
+            assert scalar(
+                admin,
+                "SELECT has_table_privilege('outbox_notifier_daemon',"
+                " 'outbox_notifier.delivery_attempts', 'INSERT')",
+            )
+        finally:
+            admin.execute(sql.SQL("REASSIGN OWNED BY {} TO postgres").format(sql.Identifier(owner)))
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(owner)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(owner)))
