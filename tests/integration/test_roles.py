@@ -272,3 +272,64 @@ def test_migrate_works_as_a_schema_owner_that_is_not_a_superuser(empty_db: str) 
             admin.execute(sql.SQL("REASSIGN OWNED BY {} TO postgres").format(sql.Identifier(owner)))
             admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(owner)))
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(owner)))
+
+
+def _grants(conn: psycopg.Connection[Any], role: str) -> set[tuple[str, str]]:
+    """(object, privilege) of every table, column, sequence and function grant to ``role``
+    in schema outbox_notifier; column grants as table(column)."""
+    rows = conn.execute(
+        """
+        SELECT table_name, privilege_type FROM information_schema.role_table_grants
+        WHERE grantee = %(r)s AND table_schema = 'outbox_notifier'
+        UNION ALL
+        SELECT table_name || '(' || column_name || ')', privilege_type
+        FROM information_schema.column_privileges
+        WHERE grantee = %(r)s AND table_schema = 'outbox_notifier'
+          AND (table_name, privilege_type) NOT IN (
+              SELECT table_name, privilege_type FROM information_schema.role_table_grants
+              WHERE grantee = %(r)s AND table_schema = 'outbox_notifier')
+        UNION ALL
+        SELECT c.relname, p.privilege_type
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+             aclexplode(c.relacl) p
+        WHERE n.nspname = 'outbox_notifier' AND c.relkind = 'S'
+          AND p.grantee = %(r)s::regrole
+        UNION ALL
+        SELECT f.proname, p.privilege_type
+        FROM pg_proc f JOIN pg_namespace n ON n.oid = f.pronamespace,
+             aclexplode(f.proacl) p
+        WHERE n.nspname = 'outbox_notifier' AND p.grantee = %(r)s::regrole
+        """,
+        {"r": role},
+    ).fetchall()
+    return {(obj, priv) for obj, priv in rows}
+
+
+def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None:
+    # The least-privilege contract, written out: a migration that grants more (or less) must
+    # change this list too, in review.
+    both = {"SELECT", "INSERT", "UPDATE"}
+    assert _grants(conn, "outbox_notifier_daemon") == {
+        *{("outbox", p) for p in ("SELECT", "UPDATE", "DELETE")},
+        *{("notification_records", p) for p in (*both, "DELETE")},
+        ("notification_channels", "SELECT"),
+        *{(f"notification_channels({c})", "UPDATE")
+          for c in ("enabled", "disabled_reason", "updated_at")},
+        ("delivery_attempts", "INSERT"),
+        *{("targets", p) for p in both},
+        *{("maintenance_leases", p) for p in both},
+        ("schema_migrations", "SELECT"),
+        ("lease_token_seq", "USAGE"),
+    }  # fmt: skip
+    assert _grants(conn, "outbox_notifier_producer") == {("enqueue", "EXECUTE")}
+    readable = ("backlog", "dead_letters", "stuck_sending", "target_health", "outbox",
+                "notification_records", "delivery_attempts", "targets", "maintenance_leases",
+                "schema_migrations")  # fmt: skip
+    channel_columns = ("id", "user_id", "channel", "enabled", "auth_kind", "disabled_reason",
+                       "created_at", "updated_at", "provider")  # fmt: skip
+    assert _grants(conn, "outbox_notifier_operator") == {
+        *{(name, "SELECT") for name in readable},
+        *{(f"notification_channels({c})", "SELECT") for c in channel_columns},
+        ("requeue", "EXECUTE"),
+        ("requeue_dead", "EXECUTE"),
+    }
