@@ -309,6 +309,9 @@ GRANT SELECT, INSERT, UPDATE ON outbox_notifier.maintenance_leases TO outbox_not
 GRANT USAGE ON SEQUENCE outbox_notifier.lease_token_seq TO outbox_notifier_daemon;
 -- * the compatibility check at start-up and in /readyz.
 GRANT SELECT ON outbox_notifier.schema_migrations TO outbox_notifier_daemon;
+-- The functions it calls (claim_due_v1, record_target_results_v1, record_lock_key, target_key)
+-- keep PostgreSQL's default EXECUTE for PUBLIC: they run with the caller's rights, so the grants
+-- above decide what they may touch.
 
 -- Operators: the views, the requeue functions, every table read-only except the channels'
 -- webhook_url and auth_secret (a bot's URL carries its token).
