@@ -14,11 +14,15 @@ import re
 import sys
 from collections.abc import Callable
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import msgspec
 import psycopg
 
 from outbox_notifier import __version__, logs, settings
+
+if TYPE_CHECKING:
+    from outbox_notifier import migrations
 
 PROG = "outbox-notifier"
 
@@ -141,12 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, summary: str, description: str) -> argparse.ArgumentParser:
         return subs.add_parser(name, help=summary, description=description, parents=after)
 
-    add(
+    migrate = add(
         "migrate",
         "create or upgrade the database schema",
         "Apply the pending SQL migrations to schema outbox_notifier, each once, in order. "
         "Serialised by an advisory lock, so replicas may run it at the same time; a re-run "
-        "is a no-op.",
+        "is a no-op. Each migration is additive (daemons of the previous schema keep running "
+        "on it) or breaking. Run it with the schema owner's DSN, not the daemon's.",
+    )
+    migrate_mode = migrate.add_mutually_exclusive_group()
+    migrate_mode.add_argument(
+        "--status",
+        action="store_true",
+        help="list applied and pending migrations with their kind, and whether this "
+        "release's daemon can run on the schema; change nothing",
+    )
+    migrate_mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the SQL of the pending migrations, in order, without running it",
     )
     add(
         "run",
@@ -257,6 +274,10 @@ def _exit_code(result: object) -> int:
 def _cmd_migrate(args: argparse.Namespace, cfg: settings.Settings) -> int:
     from outbox_notifier import migrations
 
+    if args.status or args.dry_run:
+        plan = migrations.plan(cfg.dsn)
+        print(_migration_status(plan) if args.status else _migration_script(plan), end="")
+        return EXIT_OK
     try:
         applied = migrations.migrate(cfg.dsn)
     except migrations.MigrationError as exc:
@@ -267,6 +288,39 @@ def _cmd_migrate(args: argparse.Namespace, cfg: settings.Settings) -> int:
     if not applied:
         print("schema is up to date")
     return EXIT_OK
+
+
+def _migration_status(plan: migrations.Plan) -> str:
+    from outbox_notifier import sqlfiles
+
+    own = {m.version for m in sqlfiles.migrations()}
+    rows = [
+        (
+            f"{m.version:04d}",
+            m.name,
+            m.kind or "unknown",
+            f"applied {m.applied_at:%Y-%m-%d %H:%M:%S%z}" if m.applied_at else "applied",
+            "" if m.version in own else "newer than this release",
+        )
+        for m in plan.applied
+    ] + [(f"{m.version:04d}", m.name, m.kind, "pending", "") for m in plan.pending]
+    table = [("VERSION", "NAME", "KIND", "STATE", ""), *sorted(rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, [*widths, 0], strict=True)).rstrip()
+             for row in table]  # fmt: skip
+    verdict = plan.verdict
+    lines.append(f"this release {'can' if verdict.ok else 'cannot'} run on it: {verdict.reason}")
+    return "\n".join(lines) + "\n"
+
+
+def _migration_script(plan: migrations.Plan) -> str:
+    if not plan.pending:
+        return "-- schema is up to date: nothing would run\n"
+    parts = [
+        f"-- would apply {m.name} ({m.kind}), in its own transaction\n{m.sql.rstrip()}\n"
+        for m in plan.pending
+    ]
+    return "\n".join(parts)
 
 
 def _format_value(value: object) -> str:

@@ -17,8 +17,9 @@ def run(settings: Settings) -> int:
     try:
         asyncio.run(Daemon(settings).run())
     except SchemaNotCurrent as exc:
+        # exit 2, like a bad setting: restarting cannot help until the schema or image changes
         print(f"outbox-notifier: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

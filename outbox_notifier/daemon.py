@@ -44,7 +44,7 @@ OUTBOX_CHANNEL = "outbox_notifier_outbox"
 
 
 class SchemaNotCurrent(RuntimeError):
-    """The database schema is older (or newer) than this daemon."""
+    """The database schema is older than this daemon, or newer through a breaking migration."""
 
 
 def http_client(settings: Settings) -> httpx.AsyncClient:
@@ -221,15 +221,12 @@ class Daemon:
             self.notifier.close()
 
     async def _check_schema(self, store: RecordStore) -> None:
-        try:
-            version = await store.schema_version()
-        except psycopg.errors.UndefinedTable:
-            version = None
-        if version != migrations.latest_version():
-            raise SchemaNotCurrent(
-                f"database schema is at version {version}, this daemon needs "
-                f"{migrations.latest_version()}: run `outbox-notifier migrate`"
-            )
+        # Its own schema version or a newer one reached by additive migrations only
+        # (migrations.compatibility); anything else is refused before any loop starts.
+        verdict = await store.schema_compatibility()
+        if not verdict.ok:
+            raise SchemaNotCurrent(verdict.reason)
+        logger.info("%s", verdict.reason)
 
     async def _run_loops(self, store: RecordStore, providers: Mapping[str, Provider]) -> None:
         settings = self.settings

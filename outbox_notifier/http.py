@@ -3,8 +3,8 @@
 - ``/metrics``: the registry in the Prometheus text format.
 - ``/healthz``: liveness. 200 while every loop has beaten recently (`HeartbeatMonitor`), else
   503; restarting the process is the cure for a stale loop.
-- ``/readyz``: readiness. 200 while the database answers within a second, its schema is the
-  one this daemon needs and the LISTEN connection is up (`readiness`), else 503.
+- ``/readyz``: readiness. 200 while the database answers within a second, its schema is one
+  this daemon can run on and the LISTEN connection is up (`readiness`), else 503.
 
 Both health answers are JSON: ``{"status": "ok" | "unavailable", ...details}``. Anything else
 is 404; a method other than GET or HEAD is 405. Each connection serves one request and is
@@ -41,7 +41,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.sqlfiles import query
+from outbox_notifier import migrations
 
 logger = logging.getLogger(__name__)
 
@@ -119,15 +119,15 @@ async def readiness(
     listener_up: Callable[[], bool],
     expected_version: int,
 ) -> tuple[bool, dict[str, Any]]:
-    """Database reachable within a second, schema at ``expected_version``, listener up.
+    """Database reachable within a second, schema compatible with a daemon whose latest
+    migration is ``expected_version`` (`migrations.compatibility`), listener up.
 
     Every check is reported, failed or not, so one answer shows everything that is wrong.
     """
     checks: dict[str, str] = {}
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_S), pool.connection() as conn:
-            cur = await conn.execute(query("readiness_check"))
-            row = await cur.fetchone()
+            verdict = await migrations.compatibility(conn, expected_version)
     except TimeoutError:
         checks["database"] = f"no answer within {READINESS_TIMEOUT_S:g}s"
         checks["schema"] = "unknown"
@@ -139,11 +139,7 @@ async def readiness(
         checks["schema"] = "unknown"
     else:
         checks["database"] = "ok"
-        version = None if row is None else row[0]
-        if version == expected_version:
-            checks["schema"] = "ok"
-        else:
-            checks["schema"] = f"at version {version}, expected {expected_version}"
+        checks["schema"] = "ok" if verdict.ok else verdict.reason
     checks["listener"] = "ok" if listener_up() else "down"
     return all(value == "ok" for value in checks.values()), checks
 

@@ -4,6 +4,13 @@ Every non-migration file of ``sql/`` (``queries.sql`` for the pipeline, ``operat
 operator commands) holds statements as blocks headed by a line
 ``-- name: <query_name>`` followed by a one-line comment that says what the query is for. Keeping
 them in one file lets a reviewer (or an operator at 3 a.m.) read all the SQL in one place.
+
+Every migration has a kind. ``additive``: a daemon built for an older schema keeps working on it
+(new tables, nullable or defaulted columns, new functions, new ``_vN`` versions of a function
+beside the old ones, grants). ``breaking``: older daemons must not run on it (a dropped or
+renamed object, a changed function signature or meaning). A new migration file declares its
+kind on its first line, ``-- kind: additive`` or ``-- kind: breaking``; the kinds of the files
+released before that convention are in `RELEASED_KINDS`.
 """
 
 from __future__ import annotations
@@ -20,12 +27,22 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _QUERY_HEADER = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_KIND_HEADER = re.compile(r"^-- kind: (\S+)\s*$")
+
+KINDS = ("additive", "breaking")
+
+# Migrations released before files declared their kind: their text cannot change (the checksum
+# recorded at migrate time would no longer match), so their kinds are declared here. 0001 creates
+# the schema, so nothing older can run on it; 0002 and 0003 only added tables, functions and a
+# defaulted column. (Daemons of release 0.1.0 still demand their exact version.)
+RELEASED_KINDS: dict[int, str] = {1: "breaking", 2: "additive", 3: "additive"}
 
 
 class Migration(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     name: str
     sql: str
+    kind: str
 
     @property
     def checksum(self) -> str:
@@ -39,13 +56,24 @@ def migrations() -> tuple[Migration, ...]:
     for path in sorted(SQL_DIR.glob("*.sql")):
         match = _MIGRATION_NAME.match(path.name)
         if match:
-            found.append(
-                Migration(version=int(match.group(1)), name=path.stem, sql=path.read_text())
-            )
+            version, text = int(match.group(1)), path.read_text()
+            kind = _kind(path, version, text)
+            found.append(Migration(version=version, name=path.stem, sql=text, kind=kind))
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"two migration files share a version: {versions}")
     return tuple(found)
+
+
+def _kind(path: Path, version: int, text: str) -> str:
+    if version in RELEASED_KINDS:
+        return RELEASED_KINDS[version]
+    match = _KIND_HEADER.match(text.partition("\n")[0])
+    if match is None or match.group(1) not in KINDS:
+        raise RuntimeError(
+            f"migration {path.name} must start with '-- kind: additive' or '-- kind: breaking'"
+        )
+    return match.group(1)
 
 
 @functools.cache

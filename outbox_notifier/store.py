@@ -16,6 +16,7 @@ import msgspec
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from outbox_notifier import migrations
 from outbox_notifier.sqlfiles import query
 
 _encoder = msgspec.json.Encoder()
@@ -260,8 +261,6 @@ class RecordStore:
             )
             return [Rescued(*row) for row in await cur.fetchall()]
 
-    async def schema_version(self) -> int | None:
+    async def schema_compatibility(self) -> migrations.Compatibility:
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query("schema_version"))
-            row = await cur.fetchone()
-            return None if row is None else row[0]
+            return await migrations.compatibility(conn)

@@ -60,8 +60,8 @@ WITH input AS (
 SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
--- Claims due records with pacing and endpoint protection; see outbox_notifier.claim_due.
-SELECT * FROM outbox_notifier.claim_due(
+-- Claims due records with pacing and endpoint protection; see outbox_notifier.claim_due_v1.
+SELECT * FROM outbox_notifier.claim_due_v1(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
     %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s
 );
@@ -77,7 +77,7 @@ SELECT extract(epoch FROM least(
 
 -- name: record_target_results
 -- Endpoint protection bookkeeping; returns the keys of targets paused now.
-SELECT * FROM outbox_notifier.record_target_results(
+SELECT * FROM outbox_notifier.record_target_results_v1(
     %(keys)s::text[], %(successes)s::integer[], %(failures)s::integer[],
     %(codes)s::text[], %(breaker_failures)s, %(cooloff_s)s
 );
@@ -172,6 +172,9 @@ WITH expired AS (
 )
 SELECT id, channel, status FROM rescued;
 
--- name: schema_version
--- The newest applied migration.
-SELECT max(version) FROM outbox_notifier.schema_migrations;
+-- name: applied_migrations
+-- Every applied migration with its kind. Read through to_jsonb so that a schema migrated by
+-- release 0.1.0, before schema_migrations had a kind column, still answers (kind NULL).
+SELECT m.version, m.name, to_jsonb(m) ->> 'kind', m.applied_at
+FROM outbox_notifier.schema_migrations m
+ORDER BY m.version;

@@ -164,7 +164,7 @@ def test_sigterm_past_the_deadline_still_exits_0_and_leaves_leases(
 def test_run_refuses_an_unmigrated_database(empty_db: str) -> None:
     proc = start_daemon(empty_db)
     out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "run `outbox-notifier migrate`" in out
     assert "Traceback" not in out
 

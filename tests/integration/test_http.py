@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import migrations
+from outbox_notifier import migrations, sqlfiles
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.relay import RelayReport
@@ -191,7 +191,7 @@ async def test_readyz_follows_the_database_and_the_listener(
         await eventually(ready_again, timeout_s=30.0, what="/readyz 200 after the database is back")
 
 
-async def test_readiness_reports_a_schema_that_is_not_current(
+async def test_readiness_reports_a_schema_older_than_the_daemon(
     pool: AsyncConnectionPool[psycopg.AsyncConnection],
 ) -> None:
     ok, checks = await readiness(pool, lambda: True, migrations.latest_version() + 1)
@@ -199,9 +199,20 @@ async def test_readiness_reports_a_schema_that_is_not_current(
     version = migrations.latest_version()
     assert checks == {
         "database": "ok",
-        "schema": f"at version {version}, expected {version + 1}",
+        "schema": f"database schema is at version {version}, older than this daemon's "
+        f"{version + 1}: run `outbox-notifier migrate`",
         "listener": "ok",
     }
+
+
+async def test_readiness_accepts_a_schema_newer_by_additive_migrations(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection],
+) -> None:
+    # The latest migration is additive: a daemon built one version earlier stays ready.
+    assert sqlfiles.migrations()[-1].kind == "additive"
+    ok, checks = await readiness(pool, lambda: True, migrations.latest_version() - 1)
+    assert ok, checks
+    assert checks["schema"] == "ok"
 
 
 async def test_readiness_reports_a_missing_schema(empty_db: str) -> None:
@@ -212,7 +223,7 @@ async def test_readiness_reports_a_missing_schema(empty_db: str) -> None:
         ok, checks = await readiness(pool, lambda: True, migrations.latest_version())
     assert not ok
     assert checks["database"] == "ok"
-    assert checks["schema"].startswith("missing")
+    assert checks["schema"].startswith("database schema is missing")
 
 
 async def test_a_stalled_client_does_not_block_the_server(

@@ -16,7 +16,7 @@ from outbox_notifier import migrations, sqlfiles
 def _declared_objects() -> dict[str, set[str]]:
     """Tables, views, functions and indexes that the SQL files declare, by kind."""
     text = "\n".join(m.sql for m in sqlfiles.migrations())
-    name = r"outbox_notifier\.([a-z_]+)"
+    name = r"outbox_notifier\.([a-z_][a-z0-9_]*)"
     return {
         "table": set(re.findall(rf"CREATE TABLE {name}", text)),
         "view": set(re.findall(rf"CREATE VIEW {name}", text)),

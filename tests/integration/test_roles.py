@@ -1,0 +1,335 @@
+"""The least-privilege roles of 0004, used through login roles that have one of them only.
+
+Roles belong to the cluster, not to a database: the group roles already exist when another
+test's database was migrated first, and each login role here has a unique name and is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbox_notifier import migrations, sqlfiles
+from outbox_notifier.daemon import Daemon
+from outbox_notifier.testing.feishu_server import FeishuServer, Reply
+from tests.support import add_channel, enqueue, eventually, payload, running, scalar, settings_for
+
+LoginAs = Callable[[str], str]
+
+
+@pytest.fixture
+def login_as(db: str) -> Iterator[LoginAs]:
+    """Makes a login role that is a member of one group role only; returns its DSN."""
+    made: list[str] = []
+
+    def make(group: str) -> str:
+        name = f"on_login_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(db, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                    sql.Identifier(name), sql.Identifier(group)
+                )
+            )
+        made.append(name)
+        return psycopg.conninfo.make_conninfo(db, user=name)
+
+    yield make
+    with psycopg.connect(db, autocommit=True) as admin:
+        for name in made:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def test_roles_are_group_roles_that_cannot_log_in(conn: psycopg.Connection[Any]) -> None:
+    rows = conn.execute(
+        "SELECT rolname, rolcanlogin, rolsuper, rolcreaterole, rolcreatedb FROM pg_roles"
+        " WHERE rolname LIKE 'outbox\\_notifier\\_%' ORDER BY rolname"
+    ).fetchall()
+    assert rows == [
+        (f"outbox_notifier_{r}", False, False, False, False)
+        for r in ("daemon", "operator", "producer")
+    ]
+
+
+async def test_daemon_delivers_as_a_login_role_with_only_the_daemon_role(
+    db: str,
+    conn: psycopg.Connection[Any],
+    login_as: LoginAs,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dsn = login_as("outbox_notifier_daemon")
+    async with FeishuServer() as server:
+        add_channel(conn, 1, server.flow_url("alice"))
+        add_channel(conn, 2, server.url + "/hooks/gone", provider="webhook")
+        server.script("/hooks/gone", [], then=Reply(status=410))
+        enqueue(conn, payload("roles-sent", user_id=1))
+        enqueue(conn, payload("roles-gone", user_id=2))
+        enqueue(conn, {"user_id": 0})  # rejected by validation
+        # a record whose worker died mid-call (lease expired) and a month-old sent record
+        # with its attempt log, for the rescue loop and retention
+        conn.execute(
+            "INSERT INTO outbox_notifier.notification_records (channel, user_id, preview_id,"
+            " dedupe_key, target_url, status, attempt_count, lease_expires_at, lease_token)"
+            " VALUES ('feishu', 1, 'p', 'roles-stuck', '/x', 'sending', 1,"
+            " now() - interval '1 minute', 1)"
+        )
+        old = scalar(
+            conn,
+            "INSERT INTO outbox_notifier.notification_records (channel, user_id, preview_id,"
+            " dedupe_key, target_url, status, updated_at)"
+            " VALUES ('feishu', 1, 'p', 'roles-old', '/x', 'sent', now() - interval '40 days')"
+            " RETURNING id",
+        )
+        conn.execute(
+            "INSERT INTO outbox_notifier.delivery_attempts (record_id, attempt, started_at,"
+            " duration_ms, outcome) VALUES (%s, 1, now() - interval '40 days', 1, 'success')",
+            (old,),
+        )
+
+        def status(key: str) -> str | None:
+            row = conn.execute(
+                "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
+                (key,),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        settings = settings_for(dsn, records_retention_s=86400.0)
+        with caplog.at_level(logging.INFO):
+            async with running(Daemon(settings)):
+                await eventually(lambda: status("roles-sent") == "sent", what="sent")
+                await eventually(lambda: status("roles-gone") == "dead", what="dead on 410")
+                await eventually(lambda: status("roles-stuck") == "failed", what="rescued")
+                await eventually(lambda: status("roles-old") is None, what="purged")
+                await eventually(
+                    lambda: (
+                        scalar(conn, "SELECT count(*) FROM outbox_notifier.maintenance_leases") == 1
+                    ),
+                    what="the maintenance lease taken",
+                )
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.outbox WHERE status = 'pending'") == 0
+    assert (
+        scalar(conn, "SELECT enabled FROM outbox_notifier.notification_channels WHERE user_id = 2")
+        is False
+    )
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.delivery_attempts") >= 3
+    assert "permission denied" not in caplog.text
+    assert "InsufficientPrivilege" not in caplog.text
+
+
+def test_the_daemon_role_cannot_touch_what_the_loops_do_not_need(
+    conn: psycopg.Connection[Any], login_as: LoginAs
+) -> None:
+    add_channel(conn, 1, "http://127.0.0.1/hooks/x", auth_kind="bearer", secret="s3cret")
+    with psycopg.connect(login_as("outbox_notifier_daemon"), autocommit=True) as daemon:
+        for statement in (
+            "UPDATE outbox_notifier.notification_channels SET webhook_url = 'http://evil'",
+            "DELETE FROM outbox_notifier.notification_channels",
+            "SELECT * FROM outbox_notifier.delivery_attempts",
+            "DELETE FROM outbox_notifier.delivery_attempts",
+            "INSERT INTO outbox_notifier.outbox (event_type, payload) VALUES ('t', '{}')",
+            "SELECT outbox_notifier.requeue(1)",
+            "DELETE FROM outbox_notifier.schema_migrations",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                daemon.execute(statement)
+
+
+def test_producer_can_enqueue_and_nothing_else(
+    conn: psycopg.Connection[Any], login_as: LoginAs
+) -> None:
+    add_channel(conn, 1, "http://127.0.0.1/hooks/x", auth_kind="bearer", secret="s3cret")
+    with psycopg.connect(login_as("outbox_notifier_producer"), autocommit=True) as producer:
+        outbox_id = enqueue(producer, payload("from-producer"))
+        for statement in (
+            "SELECT * FROM outbox_notifier.notification_channels",
+            "SELECT user_id FROM outbox_notifier.notification_channels",
+            "SELECT * FROM outbox_notifier.outbox",
+            "SELECT * FROM outbox_notifier.notification_records",
+            "SELECT * FROM outbox_notifier.backlog",
+            "SELECT outbox_notifier.requeue(1)",
+            "INSERT INTO outbox_notifier.outbox (event_type, payload) VALUES ('t', '{}')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                producer.execute(statement)
+    row = conn.execute(
+        "SELECT payload ->> 'dedupe_key', status FROM outbox_notifier.outbox WHERE id = %s",
+        (outbox_id,),
+    ).fetchone()
+    assert row == ("from-producer", "pending")
+
+
+def test_operator_can_read_and_requeue_but_not_see_secrets_or_write(
+    db: str, conn: psycopg.Connection[Any], login_as: LoginAs
+) -> None:
+    add_channel(conn, 1, "http://127.0.0.1/hooks/x", auth_kind="bearer", secret="s3cret")
+    dead = scalar(
+        conn,
+        "INSERT INTO outbox_notifier.notification_records (channel, user_id, preview_id,"
+        " dedupe_key, target_url, status, attempt_count, last_error_code)"
+        " VALUES ('feishu', 1, 'p', 'op-dead', '/x', 'dead', 5, 'provider_5xx') RETURNING id",
+    )
+    dsn = login_as("outbox_notifier_operator")
+    with psycopg.connect(dsn, autocommit=True) as operator:
+        assert operator.execute("SELECT count(*) FROM outbox_notifier.dead_letters").fetchone() == (
+            1,
+        )
+        assert operator.execute(
+            "SELECT user_id, enabled, auth_kind FROM outbox_notifier.notification_channels"
+        ).fetchall() == [(1, True, "bearer")]
+        assert operator.execute("SELECT outbox_notifier.requeue(%s)", (dead,)).fetchone() == (True,)
+        for statement in (
+            "SELECT auth_secret FROM outbox_notifier.notification_channels",
+            "SELECT webhook_url FROM outbox_notifier.notification_channels",
+            "SELECT * FROM outbox_notifier.notification_channels",
+            "UPDATE outbox_notifier.notification_records SET status = 'sent'",
+            "DELETE FROM outbox_notifier.delivery_attempts",
+            "SELECT outbox_notifier.enqueue('t', '{}')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                operator.execute(statement)
+    assert (
+        scalar(
+            conn, "SELECT status FROM outbox_notifier.notification_records WHERE id = %s", (dead,)
+        )
+        == "pending"
+    )
+    # The operator commands work with this role too.
+    for args in (["status"], ["requeue", "--channel", "feishu", "--dry-run"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "outbox_notifier", *args, "--dsn", dsn],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_readme_role_statements_make_login_roles_of_one_group_each(
+    conn: psycopg.Connection[Any],
+) -> None:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    match = re.search(r"<!-- roles-sql: [^>]*-->\s*```sql\n(.*?)```", text, re.S)
+    assert match, "README has no roles-sql block"
+    statements = [s.strip() for s in match.group(1).split(";") if s.strip()]
+    names = [re.match(r"CREATE ROLE (\w+)", s).group(1) for s in statements]  # type: ignore[union-attr]
+    try:
+        for statement in statements:
+            conn.execute(statement.encode())
+        rows = conn.execute(
+            "SELECT r.rolname, r.rolcanlogin, array_agg(g.rolname ORDER BY g.rolname)"
+            " FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid"
+            " JOIN pg_roles g ON g.oid = m.roleid WHERE r.rolname = ANY(%s)"
+            " GROUP BY r.rolname, r.rolcanlogin ORDER BY r.rolname",
+            (names,),
+        ).fetchall()
+        assert rows == [
+            ("notifier_daemon", True, ["outbox_notifier_daemon"]),
+            ("notifier_operator", True, ["outbox_notifier_operator"]),
+            ("shop_app", True, ["outbox_notifier_producer"]),
+        ]
+    finally:
+        for name in names:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_migrate_works_as_a_schema_owner_that_is_not_a_superuser(empty_db: str) -> None:
+    # The admin DSN of a managed database is rarely a superuser: the database's owner, with
+    # CREATEROLE, must be enough (the group roles already exist in this cluster).
+    owner = f"on_owner_{uuid.uuid4().hex[:10]}"
+    dbname = psycopg.conninfo.conninfo_to_dict(empty_db)["dbname"]
+    assert isinstance(dbname, str)
+    with psycopg.connect(empty_db, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEROLE").format(sql.Identifier(owner)))
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(dbname), sql.Identifier(owner)
+            )
+        )
+        try:
+            applied = migrations.migrate(psycopg.conninfo.make_conninfo(empty_db, user=owner))
+            assert applied == [m.name for m in sqlfiles.migrations()]
+            assert (
+                scalar(
+                    admin,
+                    "SELECT pg_get_userbyid(p.proowner) FROM pg_proc p"
+                    " WHERE p.oid = 'outbox_notifier.claim_due_v1'::regproc",
+                )
+                == owner
+            )
+            assert scalar(
+                admin,
+                "SELECT has_table_privilege('outbox_notifier_daemon',"
+                " 'outbox_notifier.delivery_attempts', 'INSERT')",
+            )
+        finally:
+            admin.execute(sql.SQL("REASSIGN OWNED BY {} TO postgres").format(sql.Identifier(owner)))
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(owner)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(owner)))
+
+
+def _grants(conn: psycopg.Connection[Any], role: str) -> set[tuple[str, str]]:
+    """(object, privilege) of every table, column, sequence and function grant to ``role``
+    in schema outbox_notifier; column grants as table(column)."""
+    rows = conn.execute(
+        """
+        SELECT table_name, privilege_type FROM information_schema.role_table_grants
+        WHERE grantee = %(r)s AND table_schema = 'outbox_notifier'
+        UNION ALL
+        SELECT table_name || '(' || column_name || ')', privilege_type
+        FROM information_schema.column_privileges
+        WHERE grantee = %(r)s AND table_schema = 'outbox_notifier'
+          AND (table_name, privilege_type) NOT IN (
+              SELECT table_name, privilege_type FROM information_schema.role_table_grants
+              WHERE grantee = %(r)s AND table_schema = 'outbox_notifier')
+        UNION ALL
+        SELECT c.relname, p.privilege_type
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+             aclexplode(c.relacl) p
+        WHERE n.nspname = 'outbox_notifier' AND c.relkind = 'S'
+          AND p.grantee = %(r)s::regrole
+        UNION ALL
+        SELECT f.proname, p.privilege_type
+        FROM pg_proc f JOIN pg_namespace n ON n.oid = f.pronamespace,
+             aclexplode(f.proacl) p
+        WHERE n.nspname = 'outbox_notifier' AND p.grantee = %(r)s::regrole
+        """,
+        {"r": role},
+    ).fetchall()
+    return {(obj, priv) for obj, priv in rows}
+
+
+def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None:
+    # The least-privilege contract, written out: a migration that grants more (or less) must
+    # change this list too, in review.
+    both = {"SELECT", "INSERT", "UPDATE"}
+    assert _grants(conn, "outbox_notifier_daemon") == {
+        *{("outbox", p) for p in ("SELECT", "UPDATE", "DELETE")},
+        *{("notification_records", p) for p in (*both, "DELETE")},
+        ("notification_channels", "SELECT"),
+        *{(f"notification_channels({c})", "UPDATE")
+          for c in ("enabled", "disabled_reason", "updated_at")},
+        ("delivery_attempts", "INSERT"),
+        *{("targets", p) for p in both},
+        *{("maintenance_leases", p) for p in both},
+        ("schema_migrations", "SELECT"),
+        ("lease_token_seq", "USAGE"),
+    }  # fmt: skip
+    assert _grants(conn, "outbox_notifier_producer") == {("enqueue", "EXECUTE")}
+    readable = ("backlog", "dead_letters", "stuck_sending", "target_health", "outbox",
+                "notification_records", "delivery_attempts", "targets", "maintenance_leases",
+                "schema_migrations")  # fmt: skip
+    channel_columns = ("id", "user_id", "channel", "enabled", "auth_kind", "disabled_reason",
+                       "created_at", "updated_at", "provider")  # fmt: skip
+    assert _grants(conn, "outbox_notifier_operator") == {
+        *{(name, "SELECT") for name in readable},
+        *{(f"notification_channels({c})", "SELECT") for c in channel_columns},
+        ("requeue", "EXECUTE"),
+        ("requeue_dead", "EXECUTE"),
+    }
