@@ -187,7 +187,7 @@ def wait_done(
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
-            row = conn.execute(statement).fetchone()  # type: ignore[call-overload]
+            row = conn.execute(statement).fetchone()
             assert row is not None
             progress = Progress(int(row[0]), int(row[1]), row[2])
             if progress.bad:
