@@ -313,16 +313,17 @@ class Bench:
             for _ in range(runs):
                 _drain(system, peer, lambda s=system: scenarios.peer_throughput(dbs, srv, n, s))  # type: ignore[misc]
             self.contenders.append(peer)
-        for transport, label in (
-            ("default", "bare loop, httpx's own pool"),
-            ("none", "bare loop without HTTP (database only)"),
+        for transport, loop, label in (
+            ("aiohttp", "asyncio", "bare loop, httpx over aiohttp, on asyncio"),
+            ("default", "auto", "bare loop, httpx's own pool"),
+            ("none", "auto", "bare loop without HTTP (database only)"),
         ):
             bare = Contender(label)
             for _ in range(runs):
                 _drain(
                     label,
                     bare,
-                    lambda t=transport: scenarios.baseline_throughput(dbs, srv, n, t),  # type: ignore[misc]
+                    lambda t=transport, lp=loop: scenarios.baseline_throughput(dbs, srv, n, t, lp),  # type: ignore[misc]
                 )
             self.contenders.append(bare)
 
@@ -334,12 +335,14 @@ class Bench:
             target=">= 10,000",
             check=(">=", 10_000.0),
         )
-        row.values = _repeat(
-            "instant",
-            self.mode.runs,
-            lambda: scenarios.daemon_throughput(dbs, srv, n, "instant").rate,
-        )
-        self.rows.append(row)
+        cpu = Row("database side alone: daemon CPU per record", "us")
+        for i in range(self.mode.runs):
+            result = scenarios.daemon_throughput(dbs, srv, n, "instant")
+            row.values.append(result.rate)
+            cpu.values.append(result.cpu_us)
+            _log(f"instant run {i + 1}/{self.mode.runs}: {result.rate:,.1f}/s, "
+                 f"{result.cpu_us:,.0f} us CPU/record")  # fmt: skip
+        self.rows += [row, cpu]
 
     def latency(self) -> None:
         mode = self.mode
