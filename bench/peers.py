@@ -23,6 +23,7 @@ import contextlib
 import importlib.util
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -54,9 +55,18 @@ _PROGRESS = {
 }
 
 
-def missing() -> list[str]:
-    """The benchmark-only packages that are not installed."""
-    return [name for name in SYSTEMS if importlib.util.find_spec(name) is None]
+# What each peer's worker imports beyond the project's own dependencies.
+_NEEDS = {"pgqueuer": ("pgqueuer", "asyncpg"), "procrastinate": ("procrastinate",)}
+
+
+def missing() -> dict[str, list[str]]:
+    """Peer -> its benchmark-only packages that are not installed (peers lacking none omitted)."""
+    out = {}
+    for system, needs in _NEEDS.items():
+        absent = [name for name in needs if importlib.util.find_spec(name) is None]
+        if absent:
+            out[system] = absent
+    return out
 
 
 def versions() -> str:
@@ -91,8 +101,9 @@ async def _install(system: str, dsn: str) -> None:
         await app.schema_manager.apply_schema_async()
 
 
-async def _enqueue(system: str, dsn: str, jobs: Sequence[tuple[str, dict[str, object]]]) -> None:
-    """All jobs in one statement through the queue's own batch API (one commit)."""
+async def _enqueue(system: str, dsn: str, jobs: Sequence[tuple[str, dict[str, object]]]) -> float:
+    """All jobs in one statement through the queue's own batch API (one commit); returns the
+    wall-clock time that statement returned, before the connection is closed."""
     if system == "pgqueuer":
         from pgqueuer import Queries
 
@@ -102,18 +113,20 @@ async def _enqueue(system: str, dsn: str, jobs: Sequence[tuple[str, dict[str, ob
                 [msgspec.json.encode({"u": u, "p": p}) for u, p in jobs],
                 [0] * len(jobs),
             )
-        return
+            return time.time()
     app = _procrastinate_app(dsn)
     async with app.open_async():
         await app.configure_task(ENTRYPOINT).batch_defer_async(*({"u": u, "p": p} for u, p in jobs))
+        return time.time()
 
 
 def install(system: str, dsn: str) -> None:
     asyncio.run(_install(system, dsn))
 
 
-def enqueue(system: str, dsn: str, jobs: Sequence[tuple[str, dict[str, object]]]) -> None:
-    asyncio.run(_enqueue(system, dsn, jobs))
+def enqueue(system: str, dsn: str, jobs: Sequence[tuple[str, dict[str, object]]]) -> float:
+    """Enqueues ``jobs`` for ``system``; returns the wall-clock time of the commit."""
+    return asyncio.run(_enqueue(system, dsn, jobs))
 
 
 # -- the worker processes ----------------------------------------------------------------------

@@ -302,8 +302,10 @@ class Bench:
     def peers(self) -> None:
         dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
         absent = peers.missing()
-        if absent:
-            note = f"peers skipped: {', '.join(absent)} not installed (pip install -e '.[bench]')"
+        for system, packages in absent.items():
+            note = (
+                f"{system} skipped: {', '.join(packages)} not installed (pip install -e '.[bench]')"
+            )
             self.notes.append(note)
             _log(note)
         for system in peers.SYSTEMS:

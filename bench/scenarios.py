@@ -179,13 +179,11 @@ def peer_throughput(dbs: Databases, server: RemoteFeishuServer, n: int, system: 
     try:
         proc.wait_line("ready")
         time.sleep(0.5)  # let the worker finish its start-up queries before the work arrives
-
-        def start() -> float:
-            peers.enqueue(system, dsn, jobs)
-            return time.time()
-
         result = _measure(
-            proc, n, start, lambda: _last_at(dsn, n, query=peers.progress_query(system))
+            proc,
+            n,
+            lambda: peers.enqueue(system, dsn, jobs),
+            lambda: _last_at(dsn, n, query=peers.progress_query(system)),
         )
     except Exception as exc:
         raise RuntimeError(f"{system}: {exc}\n" + "\n".join(proc.lines[-20:])) from exc
