@@ -139,9 +139,9 @@ async def _post(client: httpx.AsyncClient, url: str, payload: object) -> None:
 
 
 async def _run_pgqueuer(dsn: str, concurrency: int) -> None:
-    # asyncpg, pgqueuer's first driver: over its psycopg driver (one connection shared by the
-    # listener and the queries) a worker at its in-flight cap woke only on the dequeue timeout
-    # here, ~45 jobs/s, which would measure that wait rather than the queue.
+    # asyncpg, pgqueuer's first driver: over its psycopg driver this worker drained ~45 jobs/s
+    # here, about one in-flight cap (50) per dequeue timeout (1 s): a wake-up that does not
+    # arrive, which would measure that wait rather than the queue.
     import asyncpg  # type: ignore[import-untyped,unused-ignore]
     from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 
