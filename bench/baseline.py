@@ -1,9 +1,10 @@
 """The plain loop the daemon is compared with, as its own process.
 
-``python -m bench.baseline --dsn DSN``: claim 100 jobs (``FOR UPDATE SKIP LOCKED``), POST each
-with ``httpx.AsyncClient.post(json=...)``, 50 at a time, mark the batch sent in one statement;
-repeat. No relay, no attempt log, no fencing: the least work a relay to HTTP can do.
-Prints ``ready`` once connected; runs until SIGTERM.
+``python -m bench.baseline --dsn DSN [--transport aiohttp|default|minimal|none] [--loop L]``:
+claim 100 jobs (``FOR UPDATE SKIP LOCKED``), POST each with ``httpx.AsyncClient.post(json=...)``,
+50 at a time, mark the batch sent in one statement; repeat. No relay, no attempt log, no fencing:
+the least work a relay to HTTP can do. ``--transport none`` skips the POST (the database side of
+the loop alone). Prints ``ready loop=NAME`` once connected; runs until SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import httpx
 import psycopg
 
+from bench import loops
 from bench.clients import TRANSPORTS, make_client
 
 SCHEMA = """
@@ -46,8 +48,10 @@ WHERE j.id = r.id
 
 
 async def _post(
-    client: httpx.AsyncClient, limit: asyncio.Semaphore, url: str, payload: object
+    client: httpx.AsyncClient | None, limit: asyncio.Semaphore, url: str, payload: object
 ) -> int:
+    if client is None:  # no HTTP: the loop's database work alone
+        return 200
     async with limit:
         try:
             response = await client.post(url, json=payload)
@@ -64,9 +68,10 @@ async def run(dsn: str, *, batch: int, concurrency: int, transport: str) -> None
     limit = asyncio.Semaphore(concurrency)
     async with (
         await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
-        make_client(transport, concurrency) as client,
+        make_client("default" if transport == "none" else transport, concurrency) as http,
     ):
-        print("ready", flush=True)
+        client = None if transport == "none" else http
+        print(f"ready loop={loops.running_name()}", flush=True)
         while not stop.is_set():
             rows = await (await conn.execute(CLAIM, {"limit": batch})).fetchall()
             if not rows:
@@ -81,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--transport", choices=TRANSPORTS, default="default")
+    parser.add_argument("--transport", choices=(*TRANSPORTS, "none"), default="aiohttp")
+    parser.add_argument("--loop", choices=loops.LOOPS, default="auto")
     args = parser.parse_args(argv)
-    asyncio.run(
-        run(args.dsn, batch=args.batch, concurrency=args.concurrency, transport=args.transport)
+    loops.run(
+        run(args.dsn, batch=args.batch, concurrency=args.concurrency, transport=args.transport),
+        args.loop,
     )
     return 0
 

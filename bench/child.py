@@ -14,18 +14,16 @@ import asyncio
 import sys
 
 from bench.clients import TRANSPORTS, InstantProvider, make_client
+from bench.fixtures import egress_overrides
 from outbox_notifier import logs
 from outbox_notifier.daemon import Daemon, default_providers
 from outbox_notifier.providers.base import Provider
-from outbox_notifier.settings import Settings
+from outbox_notifier.settings import load_settings
 
 
 async def _run(args: argparse.Namespace) -> None:
-    settings = Settings(
-        dsn=args.dsn,
-        flow_allowed_schemes=("http",),
-        flow_allowed_hosts=("127.0.0.1",),
-        http_listen="127.0.0.1:0",
+    settings = load_settings(
+        config_path=None, env={}, overrides={"dsn": args.dsn, **egress_overrides()}
     )
     logs.configure_logging(settings.log_format, settings.log_level)
     providers: dict[str, Provider]

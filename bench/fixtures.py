@@ -24,6 +24,7 @@ import psycopg
 from bench.baseline import SCHEMA as BASELINE_SCHEMA
 from outbox_notifier import migrations
 from outbox_notifier.events import EVENT_TYPE
+from outbox_notifier.settings import Settings
 from outbox_notifier.testing.feishu_server import RemoteFeishuServer
 from outbox_notifier.testing.postgres import create_database, drop_database
 
@@ -132,12 +133,14 @@ def enqueue(dsn: str, run: str, n: int) -> float:
         return time.time()
 
 
+def job_list(server: RemoteFeishuServer, n: int) -> list[tuple[str, dict[str, object]]]:
+    """(webhook URL, Flow body) of each of the bare loop's (and the peers') ``n`` jobs."""
+    return [(server.flow_url(f"user-{i % USERS + 1}"), flow_body(i)) for i in range(n)]
+
+
 def add_jobs(dsn: str, server: RemoteFeishuServer, n: int) -> float:
     """The baseline's jobs, committed at once; returns the wall-clock time of the commit."""
-    rows = [
-        msgspec.json.encode({"u": server.flow_url(f"user-{i % USERS + 1}"), "p": flow_body(i)})
-        for i in range(n)
-    ]
+    rows = [msgspec.json.encode({"u": u, "p": p}) for u, p in job_list(server, n)]
     with psycopg.connect(dsn) as conn:
         conn.execute(
             "INSERT INTO bench.jobs (url, payload)"
@@ -170,13 +173,21 @@ FROM bench.jobs
 
 
 def wait_done(
-    dsn: str, n: int, *, jobs: bool = False, timeout_s: float = 600.0, poll_s: float = 0.1
+    dsn: str,
+    n: int,
+    *,
+    jobs: bool = False,
+    query: str | None = None,
+    timeout_s: float = 600.0,
+    poll_s: float = 0.1,
 ) -> Progress:
-    """Polls until ``n`` records (or baseline jobs) are sent; raises on failures or timeout."""
+    """Polls until ``n`` records (or baseline jobs, or what ``query`` counts) are done; raises on
+    failures or timeout. ``query`` returns (done, failed, epoch of the last success)."""
+    statement = query or (_JOBS_PROGRESS if jobs else _RECORDS_PROGRESS)
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
-            row = conn.execute(_JOBS_PROGRESS if jobs else _RECORDS_PROGRESS).fetchone()
+            row = conn.execute(statement).fetchone()
             assert row is not None
             progress = Progress(int(row[0]), int(row[1]), row[2])
             if progress.bad:
@@ -233,6 +244,14 @@ class Process:
     def pid(self) -> int:
         return self.popen.pid
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds this process (all its threads) has used so far."""
+        return cpu_seconds(self.pid)
+
+    def loop_name(self) -> str:
+        """``uvloop`` when the process has uvloop's extension mapped, else ``asyncio``."""
+        return loop_name(self.pid)
+
     def peak_rss_mb(self) -> float:
         """Peak resident set size so far (VmHWM), in MiB; NaN where /proc is missing."""
         try:
@@ -271,14 +290,52 @@ def server_total(server: RemoteFeishuServer) -> int:
     return int(response.json()["total"])
 
 
-def daemon_args(dsn: str, variant: str) -> list[str]:
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc (clock ticks, 10 ms at 100 Hz); NaN without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name (field 2) may hold spaces and parentheses: split after its ")".
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def loop_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return "uvloop" if "/uvloop/" in maps.read() else "asyncio"
+    except OSError:
+        return "unknown"
+
+
+def egress_overrides() -> dict[str, str]:
+    """Settings the daemon needs to post to the loopback look-alike.
+
+    The URL policy always; ``egress_allow_cidrs`` only on versions that have the egress guard
+    (it refuses loopback unless allowed), so the bench runs on the daemon before and after it.
+    """
+    out = {
+        "flow_allowed_schemes": "http",
+        "flow_allowed_hosts": "127.0.0.1",
+        "http_listen": "127.0.0.1:0",
+    }
+    if "egress_allow_cidrs" in Settings.__struct_fields__:
+        out["egress_allow_cidrs"] = "127.0.0.0/8"
+    return out
+
+
+def daemon_args(dsn: str, variant: str, extra: dict[str, str] | None = None) -> list[str]:
     """Command line of the daemon under test: the real CLI, or ``bench.child`` variants."""
     if variant == "cli":
-        return [
-            "-m", "outbox_notifier", "run", "--dsn", dsn,
-            "--set", "flow_allowed_schemes=http", "--set", "flow_allowed_hosts=127.0.0.1",
-            "--set", "http_listen=127.0.0.1:0",
-        ]  # fmt: skip
+        args = ["-m", "outbox_notifier", "run", "--dsn", dsn]
+        for key, value in {**egress_overrides(), **(extra or {})}.items():
+            args += ["--set", f"{key}={value}"]
+        return args
     if variant == "instant":
         return ["-m", "bench.child", "--dsn", dsn, "--provider", "instant"]
     return ["-m", "bench.child", "--dsn", dsn, "--transport", variant]

@@ -1,8 +1,9 @@
-"""``python -m bench``: every figure in one run, printed as one table.
+"""``python -m bench``: every figure of the performance targets in one run, printed as tables.
 
-Options: ``--quick`` (fewer jobs and runs, a smoke test), ``--dsn`` (an existing server instead of
-a private fsync-on cluster), ``--runs``, ``--jobs``, ``--profile DIR`` (one extra profiled
-throughput run per daemon variant, if py-spy is installed), ``--only`` (a subset of sections).
+Options: ``--quick`` (a smoke run of every section in about a minute), ``--dsn`` (an existing
+server instead of a private fsync-on cluster), ``--runs``, ``--jobs``, ``--profile DIR`` (one
+extra profiled throughput run per daemon variant, if py-spy is installed), ``--only`` (a subset
+of sections; ``transports`` and ``http`` run only when named).
 """
 
 from __future__ import annotations
@@ -10,23 +11,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import operator
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bench import scenarios
+from bench import peers, scenarios
 from bench.fixtures import Databases, feishu_server
+from outbox_notifier.testing.feishu_server import RemoteFeishuServer
 from outbox_notifier.testing.postgres import throwaway_server
 
-SECTIONS = ("throughput", "transports", "http", "database", "latency", "scale")
+SECTIONS = ("throughput", "peers", "database", "latency", "purge", "scale", "transports", "http")
+DEFAULT_SECTIONS = SECTIONS[:6]  # the last two compare HTTP stacks; run them by name
 
 
 @dataclass(frozen=True)
 class Mode:
+    name: str
     jobs: int
     runs: int
     http_posts: int
@@ -37,7 +42,8 @@ class Mode:
 
 
 FULL = Mode(
-    jobs=20_000,
+    name="full",
+    jobs=10_000,
     runs=3,
     http_posts=10_000,
     rate=200.0,
@@ -46,21 +52,46 @@ FULL = Mode(
     claim_reps=50,
 )
 QUICK = Mode(
-    jobs=2_000, runs=2, http_posts=2_000, rate=200.0, duration_s=5.0, history=100_000, claim_reps=20
+    name="quick",
+    jobs=1_000,
+    runs=1,
+    http_posts=1_000,
+    rate=200.0,
+    duration_s=3.0,
+    history=20_000,
+    claim_reps=10,
 )
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    "<": operator.lt,
+}
 
 
 @dataclass
 class Row:
+    """One figure: its runs' values, and the target its median is held to (if any)."""
+
     name: str
     unit: str
     values: list[float] = field(default_factory=list)
     target: str = ""
-    higher_is_better: bool = True
+    # (operator, bound) the median must satisfy; the target text says it for people.
+    check: tuple[str, float] | None = None
+
+    def met(self) -> str:
+        if self.check is None or not self.values:
+            return ""
+        med = statistics.median(self.values)
+        if med != med:  # NaN: not measurable here
+            return "n/a"
+        op, bound = self.check
+        return "yes" if _OPS[op](med, bound) else "NO"
 
     def cells(self) -> list[str]:
         if not self.values:
-            return [self.name, "-", "-", "-", self.unit, "0", self.target]
+            return [self.name, "-", "-", "-", self.unit, "0", self.target, ""]
         med = statistics.median(self.values)
         return [
             self.name,
@@ -70,6 +101,7 @@ class Row:
             self.unit,
             str(len(self.values)),
             self.target,
+            self.met(),
         ]
 
 
@@ -83,16 +115,15 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _table(rows: list[Row]) -> str:
-    header = ["figure", "median", "min", "max", "unit", "runs", "target"]
-    cells = [header] + [r.cells() for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+def _table(header: list[str], cells: list[list[str]], left: set[int]) -> str:
+    rows = [header, *cells]
+    widths = [max(len(c[i]) for c in rows) for i in range(len(header))]
     lines = []
-    for n, cell in enumerate(cells):
+    for n, cell in enumerate(rows):
         lines.append(
             "| "
             + " | ".join(
-                c.ljust(w) if i in (0, 4, 6) else c.rjust(w)
+                c.ljust(w) if i in left else c.rjust(w)
                 for i, (c, w) in enumerate(zip(cell, widths, strict=True))
             )
             + " |"
@@ -100,6 +131,49 @@ def _table(rows: list[Row]) -> str:
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def figures_table(rows: list[Row]) -> str:
+    header = ["figure", "median", "min", "max", "unit", "runs", "target", "met"]
+    return _table(header, [r.cells() for r in rows], {0, 4, 6, 7})
+
+
+@dataclass
+class Contender:
+    """One system draining the same N jobs: the daemon, the yardstick, a peer."""
+
+    name: str
+    runs: list[scenarios.Throughput] = field(default_factory=list)
+
+    def rate(self) -> float:
+        return statistics.median(r.rate for r in self.runs)
+
+    def cpu_us(self) -> float:
+        return statistics.median(r.cpu_us for r in self.runs)
+
+
+def peers_table(contenders: list[Contender], yardstick: Contender | None) -> str:
+    header = ["system (same N jobs, same sink, 50 at a time)", "jobs/s", "min", "max"]
+    header += ["CPU us/job", "x yardstick", "loop", "runs"]
+    base = yardstick.rate() if yardstick is not None and yardstick.runs else float("nan")
+    cells = []
+    for c in contenders:
+        if not c.runs:
+            continue
+        rates = [r.rate for r in c.runs]
+        cells.append(
+            [
+                c.name,
+                _fmt(c.rate()),
+                _fmt(min(rates)),
+                _fmt(max(rates)),
+                _fmt(c.cpu_us()),
+                _fmt(c.rate() / base),
+                "/".join(sorted({r.loop for r in c.runs})),
+                str(len(c.runs)),
+            ]
+        )
+    return _table(header, cells, {0, 6})
 
 
 def _versions(dbs: Databases) -> str:
@@ -111,8 +185,9 @@ def _versions(dbs: Databases) -> str:
 
     return (
         f"Python {platform.python_version()}, psycopg {v('psycopg')}, httpx {v('httpx')}, "
-        f"httpcore {v('httpcore')}, aiohttp {v('aiohttp')}, httpx-aiohttp {v('httpx-aiohttp')}, "
-        f"PostgreSQL {dbs.server_version()}, {platform.machine()} x{_cpus()} CPUs"
+        f"aiohttp {v('aiohttp')}, httpx-aiohttp {v('httpx-aiohttp')}, uvloop {v('uvloop')}, "
+        f"{peers.versions()}, PostgreSQL {dbs.server_version()}, "
+        f"{platform.machine()} x{_cpus()} CPUs"
     )
 
 
@@ -144,166 +219,284 @@ def _repeat(label: str, runs: int, fn: Callable[[], float]) -> list[float]:
     return out
 
 
+def _drain(label: str, contender: Contender, fn: Callable[[], scenarios.Throughput]) -> None:
+    result = fn()
+    contender.runs.append(result)
+    _log(
+        f"{label} run {len(contender.runs)}: {result.rate:,.1f}/s, "
+        f"{result.cpu_us:,.0f} us CPU/job, {result.loop}, peak RSS {result.rss_mb:.0f} MiB"
+    )
+
+
+def _quantile(values: list[float], q: int) -> float:
+    """The q-th percentile (1..99) of ``values``, inclusive method; NaN for fewer than 2."""
+    if len(values) < 2:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+class Bench:
+    """Runs the sections in order, collecting figure rows and the side-by-side contenders."""
+
+    def __init__(self, dbs: Databases, srv: RemoteFeishuServer, mode: Mode) -> None:
+        self.dbs, self.srv, self.mode = dbs, srv, mode
+        self.rows: list[Row] = []
+        self.contenders: list[Contender] = []
+        self.yardstick: Contender | None = None
+        self.notes: list[str] = []
+
+    def throughput(self) -> None:
+        dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
+        daemon = Contender("daemon: CLI, default settings")
+        bare = Contender("yardstick: bare loop, psycopg + httpx over aiohttp")
+        for _ in range(runs):  # interleaved, so drift hits both alike
+            _drain("daemon", daemon, lambda: scenarios.daemon_throughput(dbs, srv, n, "cli"))
+            _drain("yardstick", bare, lambda: scenarios.baseline_throughput(dbs, srv, n))
+        self.contenders += [daemon, bare]
+        self.yardstick = bare
+        loop = "/".join(sorted({r.loop for r in bare.runs}))
+        ratio = daemon.rate() / bare.rate()
+        beyond = daemon.cpu_us() - bare.cpu_us()
+        self.rows += [
+            Row(
+                f"end-to-end: daemon (CLI), {n:,} records",
+                "records/s",
+                [r.rate for r in daemon.runs],
+            ),
+            Row(
+                f"yardstick: bare claim 100 / POST / update, httpx over aiohttp, {loop}",
+                "jobs/s",
+                [r.rate for r in bare.runs],
+            ),
+            Row(
+                "ratio daemon / yardstick (medians)",
+                "x",
+                [ratio],
+                target=">= 0.9",
+                check=(">=", 0.9),
+            ),
+            Row(
+                "daemon CPU per delivered record",
+                "us",
+                [r.cpu_us for r in daemon.runs],
+                target="<= 400",
+                check=("<=", 400.0),
+            ),
+            Row("yardstick CPU per job", "us", [r.cpu_us for r in bare.runs]),
+            Row(
+                "daemon CPU beyond the yardstick's (medians)",
+                "us",
+                [beyond],
+                target="<= 50",
+                check=("<=", 50.0),
+            ),
+            Row(
+                "daemon peak RSS (CLI, end-to-end run)",
+                "MiB",
+                [r.rss_mb for r in daemon.runs],
+                target="< 150",
+                check=("<", 150.0),
+            ),
+        ]
+
+    def peers(self) -> None:
+        dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
+        absent = peers.missing()
+        for system, packages in absent.items():
+            note = (
+                f"{system} skipped: {', '.join(packages)} not installed (pip install -e '.[bench]')"
+            )
+            self.notes.append(note)
+            _log(note)
+        for system in peers.SYSTEMS:
+            if system in absent:
+                continue
+            peer = Contender(f"{system} + httpx over aiohttp")
+            for _ in range(runs):
+                _drain(system, peer, lambda s=system: scenarios.peer_throughput(dbs, srv, n, s))  # type: ignore[misc]
+            self.contenders.append(peer)
+        for transport, loop, label in (
+            ("aiohttp", "asyncio", "bare loop, httpx over aiohttp, on asyncio"),
+            ("default", "auto", "bare loop, httpx's own pool"),
+            ("none", "auto", "bare loop without HTTP (database only)"),
+        ):
+            bare = Contender(label)
+            for _ in range(runs):
+                _drain(
+                    label,
+                    bare,
+                    lambda t=transport, lp=loop: scenarios.baseline_throughput(dbs, srv, n, t, lp),  # type: ignore[misc]
+                )
+            self.contenders.append(bare)
+
+    def database(self) -> None:
+        dbs, srv, n = self.dbs, self.srv, self.mode.jobs
+        row = Row(
+            "database side alone: daemon + instant provider",
+            "records/s",
+            target=">= 10,000",
+            check=(">=", 10_000.0),
+        )
+        cpu = Row("database side alone: daemon CPU per record", "us")
+        for i in range(self.mode.runs):
+            result = scenarios.daemon_throughput(dbs, srv, n, "instant")
+            row.values.append(result.rate)
+            cpu.values.append(result.cpu_us)
+            _log(f"instant run {i + 1}/{self.mode.runs}: {result.rate:,.1f}/s, "
+                 f"{result.cpu_us:,.0f} us CPU/record")  # fmt: skip
+        self.rows += [row, cpu]
+
+    def latency(self) -> None:
+        mode = self.mode
+        label = f"at {mode.rate:.0f}/s for {mode.duration_s:.0f} s"
+        p50 = Row(f"latency p50 {label}", "ms", target="<= 10", check=("<=", 10.0))
+        p95 = Row(f"latency p95 {label}", "ms")
+        p99 = Row(f"latency p99 {label}", "ms", target="<= 50", check=("<=", 50.0))
+        offered = Row("latency run: offered rate achieved", "events/s")
+        for i in range(mode.runs):
+            lat, achieved = scenarios.latency(self.dbs, self.srv, mode.rate, mode.duration_s)
+            for row, q in ((p50, 50), (p95, 95), (p99, 99)):
+                row.values.append(_quantile(lat, q) * 1000)
+            offered.values.append(achieved)
+            _log(f"latency run {i + 1}/{mode.runs}: p50 {p50.values[-1]:.1f} ms, "
+                 f"p99 {p99.values[-1]:.1f} ms")  # fmt: skip
+        self.rows += [p50, p95, p99, offered]
+
+    def purge(self) -> None:
+        mode = self.mode
+        hist = f"{mode.history:,}"
+        records = Row(
+            f"purge {hist} finished records with their attempts, under load",
+            "records/s",
+            target=">= 20,000",
+            check=(">=", 20_000.0),
+        )
+        outbox = Row(f"purge {hist} finished outbox rows, under load", "rows/s")
+        p50 = Row(f"latency p50 during the purge, {mode.rate:.0f}/s offered", "ms")
+        p99 = Row(
+            f"latency p99 during the purge, {mode.rate:.0f}/s offered",
+            "ms",
+            target="<= 50",
+            check=("<=", 50.0),
+        )
+        events = Row("events delivered during the purge", "events")
+        for i in range(mode.runs):
+            result = scenarios.purge_under_load(self.dbs, self.srv, mode.history, mode.rate)
+            records.values.append(result.records_per_s)
+            outbox.values.append(result.outbox_per_s)
+            p50.values.append(_quantile(result.latencies, 50) * 1000)
+            p99.values.append(_quantile(result.latencies, 99) * 1000)
+            events.values.append(len(result.latencies))
+            _log(
+                f"purge run {i + 1}/{mode.runs}: {result.records_per_s:,.0f} records/s, "
+                f"{result.outbox_per_s:,.0f} outbox rows/s, {len(result.latencies)} events during,"
+                f" p99 {p99.values[-1]:.1f} ms, offered {result.achieved:.0f}/s"
+            )
+        self.rows += [records, outbox, p50, p99, events]
+
+    def scale(self) -> None:
+        mode = self.mode
+        empty = scenarios.claim_latency(self.dbs, 0, mode.claim_reps)
+        _log(f"claim latency, empty: {empty}")
+        full = scenarios.claim_latency(self.dbs, mode.history, mode.claim_reps)
+        _log(f"claim latency, {mode.history:,} history: {full}")
+        hist = f"{mode.history:,}"
+        self.rows += [
+            Row("claim_records(100), empty database", "ms", [empty[0]]),
+            Row(
+                f"claim_records(100), {hist} finished rows",
+                "ms",
+                [full[0]],
+                target="<= 2x empty",
+                check=("<=", 2 * empty[0]),
+            ),
+            Row("claim_outbox(100), empty database", "ms", [empty[1]]),
+            Row(
+                f"claim_outbox(100), {hist} finished rows",
+                "ms",
+                [full[1]],
+                target="<= 2x empty",
+                check=("<=", 2 * empty[1]),
+            ),
+        ]
+
+    def transports(self) -> None:
+        dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
+        for transport in ("aiohttp", "minimal", "default"):
+            row = Row(f"daemon (bench.child), provider over httpx + {transport}", "records/s")
+            row.values = _repeat(
+                f"daemon/{transport}",
+                runs,
+                lambda t=transport: scenarios.daemon_throughput(dbs, srv, n, t).rate,  # type: ignore[misc]
+            )
+            self.rows.append(row)
+
+    def http(self) -> None:
+        posts, runs = self.mode.http_posts, self.mode.runs
+        for transport, build in (
+            ("default", "json"),
+            ("default", "prebuilt"),
+            ("aiohttp", "json"),
+            ("aiohttp", "prebuilt"),
+            ("minimal", "prebuilt"),
+        ):
+            row = Row(f"http alone: httpx {build}, {transport} transport, 50 concurrent", "POSTs/s")
+            row.values = _repeat(
+                f"http/{transport}/{build}",
+                runs,
+                lambda t=transport, b=build: scenarios.http_alone(self.srv, posts, t, b),  # type: ignore[misc]
+            )
+            self.rows.append(row)
+
+    def profile(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for variant in ("cli", "instant"):
+            out = out_dir / f"daemon-{variant}.txt"
+            result = scenarios.daemon_throughput(
+                self.dbs, self.srv, self.mode.jobs, variant, profile=out
+            )
+            _log(f"profiled {variant}: {result.rate:,.1f}/s -> {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer jobs and runs (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="every section, small (smoke run)")
     parser.add_argument("--dsn", help="an existing PostgreSQL server (databases are created)")
-    parser.add_argument("--runs", type=int, help="runs per figure (default 3, quick 2)")
-    parser.add_argument("--jobs", type=int, help="jobs per throughput run (default 20000)")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3, quick 1)")
+    parser.add_argument("--jobs", type=int, help="jobs per throughput run (default 10000)")
+    parser.add_argument("--history", type=int, help="finished rows to purge and to claim beside")
     parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
         help="write a sampled profile of one throughput run per daemon variant",
     )
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
-    if args.runs:
-        mode = Mode(**{**mode.__dict__, "runs": args.runs})
-    if args.jobs:
-        mode = Mode(**{**mode.__dict__, "jobs": args.jobs})
-    n, runs = mode.jobs, mode.runs
-    rows: list[Row] = []
+    for name in ("runs", "jobs", "history"):
+        if getattr(args, name):
+            mode = replace(mode, **{name: getattr(args, name)})
     started = time.monotonic()
     with _server(args.dsn) as server_dsn, feishu_server() as srv:
         dbs = Databases(server_dsn)
         try:
             versions = _versions(dbs)
             _log(versions)
-            if "throughput" in args.only:
-                daemon = Row(
-                    f"end-to-end: daemon (CLI), {n:,} records", "records/s", target=">= 6x baseline"
-                )
-                base = Row(
-                    f"baseline: psycopg claim 100 + httpx post + update, {n:,} jobs", "jobs/s"
-                )
-                rss = Row(
-                    "daemon peak RSS (CLI, end-to-end run)",
-                    "MiB",
-                    target="< 150",
-                    higher_is_better=False,
-                )
-                for i in range(runs):  # interleaved, so drift hits both alike
-                    rate, peak = scenarios.daemon_throughput(dbs, srv, n, "cli")
-                    _log(f"daemon run {i + 1}/{runs}: {rate:,.1f}/s, peak RSS {peak:.0f} MiB")
-                    daemon.values.append(rate)
-                    rss.values.append(peak)
-                    base.values += _repeat(
-                        "baseline", 1, lambda: scenarios.baseline_throughput(dbs, srv, n)
-                    )
-                ratio = Row("ratio daemon / baseline (medians)", "x", target=">= 6")
-                ratio.values.append(
-                    statistics.median(daemon.values) / statistics.median(base.values)
-                )
-                rows += [daemon, base, ratio, rss]
-            if "transports" in args.only:
-                for transport in ("aiohttp", "minimal"):
-                    row = Row(f"daemon, provider over httpx + {transport} transport", "records/s")
-                    row.values = _repeat(
-                        f"daemon/{transport}",
-                        runs,
-                        lambda t=transport: scenarios.daemon_throughput(dbs, srv, n, t)[0],  # type: ignore[misc]
-                    )
-                    rows.append(row)
-                row = Row("baseline over httpx + aiohttp transport", "jobs/s")
-                row.values = _repeat(
-                    "baseline/aiohttp",
-                    runs,
-                    lambda: scenarios.baseline_throughput(dbs, srv, n, "aiohttp"),
-                )
-                rows.append(row)
-            if "http" in args.only:
-                posts = mode.http_posts
-                for transport, build in (
-                    ("default", "json"),
-                    ("default", "prebuilt"),
-                    ("aiohttp", "prebuilt"),
-                    ("minimal", "prebuilt"),
-                ):
-                    row = Row(
-                        f"http alone: httpx {build}, {transport} transport, 50 concurrent",
-                        "POSTs/s",
-                    )
-                    row.values = _repeat(
-                        f"http/{transport}/{build}",
-                        runs,
-                        lambda t=transport, b=build: scenarios.http_alone(srv, posts, t, b),  # type: ignore[misc]
-                    )
-                    rows.append(row)
-            if "database" in args.only:
-                row = Row(
-                    "database side alone: daemon + instant provider", "records/s", target=">= 5,000"
-                )
-                row.values = _repeat(
-                    "instant", runs, lambda: scenarios.daemon_throughput(dbs, srv, n, "instant")[0]
-                )
-                rows.append(row)
-            if "latency" in args.only:
-                lat_rows = [
-                    Row(
-                        f"latency p{p} at {mode.rate:.0f}/s for {mode.duration_s:.0f} s",
-                        "ms",
-                        target=t,
-                        higher_is_better=False,
-                    )
-                    for p, t in ((50, "<= 10"), (95, ""), (99, "<= 50"))
-                ]
-                offered = Row("latency run: offered rate achieved", "events/s")
-                for i in range(runs):
-                    lat, achieved = scenarios.latency(dbs, srv, mode.rate, mode.duration_s)
-                    qs = statistics.quantiles(lat, n=100, method="inclusive")
-                    for row, q in zip(lat_rows, (qs[49], qs[94], qs[98]), strict=True):
-                        row.values.append(q * 1000)
-                    offered.values.append(achieved)
-                    _log(
-                        f"latency run {i + 1}/{runs}: p50 {qs[49] * 1000:.1f} ms, "
-                        f"p99 {qs[98] * 1000:.1f} ms"
-                    )
-                rows += [*lat_rows, offered]
-            if "scale" in args.only:
-                empty = scenarios.claim_latency(dbs, 0, mode.claim_reps)
-                _log(f"claim latency, empty: {empty}")
-                full = scenarios.claim_latency(dbs, mode.history, mode.claim_reps)
-                _log(f"claim latency, {mode.history:,} history: {full}")
-                hist = f"{mode.history:,}"
-                rows += [
-                    Row(
-                        "claim_records(100), empty database",
-                        "ms",
-                        [empty[0]],
-                        higher_is_better=False,
-                    ),
-                    Row(
-                        f"claim_records(100), {hist} finished rows",
-                        "ms",
-                        [full[0]],
-                        target="<= 2x empty",
-                        higher_is_better=False,
-                    ),
-                    Row(
-                        "claim_outbox(100), empty database",
-                        "ms",
-                        [empty[1]],
-                        higher_is_better=False,
-                    ),
-                    Row(
-                        f"claim_outbox(100), {hist} finished rows",
-                        "ms",
-                        [full[1]],
-                        target="<= 2x empty",
-                        higher_is_better=False,
-                    ),
-                ]
+            bench = Bench(dbs, srv, mode)
+            for section in SECTIONS:  # always in this order, whatever order --only names them
+                if section in args.only:
+                    _log(f"section {section}")
+                    getattr(bench, section)()
             if args.profile is not None:
-                args.profile.mkdir(parents=True, exist_ok=True)
-                for variant in ("cli", "aiohttp", "instant"):
-                    out = args.profile / f"daemon-{variant}.txt"
-                    rate, _ = scenarios.daemon_throughput(dbs, srv, n, variant, profile=out)
-                    _log(f"profiled {variant}: {rate:,.1f}/s -> {out}")
+                bench.profile(args.profile)
         finally:
             dbs.close()
-    mode_name = "quick" if args.quick else "full"
-    print(f"\n{versions}; mode {mode_name}; {time.monotonic() - started:.0f} s\n")
-    print(_table(rows))
+    print(f"\n{versions}; mode {mode.name}; {time.monotonic() - started:.0f} s\n")
+    print(figures_table(bench.rows))
+    if bench.contenders:
+        print()
+        print(peers_table(bench.contenders, bench.yardstick))
+    for note in bench.notes:
+        print(f"\nnote: {note}")
     return 0

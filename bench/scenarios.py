@@ -11,8 +11,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
@@ -25,6 +28,7 @@ from bench.fixtures import (
     daemon_args,
     enqueue,
     event_payload,
+    job_list,
     server_total,
     wait_done,
 )
@@ -71,14 +75,47 @@ def _stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
         profiler.wait()
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """One drain of N jobs by one process under test."""
+
+    rate: float  # jobs/s, enqueue commit to the last recorded success (database clock)
+    cpu_us: float  # CPU (user + system) of that process per job, from enqueue to done
+    rss_mb: float  # its peak RSS (VmHWM)
+    loop: str  # "uvloop" or "asyncio", as seen in the process's memory map
+
+
+def _measure(
+    proc: Process, n: int, start: Callable[[], float], done: Callable[[], float]
+) -> Throughput:
+    """Times ``start`` (returns the commit time) to ``done`` (returns the last success time) and
+    charges the process's CPU over the same window to the N jobs."""
+    cpu_before = proc.cpu_s()
+    committed_at = start()
+    last_at = done()
+    cpu = proc.cpu_s() - cpu_before
+    return Throughput(
+        rate=n / (last_at - committed_at),
+        cpu_us=cpu / n * 1e6,
+        rss_mb=proc.peak_rss_mb(),
+        loop=proc.loop_name(),
+    )
+
+
+def _last_at(dsn: str, n: int, *, jobs: bool = False, query: str | None = None) -> float:
+    progress = wait_done(dsn, n, jobs=jobs, query=query)
+    assert progress.last_at is not None
+    return progress.last_at
+
+
 def daemon_throughput(
     dbs: Databases,
     server: RemoteFeishuServer,
     n: int,
     variant: str,
     profile: Path | None = None,
-) -> tuple[float, float]:
-    """Records/s from the enqueue commit until the last record is sent; and peak RSS (MiB)."""
+) -> Throughput:
+    """Records/s from the enqueue commit until the last record is sent, CPU/record, peak RSS."""
     dsn = dbs.new()
     add_channels(dsn, server)
     server.reset()
@@ -89,10 +126,10 @@ def daemon_throughput(
         if profile is not None:
             profiler = _start_profiler(proc.pid, profile)
             time.sleep(0.5)  # let the profiler attach before the work arrives
-        committed_at = enqueue(dsn, uuid.uuid4().hex[:8], n)
-        progress = wait_done(dsn, n)
+        result = _measure(
+            proc, n, lambda: enqueue(dsn, uuid.uuid4().hex[:8], n), lambda: _last_at(dsn, n)
+        )
         _stop_profiler(profiler)
-        rss = proc.peak_rss_mb()
     finally:
         _stop_profiler(profiler)
         code = proc.stop()
@@ -101,26 +138,61 @@ def daemon_throughput(
     if variant != "instant" and server_total(server) < n:
         raise RuntimeError("the server received fewer requests than records sent")
     dbs.drop(dsn)
-    assert progress.last_at is not None
-    return n / (progress.last_at - committed_at), rss
+    return result
 
 
 def baseline_throughput(
-    dbs: Databases, server: RemoteFeishuServer, n: int, transport: str = "default"
-) -> float:
+    dbs: Databases,
+    server: RemoteFeishuServer,
+    n: int,
+    transport: str = "aiohttp",
+    loop: str = "auto",
+) -> Throughput:
     """Jobs/s of the plain claim + httpx POST + update loop, timed like the daemon."""
     dsn = dbs.new()
     server.reset()
-    proc = Process.start(["-m", "bench.baseline", "--dsn", dsn, "--transport", transport])
+    proc = Process.start(
+        ["-m", "bench.baseline", "--dsn", dsn, "--transport", transport, "--loop", loop]
+    )
     try:
         proc.wait_line("ready")
-        committed_at = add_jobs(dsn, server, n)
-        progress = wait_done(dsn, n, jobs=True)
+        result = _measure(
+            proc, n, lambda: add_jobs(dsn, server, n), lambda: _last_at(dsn, n, jobs=True)
+        )
     finally:
         proc.stop()
+    if transport != "none" and server_total(server) < n:
+        raise RuntimeError("the server received fewer requests than jobs sent")
     dbs.drop(dsn)
-    assert progress.last_at is not None
-    return n / (progress.last_at - committed_at)
+    return result
+
+
+def peer_throughput(dbs: Databases, server: RemoteFeishuServer, n: int, system: str) -> Throughput:
+    """Jobs/s of another PostgreSQL queue (``bench.peers``) doing the bare loop's job."""
+    from bench import peers
+
+    dsn = dbs.new()
+    server.reset()
+    peers.install(system, dsn)
+    jobs = job_list(server, n)
+    proc = Process.start(["-m", "bench.peers", "--system", system, "--dsn", dsn])
+    try:
+        proc.wait_line("ready")
+        time.sleep(0.5)  # let the worker finish its start-up queries before the work arrives
+        result = _measure(
+            proc,
+            n,
+            lambda: peers.enqueue(system, dsn, jobs),
+            lambda: _last_at(dsn, n, query=peers.progress_query(system)),
+        )
+    except Exception as exc:
+        raise RuntimeError(f"{system}: {exc}\n" + "\n".join(proc.lines[-20:])) from exc
+    finally:
+        proc.stop()
+    if server_total(server) < n:
+        raise RuntimeError(f"{system}: the server received fewer requests than jobs done")
+    dbs.drop(dsn)
+    return result
 
 
 def http_alone(server: RemoteFeishuServer, n: int, transport: str, build: str) -> float:
@@ -147,8 +219,15 @@ def http_alone(server: RemoteFeishuServer, n: int, transport: str, build: str) -
     return float(out.stdout.strip().splitlines()[-1])
 
 
-async def _offer(dsn: str, run: str, rate: float, duration_s: float) -> dict[str, float]:
-    """Enqueues one event per transaction at ``rate``/s; returns trace_id -> commit time."""
+async def _offer(
+    dsn: str,
+    run: str,
+    rate: float,
+    duration_s: float,
+    until: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """Enqueues one event per transaction at ``rate``/s for ``duration_s`` or until ``until()``
+    turns true, whichever is first; returns trace_id -> wall-clock time its commit returned."""
     committed: dict[str, float] = {}
     conns = [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(4)]
     idle: asyncio.Queue[psycopg.AsyncConnection] = asyncio.Queue()
@@ -172,11 +251,25 @@ async def _offer(dsn: str, run: str, rate: float, duration_s: float) -> dict[str
         delay = started + i / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        if until is not None and until():
+            break
         tasks.append(asyncio.create_task(one(i)))
     await asyncio.gather(*tasks)
     for conn in conns:
         await conn.close()
     return committed
+
+
+def _receipts(server: RemoteFeishuServer, committed: dict[str, float]) -> dict[str, float]:
+    """trace_id -> receipt - commit (s) of every offered event; raises unless all arrived."""
+    lat: dict[str, float] = {}
+    for rec in server.requests(FLOW_PREFIX):
+        doc = rec.json
+        if isinstance(doc, dict) and doc.get("trace_id") in committed:
+            lat[doc["trace_id"]] = rec.received_at - committed[doc["trace_id"]]
+    if len(lat) != len(committed):
+        raise RuntimeError(f"{len(committed)} committed, {len(lat)} received")
+    return lat
 
 
 def latency(
@@ -197,15 +290,78 @@ def latency(
         wait_done(dsn, len(committed))
     finally:
         proc.stop()
-    lat = []
-    for rec in server.requests(FLOW_PREFIX):
-        doc = rec.json
-        if isinstance(doc, dict) and doc.get("trace_id") in committed:
-            lat.append(rec.received_at - committed[doc["trace_id"]])
+    lat = list(_receipts(server, committed).values())
     dbs.drop(dsn)
-    if len(lat) != len(committed):
-        raise RuntimeError(f"{len(committed)} committed, {len(lat)} received")
     return lat, achieved
+
+
+@dataclass(frozen=True)
+class PurgeUnderLoad:
+    records_per_s: float  # finished records deleted per second, their attempts with them
+    outbox_per_s: float  # finished outbox rows deleted per second
+    records_deleted: int
+    latencies: list[float]  # commit-to-receipt (s) of the events committed during the purge
+    achieved: float  # offered events/s over the whole run
+
+
+def purge_under_load(
+    dbs: Databases, server: RemoteFeishuServer, history: int, rate: float
+) -> PurgeUnderLoad:
+    """The daemon delivers ``rate`` events/s while ``bench.purge`` (the project's retention
+    code, in its own process) deletes ``history`` day-old finished records with their attempts
+    and outbox rows; latency counts the events committed while the purge ran."""
+    dsn = dbs.new()
+    add_channels(dsn, server)
+    fill_history(dsn, history)
+    server.reset()
+    proc = Process.start(daemon_args(dsn, "cli"))
+    run = uuid.uuid4().hex[:8]
+    state: dict[str, Process] = {}  # the purge process, once started
+    try:
+        proc.wait_line("outbox-notifier running")
+        time.sleep(1.0)
+        # Load first, purge a second later: the purge starts on a daemon already in its stride.
+        purge_at = time.monotonic() + 1.0
+
+        def purge_done() -> bool:
+            if "p" not in state:
+                if time.monotonic() < purge_at:
+                    return False
+                state["p"] = Process.start(
+                    ["-m", "bench.purge", "--dsn", dsn, "--max-age-s", "3600"]
+                )
+            return state["p"].popen.poll() is not None
+
+        started = time.monotonic()
+        # At most an hour of load; the purge ends it long before.
+        committed = asyncio.run(_offer(dsn, run, rate, 3600.0, until=purge_done))
+        achieved = len(committed) / (time.monotonic() - started)
+        purge = state["p"]
+        if purge.popen.wait() != 0:
+            raise RuntimeError("purge failed:\n" + "\n".join(purge.lines[-20:]))
+        wait_done(dsn, len(committed))
+    finally:
+        proc.stop()
+        if "p" in state:
+            state["p"].stop()
+    report = msgspec.json.decode(purge.lines[-1])
+    if report["records_deleted"] < history:
+        raise RuntimeError(f"purge deleted {report['records_deleted']} of {history} records")
+    during = [
+        v
+        for t, v in _receipts(server, committed).items()
+        if report["records_started"] <= committed[t] <= report["outbox_finished"]
+    ]
+    dbs.drop(dsn)
+    return PurgeUnderLoad(
+        records_per_s=report["records_deleted"]
+        / (report["records_finished"] - report["records_started"]),
+        outbox_per_s=report["outbox_deleted"]
+        / max(report["outbox_finished"] - report["records_finished"], 1e-9),
+        records_deleted=report["records_deleted"],
+        latencies=during,
+        achieved=achieved,
+    )
 
 
 _HISTORY = [

@@ -74,8 +74,8 @@ class MinimalTransport(httpx.AsyncBaseTransport):
                 raise
             lines = head[:-4].split(b"\r\n")
             _, status_text, *reason = lines[0].split(b" ", 2)
-            headers = [tuple(line.split(b":", 1)) for line in lines[1:]]
-            headers = [(k.strip(), v.strip()) for k, v in headers]
+            pairs = [line.split(b":", 1) for line in lines[1:]]
+            headers = [(k.strip(), v.strip()) for k, v in pairs]
             fields = {k.lower(): v for k, v in headers}
             if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
                 content = await _read_chunked(reader)
@@ -107,7 +107,7 @@ class MinimalTransport(httpx.AsyncBaseTransport):
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     while True:
         size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
         if size == 0:
