@@ -277,7 +277,7 @@ def daemon_args(dsn: str, variant: str) -> list[str]:
         return [
             "-m", "outbox_notifier", "run", "--dsn", dsn,
             "--set", "flow_allowed_schemes=http", "--set", "flow_allowed_hosts=127.0.0.1",
-            "--set", "http_listen=127.0.0.1:0",
+            "--set", "http_listen=127.0.0.1:0", "--set", "egress_allow_cidrs=127.0.0.0/8",
         ]  # fmt: skip
     if variant == "instant":
         return ["-m", "bench.child", "--dsn", dsn, "--provider", "instant"]
