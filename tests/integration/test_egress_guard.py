@@ -38,9 +38,8 @@ TERMINAL = ("sent", "dead", "skipped")
 @pytest.fixture
 async def listeners() -> AsyncIterator[tuple[FeishuServer, FeishuServer]]:
     """Look-alikes on IPv4 and IPv6 loopback, on the same port so one URL fits both."""
-    async with FeishuServer("127.0.0.1") as v4:
-        async with FeishuServer("::1", v4.port) as v6:
-            yield v4, v6
+    async with FeishuServer("127.0.0.1") as v4, FeishuServer("::1", v4.port) as v6:
+        yield v4, v6
 
 
 def settings_for(db: str, **overrides: Any) -> Any:

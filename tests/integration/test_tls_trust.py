@@ -9,43 +9,17 @@ when ``ca_bundle`` adds a private CA.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import trustme
-from aiohttp import web
 
 from outbox_notifier.httpclient import EgressConfig, build_client, ssl_context
 from outbox_notifier.providers.base import ErrorCode, HttpReply, Outcome, SendResult, post_capped
+from tests.tls_support import tls_server
 
 LOOPBACK = ("127.0.0.0/8",)
-Server = Callable[[trustme.CA], AbstractAsyncContextManager[str]]
-
-
-@asynccontextmanager
-async def tls_server(ca: trustme.CA) -> AsyncIterator[str]:
-    """An HTTPS look-alike on loopback whose certificate ``ca`` signed; yields its base URL."""
-
-    async def ok(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"code": 0, "msg": "success", "data": {}})
-
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", ok)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"https://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 async def call(config: EgressConfig, url: str) -> HttpReply | SendResult:
