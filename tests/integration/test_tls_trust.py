@@ -95,5 +95,5 @@ def test_one_context_verifies_and_checks_host_names(private_ca: tuple[trustme.CA
     context = ssl_context(bundle)
     assert context.verify_mode is ssl.CERT_REQUIRED
     assert context.check_hostname is True
-    subjects = [dict(x[0] for x in c["subject"]) for c in context.get_ca_certs()]
-    assert any("trustme" in s.get("organizationName", "") for s in subjects)
+    # the private CA was added (the system's CAs load lazily from a directory, unlisted here)
+    assert any("trustme" in str(cert["subject"]) for cert in context.get_ca_certs())
