@@ -29,11 +29,13 @@ proxy's own access rules for a hard boundary there.
 Hostile servers: aiohttp (llhttp parser) refuses malformed heads and over-long header lines
 (8190 bytes), never resends a POST on a connection the server dropped (it retries only
 idempotent methods), and does not pool a connection whose response was not read to its end
-or had bytes after its end. Provider code caps what it reads (``read_body_capped``).
+or had bytes after its end (it pools a connection only once its response was framed whole).
+Provider code caps what it reads (``read_body_capped``).
 """
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import os
 import socket
@@ -103,27 +105,24 @@ def ssl_context(ca_bundle: str = "") -> ssl.SSLContext:
     return context
 
 
+# Set while the connector opens the connection to a configured proxy: the one connection the
+# guard does not judge (the operator chose the proxy). A context variable, not a flag on the
+# connector, so concurrent calls of other tasks stay guarded.
+_to_proxy: contextvars.ContextVar[bool] = contextvars.ContextVar("to_proxy", default=False)
+
+
 class GuardedResolver(AbstractResolver):
-    """Resolves a DNS name and returns only the addresses the guard allows.
+    """Resolves a DNS name and returns only the addresses the guard allows."""
 
-    ``trusted`` lists the ``(host, port)`` of configured proxies, resolved unguarded.
-    """
-
-    def __init__(
-        self,
-        guard: EgressGuard,
-        trusted: frozenset[tuple[str, int]] = frozenset(),
-        inner: AbstractResolver | None = None,
-    ) -> None:
+    def __init__(self, guard: EgressGuard, inner: AbstractResolver | None = None) -> None:
         self._guard = guard
-        self._trusted = trusted
         self._inner = inner or aiohttp.ThreadedResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        if (host, port) in self._trusted:
+        if _to_proxy.get():
             return results
         allowed: list[ResolveResult] = []
         refusal = "resolves to no address"
@@ -144,24 +143,20 @@ class GuardedResolver(AbstractResolver):
 class GuardedConnector(aiohttp.TCPConnector):
     """A ``TCPConnector`` that applies the egress guard to every target it connects to."""
 
-    def __init__(
-        self,
-        *,
-        guard: EgressGuard,
-        trusted: frozenset[tuple[str, int]] = frozenset(),
-        **kwargs: Any,
-    ) -> None:
-        if not hasattr(aiohttp.TCPConnector, "_resolve_host"):  # pragma: no cover
-            # The literal-host check hooks this method; fail loudly rather than unguarded.
-            raise RuntimeError("this aiohttp has no TCPConnector._resolve_host to guard")
-        super().__init__(resolver=GuardedResolver(guard, trusted), **kwargs)
+    def __init__(self, *, guard: EgressGuard, **kwargs: Any) -> None:
+        for hook in ("_resolve_host", "_create_proxy_connection"):
+            if not hasattr(aiohttp.TCPConnector, hook):  # pragma: no cover
+                # The guard hooks these methods; fail loudly rather than run unguarded.
+                raise RuntimeError(f"this aiohttp has no TCPConnector.{hook} to guard")
+        # No DNS cache: every new connection resolves afresh through the guard, and no
+        # answer resolved for the proxy can be shared with a guarded lookup.
+        super().__init__(resolver=GuardedResolver(guard), use_dns_cache=False, **kwargs)
         self._guard = guard
-        self._trusted = trusted
 
     async def _resolve_host(
         self, host: str, port: int, traces: Sequence[Any] | None = None
     ) -> list[ResolveResult]:
-        if (host, port) not in self._trusted:
+        if not _to_proxy.get():
             address = self._guard.literal_address(host)
             if address is not None:
                 # aiohttp would take a literal host as is, without the resolver: connect to
@@ -184,10 +179,12 @@ class GuardedConnector(aiohttp.TCPConnector):
     ) -> tuple[Any, Any]:
         # The proxy connects to the target, not us: check the target as we resolve it
         # before the CONNECT (or the forwarded request) leaves.
-        host, port = req.url.raw_host, req.port
-        if (host, port) not in self._trusted:
-            await self._resolve_host(host, port)
-        return await super()._create_proxy_connection(req, traces, timeout)
+        await self._resolve_host(req.url.raw_host, req.port)
+        token = _to_proxy.set(True)
+        try:
+            return await super()._create_proxy_connection(req, traces, timeout)
+        finally:
+            _to_proxy.reset(token)
 
 
 def _proxy_for(config: EgressConfig, env: Mapping[str, str]) -> tuple[dict[str, str], str]:
@@ -204,12 +201,6 @@ def _proxy_for(config: EgressConfig, env: Mapping[str, str]) -> tuple[dict[str, 
     if config.http_proxy:
         proxies = {"http": config.http_proxy, "https": config.http_proxy}
     return proxies, no_proxy
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    parsed = httpx.URL(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    return parsed.host, port
 
 
 class EgressTransport(httpx.AsyncBaseTransport):
@@ -311,7 +302,6 @@ def build_client(
     context = ssl_context(config.ca_bundle)
     connector = GuardedConnector(
         guard=EgressGuard(config.allow_cidrs),
-        trusted=frozenset(_host_port(url) for url in proxies.values()),
         ssl=context,
         limit=config.max_connections,
         limit_per_host=0,

@@ -152,3 +152,13 @@ async def test_environment_proxy_is_opt_in_and_no_proxy_is_honoured(
         bypassed = target.replace("127.0.0.1", "localhost")
         assert isinstance(await deliver(honoured, bypassed, env=env), HttpReply)
         assert len(proxy.connects()) == 1  # NO_PROXY: straight to the target
+
+
+async def test_the_proxy_address_is_trusted_only_as_the_proxy(proxy: Tinyproxy) -> None:
+    # A webhook URL pointing at the proxy's own address, sent direct (NO_PROXY), is judged
+    # like any other target: the exemption covers the connection to the proxy alone.
+    env = {"HTTPS_PROXY": proxy.url, "HTTP_PROXY": proxy.url, "NO_PROXY": "127.0.0.1"}
+    result = await deliver(EgressConfig(proxy_from_env=True), proxy.url, env=env)
+    assert isinstance(result, SendResult)
+    assert result.error_code == ErrorCode.DESTINATION_FORBIDDEN
+    assert "Request (file descriptor" not in proxy.log.read_text()  # nothing reached it
