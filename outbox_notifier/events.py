@@ -127,7 +127,7 @@ def _check_target_url(url: str) -> None:
     """Raise ``ValueError`` unless ``url`` is a plain relative path (see the struct's rules).
 
     ``/\\evil.example`` and ``//evil.example`` are read by browsers as links to another
-    host; a colon before the first ``/``, ``?`` or ``#`` would be a scheme.
+    host, and anything not starting with ``/`` may carry a scheme (``javascript:``).
     """
     if _CONTROL_CHARS.search(url):
         raise ValueError("target_url must not contain control characters")

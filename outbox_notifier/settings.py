@@ -226,9 +226,13 @@ def _check_values(s: Settings) -> None:
     except ValueError as exc:
         raise _invalid("egress_allow_cidrs", str(exc)) from None
     if s.http_proxy:
-        proxy = urllib.parse.urlsplit(s.http_proxy)
-        if proxy.scheme != "http" or not proxy.hostname:
-            # The password of a proxy URL must not be echoed.
+        # The value is not echoed: a proxy URL may carry a password.
+        try:
+            proxy = urllib.parse.urlsplit(s.http_proxy)
+            valid = proxy.scheme == "http" and bool(proxy.hostname) and proxy.port != 0
+        except ValueError:  # a port that is not a number in range
+            valid = False
+        if not valid:
             raise _invalid("http_proxy", "expected an http://host:port URL")
     if s.bot_message_format not in ("text", "card"):
         raise _invalid(
