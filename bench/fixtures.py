@@ -24,7 +24,6 @@ import psycopg
 from bench.baseline import SCHEMA as BASELINE_SCHEMA
 from outbox_notifier import migrations
 from outbox_notifier.events import EVENT_TYPE
-from outbox_notifier.settings import Settings
 from outbox_notifier.testing.feishu_server import RemoteFeishuServer
 from outbox_notifier.testing.postgres import create_database, drop_database
 
@@ -314,19 +313,14 @@ def loop_name(pid: int) -> str:
 
 
 def egress_overrides() -> dict[str, str]:
-    """Settings the daemon needs to post to the loopback look-alike.
-
-    The URL policy always; ``egress_allow_cidrs`` only on versions that have the egress guard
-    (it refuses loopback unless allowed), so the bench runs on the daemon before and after it.
-    """
-    out = {
+    """Settings the daemon needs to post to the loopback look-alike: the URL policy, and the
+    egress guard's allow list (it refuses loopback destinations unless allowed)."""
+    return {
         "flow_allowed_schemes": "http",
         "flow_allowed_hosts": "127.0.0.1",
         "http_listen": "127.0.0.1:0",
+        "egress_allow_cidrs": "127.0.0.0/8",
     }
-    if "egress_allow_cidrs" in Settings.__struct_fields__:
-        out["egress_allow_cidrs"] = "127.0.0.0/8"
-    return out
 
 
 def daemon_args(dsn: str, variant: str, extra: dict[str, str] | None = None) -> list[str]:

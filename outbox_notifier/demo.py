@@ -143,6 +143,8 @@ def _demo(server_dsn: str, settings: Settings) -> int:
                 listen_dsn="",
                 flow_allowed_schemes=("http",),
                 flow_allowed_hosts=("127.0.0.1",),
+                # The look-alike listens on loopback, which the egress guard refuses by default.
+                egress_allow_cidrs=(*settings.egress_allow_cidrs, "127.0.0.0/8"),
                 poll_interval_s=0.5,
                 retry_interval_s=0.5,
                 retry_base_s=1.0,

@@ -13,6 +13,7 @@ trims every string field (Go's ``strings.TrimSpace``, as the seed did before sto
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Final, Literal
 
@@ -32,6 +33,12 @@ REASON_CLASSES: Final[tuple[ReasonClass, ...]] = (
 )
 """Every ``EventRejected.reason_class``: label values a metric can pre-create."""
 
+#: ``target_url`` becomes a link in users' chat messages, so it is held to a narrow shape.
+TARGET_URL_MAX_CHARS: Final = 2048
+# Control characters (C0, DEL, C1): CR/LF would split headers or lines, TAB and NUL confuse
+# URL parsers and chat clients.
+_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 # Limits on stored text, checked after trimming. Postgres would take more, but a hostile or buggy
 # producer must not be able to write megabyte rows or megabyte log lines through us.
 _STRING_MAX_CHARS: Final[dict[str, int]] = {
@@ -40,7 +47,7 @@ _STRING_MAX_CHARS: Final[dict[str, int]] = {
     "trigger_type": 256,
     "target_type": 256,
     "dedupe_key": 512,
-    "target_url": 2048,
+    "target_url": TARGET_URL_MAX_CHARS,
     "summary_text": 10_000,
     "fallback_text": 10_000,
     "trace_id": 256,
@@ -65,7 +72,9 @@ class FeishuNotificationRequested(msgspec.Struct, frozen=True, kw_only=True):
     - ``user_id > 0``; ``notification_id``, ``user_id`` and ``target_id`` fit a Postgres bigint.
       ``target_id`` is a JSON integer (not a string of digits, not ``1.0``), as in the seed.
     - ``preview_id``, ``dedupe_key`` and ``target_url`` are non-empty after trimming.
-    - ``target_url`` is a path relative to the product, not a link: no ``://``, no leading ``//``.
+    - ``target_url`` is a path relative to the product (it becomes a link in users' chat):
+      it starts with exactly one ``/`` and holds no scheme (``javascript:``, ``data:``), no
+      ``://``, no backslash and no control character (CR, LF, TAB, NUL ...).
     - ``requested_at`` is an RFC 3339 timestamp with an offset (``Z`` or ``+08:00``).
     - After trimming, ``dedupe_key`` has at most 512 characters, ``target_url`` 2048,
       ``summary_text`` and ``fallback_text`` 10000, every other string 256.
@@ -107,12 +116,27 @@ class FeishuNotificationRequested(msgspec.Struct, frozen=True, kw_only=True):
         for name in _REQUIRED_STRINGS:
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
-        if "://" in self.target_url or self.target_url.startswith("//"):
-            raise ValueError("target_url must be a relative path")
+        _check_target_url(self.target_url)
 
         # utcoffset() rather than tzinfo: a tzinfo may still answer None.
         if self.requested_at.utcoffset() is None:
             raise ValueError("requested_at must be timezone-aware (RFC 3339 with an offset)")
+
+
+def _check_target_url(url: str) -> None:
+    """Raise ``ValueError`` unless ``url`` is a plain relative path (see the struct's rules).
+
+    ``/\\evil.example`` and ``//evil.example`` are read by browsers as links to another
+    host, and anything not starting with ``/`` may carry a scheme (``javascript:``).
+    """
+    if _CONTROL_CHARS.search(url):
+        raise ValueError("target_url must not contain control characters")
+    if "\\" in url:
+        raise ValueError("target_url must not contain backslashes")
+    if not url.startswith("/"):
+        raise ValueError("target_url must be a relative path starting with '/'")
+    if url.startswith("//") or "://" in url:
+        raise ValueError("target_url must be a relative path, not a link to another host")
 
 
 class EventRejected(Exception):

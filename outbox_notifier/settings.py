@@ -21,6 +21,7 @@ use `masked` to print settings.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import tomllib
@@ -31,6 +32,8 @@ from typing import Annotated, Any
 
 import msgspec
 from psycopg import conninfo
+
+from outbox_notifier import egress
 
 ENV_PREFIX = "OUTBOX_NOTIFIER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -115,14 +118,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_max_s: Positive = 3600.0  # clamp for a provider's Retry-After
     summary_max_runes: AtLeastOne = 180
     http_timeout_s: Positive = 5.0
-    http_transport: str = "keepalive"  # "keepalive" (ours, fast) or "httpx" (httpx's own pool)
     response_body_max_bytes: AtLeastOne = 65536
     frontend_base_url: str = ""  # action_url = frontend_base_url + target_url
     flow_allowed_schemes: tuple[str, ...] = ("https",)
     # A webhook host must equal one of these or be a subdomain of one.
     flow_allowed_hosts: tuple[str, ...] = ("feishu.cn", "larksuite.com", "feishu-boe.cn")
     flow_path_prefix: str = "/flow/api/trigger-webhook/"
-    ca_bundle: str = ""  # CA bundle for private CAs; TLS verification is always on
+    ca_bundle: str = ""  # CAs added to the system trust store; TLS verification is always on
     http_listen: str = "127.0.0.1:9464"  # host:port for /metrics, /healthz, /readyz
     log_format: str = "plain"  # "plain" or "json"
     log_level: str = "INFO"
@@ -148,6 +150,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     bot_path_prefix: str = "/open-apis/bot/v2/hook/"
     webhook_allowed_schemes: tuple[str, ...] = ("https",)
     webhook_allowed_hosts: tuple[str, ...] = ()  # empty: any host
+    # Egress: the guard refuses loopback, private, link-local and metadata addresses for every
+    # provider; these ranges are allowed explicitly (internal webhooks, tests, the demo).
+    egress_allow_cidrs: tuple[str, ...] = ()
+    # One HTTP proxy for every provider call (https targets go through CONNECT), and whether
+    # to honour HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment instead.
+    http_proxy: str = ""
+    http_proxy_from_env: bool = False
 
     def __post_init__(self) -> None:
         # msgspec checks Meta constraints only when decoding or converting; check them here
@@ -212,10 +221,19 @@ def _check_values(s: Settings) -> None:
     for name in ("flow_path_prefix", "bot_path_prefix"):
         if not getattr(s, name).startswith("/"):
             raise _invalid(name, f"must start with '/', got {getattr(s, name)!r}")
-    if s.http_transport not in ("keepalive", "httpx"):
-        raise _invalid(
-            "http_transport", f"expected 'keepalive' or 'httpx', got {s.http_transport!r}"
-        )
+    try:
+        egress.parse_cidrs(s.egress_allow_cidrs)
+    except ValueError as exc:
+        raise _invalid("egress_allow_cidrs", str(exc)) from None
+    if s.http_proxy:
+        # The value is not echoed: a proxy URL may carry a password.
+        try:
+            proxy = urllib.parse.urlsplit(s.http_proxy)
+            valid = proxy.scheme == "http" and bool(proxy.hostname) and proxy.port != 0
+        except ValueError:  # a port that is not a number in range
+            valid = False
+        if not valid:
+            raise _invalid("http_proxy", "expected an http://host:port URL")
     if s.bot_message_format not in ("text", "card"):
         raise _invalid(
             "bot_message_format", f"expected 'text' or 'card', got {s.bot_message_format!r}"
@@ -242,8 +260,17 @@ def _check_url_policy(s: Settings, provider: str) -> None:
     if not hosts and provider != "webhook":
         raise _invalid(hosts_name, "must name at least one host")
     for host in hosts:
-        if not host or host != host.strip() or "/" in host or ":" in host:
+        if not host or host != host.strip() or "/" in host or (":" in host and not _is_ip(host)):
             raise _invalid(hosts_name, f"expected bare host names, got {host!r}")
+
+
+def _is_ip(host: str) -> bool:
+    """An IP address (an IPv6 one has colons but no port)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_valid_dsn(dsn: str) -> bool:
@@ -472,6 +499,8 @@ def masked(settings: Settings) -> dict[str, object]:
         value = getattr(settings, name)
         if name in _SECRET_FIELDS:
             value = mask_dsn(value)
+        elif name == "http_proxy" and value:
+            value = _mask_url_dsn(value)  # a proxy URL may carry user:password
         elif _is_secret_name(name) and value:
             value = _MASK
         out[name] = value

@@ -29,6 +29,8 @@ from typing import Any, Protocol
 import httpx
 import msgspec
 
+from outbox_notifier.egress import DestinationForbidden
+
 #: Longest error message kept on a result (the seed truncates to 2000 runes).
 ERROR_MESSAGE_MAX_CHARS = 2000
 
@@ -57,6 +59,9 @@ class ErrorCode(enum.StrEnum):
     PROVIDER_AUTH_FAILED = "provider_auth_failed"
     PAYLOAD_INVALID = "payload_invalid"
     ENDPOINT_GONE = "endpoint_gone"  # HTTP 410: the receiver retired the endpoint for good
+    # The egress guard refused the address (loopback, private, link-local, metadata ...):
+    # no connection was made, and retrying cannot change that.
+    DESTINATION_FORBIDDEN = "destination_forbidden"
 
 
 RETRYABLE_ERROR_CODES: frozenset[ErrorCode] = frozenset(
@@ -412,7 +417,9 @@ async def post_capped(
     a redirect could lead off the allowed hosts. A transport failure, or a body that cannot
     be read after the status arrived, is a ``TEMPORARY_FAIL`` result (``provider_timeout``
     for timeouts, ``network_error`` otherwise) carrying ``request_json``; its message has the
-    URL's path and query and ``secrets`` masked. Only cancellation propagates.
+    URL's path and query and ``secrets`` masked. A destination the egress guard refused is a
+    ``PERMANENT_FAIL`` ``destination_forbidden`` with no ``request_json``: nothing was sent.
+    Only cancellation propagates.
     """
     started = time.perf_counter()
     status: int | None = None
@@ -427,6 +434,13 @@ async def post_capped(
                 body, truncated = await read_body_capped(response, response_body_max_bytes)
             finally:
                 await response.aclose()
+    except DestinationForbidden as exc:
+        return SendResult(
+            outcome=Outcome.PERMANENT_FAIL,
+            error_code=ErrorCode.DESTINATION_FORBIDDEN,
+            error_message=truncate(str(exc)),
+            duration_s=time.perf_counter() - started,
+        )
     except (httpx.TimeoutException, TimeoutError) as exc:
         code = ErrorCode.PROVIDER_TIMEOUT
         kind = type(exc).__name__
@@ -488,6 +502,13 @@ class HttpProvider:
     def check_url(self, raw_url: str) -> httpx.URL:
         """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
         return self._url_policy.check(raw_url)
+
+    def retry_after_s(self, outcome: Outcome, reply: HttpReply) -> float | None:
+        """The reply's ``Retry-After`` in seconds, read for every temporary failure (429 and
+        5xx alike: a 503 may say when to come back too); None for other outcomes."""
+        if outcome is not Outcome.TEMPORARY_FAIL:
+            return None
+        return parse_retry_after(reply.retry_after, now=self._clock())
 
     async def _post(
         self,

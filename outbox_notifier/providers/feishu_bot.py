@@ -83,7 +83,6 @@ from .base import (
     check_limits,
     classify_status,
     decode_json_object,
-    parse_retry_after,
     reply_message_id,
     resolve_target,
     scrub,
@@ -369,9 +368,6 @@ class FeishuBotProvider(HttpProvider):
             error_message = f"feishu bot webhook returned HTTP {status}"
             if parsed is not None and parsed[0] != 0:
                 error_message += f", feishu code {parsed[0]}: {parsed[1]}"
-        retry_after_s = None
-        if outcome is Outcome.TEMPORARY_FAIL:
-            retry_after_s = parse_retry_after(reply.retry_after, now=self._clock())
         return SendResult(
             outcome=outcome,
             error_code=code,
@@ -383,7 +379,7 @@ class FeishuBotProvider(HttpProvider):
             request_json=request_json,
             response_body=reply.body,
             response_truncated=reply.truncated,
-            retry_after_s=retry_after_s,
+            retry_after_s=self.retry_after_s(outcome, reply),
             duration_s=reply.duration_s,
         )
 

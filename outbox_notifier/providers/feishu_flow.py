@@ -26,7 +26,7 @@ Differences from the seed, each on purpose:
   ``http.Client.Timeout``); the delivery lease must stay longer than it.
 - ``provider_message_id`` is taken from the reply when present (``message_id`` at the top
   or under ``data``), else None; the seed made one up from a timestamp.
-- A 429's ``Retry-After`` is returned as ``retry_after_s``.
+- A temporary failure's ``Retry-After`` (429 or 5xx) is returned as ``retry_after_s``.
 
 Reply mapping (seed): 2xx whose JSON body carries an integer ``code`` other than 0 is a
 permanent ``payload_invalid``; any other 2xx (empty body, non-JSON, no ``code``, a body cut
@@ -55,7 +55,6 @@ from .base import (
     classify_status,
     decode_json_object,
     is_header_token,
-    parse_retry_after,
     reply_message_id,
     resolve_target,
     truncate,
@@ -221,9 +220,6 @@ class FeishuFlowProvider(HttpProvider):
                 response_truncated=reply.truncated,
                 duration_s=reply.duration_s,
             )
-        retry_after_s = None
-        if code is ErrorCode.PROVIDER_RATE_LIMITED:
-            retry_after_s = parse_retry_after(reply.retry_after, now=self._clock())
         return SendResult(
             outcome=outcome,
             error_code=code,
@@ -232,7 +228,7 @@ class FeishuFlowProvider(HttpProvider):
             request_json=body,
             response_body=reply.body,
             response_truncated=reply.truncated,
-            retry_after_s=retry_after_s,
+            retry_after_s=self.retry_after_s(outcome, reply),
             duration_s=reply.duration_s,
         )
 

@@ -67,7 +67,6 @@ from .base import (
     action_url,
     check_limits,
     is_header_token,
-    parse_retry_after,
     resolve_target,
     utc_now,
 )
@@ -291,9 +290,6 @@ class WebhookProvider(HttpProvider):
                 message += ": redirect not followed"
             elif code is ErrorCode.ENDPOINT_GONE:
                 message += ": endpoint gone, channel to be disabled"
-        retry_after_s = None
-        if outcome is Outcome.TEMPORARY_FAIL:
-            retry_after_s = parse_retry_after(reply.retry_after, now=self._clock())
         return SendResult(
             outcome=outcome,
             error_code=code,
@@ -302,7 +298,7 @@ class WebhookProvider(HttpProvider):
             request_json=body,
             response_body=reply.body,
             response_truncated=reply.truncated,
-            retry_after_s=retry_after_s,
+            retry_after_s=self.retry_after_s(outcome, reply),
             duration_s=reply.duration_s,
             disable_target=code is ErrorCode.ENDPOINT_GONE,
         )

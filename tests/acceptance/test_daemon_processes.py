@@ -25,6 +25,7 @@ def start_daemon(dsn: str, *extra: str, env: dict[str, str] | None = None) -> su
         sys.executable, "-m", "outbox_notifier", "run", "--dsn", dsn,
         "--set", "flow_allowed_schemes=http", "--set", "flow_allowed_hosts=127.0.0.1",
         "--set", "http_listen=127.0.0.1:0", "--set", "poll_interval_s=0.5",
+        "--set", "egress_allow_cidrs=127.0.0.0/8",
         "--set", "retry_interval_s=0.2", "--set", "pool_min_size=1",
         *extra,
     ]  # fmt: skip

@@ -49,6 +49,7 @@ TERMINAL = ("sent", "dead", "skipped")
 BASE_SETTINGS: tuple[str, ...] = (
     "flow_allowed_schemes=http",
     "flow_allowed_hosts=127.0.0.1",
+    "egress_allow_cidrs=127.0.0.0/8",
     "poll_interval_s=0.5",
     "retry_interval_s=0.2",
     "pool_min_size=1",

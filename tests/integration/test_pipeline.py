@@ -122,7 +122,9 @@ async def test_bad_rows_are_rejected_with_reasons_and_the_daemon_keeps_going(
     assert reasons["not_object"] == "payload is not a JSON object"
     assert "dedupe_key" in reasons["missing"]
     assert "user_id" in reasons["wrong_type"]
-    assert reasons["bad_url"] == "invalid payload: target_url must be a relative path"
+    assert reasons["bad_url"] == (
+        "invalid payload: target_url must be a relative path starting with '/'"
+    )
     assert reasons["version"].startswith("unsupported event_version '2'")
     assert reasons["type"] == "unknown event type 'order.created'"
     assert len(records(conn)) == 1

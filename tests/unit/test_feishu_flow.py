@@ -437,3 +437,16 @@ async def test_bad_bearer_token_is_rejected_without_a_call() -> None:
     assert result.error_message is not None
     assert "Injected" not in result.error_message
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(503, ErrorCode.PROVIDER_5XX), (500, ErrorCode.PROVIDER_5XX), (429, "provider_rate_limited")],
+)
+async def test_retry_after_is_honoured_on_every_temporary_failure(status: int, code: str) -> None:
+    # A Flow webhook answering 503 with Retry-After: 3 used to be retried after the normal
+    # backoff: the header was read only for 429.
+    result = await send_with(reply(status, b"", {"Retry-After": "3"}))
+    assert result.outcome is Outcome.TEMPORARY_FAIL
+    assert result.error_code == code
+    assert result.retry_after_s == 3.0

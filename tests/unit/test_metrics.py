@@ -65,7 +65,12 @@ def test_known_series_exist_at_zero_from_the_start(registry: CollectorRegistry) 
     Metrics(registry)
     for outcome in ("success", "temporary_fail", "permanent_fail", "skipped"):
         assert value(registry, "delivery_attempts_total", channel="feishu", outcome=outcome) == 0
-    for code in ("provider_timeout", "recipient_missing", "sending_lease_expired"):
+    for code in (
+        "provider_timeout",
+        "recipient_missing",
+        "sending_lease_expired",
+        "destination_forbidden",
+    ):
         assert value(registry, "provider_errors_total", channel="feishu", error_code=code) == 0
     for reason_class in ("unknown_type", "unsupported_version", "malformed", "invalid"):
         assert value(registry, "outbox_rejected_total", reason_class=reason_class) == 0

@@ -334,3 +334,55 @@ def test_masked_settings() -> None:
     assert "alsosecret" not in str(shown)
     assert shown["listen_dsn"] == "postgresql://u:***@db/app"
     assert shown["poll_interval_s"] == 5.0
+
+
+def test_egress_settings_defaults_and_env() -> None:
+    s = load()
+    assert (s.egress_allow_cidrs, s.http_proxy, s.http_proxy_from_env) == ((), "", False)
+    s = load(
+        env={
+            "OUTBOX_NOTIFIER_EGRESS_ALLOW_CIDRS": "10.20.0.0/16, fd00::/8",
+            "OUTBOX_NOTIFIER_HTTP_PROXY": "http://proxy.internal:3128",
+            "OUTBOX_NOTIFIER_HTTP_PROXY_FROM_ENV": "true",
+        }
+    )
+    assert s.egress_allow_cidrs == ("10.20.0.0/16", "fd00::/8")
+    assert (s.http_proxy, s.http_proxy_from_env) == ("http://proxy.internal:3128", True)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"OUTBOX_NOTIFIER_EGRESS_ALLOW_CIDRS": "10.0.0.1/8"},
+            "invalid setting egress_allow_cidrs (from OUTBOX_NOTIFIER_EGRESS_ALLOW_CIDRS): "
+            "'10.0.0.1/8' is not a CIDR range",
+        ),
+        (
+            {"OUTBOX_NOTIFIER_HTTP_PROXY": "socks5://u:hunter2@proxy:1080"},
+            "invalid setting http_proxy (from OUTBOX_NOTIFIER_HTTP_PROXY): "
+            "expected an http://host:port URL",
+        ),
+    ],
+)
+def test_bad_egress_settings_are_one_line_naming_the_setting(
+    env: dict[str, str], expected: str
+) -> None:
+    message = error_of(env=env)
+    assert message.startswith(expected)
+    assert "hunter2" not in message
+
+
+def test_http_transport_is_gone() -> None:
+    # Only one maintained stack carries the egress guard; the old switch is refused loudly.
+    assert "unknown setting 'http_transport'" in error_of(overrides={"http_transport": "httpx"})
+
+
+def test_ipv6_literal_hosts_are_allowed_in_url_policies() -> None:
+    assert load(overrides={"webhook_allowed_hosts": "::1"}).webhook_allowed_hosts == ("::1",)
+    assert "expected bare host names" in error_of(overrides={"flow_allowed_hosts": "a:443"})
+
+
+def test_proxy_password_is_masked() -> None:
+    shown = masked(load(overrides={"http_proxy": "http://user:hunter2@proxy:3128"}))
+    assert shown["http_proxy"] == "http://user:***@proxy:3128"
