@@ -118,8 +118,12 @@ async def readiness(
     pool: AsyncConnectionPool[AsyncConnection],
     listener_up: Callable[[], bool],
     expected_version: int,
+    *,
+    loop_problems: Callable[[], dict[str, str]] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
-    """Database reachable within a second, schema at ``expected_version``, listener up.
+    """Database reachable within a second, schema at ``expected_version``, listener up, and
+    no loop whose last database call failed (``loop_problems``: a lock or a timeout that a
+    bare round trip would not notice).
 
     Every check is reported, failed or not, so one answer shows everything that is wrong.
     """
@@ -144,6 +148,9 @@ async def readiness(
             checks["schema"] = "ok"
         else:
             checks["schema"] = f"at version {version}, expected {expected_version}"
+    problems = loop_problems() if loop_problems is not None else {}
+    if problems and checks["database"] == "ok":
+        checks["database"] = "; ".join(f"{loop}: {why}" for loop, why in problems.items())
     checks["listener"] = "ok" if listener_up() else "down"
     return all(value == "ok" for value in checks.values()), checks
 

@@ -19,14 +19,13 @@ when, so a dashboard takes the freshest replica's values.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -34,11 +33,12 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import __version__
+from outbox_notifier.dbhealth import bounded
 from outbox_notifier.events import REASON_CLASSES
 from outbox_notifier.providers.base import ErrorCode, Outcome
 from outbox_notifier.relay import CHANNEL, RelayReport
 from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import Applied, Rescued, Result
+from outbox_notifier.store import Applied, Rescued, Result, StatementTimeouts, set_timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,11 @@ class Metrics:
         )  # fmt: skip
         self.database_errors = Counter(
             "database_errors_total", "Database operations that failed, by loop.",
+            ["loop"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.database_failing = Gauge(
+            "database_failing",
+            "1 while the loop's last database call failed (locked, slow or absent database).",
             ["loop"], namespace=ns, registry=r,
         )  # fmt: skip
         self.listener_reconnects = Counter(
@@ -269,6 +274,9 @@ class Metrics:
     def database_error(self, loop: str) -> None:
         self.database_errors.labels(loop).inc()
 
+    def database_failing_changed(self, loop: str, failing: bool) -> None:
+        self.database_failing.labels(loop).set(1 if failing else 0)
+
     def listener_reconnected(self) -> None:
         self.listener_reconnects.inc()
 
@@ -294,14 +302,16 @@ class Metrics:
                 gauge.set_function(_safe(read))
 
     async def snapshot(
-        self, pool: AsyncConnectionPool[AsyncConnection], *, timeout_s: float = 5.0
+        self,
+        pool: AsyncConnectionPool[AsyncConnection],
+        *,
+        timeout_s: float = 5.0,
+        timeouts: StatementTimeouts | None = None,
     ) -> bool:
         """Sets the database gauges from one query; False (and counted) if the query failed."""
         try:
-            async with asyncio.timeout(timeout_s), pool.connection() as conn:
-                cur = await conn.execute(query("metrics_snapshot"))
-                rows = await cur.fetchall()
-        except (psycopg.Error, TimeoutError) as exc:
+            rows = await bounded(_read_snapshot(pool, timeouts), timeout_s)
+        except psycopg.Error as exc:
             self.database_error("maintenance")
             logger.warning("metrics snapshot failed: %s", _first_line(exc))
             return False
@@ -333,6 +343,16 @@ class Metrics:
         self.outbox_pending.set(outbox_pending)
         self.outbox_oldest_pending_age.set(outbox_age)
         self.snapshot_timestamp.set(time.time())
+
+
+async def _read_snapshot(
+    pool: AsyncConnectionPool[AsyncConnection], timeouts: StatementTimeouts | None
+) -> list[Any]:
+    async with pool.connection() as conn, conn.transaction():
+        if timeouts is not None:
+            await set_timeouts(conn, timeouts)
+        cur = await conn.execute(query("metrics_snapshot"))
+        return await cur.fetchall()
 
 
 def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:
