@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -231,7 +232,7 @@ async def test_a_stalled_client_does_not_block_the_server(
 
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"garbage\r\n\r\n")
-        assert (await asyncio.wait_for(reader.read(), 2.0)).startswith(b"HTTP/1.1 400 ")
+        assert (await asyncio.wait_for(reader.read(), 2.0)).split(b" ", 2)[1] == b"400"
         writer.close()
 
 
@@ -371,3 +372,52 @@ def test_snapshot_reads_live_statuses_through_their_partial_indexes(
     assert not re.search(
         r"'Node Type': 'Seq Scan'[^}]*'Relation Name': '(notification_records|outbox)'", text
     )
+
+
+async def test_metrics_negotiates_openmetrics_and_gzip(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection],
+) -> None:
+    registry = CollectorRegistry()
+    Metrics(registry).observe_relay(RelayReport(3, 2, 1, 0, {}))
+    async with (
+        _server(registry, HeartbeatMonitor(), pool) as server,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+    ):
+        om = await client.get(
+            "/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+        assert om.headers["content-type"].startswith("application/openmetrics-text")
+        assert om.text.rstrip().endswith("# EOF")
+        zipped = await client.get("/metrics", headers={"Accept-Encoding": "gzip"})
+        assert zipped.headers["content-encoding"] == "gzip"
+        assert "outbox_notifier_outbox_relayed_total 3.0" in zipped.text  # httpx inflates it
+        plain = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
+        assert "content-encoding" not in plain.headers
+        assert plain.headers["content-type"].startswith("text/plain")
+
+
+async def test_idle_connections_over_the_cap_do_not_lock_out_probes(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection],
+) -> None:
+    server = _server(CollectorRegistry(), HeartbeatMonitor(), pool)
+    server.max_connections = 8
+    async with server:
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(30)]
+        try:
+            async with httpx.AsyncClient() as client:
+                started = asyncio.get_running_loop().time()
+                response = await client.get(f"http://127.0.0.1:{server.port}/healthz")
+                assert response.status_code == 200
+                assert asyncio.get_running_loop().time() - started < 1.0
+            assert server.evicted >= 30 + 1 - 8
+            # The evicted idle connections were closed by the server.
+            closed = 0
+            for reader, _ in idle:
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(), timeout=0.05) == b"":
+                        closed += 1
+            assert closed >= 30 - 8
+        finally:
+            for _, writer in idle:
+                writer.close()
