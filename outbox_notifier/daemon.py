@@ -422,14 +422,14 @@ class Daemon:
                 logger.warning("relay failed, database unavailable: %s", describe(exc))
                 self.metrics.database_error("relay")
                 self.db_health.failed("relay", exc)
-                await self._sleep(1.0)
+                await self._sleep(1.0, loop="relay")
                 continue
             self.db_health.ok("relay")
             self.metrics.observe_relay(report)
             if report.created:
                 self._delivery_wake.set()
             if report.claimed < relay.batch_size:
-                await self._wait(self._outbox_wake, self.settings.poll_interval_s)
+                await self._wait(self._outbox_wake, self.settings.poll_interval_s, loop="relay")
 
     async def _rescue_loop(self, store: RecordStore) -> None:
         while not self._stop.is_set():
@@ -449,7 +449,7 @@ class Daemon:
             self.metrics.observe_rescued(rescued)
             if rescued:
                 self._delivery_wake.set()
-            await self._sleep(self.settings.retry_interval_s)
+            await self._sleep(self.settings.retry_interval_s, loop="rescue")
 
     async def _listen_loop(self) -> None:
         delay = 0.5
@@ -479,7 +479,7 @@ class Daemon:
                                    str(exc).strip())  # fmt: skip
                     self.metrics.listener_reconnected()
                 self.listener_up = False
-                await self._sleep(delay)
+                await self._sleep(delay, loop="listener")
                 delay = min(delay * 2, 5.0)
 
     async def _maintenance_loop(self, store: RecordStore) -> None:
@@ -497,7 +497,7 @@ class Daemon:
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + settings.maintenance_interval_s
                     await self._purge(store)
-                await self._sleep(snapshot_every_s)
+                await self._sleep(snapshot_every_s, loop="maintenance")
         finally:
             with contextlib.suppress(psycopg.Error):
                 await retention.release_leadership(store.pool)
@@ -529,7 +529,8 @@ class Daemon:
                 report.outbox_deleted, report.records_deleted,
             )  # fmt: skip
 
-    async def _wait(self, event: asyncio.Event, timeout_s: float) -> None:
+    async def _wait(self, event: asyncio.Event, timeout_s: float, *, loop: str) -> None:
+        self.monitor.sleeping(loop, timeout_s)
         stop = asyncio.ensure_future(self._stop.wait())
         woke = asyncio.ensure_future(event.wait())
         try:
@@ -539,6 +540,8 @@ class Daemon:
             stop.cancel()
             woke.cancel()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, *, loop: str | None = None) -> None:
+        if loop is not None:  # a loop that waits on purpose is not wedged
+            self.monitor.sleeping(loop, seconds)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)

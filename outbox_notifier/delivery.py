@@ -284,6 +284,7 @@ class Deliverer:
                 # Claim in chunks rather than one record per freed slot: fewer, larger claims.
                 if free < max(1, self.concurrency // 4) and self._inflight:
                     self._slot_freed.clear()
+                    self.last_progress = time.monotonic() + poll_interval_s
                     await _wait_any(stop, self._slot_freed, timeout_s=poll_interval_s)
                     continue
                 wanted = min(self.batch_size, free)
@@ -295,7 +296,9 @@ class Deliverer:
                 for record in claimed:
                     self._start(record)
                 if len(claimed) < wanted:
-                    await _wait_any(stop, wake, timeout_s=await self._idle_s(poll_interval_s))
+                    idle_s = await self._idle_s(poll_interval_s)
+                    self.last_progress = time.monotonic() + idle_s  # waiting on purpose
+                    await _wait_any(stop, wake, timeout_s=idle_s)
         finally:
             await self._drain(applier)
 

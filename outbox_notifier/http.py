@@ -75,6 +75,10 @@ class HeartbeatMonitor:
     def beat(self, name: str) -> None:
         self._beats[name] = self._clock()
 
+    def sleeping(self, name: str, seconds: float) -> None:
+        """``name`` waits on purpose for ``seconds``: it counts as beating until it is due back."""
+        self._beats[name] = self._clock() + seconds
+
     def watch(self, name: str, last_progress: Callable[[], float]) -> None:
         """Takes ``name``'s last beat from ``last_progress()`` (same clock) at each check."""
         self._watched[name] = last_progress

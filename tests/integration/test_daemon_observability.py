@@ -12,9 +12,11 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.types.json import Jsonb
 
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.delivery import dedupe_key_hash
+from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.logs import JsonFormatter
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import FLOW_PREFIX, add_channel, enqueue, eventually, payload, running
@@ -93,23 +95,61 @@ async def test_metrics_after_a_known_workload(
     assert not any("flow/api" in v or v in {"a", "b", "c"} for v in labels)
 
 
-async def test_healthz_fails_when_a_loop_is_wedged_and_recovers(
-    db: str, conn: psycopg.Connection[Any]
+async def test_a_locked_outbox_is_not_a_liveness_failure(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
 ) -> None:
-    daemon = Daemon(base_settings(db, health_stale_s=1.0, poll_interval_s=0.2))
+    """An ACCESS EXCLUSIVE lock on the outbox held past health_stale_s: /healthz stays 200,
+    /readyz says the relay is locked out, records already relayed keep being delivered, and
+    the outbox backlog drains once the lock goes."""
+    add_channel(conn, 1, server.flow_url("ok"))
+    stale_s = 3.0
+    daemon = Daemon(
+        base_settings(
+            db, health_stale_s=stale_s, db_deadline_s=2.0, lock_timeout_s=0.3,
+            statement_timeout_s=1.5, poll_interval_s=0.2,
+        )
+    )  # fmt: skip
     async with running(daemon):
         await eventually(lambda: daemon.listener_up, what="listener up")
-        assert (await scrape(daemon, "/healthz")).status_code == 200
         assert (await scrape(daemon, "/readyz")).status_code == 200
-        # Wedge the relay: its claim blocks behind an exclusive lock on the outbox.
         with psycopg.connect(db) as blocker:
             blocker.execute("LOCK TABLE outbox_notifier.outbox IN ACCESS EXCLUSIVE MODE")
-            await asyncio.sleep(2.0)
-            wedged = await scrape(daemon, "/healthz")
-            assert wedged.status_code == 503
-            assert wedged.json()["loops"]["relay"]["ok"] is False
-            blocker.rollback()
-        await eventually(lambda: _status(daemon, "/healthz", 200), what="healthy again")
+            for n in range(5):  # the backlog: visible to the relay once the lock goes
+                blocker.execute(
+                    "SELECT outbox_notifier.enqueue(%s, %s)",
+                    (EVENT_TYPE, Jsonb(payload(f"backlog-{n}"))),
+                )
+            # A record relayed before the lock (no outbox row needed to deliver it).
+            conn.execute(
+                "INSERT INTO outbox_notifier.notification_records"
+                " (channel, user_id, preview_id, dedupe_key, target_url, trace_id)"
+                " VALUES ('feishu', 1, 'p', 'relayed-before', '/x', 't')"
+            )
+            locked_at = asyncio.get_running_loop().time()
+            while asyncio.get_running_loop().time() - locked_at < 2 * stale_s:
+                health = await scrape(daemon, "/healthz")
+                assert health.status_code == 200, health.text
+                await asyncio.sleep(0.2)
+            ready = await scrape(daemon, "/readyz")
+            assert ready.status_code == 503
+            assert "relay: LockNotAvailable" in ready.json()["database"]
+            failing = samples((await scrape(daemon, "/metrics")).text)
+            assert value(failing, "outbox_notifier_database_failing", loop="relay") == 1
+            assert _record_status(conn, "relayed-before") == "sent"
+            blocker.commit()
+        await eventually(
+            lambda: all(_record_status(conn, f"backlog-{n}") == "sent" for n in range(5)),
+            what="backlog drained",
+        )
+        await eventually(lambda: _status(daemon, "/readyz", 200), what="ready again")
+
+
+def _record_status(conn: psycopg.Connection[Any], dedupe_key: str) -> str | None:
+    row = conn.execute(
+        "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
+        (dedupe_key,),
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 async def _status(daemon: Daemon, path: str, expected: int) -> bool:
