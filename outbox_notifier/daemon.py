@@ -304,7 +304,7 @@ class Daemon:
                 "waiting for database (try %d, next in %.1fs): %s", attempt, delay_s, reason
             )
             self.notifier.status(f"waiting for database (try {attempt}): {reason}")
-            await self._sleep(delay_s)
+            await self._sleep(delay_s, loop="startup")
             delay_s = min(delay_s * 2, STARTUP_RETRY_MAX_S)
         self.monitor.forget("startup")
         return False

@@ -33,6 +33,7 @@ import errno
 import gzip
 import logging
 import math
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -45,6 +46,7 @@ from prometheus_client.exposition import choose_encoder
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from outbox_notifier.dbhealth import DeadlineExceeded, bounded
 from outbox_notifier.sqlfiles import query
 
 logger = logging.getLogger(__name__)
@@ -124,11 +126,17 @@ async def readiness(
     Every check is reported, failed or not, so one answer shows everything that is wrong.
     """
     checks: dict[str, str] = {}
-    try:
-        async with asyncio.timeout(READINESS_TIMEOUT_S), pool.connection() as conn:
+
+    async def probe() -> Any:
+        async with pool.connection() as conn:
             cur = await conn.execute(query("readiness_check"))
-            row = await cur.fetchone()
-    except TimeoutError:
+            return await cur.fetchone()
+
+    try:
+        # Abandoned, not awaited, past the deadline: in a network black hole psycopg's own
+        # cancellation takes up to 10 s, and a probe must answer in time.
+        row = await bounded(probe(), READINESS_TIMEOUT_S)
+    except DeadlineExceeded:
         checks["database"] = f"no answer within {READINESS_TIMEOUT_S:g}s"
         checks["schema"] = "unknown"
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
@@ -145,8 +153,10 @@ async def readiness(
         else:
             checks["schema"] = f"at version {version}, expected {expected_version}"
     problems = loop_problems() if loop_problems is not None else {}
-    if problems and checks["database"] == "ok":
-        checks["database"] = "; ".join(f"{loop}: {why}" for loop, why in problems.items())
+    if problems:
+        seen = "; ".join(f"{loop}: {why}" for loop, why in problems.items())
+        database = checks["database"]
+        checks["database"] = seen if database == "ok" else f"{database}; {seen}"
     checks["listener"] = "ok" if listener_up() else "down"
     return all(value == "ok" for value in checks.values()), checks
 
@@ -214,10 +224,17 @@ class HealthServer:
         assert runner.server is not None
         web_server = runner.server
 
+        # asyncio accepts up to `backlog` sockets in one go before any protocol is made (and
+        # so before an eviction can free a descriptor): past the descriptor limit it stops
+        # accepting for a second, probes included. Open connections plus one accept batch
+        # therefore stay within half of RLIMIT_NOFILE, leaving the rest to the database pool.
+        soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        cap = max(4, min(self.max_connections, soft_limit // 4))
+
         def protocol() -> asyncio.BaseProtocol:
             connections = web_server.connections  # oldest first
             self._evicted.intersection_update(connections)
-            if len(connections) >= self.max_connections:
+            if len(connections) >= cap:
                 victim = next((c for c in connections if c not in self._evicted), None)
                 if victim is not None:
                     self._evicted.add(victim)
@@ -228,7 +245,7 @@ class HealthServer:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                protocol, self.host, self._port, reuse_address=True, backlog=128
+                protocol, self.host, self._port, reuse_address=True, backlog=cap
             )
         except OSError:
             await runner.cleanup()

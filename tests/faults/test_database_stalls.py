@@ -310,7 +310,8 @@ def test_black_hole_keeps_liveness_and_recovers_within_10s(
             while time.monotonic() - started < hole_s:
                 code, body = d.get("/healthz", timeout_s=2.0)
                 assert code == 200, body
-                saw_unready = saw_unready or d.status("/readyz") == 503
+                code, body = d.get("/readyz", timeout_s=3.0)
+                saw_unready = saw_unready or code == 503
                 time.sleep(0.25)
             hole_end = time.monotonic()
         gap = d.notifications.max_watchdog_gap_s(started, hole_end)
@@ -350,7 +351,7 @@ def test_daemon_started_before_the_database_waits_then_delivers(
             assert d.proc.poll() is None, d.output()[-3000:]
             time.sleep(1.0)
         ready_body = d.get("/readyz", timeout_s=3.0)[1]
-        assert "Connection refused" in ready_body or "connection" in ready_body.lower()
+        assert "startup: OperationalError" in ready_body, ready_body
         private_cluster.start()
         ready_s = wait_for(lambda: d.status("/readyz") == 200, 30, "ready after start", d)
         with psycopg.connect(dsn, autocommit=True) as conn:
