@@ -385,12 +385,15 @@ class Daemon:
                     settings.shutdown_deadline_s)  # fmt: skip
         for task in background:
             task.cancel()
-        try:
-            await asyncio.wait_for(delivery, timeout=settings.shutdown_deadline_s)
-        except TimeoutError:
+        done, _ = await asyncio.wait({delivery}, timeout=settings.shutdown_deadline_s)
+        if not done:
+            # Counted before cancelling: cancellation empties the in-flight set.
+            abandoned = self.deliverer.in_flight
+            delivery.cancel()
+            await asyncio.gather(delivery, return_exceptions=True)
             logger.warning(
                 "shutdown deadline passed with %d calls in flight; their leases will expire",
-                self.deliverer.in_flight,
+                abandoned,
             )
         await asyncio.gather(*background, return_exceptions=True)
         logger.info("stopped")

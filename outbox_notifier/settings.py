@@ -494,7 +494,9 @@ def masked(settings: Settings) -> dict[str, object]:
     out: dict[str, object] = {}
     for name in setting_names():
         value = getattr(settings, name)
-        if name in _SECRET_FIELDS:
+        if name == "listen_dsn":
+            value = mask_dsn(settings.effective_listen_dsn)  # what LISTEN will use
+        elif name in _SECRET_FIELDS:
             value = mask_dsn(value)
         elif _is_secret_name(name) and value:
             value = _MASK
