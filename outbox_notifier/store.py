@@ -62,7 +62,8 @@ class NewRecord(msgspec.Struct, frozen=True, kw_only=True):
     fallback_text: str
     fallback_used: bool
     trace_id: str
-    requested_at: datetime
+    requested_at: datetime  # the producer's, from the payload
+    outbox_created_at: datetime  # when the outbox row was written: latency starts here
 
 
 class ClaimedRecord(msgspec.Struct, frozen=True):

@@ -31,17 +31,17 @@ WITH input AS (
         outbox_id bigint, user_id bigint, trigger_id text, preview_id text, trigger_type text,
         target_type text, target_id bigint, dedupe_key text, target_url text,
         summary_text text, fallback_text text, fallback_used boolean, trace_id text,
-        requested_at timestamptz
+        requested_at timestamptz, outbox_created_at timestamptz
     )
 ), inserted AS (
     INSERT INTO outbox_notifier.notification_records (
         channel, user_id, trigger_id, preview_id, trigger_type, target_type, target_id,
         dedupe_key, target_url, summary_text, fallback_text, fallback_used, trace_id,
-        requested_at, outbox_id, max_attempts
+        requested_at, outbox_created_at, outbox_id, max_attempts
     )
     SELECT %(channel)s, user_id, trigger_id, preview_id, trigger_type, target_type, target_id,
            dedupe_key, target_url, summary_text, fallback_text, fallback_used, trace_id,
-           requested_at, outbox_id, %(max_attempts)s
+           requested_at, outbox_created_at, outbox_id, %(max_attempts)s
     FROM input
     ORDER BY outbox_id
     ON CONFLICT (channel, dedupe_key) DO NOTHING
@@ -118,7 +118,9 @@ WITH input AS (
         updated_at = now()
     FROM input
     WHERE r.id = input.record_id AND r.status = 'sending' AND r.lease_token = input.lease_token
-    RETURNING r.id, r.channel, r.status, extract(epoch FROM now() - r.requested_at) AS latency_s
+    RETURNING r.id, r.channel, r.status,
+              extract(epoch FROM now() - coalesce(r.outbox_created_at, r.requested_at))
+              AS latency_s
 ), logged AS (
     INSERT INTO outbox_notifier.delivery_attempts (
         record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code,
