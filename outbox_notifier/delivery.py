@@ -183,6 +183,7 @@ def to_result(
         trace_id=record.trace_id,
         dedupe_key=record.dedupe_key,
         disable_channel=sent.disable_target,
+        provider=record.provider,
         status=status,
         outcome=str(sent.outcome),
         error_code=None if status == "sent" else sent.error_code,

@@ -35,6 +35,7 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier import __version__
 from outbox_notifier.dbhealth import bounded
 from outbox_notifier.events import REASON_CLASSES
+from outbox_notifier.providers import PROVIDER_NAMES
 from outbox_notifier.providers.base import ErrorCode, Outcome
 from outbox_notifier.relay import CHANNEL, RelayReport
 from outbox_notifier.sqlfiles import query
@@ -81,11 +82,18 @@ class Metrics:
     """
 
     def __init__(
-        self, registry: CollectorRegistry, *, channels: Sequence[str] = (CHANNEL,)
+        self,
+        registry: CollectorRegistry,
+        *,
+        channels: Sequence[str] = (CHANNEL,),
+        providers: Sequence[str] = PROVIDER_NAMES,
     ) -> None:
         self.registry = registry
         self.channels: tuple[str, ...] = tuple(channels) or (CHANNEL,)
         self._channel_set = frozenset(self.channels)
+        # The provider label is bounded by this set; anything else is exported as "other".
+        self.providers: tuple[str, ...] = tuple(providers)
+        self._provider_set = frozenset(self.providers)
         ns = NAMESPACE
         r = registry
 
@@ -109,12 +117,12 @@ class Metrics:
 
         # -- delivery ------------------------------------------------------------------------
         self.delivery_attempts = Counter(
-            "delivery_attempts_total", "Provider calls, by outcome.",
-            ["channel", "outcome"], namespace=ns, registry=r,
+            "delivery_attempts_total", "Provider calls, by provider and outcome.",
+            ["channel", "provider", "outcome"], namespace=ns, registry=r,
         )  # fmt: skip
         self.provider_errors = Counter(
             "provider_errors_total", "Provider calls that did not succeed, by error code.",
-            ["channel", "error_code"], namespace=ns, registry=r,
+            ["channel", "provider", "error_code"], namespace=ns, registry=r,
         )  # fmt: skip
         self.records_dead = Counter(
             "records_dead_total", "Records that became dead (no more automatic attempts).",
@@ -131,11 +139,11 @@ class Metrics:
         )  # fmt: skip
         self.provider_call_duration = Histogram(
             "provider_call_duration_seconds", "Duration of one provider call.",
-            ["channel"], namespace=ns, registry=r, buckets=PROVIDER_CALL_BUCKETS_S,
+            ["channel", "provider"], namespace=ns, registry=r, buckets=PROVIDER_CALL_BUCKETS_S,
         )  # fmt: skip
         self.end_to_end_latency = Histogram(
             "end_to_end_latency_seconds", "From the outbox row's commit to the record being sent.",
-            ["channel"], namespace=ns, registry=r, buckets=END_TO_END_BUCKETS_S,
+            ["channel", "provider"], namespace=ns, registry=r, buckets=END_TO_END_BUCKETS_S,
         )  # fmt: skip
 
         # -- loops ---------------------------------------------------------------------------
@@ -199,14 +207,15 @@ class Metrics:
 
     def _zero_initialise(self) -> None:
         for channel in self.channels:
-            for outcome in sorted(_OUTCOMES):
-                self.delivery_attempts.labels(channel, outcome)
-            for code in sorted(_ERROR_CODES):
-                self.provider_errors.labels(channel, code)
+            for provider in self.providers:
+                for outcome in sorted(_OUTCOMES):
+                    self.delivery_attempts.labels(channel, provider, outcome)
+                for code in sorted(_ERROR_CODES):
+                    self.provider_errors.labels(channel, provider, code)
+                self.provider_call_duration.labels(channel, provider)
+                self.end_to_end_latency.labels(channel, provider)
             self.records_dead.labels(channel)
             self.leases_expired.labels(channel)
-            self.provider_call_duration.labels(channel)
-            self.end_to_end_latency.labels(channel)
             for status in SNAPSHOT_STATUSES:
                 self.records.labels(channel, status).set(0)
             self.oldest_due_record_age.labels(channel).set(0)
@@ -235,23 +244,31 @@ class Metrics:
         in ``late_results_total``.
         """
         applied_ids = {row.id for row in applied}
+        provider_of: dict[int, str] = {}
         for result in results:
             channel = _bounded(result.channel, self._channel_set)
+            provider = provider_of[result.record_id] = _bounded(result.provider, self._provider_set)
             if result.record_id not in applied_ids:
                 self.late_results.inc()
-            self.delivery_attempts.labels(channel, _bounded(result.outcome, _OUTCOMES)).inc()
+            outcome = _bounded(result.outcome, _OUTCOMES)
+            self.delivery_attempts.labels(channel, provider, outcome).inc()
             if result.error_code is not None:
                 code = _bounded(result.error_code, _ERROR_CODES)
-                self.provider_errors.labels(channel, code).inc()
+                self.provider_errors.labels(channel, provider, code).inc()
             # A result with no request and no time spent never reached a provider (a missing
             # recipient, a refused URL): it has no call duration to report.
             if result.request_json is not None or result.duration_ms > 0:
-                self.provider_call_duration.labels(channel).observe(result.duration_ms / 1000.0)
+                self.provider_call_duration.labels(channel, provider).observe(
+                    result.duration_ms / 1000.0
+                )
         for row in applied:
             if row.status == "dead":
                 self.records_dead.labels(row.channel).inc()
             elif row.status == "sent" and row.latency_s is not None:
-                self.end_to_end_latency.labels(row.channel).observe(max(row.latency_s, 0.0))
+                provider = provider_of.get(row.id, OTHER)
+                self.end_to_end_latency.labels(row.channel, provider).observe(
+                    max(row.latency_s, 0.0)
+                )
 
     def observe_rescued(self, rows: Sequence[Rescued]) -> None:
         """Records taken back from expired leases by one rescue pass."""

@@ -122,6 +122,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     trace_id: str = ""
     dedupe_key: str = ""
     disable_channel: bool = False
+    provider: str = ""  # the provider that made the call (a metric label)
     status: str
     outcome: str
     error_code: str | None
