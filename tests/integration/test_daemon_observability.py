@@ -83,51 +83,13 @@ async def test_metrics_after_a_known_workload(
     assert value(m, p + "outbox_rejected_total", reason_class="unknown_type") == 1
     assert value(m, p + "dedupe_hits_total") == 1
     assert value(m, p + "fallback_used_total") == 1
-    assert (
-        value(
-            m,
-            p + "delivery_attempts_total",
-            channel="feishu",
-            provider="feishu_flow",
-            outcome="success",
-        )
-        == 3
-    )
-    assert (
-        value(
-            m,
-            p + "delivery_attempts_total",
-            channel="feishu",
-            provider="feishu_flow",
-            outcome="skipped",
-        )
-        == 1
-    )
-    assert (
-        value(
-            m,
-            p + "delivery_attempts_total",
-            channel="feishu",
-            provider="feishu_flow",
-            outcome="temporary_fail",
-        )
-        == 1
-    )
-    assert (
-        value(
-            m,
-            p + "provider_errors_total",
-            channel="feishu",
-            provider="feishu_flow",
-            error_code="provider_5xx",
-        )
-        == 1
-    )
+    flow = {"channel": "feishu", "provider": "feishu_flow"}
+    assert value(m, p + "delivery_attempts_total", **flow, outcome="success") == 3
+    assert value(m, p + "delivery_attempts_total", **flow, outcome="skipped") == 1
+    assert value(m, p + "delivery_attempts_total", **flow, outcome="temporary_fail") == 1
+    assert value(m, p + "provider_errors_total", **flow, error_code="provider_5xx") == 1
     assert value(m, p + "records_dead_total", channel="feishu") == 0
-    assert (
-        value(m, p + "end_to_end_latency_seconds_count", **flow)
-        == 3
-    )
+    assert value(m, p + "end_to_end_latency_seconds_count", **flow) == 3
     assert value(m, p + "late_results_total") == 0
     # Labels stay bounded: no user ids, URLs or dedupe keys anywhere.
     labels = {v for (_, pairs) in m for _, v in pairs}
