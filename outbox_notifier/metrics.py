@@ -50,6 +50,8 @@ OTHER: Final = "other"
 SNAPSHOT_STATUSES: Final = ("pending", "sending", "failed")
 #: Loop names for ``database_errors_total`` and ``claim_duration_seconds``.
 LOOPS: Final = ("relay", "delivery", "apply", "rescue", "listener", "maintenance")
+#: Loops whose database calls report to ``database_failing`` (see outbox_notifier.dbhealth).
+DATABASE_LOOPS: Final = ("startup", "relay", "delivery", "apply", "rescue")
 
 _OUTCOMES: Final = frozenset(str(o) for o in Outcome)
 _ERROR_CODES: Final = frozenset(str(c) for c in ErrorCode)
@@ -223,6 +225,8 @@ class Metrics:
             self.outbox_rejected.labels(reason_class)
         for loop in LOOPS:
             self.database_errors.labels(loop)
+        for loop in DATABASE_LOOPS:
+            self.database_failing.labels(loop).set(0)
         for loop in ("relay", "delivery", "rescue"):
             self.claim_duration.labels(loop)
 
