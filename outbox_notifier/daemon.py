@@ -303,7 +303,12 @@ class Daemon:
             logger.warning(
                 "waiting for database (try %d, next in %.1fs): %s", attempt, delay_s, reason
             )
-            self.notifier.status(f"waiting for database (try {attempt}): {reason}")
+            # systemd: more start time for each try (the wait, the next try's deadline and a
+            # margin), so TimeoutStartSec bounds a wedged start-up but not a database outage.
+            self.notifier.extend_timeout(
+                delay_s + settings.db_deadline_s + 30.0,
+                status=f"waiting for database (try {attempt}): {reason}",
+            )
             await self._sleep(delay_s, loop="startup")
             delay_s = min(delay_s * 2, STARTUP_RETRY_MAX_S)
         self.monitor.forget("startup")
