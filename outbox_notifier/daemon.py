@@ -491,8 +491,9 @@ class Daemon:
                 delay = min(delay * 2, 5.0)
 
     async def _maintenance_loop(self, store: RecordStore) -> None:
-        """Metric snapshots on every replica (one cheap query on the partial indexes), and
-        retention on one replica at a time (the holder of the maintenance lease)."""
+        """Metric snapshots on every replica (one cheap query on the partial indexes; see the
+        outbox_notifier.metrics docstring for how they are aggregated), and retention on one
+        replica at a time (the holder of the maintenance lease)."""
         settings = self.settings
         snapshot_every_s = min(settings.maintenance_interval_s, 5.0)
         next_purge = time.monotonic()

@@ -12,9 +12,14 @@ Three kinds of source::
     metrics.track(listener_up=..., in_flight=...)  # process state, read at scrape time
     await metrics.snapshot(pool)                # database state, every few seconds
 
-The snapshot's gauges describe the whole database, not this replica: with several replicas,
-only the one running the maintenance loop refreshes them; ``snapshot_timestamp_seconds`` says
-when, so a dashboard takes the freshest replica's values.
+Database-wide gauges, decided once, here: the snapshot gauges (records, oldest ages, outbox
+backlog, paused targets) and ``database_failing`` describe the database, not this replica, and
+*every* replica exports them (every replica takes the snapshot: one cheap query on partial
+indexes, and no gap when a replica goes away). So queries must count each fact once per job,
+never sum across replicas or alert per instance: the backlog gauges are read from the replica
+with the freshest ``snapshot_timestamp_seconds`` (a replica whose snapshot fails keeps stale
+values), the others with ``max by (job)``. deploy/prometheus/alerts.yml and the Grafana
+dashboard do so, and a test checks it.
 """
 
 from __future__ import annotations
