@@ -375,7 +375,9 @@ class Deliverer:
 
     async def _apply_until_stored(self, batch: list[Result]) -> None:
         # A result is kept and retried while the database is away; if the daemon stops first,
-        # the lease expires and the rescue counts the call as a temporary failure.
+        # the lease expires and the rescue counts the call as a temporary failure. An apply
+        # abandoned at db_deadline_s may still commit; its retry is then fenced off (the
+        # lease token is gone) and logged as a late result, never applied twice.
         while True:
             try:
                 await self._apply(batch)
