@@ -230,6 +230,10 @@ class Daemon:
             max_size=settings.pool_max_size,
             kwargs=connection_kwargs(settings),
             timeout=10.0,
+            # The pool retries a lost connection with doubling delays (1, 2, 4 ... s): after a
+            # long outage the next try could come half a minute after the database is back.
+            # Giving up early instead lets the next request grow the pool at once.
+            reconnect_timeout=max(5.0, settings.tcp_user_timeout_s),
             open=False,
             name="outbox-notifier",
         )

@@ -303,7 +303,7 @@ def test_black_hole_keeps_liveness_and_recovers_within_10s(
         with psycopg.connect(dsn, autocommit=True) as conn:
             enqueue(conn, "before")
         wait_for(lambda: all_sent(dsn, ["before"]), 15, "first delivery", d)
-        hole_s = 12.0  # > 2 x health_stale_s
+        hole_s = 30.0  # far past health_stale_s, long enough for reconnect backoff to grow
         with black_hole(private_cluster.port):
             started = time.monotonic()
             saw_unready = False
