@@ -221,3 +221,30 @@ async def test_log_lines_carry_ids_and_never_secrets(
     assert failed[0]["dedupe_key_hash"] == dedupe_key_hash("log-me")
     assert "log-me" not in failed[0]["dedupe_key_hash"]
     assert any(e.get("msg") == "outbox row relayed" for e in events)
+
+
+async def test_relay_keeps_going_while_record_rows_are_locked(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    """Hot notification_records rows row-locked by someone else (an operator's transaction, a
+    slow replica): new outbox rows are still relayed into new records."""
+    add_channel(conn, 1, server.flow_url("ok"))
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url, trace_id, status)"
+        " VALUES ('feishu', 1, 'p', 'hot', '/x', 't', 'sent')"
+    )
+    daemon = Daemon(base_settings(db, lock_timeout_s=0.3, poll_interval_s=0.2))
+    async with running(daemon):
+        await eventually(lambda: daemon.listener_up, what="listener up")
+        with psycopg.connect(db) as locker:
+            locker.execute("SELECT * FROM outbox_notifier.notification_records FOR UPDATE")
+            enqueue(conn, payload("hot"))  # a dedupe hit on the locked row
+            enqueue(conn, payload("fresh"))
+            await eventually(lambda: _record_status(conn, "fresh") == "sent", what="relayed")
+            outbox = conn.execute(
+                "SELECT count(*) FROM outbox_notifier.outbox WHERE status = 'relayed'"
+            ).fetchone()
+            assert outbox == (2,)
+            locker.rollback()
+        assert (await scrape(daemon, "/healthz")).status_code == 200
