@@ -421,3 +421,30 @@ async def test_idle_connections_over_the_cap_do_not_lock_out_probes(
         finally:
             for _, writer in idle:
                 writer.close()
+
+
+def test_out_of_descriptors_is_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio reports every failed accept() with a traceback; out of descriptors that was
+    thousands of lines a minute. Now: one line, then silence for the interval."""
+    import errno as errno_codes
+
+    from outbox_notifier.http import _RateLimitedLoopErrors
+
+    passed: list[dict[str, Any]] = []
+    handler = _RateLimitedLoopErrors(lambda _loop, ctx: passed.append(ctx), interval_s=60.0)
+    loop = asyncio.new_event_loop()
+    try:
+        exhausted = OSError(errno_codes.EMFILE, "Too many open files")
+        with caplog.at_level("ERROR", logger="outbox_notifier.http"):
+            for _ in range(500):
+                handler(loop, {"message": "socket.accept() out of system resource",
+                               "exception": exhausted})  # fmt: skip
+            handler(loop, {"message": "something else", "exception": ValueError("x")})
+    finally:
+        loop.close()
+    lines = [r for r in caplog.records if r.name == "outbox_notifier.http"]
+    assert len(lines) == 1
+    assert lines[0].exc_info is None  # no traceback
+    assert "out of resources" in lines[0].getMessage()
+    assert handler.suppressed == 499
+    assert [ctx["message"] for ctx in passed] == ["something else"]  # others pass through
