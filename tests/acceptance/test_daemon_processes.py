@@ -245,3 +245,24 @@ def test_sigterm_in_the_first_moments_of_start_up_exits_0(db: str, delay_s: floa
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "Traceback" not in out
+
+
+@pytest.mark.timeout(60)
+def test_waiting_for_an_absent_database_then_sigterm_exits_0() -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = start_daemon(f"postgresql://postgres@127.0.0.1:{port}/none", "--set", "log_level=INFO")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not any("waiting for database (try 2" in line for line in lines):
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    assert proc.poll() is None  # still waiting, not exited
+    started = time.monotonic()
+    code, out = stop(proc)
+    assert code == 0, "".join(lines) + out
+    assert time.monotonic() - started < 5
+    assert "Connection refused" in "".join(lines)
+    assert "Traceback" not in "".join(lines) + out
