@@ -166,7 +166,8 @@ class HealthServer:
 
     ``max_connections`` caps open connections: a new connection past it closes the oldest
     one, so a flood of idle clients can neither exhaust the process's file descriptors nor
-    lock the probes out (refusing the newcomer would do the second). ``request_timeout_s``
+    lock the probes out (refusing the newcomer would do the second); the cap in force is
+    also at most a quarter of ``RLIMIT_NOFILE``. ``request_timeout_s``
     closes a connection that sends nothing (before or between requests); ``ready_timeout_s``
     bounds a ``/readyz`` answer.
     """
