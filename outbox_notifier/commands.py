@@ -7,7 +7,7 @@ import sys
 from datetime import datetime
 
 from outbox_notifier import logs
-from outbox_notifier.daemon import Daemon, SchemaNotCurrent
+from outbox_notifier.daemon import Daemon, DatabaseUnavailable, HttpListenError, SchemaNotCurrent
 from outbox_notifier.settings import Settings
 
 
@@ -16,8 +16,12 @@ def run(settings: Settings) -> int:
     logs.configure_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(Daemon(settings).run())
-    except SchemaNotCurrent as exc:
-        # exit 2, like a bad setting: restarting cannot help until the schema or image changes
+    except DatabaseUnavailable as exc:
+        print(f"outbox-notifier: {exc}", file=sys.stderr)
+        return 1
+    except (SchemaNotCurrent, HttpListenError) as exc:
+        # exit 2, like a bad setting: restarting cannot help until the schema, the image or
+        # the configuration changes
         print(f"outbox-notifier: {exc}", file=sys.stderr)
         return 2
     return 0

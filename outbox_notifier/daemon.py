@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,6 +25,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import httpclient, migrations, retention, sdnotify
+from outbox_notifier.dbhealth import DatabaseHealth, bounded, describe
 from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
 from outbox_notifier.metrics import Metrics
@@ -33,7 +35,8 @@ from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
 from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings, parse_host_port
-from outbox_notifier.store import ClaimPolicy, RecordStore
+from outbox_notifier.sqlfiles import query
+from outbox_notifier.store import ClaimPolicy, RecordStore, StatementTimeouts
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,18 @@ OUTBOX_CHANNEL = "outbox_notifier_outbox"
 
 class SchemaNotCurrent(RuntimeError):
     """The database schema is older than this daemon, or newer through a breaking migration."""
+
+
+class HttpListenError(RuntimeError):
+    """``http_listen`` cannot be bound (the port is busy, the address is not local...)."""
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database did not answer within ``startup_timeout_s`` at start."""
+
+
+#: Start-up retries wait 0.5 s, 1 s, 2 s ... up to this long between tries.
+STARTUP_RETRY_MAX_S = 15.0
 
 
 def http_client(settings: Settings) -> httpx.AsyncClient:
@@ -83,13 +98,33 @@ def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str
     }
 
 
+def socket_bounds(settings: Settings) -> dict[str, Any]:
+    """libpq parameters that bound a connection whose packets stop arriving: the kernel gives
+    up on unacknowledged data after ``tcp_user_timeout`` and on a silent idle peer after the
+    keepalive probes, so a black-holed connection fails instead of hanging for minutes."""
+    return {
+        "connect_timeout": max(2, math.ceil(settings.tcp_user_timeout_s)),
+        "tcp_user_timeout": max(1, round(settings.tcp_user_timeout_s * 1000)),
+        "keepalives": 1,
+        "keepalives_idle": settings.keepalives_idle_s,
+        "keepalives_interval": settings.keepalives_interval_s,
+        "keepalives_count": settings.keepalives_count,
+    }
+
+
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
-    """Pool connections: autocommit (each batch statement is its own short transaction) and,
-    behind a transaction-mode pooler, no server-side prepared statements."""
-    kwargs: dict[str, Any] = {"autocommit": True}
+    """Pool connections: autocommit (each batch statement is its own short transaction), the
+    socket bounds and, behind a transaction-mode pooler, no server-side prepared statements."""
+    kwargs: dict[str, Any] = {"autocommit": True, **socket_bounds(settings)}
     if not settings.prepared_statements:
         kwargs["prepare_threshold"] = None
     return kwargs
+
+
+def statement_timeouts(settings: Settings) -> StatementTimeouts:
+    return StatementTimeouts(
+        lock_s=settings.lock_timeout_s, statement_s=settings.statement_timeout_s
+    )
 
 
 def claim_policy(settings: Settings) -> ClaimPolicy:
@@ -137,6 +172,7 @@ class Daemon:
         self.registry = registry
         self.metrics = Metrics(registry)
         self.monitor = HeartbeatMonitor()
+        self.db_health = DatabaseHealth(on_change=self.metrics.database_failing_changed)
         self.http_port: int | None = None
         self.policy = RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -160,6 +196,10 @@ class Daemon:
             max_size=settings.pool_max_size,
             kwargs=connection_kwargs(settings),
             timeout=10.0,
+            # The pool retries a lost connection with doubling delays (1, 2, 4 ... s): after a
+            # long outage the next try could come half a minute after the database is back.
+            # Giving up early instead lets the next request grow the pool at once.
+            reconnect_timeout=max(5.0, settings.tcp_user_timeout_s),
             open=False,
             name="outbox-notifier",
         )
@@ -169,13 +209,27 @@ class Daemon:
             port,
             self.registry,
             health=lambda: self.monitor.report(settings.health_stale_s),
-            ready=lambda: readiness(pool, lambda: self.listener_up, migrations.latest_version()),
+            ready=lambda: readiness(
+                pool,
+                lambda: self.listener_up,
+                migrations.latest_version(),
+                loop_problems=self.db_health.problems,
+            ),
         )
-        await server.start()
+        try:
+            await server.start()
+        except OSError as exc:
+            raise HttpListenError(
+                f"invalid setting http_listen: cannot listen on {settings.http_listen!r}: "
+                f"{exc.strerror or exc}"
+            ) from None
         self.http_port = server.port
         try:
-            await pool.open(wait=True, timeout=30.0)
-            store = RecordStore(pool)
+            # Connections are made in the background; _wait_for_database waits for the first.
+            await pool.open(wait=False)
+            store = RecordStore(pool, timeouts=statement_timeouts(settings))
+            if not await self._wait_for_database():
+                return  # stopped while waiting
             await self._check_schema(store)
             async with http_client(settings) as client:
                 providers = self._providers or default_providers(settings, client)
@@ -185,6 +239,58 @@ class Daemon:
             await server.close()
             await pool.close()
             self.notifier.close()
+
+    async def _wait_for_database(self) -> bool:
+        """Retries a probe with capped backoff until the database answers; False if stopped.
+
+        Meanwhile /healthz is 200 (the process is fine), /readyz 503 naming the database, and
+        systemd reads "waiting for database". Raises DatabaseUnavailable after
+        ``startup_timeout_s`` (0: never), which the CLI turns into exit 1.
+        """
+        settings = self.settings
+        started = time.monotonic()
+        delay_s, attempt = 0.5, 0
+        while not self._stop.is_set():
+            attempt += 1
+            self.beat("startup")
+            try:
+                await bounded(self._ping(), settings.db_deadline_s)
+            except psycopg.OperationalError as exc:
+                reason = describe(exc)
+                self.db_health.failed("startup", exc)
+            else:
+                self.db_health.ok("startup")
+                self.monitor.forget("startup")
+                if attempt > 1:
+                    logger.info("database available after %d tries", attempt)
+                return True
+            waited_s = time.monotonic() - started
+            if settings.startup_timeout_s and waited_s >= settings.startup_timeout_s:
+                raise DatabaseUnavailable(
+                    f"database not available after {waited_s:.0f}s "
+                    f"(startup_timeout_s = {settings.startup_timeout_s:g}): {reason}"
+                )
+            logger.warning(
+                "waiting for database (try %d, next in %.1fs): %s", attempt, delay_s, reason
+            )
+            # systemd: more start time for each try (the wait, the next try's deadline and a
+            # margin), so TimeoutStartSec bounds a wedged start-up but not a database outage.
+            self.notifier.extend_timeout(
+                delay_s + settings.db_deadline_s + 30.0,
+                status=f"waiting for database (try {attempt}): {reason}",
+            )
+            await self._sleep(delay_s, loop="startup")
+            delay_s = min(delay_s * 2, STARTUP_RETRY_MAX_S)
+        self.monitor.forget("startup")
+        return False
+
+    async def _ping(self) -> None:
+        # A connection of its own rather than the pool's: its error names the cause
+        # ("connection refused"), where the pool would only say it timed out.
+        async with await psycopg.AsyncConnection.connect(
+            self.settings.dsn, **connection_kwargs(self.settings)
+        ) as conn:
+            await conn.execute(query("ping"))
 
     async def _check_schema(self, store: RecordStore) -> None:
         # Its own schema version or a newer one reached by additive migrations only
@@ -210,6 +316,8 @@ class Daemon:
             batch_size=settings.delivery_batch_size,
             concurrency=settings.delivery_concurrency,
             metrics=self.metrics,
+            db_deadline_s=settings.db_deadline_s,
+            db_health=self.db_health,
         )
         self.monitor.watch("delivery", lambda: self.deliverer.last_progress)
         self.metrics.track(
@@ -249,12 +357,15 @@ class Daemon:
                     settings.shutdown_deadline_s)  # fmt: skip
         for task in background:
             task.cancel()
-        try:
-            await asyncio.wait_for(delivery, timeout=settings.shutdown_deadline_s)
-        except TimeoutError:
+        done, _ = await asyncio.wait({delivery}, timeout=settings.shutdown_deadline_s)
+        if not done:
+            # Counted before cancelling: cancellation empties the in-flight set.
+            abandoned = self.deliverer.in_flight
+            delivery.cancel()
+            await asyncio.gather(delivery, return_exceptions=True)
             logger.warning(
                 "shutdown deadline passed with %d calls in flight; their leases will expire",
-                self.deliverer.in_flight,
+                abandoned,
             )
         await asyncio.gather(*background, return_exceptions=True)
         logger.info("stopped")
@@ -280,32 +391,40 @@ class Daemon:
             self._outbox_wake.clear()
             try:
                 with self.metrics.claim_timer("relay"):
-                    report = await relay.relay_once()
+                    report = await bounded(relay.relay_once(), self.settings.db_deadline_s)
             except psycopg.OperationalError as exc:
-                logger.warning("relay failed, database unavailable: %s", str(exc).strip())
+                # Locked, slow or absent: the loop stays alive and keeps trying (/readyz says why).
+                logger.warning("relay failed, database unavailable: %s", describe(exc))
                 self.metrics.database_error("relay")
-                await self._sleep(1.0)
+                self.db_health.failed("relay", exc)
+                await self._sleep(1.0, loop="relay")
                 continue
+            self.db_health.ok("relay")
             self.metrics.observe_relay(report)
             if report.created:
                 self._delivery_wake.set()
             if report.claimed < relay.batch_size:
-                await self._wait(self._outbox_wake, self.settings.poll_interval_s)
+                await self._wait(self._outbox_wake, self.settings.poll_interval_s, loop="relay")
 
     async def _rescue_loop(self, store: RecordStore) -> None:
         while not self._stop.is_set():
             self.beat("rescue")
             try:
                 with self.metrics.claim_timer("rescue"):
-                    rescued = await rescue_expired_leases(store, self.policy)
+                    rescued = await bounded(
+                        rescue_expired_leases(store, self.policy), self.settings.db_deadline_s
+                    )
             except psycopg.OperationalError as exc:
-                logger.warning("lease rescue failed, database unavailable: %s", str(exc).strip())
+                logger.warning("lease rescue failed, database unavailable: %s", describe(exc))
                 self.metrics.database_error("rescue")
+                self.db_health.failed("rescue", exc)
                 rescued = []
+            else:
+                self.db_health.ok("rescue")
             self.metrics.observe_rescued(rescued)
             if rescued:
                 self._delivery_wake.set()
-            await self._sleep(self.settings.retry_interval_s)
+            await self._sleep(self.settings.retry_interval_s, loop="rescue")
 
     async def _listen_loop(self) -> None:
         delay = 0.5
@@ -313,7 +432,9 @@ class Daemon:
             self.beat("listener")
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.settings.effective_listen_dsn, autocommit=True
+                    self.settings.effective_listen_dsn,
+                    autocommit=True,
+                    **socket_bounds(self.settings),
                 ) as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(OUTBOX_CHANNEL)))
                     if not self.listener_up:
@@ -333,23 +454,26 @@ class Daemon:
                                    str(exc).strip())  # fmt: skip
                     self.metrics.listener_reconnected()
                 self.listener_up = False
-                await self._sleep(delay)
+                await self._sleep(delay, loop="listener")
                 delay = min(delay * 2, 5.0)
 
     async def _maintenance_loop(self, store: RecordStore) -> None:
-        """Metric snapshots on every replica (one cheap query on the partial indexes), and
-        retention on one replica at a time (the holder of the maintenance lease)."""
+        """Metric snapshots on every replica (one cheap query on the partial indexes; see the
+        outbox_notifier.metrics docstring for how they are aggregated), and retention on one
+        replica at a time (the holder of the maintenance lease)."""
         settings = self.settings
         snapshot_every_s = min(settings.maintenance_interval_s, 5.0)
         next_purge = time.monotonic()
         try:
             while not self._stop.is_set():
                 self.beat("maintenance")
-                await self.metrics.snapshot(store.pool)
+                await self.metrics.snapshot(
+                    store.pool, timeout_s=settings.db_deadline_s, timeouts=store.timeouts
+                )
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + settings.maintenance_interval_s
                     await self._purge(store)
-                await self._sleep(snapshot_every_s)
+                await self._sleep(snapshot_every_s, loop="maintenance")
         finally:
             with contextlib.suppress(psycopg.Error):
                 await retention.release_leadership(store.pool)
@@ -365,11 +489,14 @@ class Daemon:
             )
 
         try:
-            report = await retention.run_if_leader(
-                store.pool, purge, ttl_s=3 * settings.maintenance_interval_s
+            report = await bounded(
+                retention.run_if_leader(
+                    store.pool, purge, ttl_s=3 * settings.maintenance_interval_s
+                ),
+                settings.db_deadline_s,
             )
         except psycopg.OperationalError as exc:
-            logger.warning("retention failed, database unavailable: %s", str(exc).strip())
+            logger.warning("retention failed, database unavailable: %s", describe(exc))
             self.metrics.database_error("maintenance")
             return
         if report is not None and (report.outbox_deleted or report.records_deleted):
@@ -378,7 +505,8 @@ class Daemon:
                 report.outbox_deleted, report.records_deleted,
             )  # fmt: skip
 
-    async def _wait(self, event: asyncio.Event, timeout_s: float) -> None:
+    async def _wait(self, event: asyncio.Event, timeout_s: float, *, loop: str) -> None:
+        self.monitor.sleeping(loop, timeout_s)
         stop = asyncio.ensure_future(self._stop.wait())
         woke = asyncio.ensure_future(event.wait())
         try:
@@ -388,6 +516,8 @@ class Daemon:
             stop.cancel()
             woke.cancel()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, *, loop: str | None = None) -> None:
+        if loop is not None:  # a loop that waits on purpose is not wedged
+            self.monitor.sleeping(loop, seconds)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)

@@ -27,6 +27,7 @@ import msgspec
 import psycopg
 
 from outbox_notifier import backoff, message
+from outbox_notifier.dbhealth import DatabaseHealth, bounded
 from outbox_notifier.providers.base import (
     Delivery,
     ErrorCode,
@@ -182,6 +183,7 @@ def to_result(
         trace_id=record.trace_id,
         dedupe_key=record.dedupe_key,
         disable_channel=sent.disable_target,
+        provider=record.provider,
         status=status,
         outcome=str(sent.outcome),
         error_code=None if status == "sent" else sent.error_code,
@@ -244,6 +246,8 @@ class Deliverer:
         apply_retry_s: float = 1.0,
         metrics: Metrics | None = None,
         on_applied: Callable[[Sequence[Result], Sequence[Applied]], None] | None = None,
+        db_deadline_s: float | None = None,
+        db_health: DatabaseHealth | None = None,
     ) -> None:
         self.store = store
         self.providers = providers
@@ -255,6 +259,9 @@ class Deliverer:
         self.apply_retry_s = apply_retry_s
         self.metrics = metrics
         self.on_applied = on_applied
+        # Each database call is abandoned after db_deadline_s (see outbox_notifier.dbhealth).
+        self.db_deadline_s = db_deadline_s
+        self.db_health = db_health or DatabaseHealth()
         self.stats = DeliveryStats()
         self.last_progress = time.monotonic()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -278,6 +285,7 @@ class Deliverer:
                 # Claim in chunks rather than one record per freed slot: fewer, larger claims.
                 if free < max(1, self.concurrency // 4) and self._inflight:
                     self._slot_freed.clear()
+                    self.last_progress = time.monotonic() + poll_interval_s
                     await _wait_any(stop, self._slot_freed, timeout_s=poll_interval_s)
                     continue
                 wanted = min(self.batch_size, free)
@@ -289,7 +297,9 @@ class Deliverer:
                 for record in claimed:
                     self._start(record)
                 if len(claimed) < wanted:
-                    await _wait_any(stop, wake, timeout_s=await self._idle_s(poll_interval_s))
+                    idle_s = await self._idle_s(poll_interval_s)
+                    self.last_progress = time.monotonic() + idle_s  # waiting on purpose
+                    await _wait_any(stop, wake, timeout_s=idle_s)
         finally:
             await self._drain(applier)
 
@@ -304,12 +314,16 @@ class Deliverer:
     async def _claim(self, limit: int) -> list[ClaimedRecord] | None:
         started = time.perf_counter()
         try:
-            claimed = await self.store.claim_records(limit, self.claim_policy)
+            claimed = await bounded(
+                self.store.claim_records(limit, self.claim_policy), self.db_deadline_s
+            )
         except psycopg.OperationalError as exc:
             logger.warning("claim failed, database unavailable: %s", _first_line(exc))
+            self.db_health.failed("delivery", exc)
             if self.metrics is not None:
                 self.metrics.database_error("delivery")
             return None
+        self.db_health.ok("delivery")
         if self.metrics is not None:
             self.metrics.observe_claim("delivery", time.perf_counter() - started)
         return claimed
@@ -318,7 +332,7 @@ class Deliverer:
         """How long to wait after a short claim: the poll interval, or less when a deferred or
         failed record falls due sooner (pacing and retries then run on time)."""
         try:
-            due_in = await self.store.seconds_until_next_due()
+            due_in = await bounded(self.store.seconds_until_next_due(), self.db_deadline_s)
         except psycopg.OperationalError:
             return poll_interval_s
         if due_in is None:
@@ -361,22 +375,26 @@ class Deliverer:
 
     async def _apply_until_stored(self, batch: list[Result]) -> None:
         # A result is kept and retried while the database is away; if the daemon stops first,
-        # the lease expires and the rescue counts the call as a temporary failure.
+        # the lease expires and the rescue counts the call as a temporary failure. An apply
+        # abandoned at db_deadline_s may still commit; its retry is then fenced off (the
+        # lease token is gone) and logged as a late result, never applied twice.
         while True:
             try:
                 await self._apply(batch)
+                self.db_health.ok("apply")
                 return
             except psycopg.Error as exc:
                 # Any database error, not only a lost connection: dropping the batch would let
                 # the leases expire and send every record in it a second time.
                 logger.warning("applying results failed, retrying: %s", _first_line(exc))
+                self.db_health.failed("apply", exc)
                 if self.metrics is not None:
                     self.metrics.database_error("apply")
                 await asyncio.sleep(self.apply_retry_s)
 
     async def _apply(self, batch: Sequence[Result]) -> None:
         try:
-            applied = await self.store.apply_results(batch)
+            applied = await bounded(self.store.apply_results(batch), self.db_deadline_s)
         except psycopg.DataError:
             # Should not happen (text is sanitised), but one bad value must not block the rest.
             applied = []
@@ -386,11 +404,13 @@ class Deliverer:
                 except psycopg.DataError:
                     logger.exception("result refused", extra={"record_id": result.record_id})
         self._account(batch, applied)
-        # Target bookkeeping after the results are stored, and outside their retry: if it
-        # fails, a pause or a disabled channel comes late, and the results are not re-applied.
+        # Pacing bookkeeping after the results are stored, and outside their retry: if it
+        # fails, a pause comes late, and the results are not re-applied. (A 410's channel
+        # disable is part of apply_results itself: it must not be lost that way.)
         try:
-            await self.store.disable_channels(batch)
-            paused = await self.store.record_target_results(batch, self.claim_policy)
+            paused = await bounded(
+                self.store.record_target_results(batch, self.claim_policy), self.db_deadline_s
+            )
         except psycopg.Error as exc:
             logger.warning("target bookkeeping failed: %s", _first_line(exc))
             return

@@ -1,15 +1,17 @@
-"""``/metrics``, ``/healthz`` and ``/readyz`` on a tiny HTTP/1.1 server over asyncio streams.
+"""``/metrics``, ``/healthz`` and ``/readyz`` on aiohttp's web server.
 
-- ``/metrics``: the registry in the Prometheus text format.
+- ``/metrics``: the registry through prometheus_client's own exposition: the Prometheus text
+  format, or OpenMetrics when the scraper's ``Accept`` asks for it; gzip when accepted.
 - ``/healthz``: liveness. 200 while every loop has beaten recently (`HeartbeatMonitor`), else
   503; restarting the process is the cure for a stale loop.
 - ``/readyz``: readiness. 200 while the database answers within a second, its schema is one
   this daemon can run on and the LISTEN connection is up (`readiness`), else 503.
 
 Both health answers are JSON: ``{"status": "ok" | "unavailable", ...details}``. Anything else
-is 404; a method other than GET or HEAD is 405. Each connection serves one request and is
-closed (``Connection: close``), which every scraper and probe handles; a client gets
-``request_timeout_s`` to send its request, so a stalled one cannot hold the server.
+is 404; a method other than GET or HEAD is 405. Connections are capped (``max_connections``)
+and an idle one is closed after ``request_timeout_s``, so a flood of idle or stalled clients
+cannot hold the server or starve the probes; resource exhaustion is logged at most once a
+minute.
 
 Usage::
 
@@ -27,21 +29,25 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
+import gzip
 import logging
+import math
+import resource
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import msgspec
 import psycopg
+from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations
+from outbox_notifier.dbhealth import DeadlineExceeded, bounded
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +55,6 @@ HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
 READINESS_TIMEOUT_S: Final = 1.0
-_JSON: Final = "application/json"
-_TEXT: Final = "text/plain; charset=utf-8"
-_MAX_HEADER_LINES: Final = 100
-_LINE_LIMIT: Final = 8192
-_REASONS: Final = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 
 
 class HeartbeatMonitor:
@@ -82,6 +76,10 @@ class HeartbeatMonitor:
 
     def beat(self, name: str) -> None:
         self._beats[name] = self._clock()
+
+    def sleeping(self, name: str, seconds: float) -> None:
+        """``name`` waits on purpose for ``seconds``: it counts as beating until it is due back."""
+        self._beats[name] = self._clock() + seconds
 
     def watch(self, name: str, last_progress: Callable[[], float]) -> None:
         """Takes ``name``'s last beat from ``last_progress()`` (same clock) at each check."""
@@ -118,17 +116,27 @@ async def readiness(
     pool: AsyncConnectionPool[AsyncConnection],
     listener_up: Callable[[], bool],
     expected_version: int,
+    *,
+    loop_problems: Callable[[], dict[str, str]] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Database reachable within a second, schema compatible with a daemon whose latest
-    migration is ``expected_version`` (`migrations.compatibility`), listener up.
+    migration is ``expected_version`` (`migrations.compatibility`), listener up, and no loop
+    whose last database call failed (``loop_problems``: a lock or a timeout that a bare round
+    trip would not notice).
 
     Every check is reported, failed or not, so one answer shows everything that is wrong.
     """
     checks: dict[str, str] = {}
+
+    async def probe() -> migrations.Compatibility:
+        async with pool.connection() as conn:
+            return await migrations.compatibility(conn, expected_version)
+
     try:
-        async with asyncio.timeout(READINESS_TIMEOUT_S), pool.connection() as conn:
-            verdict = await migrations.compatibility(conn, expected_version)
-    except TimeoutError:
+        # Abandoned, not awaited, past the deadline: in a network black hole psycopg's own
+        # cancellation takes up to 10 s, and a probe must answer in time.
+        verdict = await bounded(probe(), READINESS_TIMEOUT_S)
+    except DeadlineExceeded:
         checks["database"] = f"no answer within {READINESS_TIMEOUT_S:g}s"
         checks["schema"] = "unknown"
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
@@ -140,12 +148,25 @@ async def readiness(
     else:
         checks["database"] = "ok"
         checks["schema"] = "ok" if verdict.ok else verdict.reason
+    problems = loop_problems() if loop_problems is not None else {}
+    if problems:
+        seen = "; ".join(f"{loop}: {why}" for loop, why in problems.items())
+        database = checks["database"]
+        checks["database"] = seen if database == "ok" else f"{database}; {seen}"
     checks["listener"] = "ok" if listener_up() else "down"
     return all(value == "ok" for value in checks.values()), checks
 
 
 class HealthServer:
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` (see the module docstring)."""
+    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` (see the module docstring).
+
+    ``max_connections`` caps open connections: a new connection past it closes the oldest
+    one, so a flood of idle clients can neither exhaust the process's file descriptors nor
+    lock the probes out (refusing the newcomer would do the second); the cap in force is
+    also at most a quarter of ``RLIMIT_NOFILE``. ``request_timeout_s``
+    closes a connection that sends nothing (before or between requests); ``ready_timeout_s``
+    bounds a ``/readyz`` answer.
+    """
 
     def __init__(
         self,
@@ -157,6 +178,7 @@ class HealthServer:
         *,
         request_timeout_s: float = 5.0,
         ready_timeout_s: float = 5.0,
+        max_connections: int = 64,
     ) -> None:
         self.host = host
         self._port = port
@@ -165,9 +187,12 @@ class HealthServer:
         self.ready = ready
         self.request_timeout_s = request_timeout_s
         self.ready_timeout_s = ready_timeout_s
+        self.max_connections = max_connections
+        self.evicted = 0  # oldest connections closed to make room for a new one
+        self._evicted: set[web.RequestHandler] = set()  # closing, not yet gone
+        self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._closing = False
+        self._previous_handler: Any = None
 
     @property
     def port(self) -> int:
@@ -178,22 +203,69 @@ class HealthServer:
         return port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self._port, limit=_LINE_LIMIT
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        # keepalive_timeout runs from the moment a connection opens, so it is also the idle
+        # timeout for a client that connects and never sends a request.
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=self.request_timeout_s,
+            shutdown_timeout=1.0,
         )
+        await runner.setup()
+        assert runner.server is not None
+        web_server = runner.server
+
+        # asyncio accepts up to `backlog` sockets in one go before any protocol is made (and
+        # so before an eviction can free a descriptor): past the descriptor limit it stops
+        # accepting for a second, probes included. Open connections plus one accept batch
+        # therefore stay within half of RLIMIT_NOFILE, leaving the rest to the database pool.
+        soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        cap = max(4, min(self.max_connections, soft_limit // 4))
+
+        def protocol() -> asyncio.BaseProtocol:
+            connections = web_server.connections  # oldest first
+            self._evicted.intersection_update(connections)
+            if len(connections) >= cap:
+                victim = next((c for c in connections if c not in self._evicted), None)
+                if victim is not None:
+                    self._evicted.add(victim)
+                    victim.force_close()
+                    self.evicted += 1
+            return web_server()
+
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                protocol, self.host, self._port, reuse_address=True, backlog=cap
+            )
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        # Out of file descriptors, asyncio reports every failed accept() with a traceback:
+        # thousands of lines a minute. One line per interval says the same.
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(_RateLimitedLoopErrors(self._previous_handler))
         logger.info("serving /metrics, /healthz and /readyz on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
         if self._server is None:
             return
         self._server.close()
-        self._closing = True
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()  # closes open connections, then waits for them
         await self._server.wait_closed()
         self._server = None
-        self._closing = False
+        self._runner = None
+        loop = asyncio.get_running_loop()
+        if isinstance(loop.get_exception_handler(), _RateLimitedLoopErrors):
+            loop.set_exception_handler(self._previous_handler)
 
     async def __aenter__(self) -> HealthServer:
         await self.start()
@@ -202,107 +274,79 @@ class HealthServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        try:
-            await self._respond(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass  # the client went away or stalled; nothing to answer
-        except asyncio.CancelledError:
-            # Cancelled by close(): end quietly, since a connection task that ends cancelled
-            # makes asyncio's stream machinery log a spurious error on Python 3.11.
-            if not self._closing:
-                raise
-        finally:
-            if task is not None:
-                self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        # prometheus_client's own negotiation: OpenMetrics when the scraper asks for it.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(self.registry)
+        headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(body, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        ok, details = self.health()
+        return _health_answer(ok, details)
+
+    async def _readyz(self, request: web.Request) -> web.StreamResponse:
         try:
-            async with asyncio.timeout(self.request_timeout_s):
-                method, path = await _read_request(reader)
-        except ValueError as exc:  # malformed, or a line over the limit
-            await _write(writer, 400, _TEXT, f"bad request: {exc}\n".encode())
+            async with asyncio.timeout(self.ready_timeout_s):
+                ok, details = await self.ready()
+        except TimeoutError:
+            ok, details = False, {"error": f"no answer within {self.ready_timeout_s:g}s"}
+        return _health_answer(ok, details)
+
+    async def _not_found(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
+        return web.Response(status=404, text="not found: try /metrics, /healthz or /readyz\n")
+
+
+class _RateLimitedLoopErrors:
+    """An event-loop exception handler that lets through one report of resource exhaustion
+    (failed ``accept()``, ``EMFILE``) per ``interval_s``, as one line without a traceback, and
+    passes every other report to the previous handler."""
+
+    def __init__(self, previous: Any, interval_s: float = 60.0) -> None:
+        self.previous = previous
+        self.interval_s = interval_s
+        self.suppressed = 0
+        self._last = -math.inf
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        exhausted = isinstance(exc, OSError) and exc.errno in (
+            errno.EMFILE,
+            errno.ENFILE,
+            errno.ENOBUFS,
+            errno.ENOMEM,
+        )
+        if not exhausted:
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
             return
-        head = method == "HEAD"
-        if method not in ("GET", "HEAD"):
-            await _write(writer, 405, _TEXT, b"method not allowed\n", {"Allow": "GET, HEAD"})
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self.suppressed += 1
             return
-        try:
-            status, content_type, body = await self._route(path)
-        except Exception:
-            logger.exception("%s %s failed", method, path)
-            status, content_type, body = 500, _TEXT, b"internal error\n"
-        await _write(writer, status, content_type, body, head=head)
-
-    async def _route(self, path: str) -> tuple[int, str, bytes]:
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        if path == "/healthz":
-            ok, details = self.health()
-            return _health_answer(ok, details)
-        if path == "/readyz":
-            try:
-                async with asyncio.timeout(self.ready_timeout_s):
-                    ok, details = await self.ready()
-            except TimeoutError:
-                ok, details = False, {"error": f"no answer within {self.ready_timeout_s:g}s"}
-            return _health_answer(ok, details)
-        return 404, _TEXT, b"not found: try /metrics, /healthz or /readyz\n"
+        logger.error(
+            "out of resources: %s (%s); %d similar reports suppressed in the last %gs",
+            context.get("message", "error"), exc, self.suppressed, self.interval_s,
+        )  # fmt: skip
+        self._last = now
+        self.suppressed = 0
 
 
-def _health_answer(ok: bool, details: dict[str, Any]) -> tuple[int, str, bytes]:
+def _health_answer(ok: bool, details: dict[str, Any]) -> web.Response:
     body = msgspec.json.encode({"status": "ok" if ok else "unavailable", **details})
-    return (200 if ok else 503), _JSON, body + b"\n"
-
-
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
-    """The method and path of a request; its headers are read and ignored (no body is taken)."""
-    line = await reader.readline()
-    if not line:
-        raise asyncio.IncompleteReadError(b"", None)
-    parts = line.decode("latin-1").split()
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ValueError("expected 'METHOD /path HTTP/1.x'")
-    method, target, _ = parts
-    for _ in range(_MAX_HEADER_LINES):
-        header = await reader.readline()
-        if header in (b"\r\n", b"\n"):
-            break
-        if not header:
-            raise asyncio.IncompleteReadError(b"", None)
-    else:
-        raise ValueError("too many header lines")
-    # origin-form (/path?query) or absolute-form (http://host/path)
-    return method, urllib.parse.urlsplit(target).path or "/"
-
-
-async def _write(
-    writer: asyncio.StreamWriter,
-    status: int,
-    content_type: str,
-    body: bytes,
-    headers: dict[str, str] | None = None,
-    *,
-    head: bool = False,
-) -> None:
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-        *(f"{name}: {value}" for name, value in (headers or {}).items()),
-    ]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    if not head:
-        writer.write(body)
-    await writer.drain()
+    return web.Response(
+        status=200 if ok else 503,
+        body=body + b"\n",
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,21 +12,25 @@ Three kinds of source::
     metrics.track(listener_up=..., in_flight=...)  # process state, read at scrape time
     await metrics.snapshot(pool)                # database state, every few seconds
 
-The snapshot's gauges describe the whole database, not this replica: with several replicas,
-only the one running the maintenance loop refreshes them; ``snapshot_timestamp_seconds`` says
-when, so a dashboard takes the freshest replica's values.
+Database-wide gauges, decided once, here: the snapshot gauges (records, oldest ages, outbox
+backlog, paused targets) and ``database_failing`` describe the database, not this replica, and
+*every* replica exports them (every replica takes the snapshot: one cheap query on partial
+indexes, and no gap when a replica goes away). So queries must count each fact once per job,
+never sum across replicas or alert per instance: the backlog gauges are read from the replica
+with the freshest ``snapshot_timestamp_seconds`` (a replica whose snapshot fails keeps stale
+values), the others with ``max by (job)``. deploy/prometheus/alerts.yml and the Grafana
+dashboard do so, and a test checks it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -34,11 +38,13 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import __version__
+from outbox_notifier.dbhealth import bounded
 from outbox_notifier.events import REASON_CLASSES
+from outbox_notifier.providers import PROVIDER_NAMES
 from outbox_notifier.providers.base import ErrorCode, Outcome
 from outbox_notifier.relay import CHANNEL, RelayReport
 from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import Applied, Rescued, Result
+from outbox_notifier.store import Applied, Rescued, Result, StatementTimeouts, set_timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ OTHER: Final = "other"
 SNAPSHOT_STATUSES: Final = ("pending", "sending", "failed")
 #: Loop names for ``database_errors_total`` and ``claim_duration_seconds``.
 LOOPS: Final = ("relay", "delivery", "apply", "rescue", "listener", "maintenance")
+#: Loops whose database calls report to ``database_failing`` (see outbox_notifier.dbhealth).
+DATABASE_LOOPS: Final = ("startup", "relay", "delivery", "apply", "rescue")
 
 _OUTCOMES: Final = frozenset(str(o) for o in Outcome)
 _ERROR_CODES: Final = frozenset(str(c) for c in ErrorCode)
@@ -81,11 +89,18 @@ class Metrics:
     """
 
     def __init__(
-        self, registry: CollectorRegistry, *, channels: Sequence[str] = (CHANNEL,)
+        self,
+        registry: CollectorRegistry,
+        *,
+        channels: Sequence[str] = (CHANNEL,),
+        providers: Sequence[str] = PROVIDER_NAMES,
     ) -> None:
         self.registry = registry
         self.channels: tuple[str, ...] = tuple(channels) or (CHANNEL,)
         self._channel_set = frozenset(self.channels)
+        # The provider label is bounded by this set; anything else is exported as "other".
+        self.providers: tuple[str, ...] = tuple(providers)
+        self._provider_set = frozenset(self.providers)
         ns = NAMESPACE
         r = registry
 
@@ -109,12 +124,12 @@ class Metrics:
 
         # -- delivery ------------------------------------------------------------------------
         self.delivery_attempts = Counter(
-            "delivery_attempts_total", "Provider calls, by outcome.",
-            ["channel", "outcome"], namespace=ns, registry=r,
+            "delivery_attempts_total", "Provider calls, by provider and outcome.",
+            ["channel", "provider", "outcome"], namespace=ns, registry=r,
         )  # fmt: skip
         self.provider_errors = Counter(
             "provider_errors_total", "Provider calls that did not succeed, by error code.",
-            ["channel", "error_code"], namespace=ns, registry=r,
+            ["channel", "provider", "error_code"], namespace=ns, registry=r,
         )  # fmt: skip
         self.records_dead = Counter(
             "records_dead_total", "Records that became dead (no more automatic attempts).",
@@ -131,11 +146,11 @@ class Metrics:
         )  # fmt: skip
         self.provider_call_duration = Histogram(
             "provider_call_duration_seconds", "Duration of one provider call.",
-            ["channel"], namespace=ns, registry=r, buckets=PROVIDER_CALL_BUCKETS_S,
+            ["channel", "provider"], namespace=ns, registry=r, buckets=PROVIDER_CALL_BUCKETS_S,
         )  # fmt: skip
         self.end_to_end_latency = Histogram(
             "end_to_end_latency_seconds", "From the outbox row's commit to the record being sent.",
-            ["channel"], namespace=ns, registry=r, buckets=END_TO_END_BUCKETS_S,
+            ["channel", "provider"], namespace=ns, registry=r, buckets=END_TO_END_BUCKETS_S,
         )  # fmt: skip
 
         # -- loops ---------------------------------------------------------------------------
@@ -145,6 +160,11 @@ class Metrics:
         )  # fmt: skip
         self.database_errors = Counter(
             "database_errors_total", "Database operations that failed, by loop.",
+            ["loop"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.database_failing = Gauge(
+            "database_failing",
+            "1 while the loop's last database call failed (locked, slow or absent database).",
             ["loop"], namespace=ns, registry=r,
         )  # fmt: skip
         self.listener_reconnects = Counter(
@@ -194,14 +214,15 @@ class Metrics:
 
     def _zero_initialise(self) -> None:
         for channel in self.channels:
-            for outcome in sorted(_OUTCOMES):
-                self.delivery_attempts.labels(channel, outcome)
-            for code in sorted(_ERROR_CODES):
-                self.provider_errors.labels(channel, code)
+            for provider in self.providers:
+                for outcome in sorted(_OUTCOMES):
+                    self.delivery_attempts.labels(channel, provider, outcome)
+                for code in sorted(_ERROR_CODES):
+                    self.provider_errors.labels(channel, provider, code)
+                self.provider_call_duration.labels(channel, provider)
+                self.end_to_end_latency.labels(channel, provider)
             self.records_dead.labels(channel)
             self.leases_expired.labels(channel)
-            self.provider_call_duration.labels(channel)
-            self.end_to_end_latency.labels(channel)
             for status in SNAPSHOT_STATUSES:
                 self.records.labels(channel, status).set(0)
             self.oldest_due_record_age.labels(channel).set(0)
@@ -209,6 +230,8 @@ class Metrics:
             self.outbox_rejected.labels(reason_class)
         for loop in LOOPS:
             self.database_errors.labels(loop)
+        for loop in DATABASE_LOOPS:
+            self.database_failing.labels(loop).set(0)
         for loop in ("relay", "delivery", "rescue"):
             self.claim_duration.labels(loop)
 
@@ -230,23 +253,31 @@ class Metrics:
         in ``late_results_total``.
         """
         applied_ids = {row.id for row in applied}
+        provider_of: dict[int, str] = {}
         for result in results:
             channel = _bounded(result.channel, self._channel_set)
+            provider = provider_of[result.record_id] = _bounded(result.provider, self._provider_set)
             if result.record_id not in applied_ids:
                 self.late_results.inc()
-            self.delivery_attempts.labels(channel, _bounded(result.outcome, _OUTCOMES)).inc()
+            outcome = _bounded(result.outcome, _OUTCOMES)
+            self.delivery_attempts.labels(channel, provider, outcome).inc()
             if result.error_code is not None:
                 code = _bounded(result.error_code, _ERROR_CODES)
-                self.provider_errors.labels(channel, code).inc()
+                self.provider_errors.labels(channel, provider, code).inc()
             # A result with no request and no time spent never reached a provider (a missing
             # recipient, a refused URL): it has no call duration to report.
             if result.request_json is not None or result.duration_ms > 0:
-                self.provider_call_duration.labels(channel).observe(result.duration_ms / 1000.0)
+                self.provider_call_duration.labels(channel, provider).observe(
+                    result.duration_ms / 1000.0
+                )
         for row in applied:
             if row.status == "dead":
                 self.records_dead.labels(row.channel).inc()
             elif row.status == "sent" and row.latency_s is not None:
-                self.end_to_end_latency.labels(row.channel).observe(max(row.latency_s, 0.0))
+                provider = provider_of.get(row.id, OTHER)
+                self.end_to_end_latency.labels(row.channel, provider).observe(
+                    max(row.latency_s, 0.0)
+                )
 
     def observe_rescued(self, rows: Sequence[Rescued]) -> None:
         """Records taken back from expired leases by one rescue pass."""
@@ -268,6 +299,9 @@ class Metrics:
 
     def database_error(self, loop: str) -> None:
         self.database_errors.labels(loop).inc()
+
+    def database_failing_changed(self, loop: str, failing: bool) -> None:
+        self.database_failing.labels(loop).set(1 if failing else 0)
 
     def listener_reconnected(self) -> None:
         self.listener_reconnects.inc()
@@ -294,14 +328,16 @@ class Metrics:
                 gauge.set_function(_safe(read))
 
     async def snapshot(
-        self, pool: AsyncConnectionPool[AsyncConnection], *, timeout_s: float = 5.0
+        self,
+        pool: AsyncConnectionPool[AsyncConnection],
+        *,
+        timeout_s: float = 5.0,
+        timeouts: StatementTimeouts | None = None,
     ) -> bool:
         """Sets the database gauges from one query; False (and counted) if the query failed."""
         try:
-            async with asyncio.timeout(timeout_s), pool.connection() as conn:
-                cur = await conn.execute(query("metrics_snapshot"))
-                rows = await cur.fetchall()
-        except (psycopg.Error, TimeoutError) as exc:
+            rows = await bounded(_read_snapshot(pool, timeouts), timeout_s)
+        except psycopg.Error as exc:
             self.database_error("maintenance")
             logger.warning("metrics snapshot failed: %s", _first_line(exc))
             return False
@@ -333,6 +369,16 @@ class Metrics:
         self.outbox_pending.set(outbox_pending)
         self.outbox_oldest_pending_age.set(outbox_age)
         self.snapshot_timestamp.set(time.time())
+
+
+async def _read_snapshot(
+    pool: AsyncConnectionPool[AsyncConnection], timeouts: StatementTimeouts | None
+) -> list[Any]:
+    async with pool.connection() as conn, conn.transaction():
+        if timeouts is not None:
+            await set_timeouts(conn, timeouts)
+        cur = await conn.execute(query("metrics_snapshot"))
+        return await cur.fetchall()
 
 
 def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:

@@ -143,8 +143,9 @@ class Relay:
                     fallback_text=fallback,
                     fallback_used=fallback_used,
                     trace_id=event.trace_id,
-                    # End-to-end latency starts when the producer committed the outbox row.
-                    requested_at=row.created_at,
+                    requested_at=event.requested_at,
+                    # End-to-end latency starts when the producer wrote the outbox row.
+                    outbox_created_at=row.created_at,
                 )
             )
         return _Sorted(records, rejected, classes)

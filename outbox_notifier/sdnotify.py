@@ -87,6 +87,14 @@ class SystemdNotifier:
         """One watchdog ping: the daemon is alive and making progress."""
         return self.notify("WATCHDOG=1")
 
+    def extend_timeout(self, seconds: float, status: str | None = None) -> bool:
+        """Asks for ``seconds`` more before systemd's start (or stop) timeout fires
+        (``EXTEND_TIMEOUT_USEC``): sent at every try while start-up waits for the database,
+        so a long outage neither fails the start nor, through restarts, hits the start limit,
+        while a start-up that stops trying still times out."""
+        usec = max(1, round(seconds * 1_000_000))
+        return self.notify(f"EXTEND_TIMEOUT_USEC={usec}", *_status_line(status))
+
     def status(self, text: str) -> bool:
         """Free-form one-line status, shown by ``systemctl status``."""
         return self.notify(*_status_line(text))

@@ -51,6 +51,7 @@ _SECRET_WORDS = ("secret", "token", "password")
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class SettingsError(Exception):
@@ -157,6 +158,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # to honour HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment instead.
     http_proxy: str = ""
     http_proxy_from_env: bool = False
+    # -- database stalls and start-up ------------------------------------------------------
+    # Server-side bounds on every daemon statement, set per transaction (set_config(..., true))
+    # so they also hold behind a transaction-mode pooler, which drops startup options.
+    lock_timeout_s: Positive = 5.0
+    statement_timeout_s: Positive = 30.0
+    # Client-side bounds for when packets stop arriving (server timeouts cannot help then):
+    # libpq's TCP_USER_TIMEOUT and keepalives, and a deadline around each loop's database
+    # work, after which the call is abandoned and its connection discarded by the pool.
+    tcp_user_timeout_s: Positive = 10.0
+    keepalives_idle_s: AtLeastOne = 10
+    keepalives_interval_s: AtLeastOne = 5
+    keepalives_count: AtLeastOne = 3
+    # Must be below health_stale_s: a loop waiting on a bounded call is alive (checked).
+    db_deadline_s: Positive = 35.0
+    # How long `run` waits for the database at start; 0 waits for ever.
+    startup_timeout_s: NonNegativeFloat = 0.0
 
     def __post_init__(self) -> None:
         # msgspec checks Meta constraints only when decoding or converting; check them here
@@ -200,6 +217,13 @@ def _check_values(s: Settings) -> None:
             "must be greater than http_timeout_s (a lease must outlive the call it guards), "
             f"got {s.lease_s} while http_timeout_s = {s.http_timeout_s}",
             related="http_timeout_s",
+        )
+    if s.health_stale_s <= s.db_deadline_s:
+        raise _invalid(
+            "health_stale_s",
+            "must be greater than db_deadline_s (a loop waiting on a bounded database call is "
+            f"alive), got {s.health_stale_s} while db_deadline_s = {s.db_deadline_s}",
+            related="db_deadline_s",
         )
     if s.retry_max_s < s.retry_base_s:
         raise _invalid(
@@ -497,7 +521,9 @@ def masked(settings: Settings) -> dict[str, object]:
     out: dict[str, object] = {}
     for name in setting_names():
         value = getattr(settings, name)
-        if name in _SECRET_FIELDS:
+        if name == "listen_dsn":
+            value = mask_dsn(settings.effective_listen_dsn)  # what LISTEN will use
+        elif name in _SECRET_FIELDS:
             value = mask_dsn(value)
         elif name == "http_proxy" and value:
             value = _mask_url_dsn(value)  # a proxy URL may carry user:password

@@ -28,6 +28,17 @@ def _json(value: object) -> str:
     return _encoder.encode(value).decode()
 
 
+async def set_timeouts(conn: AsyncConnection, timeouts: StatementTimeouts) -> None:
+    """Sets ``lock_timeout`` and ``statement_timeout`` for the current transaction only."""
+    await conn.execute(
+        query("set_timeouts"),
+        {
+            "lock_timeout": f"{max(1, round(timeouts.lock_s * 1000))}ms",
+            "statement_timeout": f"{max(1, round(timeouts.statement_s * 1000))}ms",
+        },
+    )
+
+
 class OutboxRow(msgspec.Struct, frozen=True):
     id: int
     event_type: str
@@ -52,7 +63,8 @@ class NewRecord(msgspec.Struct, frozen=True, kw_only=True):
     fallback_text: str
     fallback_used: bool
     trace_id: str
-    requested_at: datetime
+    requested_at: datetime  # the producer's, from the payload
+    outbox_created_at: datetime  # when the outbox row was written: latency starts here
 
 
 class ClaimedRecord(msgspec.Struct, frozen=True):
@@ -111,6 +123,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     trace_id: str = ""
     dedupe_key: str = ""
     disable_channel: bool = False
+    provider: str = ""  # the provider that made the call (a metric label)
     status: str
     outcome: str
     error_code: str | None
@@ -139,20 +152,50 @@ class Rescued(msgspec.Struct, frozen=True):
     status: str
 
 
+class StatementTimeouts(msgspec.Struct, frozen=True, kw_only=True):
+    """Server-side bounds for the daemon's statements (Postgres ``lock_timeout`` and
+    ``statement_timeout``), so a lock held elsewhere costs a loop seconds, not its liveness."""
+
+    lock_s: float
+    statement_s: float
+
+
 class RecordStore:
     """Batch statements over a connection pool whose connections are in autocommit mode.
 
-    A single statement is its own transaction; the relay, which must claim and write in one
-    transaction, runs inside ``transaction()``.
+    Every statement runs in a short transaction of its own that first sets the
+    ``timeouts`` with ``set_config(..., true)``: transaction-local, so they hold behind a
+    transaction-mode pooler (which drops startup options and hands each transaction any
+    server connection) and never leak to another client. The relay, which must claim and
+    write in one transaction, runs inside ``transaction()``.
     """
 
-    def __init__(self, pool: AsyncConnectionPool[AsyncConnection]) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection],
+        *,
+        timeouts: StatementTimeouts | None = None,
+    ) -> None:
         self.pool = pool
+        self.timeouts = timeouts
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self.pool.connection() as conn, conn.transaction():
+            if self.timeouts is not None:
+                await set_timeouts(conn, self.timeouts)
             yield conn
+
+    @asynccontextmanager
+    async def _statement(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for one statement: bounded in a transaction of its own when there are
+        timeouts, else a bare autocommit statement (one round trip)."""
+        if self.timeouts is not None:
+            async with self.transaction() as conn:
+                yield conn
+        else:
+            async with self.pool.connection() as conn:
+                yield conn
 
     # -- relay -----------------------------------------------------------------------------
 
@@ -193,13 +236,13 @@ class RecordStore:
             "breaker_failures": policy.breaker_failures,
             "cooloff_s": policy.cooloff_s,
         }
-        async with self.pool.connection() as conn:
+        async with self._statement() as conn:
             cur = await conn.execute(query("claim_records"), params)
             return [ClaimedRecord(*row) for row in await cur.fetchall()]
 
     async def seconds_until_next_due(self) -> float | None:
         """When the earliest deferred or failed record becomes due (None: nothing waits)."""
-        async with self.pool.connection() as conn:
+        async with self._statement() as conn:
             row = await (await conn.execute(query("next_due"))).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
@@ -228,26 +271,13 @@ class RecordStore:
             "breaker_failures": policy.breaker_failures,
             "cooloff_s": policy.cooloff_s,
         }
-        async with self.pool.connection() as conn:
+        async with self._statement() as conn:
             cur = await conn.execute(query("record_target_results"), params)
             return [row[0] for row in await cur.fetchall() if row[0] is not None]
 
-    async def disable_channels(self, results: Sequence[Result]) -> None:
-        """Switches off the channels whose target answered that it is gone for good."""
-        gone = [r for r in results if r.disable_channel]
-        if not gone:
-            return
-        params = {
-            "user_ids": [r.user_id for r in gone],
-            "channels": [r.channel for r in gone],
-            "reasons": [r.error or "target gone" for r in gone],
-        }
-        async with self.pool.connection() as conn:
-            await conn.execute(query("disable_channels"), params)
-
     async def apply_results(self, results: Sequence[Result]) -> list[Applied]:
         params = {"results": _json(results), "host_now": datetime.now(UTC)}
-        async with self.pool.connection() as conn:
+        async with self._statement() as conn:
             cur = await conn.execute(query("apply_results"), params)
             return [
                 Applied(row[0], row[1], row[2], None if row[3] is None else float(row[3]))
@@ -255,12 +285,12 @@ class RecordStore:
             ]
 
     async def rescue_expired_leases(self, limit: int, delays_s: Sequence[float]) -> list[Rescued]:
-        async with self.pool.connection() as conn:
+        async with self._statement() as conn:
             cur = await conn.execute(
                 query("rescue_expired_leases"), {"limit": limit, "delays_s": list(delays_s)}
             )
             return [Rescued(*row) for row in await cur.fetchall()]
 
     async def schema_compatibility(self) -> migrations.Compatibility:
-        async with self.pool.connection() as conn:
+        async with self._statement() as conn:
             return await migrations.compatibility(conn)

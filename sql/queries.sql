@@ -31,17 +31,17 @@ WITH input AS (
         outbox_id bigint, user_id bigint, trigger_id text, preview_id text, trigger_type text,
         target_type text, target_id bigint, dedupe_key text, target_url text,
         summary_text text, fallback_text text, fallback_used boolean, trace_id text,
-        requested_at timestamptz
+        requested_at timestamptz, outbox_created_at timestamptz
     )
 ), inserted AS (
     INSERT INTO outbox_notifier.notification_records (
         channel, user_id, trigger_id, preview_id, trigger_type, target_type, target_id,
         dedupe_key, target_url, summary_text, fallback_text, fallback_used, trace_id,
-        requested_at, outbox_id, max_attempts
+        requested_at, outbox_created_at, outbox_id, max_attempts
     )
     SELECT %(channel)s, user_id, trigger_id, preview_id, trigger_type, target_type, target_id,
            dedupe_key, target_url, summary_text, fallback_text, fallback_used, trace_id,
-           requested_at, outbox_id, %(max_attempts)s
+           requested_at, outbox_created_at, outbox_id, %(max_attempts)s
     FROM input
     ORDER BY outbox_id
     ON CONFLICT (channel, dedupe_key) DO NOTHING
@@ -82,26 +82,26 @@ SELECT * FROM outbox_notifier.record_target_results_v1(
     %(codes)s::text[], %(breaker_failures)s, %(cooloff_s)s
 );
 
--- name: disable_channels
--- A target answered 410 Gone: the user's channel is switched off, with the reason kept.
-UPDATE outbox_notifier.notification_channels ch
-SET enabled = false, disabled_reason = u.reason, updated_at = now()
-FROM unnest(%(user_ids)s::bigint[], %(channels)s::text[], %(reasons)s::text[])
-     AS u(user_id, channel, reason)
-WHERE ch.user_id = u.user_id AND ch.channel = u.channel;
-
 -- name: apply_results
 -- Applies provider results, each only while the record still holds the worker's fencing token,
 -- and logs every call in delivery_attempts (applied = false for a late result that lost its
--- lease). next_retry_at is computed on the database clock. Returns the records updated.
+-- lease). next_retry_at is computed on the database clock. A target that answered 410 Gone has
+-- its user's channel switched off (reason kept) in this same statement, so the record's result
+-- and the disable commit together or are retried together. Returns the records updated.
 WITH input AS (
     SELECT *
     FROM jsonb_to_recordset(%(results)s::jsonb) AS t(
         record_id bigint, lease_token bigint, attempt integer, status text, outcome text,
         error_code text, error text, delay_s float8, provider_message_id text,
         request_json text, response_json text, http_status integer, started_at timestamptz,
-        duration_ms float8
+        duration_ms float8, user_id bigint, channel text, disable_channel boolean
     )
+), disabled AS (
+    UPDATE outbox_notifier.notification_channels ch
+    SET enabled = false, disabled_reason = coalesce(input.error, 'target gone'),
+        updated_at = now()
+    FROM input
+    WHERE input.disable_channel AND ch.user_id = input.user_id AND ch.channel = input.channel
 ), applied AS (
     UPDATE outbox_notifier.notification_records r
     SET status = input.status,
@@ -118,7 +118,9 @@ WITH input AS (
         updated_at = now()
     FROM input
     WHERE r.id = input.record_id AND r.status = 'sending' AND r.lease_token = input.lease_token
-    RETURNING r.id, r.channel, r.status, extract(epoch FROM now() - r.requested_at) AS latency_s
+    RETURNING r.id, r.channel, r.status,
+              extract(epoch FROM now() - coalesce(r.outbox_created_at, r.requested_at))
+              AS latency_s
 ), logged AS (
     INSERT INTO outbox_notifier.delivery_attempts (
         record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code,
@@ -178,3 +180,13 @@ SELECT id, channel, status FROM rescued;
 SELECT m.version, m.name, to_jsonb(m) ->> 'kind', m.applied_at
 FROM outbox_notifier.schema_migrations m
 ORDER BY m.version;
+
+-- name: set_timeouts
+-- Bounds the current transaction's lock waits and statements (transaction-local: safe behind a
+-- transaction-mode pooler, and gone at commit).
+SELECT set_config('lock_timeout', %(lock_timeout)s, true),
+       set_config('statement_timeout', %(statement_timeout)s, true);
+
+-- name: ping
+-- The cheapest round trip: is the database there at all (start-up waits on it)?
+SELECT 1;

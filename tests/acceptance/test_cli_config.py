@@ -141,3 +141,13 @@ def test_usage_error_exits_2() -> None:
     result = cli("check-config", "--log-format", "xml")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_check_config_shows_listen_dsn_defaulting_to_dsn() -> None:
+    result = cli(
+        "check-config", OUTBOX_NOTIFIER_DSN="postgresql://app:hunter2@db.internal:5432/app"
+    )
+    assert result.returncode == 0, result.stderr
+    assert 'listen_dsn = "postgresql://app:***@db.internal:5432/app"' in result.stdout
+    own = cli("check-config", "--dsn", "host=a", OUTBOX_NOTIFIER_LISTEN_DSN="host=b")
+    assert 'listen_dsn = "host=b"' in own.stdout

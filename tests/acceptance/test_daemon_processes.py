@@ -160,6 +160,8 @@ def test_sigterm_past_the_deadline_still_exits_0_and_leaves_leases(
     assert code == 0, out
     assert elapsed < 5
     assert _count(conn, "WHERE status = 'sending' AND lease_expires_at > now()") == 1
+    # The warning counts the abandoned call (it used to count after cancelling: 0).
+    assert "shutdown deadline passed with 1 calls in flight" in out
 
 
 def test_run_refuses_an_unmigrated_database(empty_db: str) -> None:
@@ -220,3 +222,48 @@ def test_two_replicas_pace_one_bot_to_five_requests_per_second(
     assert peak <= 5
     assert server.count("/open-apis/bot/v2/hook/") == 300
     assert _count(conn, "WHERE attempt_count <> 1") == 0
+
+
+def test_busy_http_listen_port_is_one_line_naming_the_setting_and_exit_2(db: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_daemon(db, "--set", f"http_listen=127.0.0.1:{port}")
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    [line] = [text for text in out.splitlines() if "http_listen" in text]
+    assert f"127.0.0.1:{port}" in line
+    assert "in use" in line
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 0.6, 1.0])
+def test_sigterm_in_the_first_moments_of_start_up_exits_0(db: str, delay_s: float) -> None:
+    proc = start_daemon(db)
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+
+
+@pytest.mark.timeout(60)
+def test_waiting_for_an_absent_database_then_sigterm_exits_0() -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = start_daemon(f"postgresql://postgres@127.0.0.1:{port}/none", "--set", "log_level=INFO")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not any("waiting for database (try 2" in line for line in lines):
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    assert proc.poll() is None  # still waiting, not exited
+    started = time.monotonic()
+    code, out = stop(proc)
+    assert code == 0, "".join(lines) + out
+    assert time.monotonic() - started < 5
+    assert "Connection refused" in "".join(lines)
+    assert "Traceback" not in "".join(lines) + out

@@ -160,3 +160,34 @@ def test_daemons_behind_pgbouncer_in_transaction_mode_complete_the_workload(
     db_errors = [line for line in logs.splitlines() if "prepared statement" in line]
     assert not db_errors, "\n".join(db_errors[:10])
     assert "Traceback" not in logs, logs[-5000:]
+
+
+@pytest.mark.timeout(60)
+def test_lock_timeout_holds_behind_pgbouncer(db: str, pgbouncer: str) -> None:
+    """lock_timeout is set per transaction, so the pooler (which drops startup options and
+    hands each transaction any server connection) cannot lose it: a lock on the outbox costs
+    the relay lock_timeout_s, and /readyz says so."""
+    with (
+        Fleet(
+            pgbouncer, 1,
+            f"listen_dsn={db}", "prepared_statements=false", "lock_timeout_s=0.3",
+            "health_stale_s=6", "db_deadline_s=4", "statement_timeout_s=2",
+            env=env_without_settings(),
+        ) as fleet,
+        psycopg.connect(db) as blocker,
+    ):  # fmt: skip
+        fleet.wait_ready()
+        [replica] = fleet.replicas
+        blocker.execute("LOCK TABLE outbox_notifier.outbox IN ACCESS EXCLUSIVE MODE")
+
+        def says_locked() -> bool:
+            code, body = replica.get("/readyz", timeout_s=3.0)
+            return code == 503 and "relay: LockNotAvailable" in body
+
+        # Without the timeout the relay would wait on the lock and /readyz would stay 200
+        # until db_deadline_s abandons the call, with a DeadlineExceeded, not a lock error.
+        wait_until(says_locked, 3.0, "/readyz to report the lock timeout")
+        assert replica.get("/healthz")[0] == 200
+        blocker.rollback()
+        wait_until(lambda: replica.get("/readyz")[0] == 200, 10, "ready again")
+        assert fleet.stop() == [0]

@@ -12,9 +12,11 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.types.json import Jsonb
 
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.delivery import dedupe_key_hash
+from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.logs import JsonFormatter
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import FLOW_PREFIX, add_channel, enqueue, eventually, payload, running
@@ -81,35 +83,74 @@ async def test_metrics_after_a_known_workload(
     assert value(m, p + "outbox_rejected_total", reason_class="unknown_type") == 1
     assert value(m, p + "dedupe_hits_total") == 1
     assert value(m, p + "fallback_used_total") == 1
-    assert value(m, p + "delivery_attempts_total", channel="feishu", outcome="success") == 3
-    assert value(m, p + "delivery_attempts_total", channel="feishu", outcome="skipped") == 1
-    assert value(m, p + "delivery_attempts_total", channel="feishu", outcome="temporary_fail") == 1
-    assert value(m, p + "provider_errors_total", channel="feishu", error_code="provider_5xx") == 1
+    flow = {"channel": "feishu", "provider": "feishu_flow"}
+    assert value(m, p + "delivery_attempts_total", **flow, outcome="success") == 3
+    assert value(m, p + "delivery_attempts_total", **flow, outcome="skipped") == 1
+    assert value(m, p + "delivery_attempts_total", **flow, outcome="temporary_fail") == 1
+    assert value(m, p + "provider_errors_total", **flow, error_code="provider_5xx") == 1
     assert value(m, p + "records_dead_total", channel="feishu") == 0
-    assert value(m, p + "end_to_end_latency_seconds_count", channel="feishu") == 3
+    assert value(m, p + "end_to_end_latency_seconds_count", **flow) == 3
     assert value(m, p + "late_results_total") == 0
     # Labels stay bounded: no user ids, URLs or dedupe keys anywhere.
     labels = {v for (_, pairs) in m for _, v in pairs}
     assert not any("flow/api" in v or v in {"a", "b", "c"} for v in labels)
 
 
-async def test_healthz_fails_when_a_loop_is_wedged_and_recovers(
-    db: str, conn: psycopg.Connection[Any]
+async def test_a_locked_outbox_is_not_a_liveness_failure(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
 ) -> None:
-    daemon = Daemon(base_settings(db, health_stale_s=1.0, poll_interval_s=0.2))
+    """An ACCESS EXCLUSIVE lock on the outbox held past health_stale_s: /healthz stays 200,
+    /readyz says the relay is locked out, records already relayed keep being delivered, and
+    the outbox backlog drains once the lock goes."""
+    add_channel(conn, 1, server.flow_url("ok"))
+    stale_s = 3.0
+    daemon = Daemon(
+        base_settings(
+            db, health_stale_s=stale_s, db_deadline_s=2.0, lock_timeout_s=0.3,
+            statement_timeout_s=1.5, poll_interval_s=0.2,
+        )
+    )  # fmt: skip
     async with running(daemon):
         await eventually(lambda: daemon.listener_up, what="listener up")
-        assert (await scrape(daemon, "/healthz")).status_code == 200
         assert (await scrape(daemon, "/readyz")).status_code == 200
-        # Wedge the relay: its claim blocks behind an exclusive lock on the outbox.
         with psycopg.connect(db) as blocker:
             blocker.execute("LOCK TABLE outbox_notifier.outbox IN ACCESS EXCLUSIVE MODE")
-            await asyncio.sleep(2.0)
-            wedged = await scrape(daemon, "/healthz")
-            assert wedged.status_code == 503
-            assert wedged.json()["loops"]["relay"]["ok"] is False
-            blocker.rollback()
-        await eventually(lambda: _status(daemon, "/healthz", 200), what="healthy again")
+            for n in range(5):  # the backlog: visible to the relay once the lock goes
+                blocker.execute(
+                    "SELECT outbox_notifier.enqueue(%s, %s)",
+                    (EVENT_TYPE, Jsonb(payload(f"backlog-{n}"))),
+                )
+            # A record relayed before the lock (no outbox row needed to deliver it).
+            conn.execute(
+                "INSERT INTO outbox_notifier.notification_records"
+                " (channel, user_id, preview_id, dedupe_key, target_url, trace_id)"
+                " VALUES ('feishu', 1, 'p', 'relayed-before', '/x', 't')"
+            )
+            locked_at = asyncio.get_running_loop().time()
+            while asyncio.get_running_loop().time() - locked_at < 2 * stale_s:
+                health = await scrape(daemon, "/healthz")
+                assert health.status_code == 200, health.text
+                await asyncio.sleep(0.2)
+            ready = await scrape(daemon, "/readyz")
+            assert ready.status_code == 503
+            assert "relay: LockNotAvailable" in ready.json()["database"]
+            failing = samples((await scrape(daemon, "/metrics")).text)
+            assert value(failing, "outbox_notifier_database_failing", loop="relay") == 1
+            assert _record_status(conn, "relayed-before") == "sent"
+            blocker.commit()
+        await eventually(
+            lambda: all(_record_status(conn, f"backlog-{n}") == "sent" for n in range(5)),
+            what="backlog drained",
+        )
+        await eventually(lambda: _status(daemon, "/readyz", 200), what="ready again")
+
+
+def _record_status(conn: psycopg.Connection[Any], dedupe_key: str) -> str | None:
+    row = conn.execute(
+        "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
+        (dedupe_key,),
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 async def _status(daemon: Daemon, path: str, expected: int) -> bool:
@@ -180,3 +221,30 @@ async def test_log_lines_carry_ids_and_never_secrets(
     assert failed[0]["dedupe_key_hash"] == dedupe_key_hash("log-me")
     assert "log-me" not in failed[0]["dedupe_key_hash"]
     assert any(e.get("msg") == "outbox row relayed" for e in events)
+
+
+async def test_relay_keeps_going_while_record_rows_are_locked(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    """Hot notification_records rows row-locked by someone else (an operator's transaction, a
+    slow replica): new outbox rows are still relayed into new records."""
+    add_channel(conn, 1, server.flow_url("ok"))
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url, trace_id, status)"
+        " VALUES ('feishu', 1, 'p', 'hot', '/x', 't', 'sent')"
+    )
+    daemon = Daemon(base_settings(db, lock_timeout_s=0.3, poll_interval_s=0.2))
+    async with running(daemon):
+        await eventually(lambda: daemon.listener_up, what="listener up")
+        with psycopg.connect(db) as locker:
+            locker.execute("SELECT * FROM outbox_notifier.notification_records FOR UPDATE")
+            enqueue(conn, payload("hot"))  # a dedupe hit on the locked row
+            enqueue(conn, payload("fresh"))
+            await eventually(lambda: _record_status(conn, "fresh") == "sent", what="relayed")
+            outbox = conn.execute(
+                "SELECT count(*) FROM outbox_notifier.outbox WHERE status = 'relayed'"
+            ).fetchone()
+            assert outbox == (2,)
+            locker.rollback()
+        assert (await scrape(daemon, "/healthz")).status_code == 200

@@ -46,7 +46,12 @@ KUBERNETES_VERSION = "1.30.0"
 # Labels Prometheus attaches to every scraped series, not exported by the daemon itself.
 TARGET_LABELS = frozenset({"job", "instance"})
 # Grafana's variables, as Prometheus would see them after substitution.
-GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$instance": ".*"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "5m",
+    "$__range": "1h",
+    "$instance": ".*",
+    "$job": "outbox-notifier",
+}
 
 
 def tool(name: str, package: str) -> str:
@@ -245,6 +250,7 @@ def test_every_kind_is_there_and_kustomization_lists_the_applied_ones() -> None:
         "ConfigMap",
         "Deployment",
         "Job",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "PrometheusRule",
         "Secret",
@@ -520,3 +526,65 @@ def test_dashboard_is_templated() -> None:
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_only_the_prometheus_namespace_may_reach_the_metrics_port() -> None:
+    policy = by_kind()["NetworkPolicy"]["spec"]
+    pod_labels = by_kind()["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    [source] = rule["from"]
+    assert set(source) == {"namespaceSelector"}  # no podSelector-only or ipBlock opening
+    assert source["namespaceSelector"]["matchLabels"]
+    container = pod_spec("Deployment")["containers"][0]
+    [port] = container["ports"]
+    assert [p["port"] for p in rule["ports"]] == [port["name"]]
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown text."""
+    found = set()
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            found.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return found
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = _anchors(runbook)
+    rules = alert_rules()
+    for rule in rules:
+        url = rule["annotations"].get("runbook_url", "")
+        page, _, anchor = url.partition("#")
+        assert page.endswith("docs/runbook.md"), rule["alert"]
+        assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in docs/runbook.md"
+    # One section per alert, and no section for an alert that is gone.
+    sections = {line[3:].strip() for line in runbook.splitlines() if line.startswith("## ")}
+    assert sections == {rule["alert"] for rule in rules}
+
+
+def test_database_wide_gauges_count_once_per_job() -> None:
+    """Every replica exports the database-wide gauges: rules and panels must not sum them
+    across replicas, nor alert once per replica."""
+    database_wide = (
+        "paused_targets", "database_failing", "outbox_pending", "records{",
+        "oldest_due_record_age_seconds", "outbox_oldest_pending_age_seconds",
+    )  # fmt: skip
+    for expr in all_expressions():
+        for gauge in database_wide:
+            name = "outbox_notifier_" + gauge
+            if name not in expr:
+                continue
+            assert not re.findall(r"\bsum\b[^()]*\(\s*" + re.escape(name), expr), expr
+            assert re.findall(r"\b(max|topk)\b", expr), expr
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert not variables["job"]["multi"] and not variables["job"]["includeAll"]
+    for expr in dashboard_expressions():
+        if "outbox_notifier_" in expr and not expr.startswith(
+            "label_values(outbox_notifier_build_info, job)"
+        ):
+            assert 'job="$job"' in expr, expr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -242,7 +243,7 @@ async def test_a_stalled_client_does_not_block_the_server(
 
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"garbage\r\n\r\n")
-        assert (await asyncio.wait_for(reader.read(), 2.0)).startswith(b"HTTP/1.1 400 ")
+        assert (await asyncio.wait_for(reader.read(), 2.0)).split(b" ", 2)[1] == b"400"
         writer.close()
 
 
@@ -382,3 +383,79 @@ def test_snapshot_reads_live_statuses_through_their_partial_indexes(
     assert not re.search(
         r"'Node Type': 'Seq Scan'[^}]*'Relation Name': '(notification_records|outbox)'", text
     )
+
+
+async def test_metrics_negotiates_openmetrics_and_gzip(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection],
+) -> None:
+    registry = CollectorRegistry()
+    Metrics(registry).observe_relay(RelayReport(3, 2, 1, 0, {}))
+    async with (
+        _server(registry, HeartbeatMonitor(), pool) as server,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+    ):
+        om = await client.get(
+            "/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+        assert om.headers["content-type"].startswith("application/openmetrics-text")
+        assert om.text.rstrip().endswith("# EOF")
+        zipped = await client.get("/metrics", headers={"Accept-Encoding": "gzip"})
+        assert zipped.headers["content-encoding"] == "gzip"
+        assert "outbox_notifier_outbox_relayed_total 3.0" in zipped.text  # httpx inflates it
+        plain = await client.get("/metrics", headers={"Accept-Encoding": "identity"})
+        assert "content-encoding" not in plain.headers
+        assert plain.headers["content-type"].startswith("text/plain")
+
+
+async def test_idle_connections_over_the_cap_do_not_lock_out_probes(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection],
+) -> None:
+    server = _server(CollectorRegistry(), HeartbeatMonitor(), pool)
+    server.max_connections = 8
+    async with server:
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(30)]
+        try:
+            async with httpx.AsyncClient() as client:
+                started = asyncio.get_running_loop().time()
+                response = await client.get(f"http://127.0.0.1:{server.port}/healthz")
+                assert response.status_code == 200
+                assert asyncio.get_running_loop().time() - started < 1.0
+            assert server.evicted >= 30 + 1 - 8
+            # The evicted idle connections were closed by the server.
+            closed = 0
+            for reader, _ in idle:
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(), timeout=0.05) == b"":
+                        closed += 1
+            assert closed >= 30 - 8
+        finally:
+            for _, writer in idle:
+                writer.close()
+
+
+def test_out_of_descriptors_is_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio reports every failed accept() with a traceback; out of descriptors that was
+    thousands of lines a minute. Now: one line, then silence for the interval."""
+    import errno as errno_codes
+
+    from outbox_notifier.http import _RateLimitedLoopErrors
+
+    passed: list[dict[str, Any]] = []
+    handler = _RateLimitedLoopErrors(lambda _loop, ctx: passed.append(ctx), interval_s=60.0)
+    loop = asyncio.new_event_loop()
+    try:
+        exhausted = OSError(errno_codes.EMFILE, "Too many open files")
+        with caplog.at_level("ERROR", logger="outbox_notifier.http"):
+            for _ in range(500):
+                handler(loop, {"message": "socket.accept() out of system resource",
+                               "exception": exhausted})  # fmt: skip
+            handler(loop, {"message": "something else", "exception": ValueError("x")})
+    finally:
+        loop.close()
+    lines = [r for r in caplog.records if r.name == "outbox_notifier.http"]
+    assert len(lines) == 1
+    assert lines[0].exc_info is None  # no traceback
+    assert "out of resources" in lines[0].getMessage()
+    assert handler.suppressed == 499
+    assert [ctx["message"] for ctx in passed] == ["something else"]  # others pass through

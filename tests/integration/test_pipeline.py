@@ -350,3 +350,21 @@ def test_claim_queries_use_their_partial_indexes(
         )
     assert "Seq Scan on notification_records" not in plans, plans
     assert "Seq Scan on outbox" not in plans, plans
+
+
+async def test_record_keeps_the_producers_requested_at_and_the_outbox_time(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    """The payload's requested_at was validated and then dropped (the record held the outbox
+    time under that name): now both are kept, each under its own name."""
+    enqueue(conn, payload("times", requested_at="2020-01-02T03:04:05+08:00"))
+    pool: AsyncConnectionPool[psycopg.AsyncConnection] = AsyncConnectionPool(
+        db, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
+    )
+    async with pool:
+        relay = Relay(RecordStore(pool), batch_size=10, max_attempts=5, summary_max_runes=180)
+        assert (await relay.relay_once()).created == 1
+    [record] = records(conn)
+    [outbox] = outbox_rows(conn)
+    assert record["requested_at"].isoformat() == "2020-01-01T19:04:05+00:00"
+    assert record["outbox_created_at"] == outbox["created_at"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import signal
 import socket
@@ -41,6 +42,7 @@ from tests.support import (
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "outbox-notifier.json"
 JOB = "outbox-notifier"  # the job name the alert rules select on
 SENT = 3  # events of the workload, each delivered once in the end
 
@@ -72,7 +74,7 @@ class Prometheus:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def write_config(directory: Path, daemon_port: int) -> Path:
+def write_config(directory: Path, *daemon_ports: int) -> Path:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
@@ -80,7 +82,7 @@ def write_config(directory: Path, daemon_port: int) -> Path:
             {
                 "job_name": JOB,
                 "metrics_path": "/metrics",
-                "static_configs": [{"targets": [f"127.0.0.1:{daemon_port}"]}],
+                "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in daemon_ports]}],
             }
         ],
     }
@@ -267,3 +269,44 @@ async def test_prometheus_scrapes_the_delivery_counters(
         assert prometheus.process.returncode == 0, prometheus.log_tail()
         assert "See you next time!" in prometheus.log.read_text()
     assert time.monotonic() - started < 60
+
+
+def _panel_expr(title: str) -> str:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    [panel] = [p for p in panels if p["title"] == title]
+    [target] = panel["targets"]
+    expr: str = target["expr"]
+    return expr.replace("$job", JOB)
+
+
+async def test_one_paused_target_counts_once_with_two_replicas(
+    db: str, conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """Both replicas export the database-wide paused_targets gauge (1): the dashboard's stat
+    shows 1, not 2, and TargetPaused is one alert for the job, not one per replica."""
+    conn.execute(
+        "INSERT INTO outbox_notifier.targets (target_key, provider, host, paused_until)"
+        " VALUES ('k1', 'webhook', 'hooks.example', now() + interval '1 hour')"
+    )
+    replicas = [Daemon(settings_for(db, maintenance_interval_s=1.0)) for _ in range(2)]
+    async with running(replicas[0]), running(replicas[1]):
+        await eventually(lambda: all(r.http_port is not None for r in replicas), what="HTTP ports")
+        ports = [r.http_port for r in replicas if r.http_port is not None]
+        config = write_config(tmp_path, *ports)
+        async with (
+            prometheus_server(tmp_path, config) as prometheus,
+            httpx.AsyncClient(trust_env=False, timeout=5.0) as client,
+        ):
+            await poll(client, prometheus, f'count(up{{job="{JOB}"}} == 1)', 2)
+            # Each replica exports the fact: summing them would say 2.
+            per_replica = f'sum(outbox_notifier_paused_targets{{job="{JOB}"}})'
+            await poll(client, prometheus, per_replica, 2)
+            stat = _panel_expr("Paused targets")
+            assert await scalar_value(client, prometheus, stat) == 1
+            # The alert waits 15 minutes before firing: while pending it is already one series.
+            alerts = 'count(ALERTS{alertname="OutboxNotifierTargetPaused"})'
+            await poll(client, prometheus, alerts, 1)
+            pending = await query(
+                client, prometheus, 'ALERTS{alertname="OutboxNotifierTargetPaused"}'
+            )
+            assert [a["metric"].get("instance") for a in pending] == [None]

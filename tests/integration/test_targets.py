@@ -146,3 +146,41 @@ async def test_failing_target_is_paused_while_others_flow_then_probed(
     # Held-back records spent no attempts: only real calls were counted.
     total_attempts = sum(r["attempt_count"] for r in records(conn) if r["dedupe_key"][:4] == "down")
     assert total_attempts == server.count("/hooks/down")
+
+
+async def test_gone_disable_is_retried_with_the_result_it_belongs_to(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    """The disable used to be a separate step after the result was stored, outside its retry:
+    when that step failed the channel stayed enabled for good. Here the first two attempts to
+    disable the channel fail; the result and the disable are retried together and both land."""
+    conn.execute(
+        """
+        CREATE SEQUENCE public.disable_failures;
+        CREATE FUNCTION public.fail_first_disables() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            -- A sequence, not a table: its count survives the rollback it causes.
+            IF OLD.enabled AND NOT NEW.enabled AND nextval('public.disable_failures') <= 2 THEN
+                RAISE EXCEPTION 'injected failure while disabling a channel';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER fail_first_disables BEFORE UPDATE
+            ON outbox_notifier.notification_channels
+            FOR EACH ROW EXECUTE FUNCTION public.fail_first_disables();
+        """
+    )
+    add_channel(conn, 1, server.url + "/hooks/gone", provider="webhook")
+    server.script("/hooks/gone", [], then=Reply(status=410))
+    enqueue(conn, payload("gone-retried"))
+    async with running(Daemon(settings_for(db))):
+        await eventually(lambda: _status(conn, "gone-retried") == "dead", what="dead on 410")
+        channel = conn.execute(
+            "SELECT enabled, disabled_reason FROM outbox_notifier.notification_channels"
+        ).fetchone()
+    assert channel is not None
+    assert channel[0] is False
+    assert "410" in channel[1]
+    # Both injected failures happened, and the third try went through.
+    assert conn.execute("SELECT last_value FROM public.disable_failures").fetchone() == (3,)
+    assert server.count("/hooks/gone") == 1

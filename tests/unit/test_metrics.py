@@ -6,12 +6,17 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
+from outbox_notifier.daemon import default_providers
 from outbox_notifier.http import HeartbeatMonitor
 from outbox_notifier.metrics import Metrics
+from outbox_notifier.providers import PROVIDER_NAMES
 from outbox_notifier.relay import RelayReport
+from outbox_notifier.settings import Settings
 from outbox_notifier.store import Applied, Rescued, Result
 
 P = "outbox_notifier_"
@@ -45,6 +50,7 @@ def result(
         lease_token=record_id * 10,
         attempt=1,
         channel="feishu",
+        provider="feishu_flow",
         user_id=42,
         target_key=None,
         status=status,
@@ -64,14 +70,32 @@ def result(
 def test_known_series_exist_at_zero_from_the_start(registry: CollectorRegistry) -> None:
     Metrics(registry)
     for outcome in ("success", "temporary_fail", "permanent_fail", "skipped"):
-        assert value(registry, "delivery_attempts_total", channel="feishu", outcome=outcome) == 0
+        assert (
+            value(
+                registry,
+                "delivery_attempts_total",
+                channel="feishu",
+                provider="feishu_flow",
+                outcome=outcome,
+            )
+            == 0
+        )
     for code in (
         "provider_timeout",
         "recipient_missing",
         "sending_lease_expired",
         "destination_forbidden",
     ):
-        assert value(registry, "provider_errors_total", channel="feishu", error_code=code) == 0
+        assert (
+            value(
+                registry,
+                "provider_errors_total",
+                channel="feishu",
+                provider="feishu_flow",
+                error_code=code,
+            )
+            == 0
+        )
     for reason_class in ("unknown_type", "unsupported_version", "malformed", "invalid"):
         assert value(registry, "outbox_rejected_total", reason_class=reason_class) == 0
     for status in ("pending", "sending", "failed"):
@@ -79,7 +103,12 @@ def test_known_series_exist_at_zero_from_the_start(registry: CollectorRegistry) 
     assert value(registry, "records_dead_total", channel="feishu") == 0
     assert value(registry, "leases_expired_total", channel="feishu") == 0
     assert value(registry, "database_errors_total", loop="relay") == 0
-    assert value(registry, "end_to_end_latency_seconds_count", channel="feishu") == 0
+    assert (
+        value(
+            registry, "end_to_end_latency_seconds_count", channel="feishu", provider="feishu_flow"
+        )
+        == 0
+    )
     assert value(registry, "claim_duration_seconds_count", loop="delivery") == 0
     assert value(registry, "late_results_total") == 0
     assert value(registry, "listener_reconnects_total") == 0
@@ -137,10 +166,22 @@ def test_observe_results(metrics: Metrics, registry: CollectorRegistry) -> None:
     metrics.observe_results(results, applied)
 
     def attempts(outcome: str) -> float | None:
-        return value(registry, "delivery_attempts_total", channel="feishu", outcome=outcome)
+        return value(
+            registry,
+            "delivery_attempts_total",
+            channel="feishu",
+            provider="feishu_flow",
+            outcome=outcome,
+        )
 
     def errors(code: str) -> float | None:
-        return value(registry, "provider_errors_total", channel="feishu", error_code=code)
+        return value(
+            registry,
+            "provider_errors_total",
+            channel="feishu",
+            provider="feishu_flow",
+            error_code=code,
+        )
 
     assert attempts("success") == 3  # the late result was a call too
     assert attempts("temporary_fail") == 2
@@ -156,19 +197,33 @@ def test_observe_results(metrics: Metrics, registry: CollectorRegistry) -> None:
 
     # End-to-end latency: only records that were sent (and applied).
     e2e = "end_to_end_latency_seconds"
-    assert value(registry, e2e + "_count", channel="feishu") == 2
-    assert value(registry, e2e + "_sum", channel="feishu") == 7200.5
-    assert value(registry, e2e + "_bucket", channel="feishu", le="0.5") == 1
-    assert value(registry, e2e + "_bucket", channel="feishu", le="3600.0") == 1
-    assert value(registry, e2e + "_bucket", channel="feishu", le="7200.0") == 2
-    assert value(registry, e2e + "_bucket", channel="feishu", le="0.005") == 0
+    assert value(registry, e2e + "_count", channel="feishu", provider="feishu_flow") == 2
+    assert value(registry, e2e + "_sum", channel="feishu", provider="feishu_flow") == 7200.5
+    assert value(registry, e2e + "_bucket", channel="feishu", provider="feishu_flow", le="0.5") == 1
+    assert (
+        value(registry, e2e + "_bucket", channel="feishu", provider="feishu_flow", le="3600.0") == 1
+    )
+    assert (
+        value(registry, e2e + "_bucket", channel="feishu", provider="feishu_flow", le="7200.0") == 2
+    )
+    assert (
+        value(registry, e2e + "_bucket", channel="feishu", provider="feishu_flow", le="0.005") == 0
+    )
 
     # Provider durations: every call that reached a provider, late or not; none for 5 and 6.
     duration = "provider_call_duration_seconds"
-    assert value(registry, duration + "_count", channel="feishu") == 5
-    assert value(registry, duration + "_sum", channel="feishu") == pytest.approx(7.15)
-    assert value(registry, duration + "_bucket", channel="feishu", le="0.05") == 2
-    assert value(registry, duration + "_bucket", channel="feishu", le="0.1") == 3
+    assert value(registry, duration + "_count", channel="feishu", provider="feishu_flow") == 5
+    assert value(
+        registry, duration + "_sum", channel="feishu", provider="feishu_flow"
+    ) == pytest.approx(7.15)
+    assert (
+        value(registry, duration + "_bucket", channel="feishu", provider="feishu_flow", le="0.05")
+        == 2
+    )
+    assert (
+        value(registry, duration + "_bucket", channel="feishu", provider="feishu_flow", le="0.1")
+        == 3
+    )
 
 
 def test_unknown_outcomes_and_codes_are_bounded(
@@ -178,8 +233,26 @@ def test_unknown_outcomes_and_codes_are_bounded(
         [result(1, "exploded", "failed", "weird_code_12345")],
         [Applied(1, "feishu", "failed", None)],
     )
-    assert value(registry, "delivery_attempts_total", channel="feishu", outcome="other") == 1
-    assert value(registry, "provider_errors_total", channel="feishu", error_code="other") == 1
+    assert (
+        value(
+            registry,
+            "delivery_attempts_total",
+            channel="feishu",
+            provider="feishu_flow",
+            outcome="other",
+        )
+        == 1
+    )
+    assert (
+        value(
+            registry,
+            "provider_errors_total",
+            channel="feishu",
+            provider="feishu_flow",
+            error_code="other",
+        )
+        == 1
+    )
 
 
 def test_observe_rescued(metrics: Metrics, registry: CollectorRegistry) -> None:
@@ -268,7 +341,9 @@ def test_labels_never_carry_user_data(metrics: Metrics, registry: CollectorRegis
         [Applied(1, "feishu", "sent", 1.0)],
     )
     metrics.observe_rescued([Rescued(3, "feishu", "dead")])
-    allowed = {"channel", "outcome", "error_code", "reason_class", "status", "loop", "le"}
+    allowed = {
+        "channel", "provider", "outcome", "error_code", "reason_class", "status", "loop", "le"
+    }  # fmt: skip
     for family in registry.collect():
         assert family.name.startswith(P)
         for sample in family.samples:
@@ -310,3 +385,28 @@ def test_heartbeat_monitor_with_a_clock_we_control() -> None:
 
     monitor.forget("delivery")
     assert monitor.healthy(10.0) == (True, {"relay": 8.0})
+
+
+def test_provider_label_is_bounded_by_the_provider_names(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    bot = msgspec.structs.replace(result(1, "success", "sent"), provider="feishu_bot")
+    stray = msgspec.structs.replace(result(2, "success", "sent"), provider="carrier_pigeon")
+    metrics.observe_results([bot, stray], [Applied(1, "feishu", "sent", 0.2)])
+    attempts = "delivery_attempts_total"
+    assert (
+        value(registry, attempts, channel="feishu", provider="feishu_bot", outcome="success") == 1
+    )
+    assert value(registry, attempts, channel="feishu", provider="other", outcome="success") == 1
+    for provider in PROVIDER_NAMES:  # every known provider's series exists from the start
+        assert (
+            value(registry, attempts, channel="feishu", provider=provider, outcome="skipped") == 0
+        )
+    e2e = "end_to_end_latency_seconds_count"
+    assert value(registry, e2e, channel="feishu", provider="feishu_bot") == 1
+
+
+def test_default_providers_are_the_provider_names() -> None:
+    settings = Settings(dsn="dbname=x")
+    client = httpx.AsyncClient()
+    assert set(default_providers(settings, client)) == set(PROVIDER_NAMES)

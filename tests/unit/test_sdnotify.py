@@ -69,6 +69,15 @@ def test_ready_stopping_watchdog_and_status_arrive_as_datagrams(manager: Manager
     notifier.close()
 
 
+def test_extend_timeout_sends_microseconds_with_the_status(manager: Manager) -> None:
+    notifier = manager.notifier()
+    assert notifier.extend_timeout(32.5, status="waiting for database (try 2)")
+    assert manager.receive() == (
+        "EXTEND_TIMEOUT_USEC=32500000\nSTATUS=waiting for database (try 2)"
+    )
+    notifier.close()
+
+
 def test_a_status_with_newlines_stays_one_assignment(manager: Manager) -> None:
     notifier = manager.notifier()
     assert notifier.status("line one\nREADY=1\n")

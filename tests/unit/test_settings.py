@@ -386,3 +386,17 @@ def test_ipv6_literal_hosts_are_allowed_in_url_policies() -> None:
 def test_proxy_password_is_masked() -> None:
     shown = masked(load(overrides={"http_proxy": "http://user:hunter2@proxy:3128"}))
     assert shown["http_proxy"] == "http://user:***@proxy:3128"
+
+
+def test_health_stale_must_exceed_the_database_deadline() -> None:
+    with pytest.raises(SettingsError) as info:
+        load(overrides={"health_stale_s": "30", "db_deadline_s": "35"})
+    message = str(info.value)
+    assert message.startswith("invalid setting health_stale_s (from --set health_stale_s)")
+    assert "db_deadline_s = 35.0 (from --set db_deadline_s)" in message
+
+
+def test_stall_settings_defaults_sit_under_health_stale() -> None:
+    s = Settings()
+    assert s.lock_timeout_s < s.statement_timeout_s < s.db_deadline_s < s.health_stale_s
+    assert s.startup_timeout_s == 0  # wait for the database for ever
