@@ -35,7 +35,3 @@ UNION ALL
 SELECT 'paused_targets', NULL, NULL, count(*)::bigint, NULL
 FROM outbox_notifier.targets
 WHERE paused_until > now();
-
--- name: readiness_check
--- The newest applied migration; a cheap round trip that also proves the schema is there.
-SELECT max(version) FROM outbox_notifier.schema_migrations;
