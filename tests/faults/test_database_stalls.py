@@ -89,6 +89,7 @@ class Daemon:
         for item in (
             "flow_allowed_schemes=http",
             "flow_allowed_hosts=127.0.0.1",
+            "egress_allow_cidrs=127.0.0.0/8",
             "poll_interval_s=0.5",
             "retry_interval_s=0.5",
             "pool_min_size=1",
