@@ -187,6 +187,12 @@ ORDER BY m.version;
 SELECT set_config('lock_timeout', %(lock_timeout)s, true),
        set_config('statement_timeout', %(statement_timeout)s, true);
 
+-- name: session_timeouts
+-- The session's lock_timeout and statement_timeout in milliseconds: did the startup options
+-- take (a pooler may drop them)?
+SELECT (SELECT setting::integer FROM pg_settings WHERE name = 'lock_timeout'),
+       (SELECT setting::integer FROM pg_settings WHERE name = 'statement_timeout');
+
 -- name: ping
 -- The cheapest round trip: is the database there at all (start-up waits on it)?
 SELECT 1;
