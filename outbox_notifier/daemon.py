@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, gc_collector, platform_collecto
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import httpclient, migrations, retention, sdnotify
+from outbox_notifier import eventloop, httpclient, migrations, retention, sdnotify
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, describe
 from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
@@ -356,7 +356,7 @@ class Daemon:
                 ),
             )
         )
-        logger.info("outbox-notifier running")
+        logger.info("outbox-notifier running on %s", eventloop.name(asyncio.get_running_loop()))
         # Ready only now: HTTP is up, the schema is checked and every loop has started.
         self.notifier.ready(status="running")
         # The watchdog is fed only while every loop makes progress (the /healthz check), so
