@@ -31,7 +31,8 @@ AS $$
 $$;
 
 -- Claims due records for delivery in one round trip: claim_due_v1 with its scan of due records
--- split by the index's order (see above); otherwise unchanged.
+-- split by the index's order (see above), and without the pacing work when no target of the
+-- batch is paced, failing or paused; otherwise unchanged.
 CREATE FUNCTION outbox_notifier.claim_due_v2(
     p_limit integer,
     p_lease_s double precision,
@@ -127,84 +128,91 @@ BEGIN
            OR t.provider = ANY (v_paced))
     ORDER BY t.target_key
     FOR UPDATE;
-    v_now := clock_timestamp();
+    -- No target of the batch is paced, failing or paused (none was locked just above): every
+    -- candidate may be called, and no target's log or deferral needs writing. The common case
+    -- skips the budget, the log update and the deferral (about a fifth of a claim's time).
+    IF NOT FOUND THEN
+        v_claim := v_ids;
+    ELSE
+        v_now := clock_timestamp();
 
-    WITH c AS (
-        SELECT u.id, u.k, u.p, row_number() OVER (PARTITION BY u.k ORDER BY u.id) AS rn
-        FROM unnest(v_ids, v_keys, v_providers) AS u(id, k, p)
-    ), limits AS (
-        SELECT pl.p, pl.per_s, pl.per_min
-        FROM unnest(p_paced, p_per_s, p_per_min) AS pl(p, per_s, per_min)
-    ), budget AS (
-        SELECT t.target_key,
-               CASE
-                   WHEN t.paused_until > v_now THEN 0
-                   -- cool-off over: one probe decides whether the target resumes
-                   WHEN t.consecutive_failures >= p_breaker_failures THEN 1
-                   ELSE 2147483647
-               END AS breaker_allow,
-               CASE WHEN coalesce(lim.per_s, 0) > 0 THEN
-                   lim.per_s - (SELECT count(*) FROM unnest(t.recent_sends) s
-                                WHERE s > v_now - make_interval(secs => 1 + p_margin_s))
-               ELSE 2147483647 END AS per_s_allow,
-               CASE WHEN coalesce(lim.per_min, 0) > 0 THEN
-                   lim.per_min - (SELECT count(*) FROM unnest(t.recent_sends) s
-                                  WHERE s > v_now - make_interval(secs => 60 + p_margin_s))
-               ELSE 2147483647 END AS per_min_allow
-        FROM outbox_notifier.targets t
-        LEFT JOIN limits lim ON lim.p = t.provider
-        WHERE t.target_key = ANY (v_keys)
-    )
-    SELECT coalesce(array_agg(c.id), '{}') INTO v_claim
-    FROM c LEFT JOIN budget b ON b.target_key = c.k
-    WHERE c.k IS NULL OR c.rn <= least(b.breaker_allow, b.per_s_allow, b.per_min_allow);
+        WITH c AS (
+            SELECT u.id, u.k, u.p, row_number() OVER (PARTITION BY u.k ORDER BY u.id) AS rn
+            FROM unnest(v_ids, v_keys, v_providers) AS u(id, k, p)
+        ), limits AS (
+            SELECT pl.p, pl.per_s, pl.per_min
+            FROM unnest(p_paced, p_per_s, p_per_min) AS pl(p, per_s, per_min)
+        ), budget AS (
+            SELECT t.target_key,
+                   CASE
+                       WHEN t.paused_until > v_now THEN 0
+                       -- cool-off over: one probe decides whether the target resumes
+                       WHEN t.consecutive_failures >= p_breaker_failures THEN 1
+                       ELSE 2147483647
+                   END AS breaker_allow,
+                   CASE WHEN coalesce(lim.per_s, 0) > 0 THEN
+                       lim.per_s - (SELECT count(*) FROM unnest(t.recent_sends) s
+                                    WHERE s > v_now - make_interval(secs => 1 + p_margin_s))
+                   ELSE 2147483647 END AS per_s_allow,
+                   CASE WHEN coalesce(lim.per_min, 0) > 0 THEN
+                       lim.per_min - (SELECT count(*) FROM unnest(t.recent_sends) s
+                                      WHERE s > v_now - make_interval(secs => 60 + p_margin_s))
+                   ELSE 2147483647 END AS per_min_allow
+            FROM outbox_notifier.targets t
+            LEFT JOIN limits lim ON lim.p = t.provider
+            WHERE t.target_key = ANY (v_keys)
+        )
+        SELECT coalesce(array_agg(c.id), '{}') INTO v_claim
+        FROM c LEFT JOIN budget b ON b.target_key = c.k
+        WHERE c.k IS NULL OR c.rn <= least(b.breaker_allow, b.per_s_allow, b.per_min_allow);
 
-    -- The calls about to be made go into each target's log (entries older than a minute drop
-    -- out); a probe re-arms the pause so no other replica probes at the same time.
-    UPDATE outbox_notifier.targets t
-    SET recent_sends = (
-            SELECT coalesce(array_agg(s ORDER BY s), '{}')
-            FROM (
-                SELECT s FROM unnest(t.recent_sends) s
-                WHERE s > v_now - make_interval(secs => 60 + p_margin_s)
-                UNION ALL
-                SELECT v_now FROM generate_series(1, n.sent)
-            ) kept
-        ),
-        paused_until = CASE WHEN t.consecutive_failures >= p_breaker_failures
-                            THEN v_now + make_interval(secs => p_cooloff_s)
-                            ELSE t.paused_until END,
-        updated_at = now()
-    FROM (
-        SELECT u.k, count(*)::integer AS sent
+        -- The calls about to be made go into each target's log (entries older than a minute drop
+        -- out); a probe re-arms the pause so no other replica probes at the same time.
+        UPDATE outbox_notifier.targets t
+        SET recent_sends = (
+                SELECT coalesce(array_agg(s ORDER BY s), '{}')
+                FROM (
+                    SELECT s FROM unnest(t.recent_sends) s
+                    WHERE s > v_now - make_interval(secs => 60 + p_margin_s)
+                    UNION ALL
+                    SELECT v_now FROM generate_series(1, n.sent)
+                ) kept
+            ),
+            paused_until = CASE WHEN t.consecutive_failures >= p_breaker_failures
+                                THEN v_now + make_interval(secs => p_cooloff_s)
+                                ELSE t.paused_until END,
+            updated_at = now()
+        FROM (
+            SELECT u.k, count(*)::integer AS sent
+            FROM unnest(v_ids, v_keys) AS u(id, k)
+            WHERE u.k IS NOT NULL AND u.id = ANY (v_claim)
+            GROUP BY u.k
+        ) n
+        WHERE t.target_key = n.k
+          -- only paced targets keep a log, and only failing ones can need a probe re-armed
+          AND (t.consecutive_failures >= p_breaker_failures
+               OR t.provider = ANY (v_paced));
+
+        -- Deferred records wait, without spending an attempt, until their target can take one
+        -- more call: the end of a pause, or when the call that fills a window leaves it (the
+        -- per_s-th / per_min-th newest entry of the log, which is sorted oldest first).
+        UPDATE outbox_notifier.notification_records r
+        SET next_retry_at = greatest(
+                v_now + make_interval(secs => 0.05),
+                CASE WHEN t.paused_until > v_now THEN t.paused_until END,
+                CASE WHEN lim.per_s > 0 AND cardinality(t.recent_sends) >= lim.per_s
+                     THEN t.recent_sends[cardinality(t.recent_sends) - lim.per_s + 1]
+                          + make_interval(secs => 1 + p_margin_s) END,
+                CASE WHEN lim.per_min > 0 AND cardinality(t.recent_sends) >= lim.per_min
+                     THEN t.recent_sends[cardinality(t.recent_sends) - lim.per_min + 1]
+                          + make_interval(secs => 60 + p_margin_s) END
+            ),
+            updated_at = now()
         FROM unnest(v_ids, v_keys) AS u(id, k)
-        WHERE u.k IS NOT NULL AND u.id = ANY (v_claim)
-        GROUP BY u.k
-    ) n
-    WHERE t.target_key = n.k
-      -- only paced targets keep a log, and only failing ones can need a probe re-armed
-      AND (t.consecutive_failures >= p_breaker_failures
-           OR t.provider = ANY (v_paced));
-
-    -- Deferred records wait, without spending an attempt, until their target can take one
-    -- more call: the end of a pause, or when the call that fills a window leaves it (the
-    -- per_s-th / per_min-th newest entry of the log, which is sorted oldest first).
-    UPDATE outbox_notifier.notification_records r
-    SET next_retry_at = greatest(
-            v_now + make_interval(secs => 0.05),
-            CASE WHEN t.paused_until > v_now THEN t.paused_until END,
-            CASE WHEN lim.per_s > 0 AND cardinality(t.recent_sends) >= lim.per_s
-                 THEN t.recent_sends[cardinality(t.recent_sends) - lim.per_s + 1]
-                      + make_interval(secs => 1 + p_margin_s) END,
-            CASE WHEN lim.per_min > 0 AND cardinality(t.recent_sends) >= lim.per_min
-                 THEN t.recent_sends[cardinality(t.recent_sends) - lim.per_min + 1]
-                      + make_interval(secs => 60 + p_margin_s) END
-        ),
-        updated_at = now()
-    FROM unnest(v_ids, v_keys) AS u(id, k)
-    JOIN outbox_notifier.targets t ON t.target_key = u.k
-    LEFT JOIN unnest(p_paced, p_per_s, p_per_min) AS lim(p, per_s, per_min) ON lim.p = t.provider
-    WHERE r.id = u.id AND NOT (u.id = ANY (v_claim));
+        JOIN outbox_notifier.targets t ON t.target_key = u.k
+        LEFT JOIN unnest(p_paced, p_per_s, p_per_min) AS lim(p, per_s, per_min) ON lim.p = t.provider
+        WHERE r.id = u.id AND NOT (u.id = ANY (v_claim));
+    END IF;
 
     RETURN QUERY
     WITH claimed AS (
