@@ -10,12 +10,11 @@ URL policy that lets the daemon post to the local server.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from bench.clients import TRANSPORTS, InstantProvider, make_client
 from bench.fixtures import egress_overrides
-from outbox_notifier import logs
+from outbox_notifier import eventloop, logs
 from outbox_notifier.daemon import Daemon, default_providers
 from outbox_notifier.providers.base import Provider
 from outbox_notifier.settings import load_settings
@@ -41,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--provider", choices=("flow", "instant"), default="flow")
     parser.add_argument("--transport", choices=TRANSPORTS, default="default")
-    asyncio.run(_run(parser.parse_args(argv)))
+    # The CLI's loop (uvloop where installed), so the variants differ only in what they name.
+    eventloop.run(_run(parser.parse_args(argv)))
     return 0
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from datetime import datetime
 
-from outbox_notifier import logs
+from outbox_notifier import eventloop, logs
 from outbox_notifier.daemon import Daemon, DatabaseUnavailable, HttpListenError, SchemaNotCurrent
 from outbox_notifier.settings import Settings
 
@@ -15,7 +14,7 @@ def run(settings: Settings) -> int:
     """Runs the daemon until SIGTERM/SIGINT; exits 0 after a clean drain."""
     logs.configure_logging(settings.log_format, settings.log_level)
     try:
-        asyncio.run(Daemon(settings).run())
+        eventloop.run(Daemon(settings).run(), settings.event_loop)
     except DatabaseUnavailable as exc:
         print(f"outbox-notifier: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, gc_collector, platform_collecto
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import httpclient, migrations, retention, sdnotify
+from outbox_notifier import eventloop, httpclient, migrations, retention, sdnotify
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, describe
 from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
@@ -36,7 +36,7 @@ from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings, parse_host_port
 from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import ClaimPolicy, RecordStore, StatementTimeouts
+from outbox_notifier.store import ClaimPolicy, RecordStore, SessionTimeouts, StatementTimeouts
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,28 @@ def socket_bounds(settings: Settings) -> dict[str, Any]:
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
     """Pool connections: autocommit (each batch statement is its own short transaction), the
-    socket bounds and, behind a transaction-mode pooler, no server-side prepared statements."""
+    socket bounds and, behind a transaction-mode pooler, no server-side prepared statements.
+
+    On a direct connection (``prepared_statements``) the statement timeouts also go in the
+    startup options, so statements need not set them per transaction (``SessionTimeouts``).
+    They are added to any ``options`` the DSN already has. Behind a transaction-mode pooler
+    they are left out: PgBouncer refuses a connection with options it was not told to ignore.
+    """
     kwargs: dict[str, Any] = {"autocommit": True, **socket_bounds(settings)}
     if not settings.prepared_statements:
         kwargs["prepare_threshold"] = None
+    else:
+        own = psycopg.conninfo.conninfo_to_dict(settings.dsn).get("options") or ""
+        bounds = statement_timeouts(settings).startup_options()
+        kwargs["options"] = f"{own} {bounds}".strip()
     return kwargs
+
+
+def session_timeouts(settings: Settings) -> SessionTimeouts | None:
+    """What tells connections that kept their startup timeouts (see ``connection_kwargs``)."""
+    if not settings.prepared_statements:
+        return None
+    return SessionTimeouts(statement_timeouts(settings))
 
 
 def statement_timeouts(settings: Settings) -> StatementTimeouts:
@@ -190,11 +207,13 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+        session = session_timeouts(settings)
         pool: AsyncConnectionPool[psycopg.AsyncConnection] = AsyncConnectionPool(
             settings.dsn,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
             kwargs=connection_kwargs(settings),
+            configure=None if session is None else session.configure,
             timeout=10.0,
             # The pool retries a lost connection with doubling delays (1, 2, 4 ... s): after a
             # long outage the next try could come half a minute after the database is back.
@@ -227,7 +246,7 @@ class Daemon:
         try:
             # Connections are made in the background; _wait_for_database waits for the first.
             await pool.open(wait=False)
-            store = RecordStore(pool, timeouts=statement_timeouts(settings))
+            store = RecordStore(pool, timeouts=statement_timeouts(settings), session=session)
             if not await self._wait_for_database():
                 return  # stopped while waiting
             await self._check_schema(store)
@@ -337,7 +356,7 @@ class Daemon:
                 ),
             )
         )
-        logger.info("outbox-notifier running")
+        logger.info("outbox-notifier running on %s", eventloop.name(asyncio.get_running_loop()))
         # Ready only now: HTTP is up, the schema is checked and every loop has started.
         self.notifier.ready(status="running")
         # The watchdog is fed only while every loop makes progress (the /healthz check), so

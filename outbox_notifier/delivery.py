@@ -243,6 +243,7 @@ class Deliverer:
         batch_size: int,
         concurrency: int,
         apply_batch_size: int = 500,
+        apply_linger_s: float = 0.005,
         apply_retry_s: float = 1.0,
         metrics: Metrics | None = None,
         on_applied: Callable[[Sequence[Result], Sequence[Applied]], None] | None = None,
@@ -256,6 +257,7 @@ class Deliverer:
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.apply_batch_size = apply_batch_size
+        self.apply_linger_s = apply_linger_s
         self.apply_retry_s = apply_retry_s
         self.metrics = metrics
         self.on_applied = on_applied
@@ -360,18 +362,40 @@ class Deliverer:
         """Applies results in batches until it takes the end-of-work marker."""
         done = False
         while not done:
-            batch: list[Result] = []
-            item = await self._results.get()
-            while True:
-                if item is None:
-                    done = True
-                    break
-                batch.append(item)
-                if len(batch) >= self.apply_batch_size or self._results.empty():
-                    break
-                item = self._results.get_nowait()
+            batch, done = await self._next_batch()
             if batch:
                 await self._apply_until_stored(batch)
+
+    async def _next_batch(self) -> tuple[list[Result], bool]:
+        """The next results to apply, and whether the end-of-work marker came with them.
+
+        Each apply is a commit, and so a WAL flush: applying every result as it lands made
+        about one commit per few records under load. While other calls are in flight, more
+        results are due within milliseconds, so the batch waits up to ``apply_linger_s`` for
+        them (bounded added latency); with nothing in flight it goes at once.
+        """
+        batch: list[Result] = []
+        item = await self._results.get()
+        deadline: float | None = None
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= self.apply_batch_size:
+                return batch, False
+            if not self._results.empty():
+                item = self._results.get_nowait()
+                continue
+            if not self._inflight or self.apply_linger_s <= 0:
+                return batch, False
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.apply_linger_s
+            try:
+                # Queue.get leaves the item queued when cancelled, so a timeout loses nothing.
+                async with asyncio.timeout_at(deadline):
+                    item = await self._results.get()
+            except TimeoutError:
+                return batch, False
+        return batch, True
 
     async def _apply_until_stored(self, batch: list[Result]) -> None:
         # A result is kept and retried while the database is away; if the daemon stops first,

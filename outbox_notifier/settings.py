@@ -33,7 +33,7 @@ from typing import Annotated, Any
 import msgspec
 from psycopg import conninfo
 
-from outbox_notifier import egress
+from outbox_notifier import egress, eventloop
 
 ENV_PREFIX = "OUTBOX_NOTIFIER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -128,6 +128,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ca_bundle: str = ""  # CAs added to the system trust store; TLS verification is always on
     http_listen: str = "127.0.0.1:9464"  # host:port for /metrics, /healthz, /readyz
     log_format: str = "plain"  # "plain" or "json"
+    # "auto": uvloop when installed, else asyncio's loop; "uvloop" or "asyncio" to insist.
+    event_loop: str = "auto"
     log_level: str = "INFO"
     maintenance_interval_s: Positive = 60.0  # retention pass and metric snapshot interval
     outbox_retention_s: Positive = 7 * 86400.0  # relayed/rejected outbox rows older are deleted
@@ -159,8 +161,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_proxy: str = ""
     http_proxy_from_env: bool = False
     # -- database stalls and start-up ------------------------------------------------------
-    # Server-side bounds on every daemon statement, set per transaction (set_config(..., true))
-    # so they also hold behind a transaction-mode pooler, which drops startup options.
+    # Server-side bounds on every daemon statement: startup options of each connection when
+    # prepared_statements (a direct connection), else set per transaction (set_config(...,
+    # true)) so they also hold behind a transaction-mode pooler, which drops startup options.
     lock_timeout_s: Positive = 5.0
     statement_timeout_s: Positive = 30.0
     # Client-side bounds for when packets stop arriving (server timeouts cannot help then):
@@ -233,6 +236,12 @@ def _check_values(s: Settings) -> None:
         )
     if s.log_format not in LOG_FORMATS:
         raise _invalid("log_format", f"expected 'plain' or 'json', got {s.log_format!r}")
+    if s.event_loop not in eventloop.EVENT_LOOPS:
+        raise _invalid(
+            "event_loop", f"expected 'auto', 'uvloop' or 'asyncio', got {s.event_loop!r}"
+        )
+    if s.event_loop == "uvloop" and not eventloop.uvloop_available():
+        raise _invalid("event_loop", "'uvloop' is not installed (pip install uvloop, or 'auto')")
     if s.log_level.upper() not in LOG_LEVELS:
         choices = ", ".join(sorted(LOG_LEVELS))
         raise _invalid("log_level", f"expected one of {choices}, got {s.log_level!r}")

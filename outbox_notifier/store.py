@@ -7,6 +7,8 @@ are unpacked there with ``unnest``, so there are no per-row round trips.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -18,6 +20,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations
 from outbox_notifier.sqlfiles import query
+
+logger = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
 
@@ -33,8 +37,8 @@ async def set_timeouts(conn: AsyncConnection, timeouts: StatementTimeouts) -> No
     await conn.execute(
         query("set_timeouts"),
         {
-            "lock_timeout": f"{max(1, round(timeouts.lock_s * 1000))}ms",
-            "statement_timeout": f"{max(1, round(timeouts.statement_s * 1000))}ms",
+            "lock_timeout": f"{timeouts.lock_ms}ms",
+            "statement_timeout": f"{timeouts.statement_ms}ms",
         },
     )
 
@@ -159,15 +163,58 @@ class StatementTimeouts(msgspec.Struct, frozen=True, kw_only=True):
     lock_s: float
     statement_s: float
 
+    @property
+    def lock_ms(self) -> int:
+        return max(1, round(self.lock_s * 1000))
+
+    @property
+    def statement_ms(self) -> int:
+        return max(1, round(self.statement_s * 1000))
+
+    def startup_options(self) -> str:
+        """The bounds as libpq ``options``: set by the server for the whole session."""
+        return f"-c lock_timeout={self.lock_ms} -c statement_timeout={self.statement_ms}"
+
+
+class SessionTimeouts:
+    """Tells which pool connections carry the timeouts for their whole session.
+
+    On a direct connection the bounds go in the startup ``options`` once, and each statement
+    is then one autocommit round trip. A pooler may drop startup options (PgBouncer's
+    ``ignore_startup_parameters``), so the pool's ``configure`` callback reads the settings
+    back; a connection where they did not take is not marked, and its statements set the
+    bounds per transaction, which holds behind a transaction-mode pooler too.
+    """
+
+    def __init__(self, timeouts: StatementTimeouts) -> None:
+        self.timeouts = timeouts
+        self._bounded: weakref.WeakSet[AsyncConnection] = weakref.WeakSet()
+
+    async def configure(self, conn: AsyncConnection) -> None:
+        cur = await conn.execute(query("session_timeouts"))
+        row = await cur.fetchone()
+        if row == (self.timeouts.lock_ms, self.timeouts.statement_ms):
+            self._bounded.add(conn)
+        else:
+            logger.info(
+                "database session did not keep its startup timeouts (a pooler?): "
+                "setting them per transaction"
+            )
+
+    def holds(self, conn: AsyncConnection) -> bool:
+        return conn in self._bounded
+
 
 class RecordStore:
     """Batch statements over a connection pool whose connections are in autocommit mode.
 
-    Every statement runs in a short transaction of its own that first sets the
-    ``timeouts`` with ``set_config(..., true)``: transaction-local, so they hold behind a
-    transaction-mode pooler (which drops startup options and hands each transaction any
-    server connection) and never leak to another client. The relay, which must claim and
-    write in one transaction, runs inside ``transaction()``.
+    Every statement is bounded by the ``timeouts``. On a connection that carries them for its
+    session (``session``, see ``SessionTimeouts``) a statement is one autocommit round trip.
+    Otherwise it runs in a short transaction of its own that first sets them with
+    ``set_config(..., true)``: transaction-local, so they hold behind a transaction-mode pooler
+    (which drops startup options and hands each transaction any server connection) and never
+    leak to another client; that costs BEGIN, set_config and COMMIT on top of the statement.
+    The relay, which must claim and write in one transaction, runs inside ``transaction()``.
     """
 
     def __init__(
@@ -175,27 +222,38 @@ class RecordStore:
         pool: AsyncConnectionPool[AsyncConnection],
         *,
         timeouts: StatementTimeouts | None = None,
+        session: SessionTimeouts | None = None,
     ) -> None:
         self.pool = pool
         self.timeouts = timeouts
+        self.session = session
+
+    def _needs_timeouts(self, conn: AsyncConnection) -> StatementTimeouts | None:
+        """The timeouts a transaction on ``conn`` must set itself (None: none, or it has them)."""
+        if self.timeouts is None or (self.session is not None and self.session.holds(conn)):
+            return None
+        return self.timeouts
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self.pool.connection() as conn, conn.transaction():
-            if self.timeouts is not None:
-                await set_timeouts(conn, self.timeouts)
+            timeouts = self._needs_timeouts(conn)
+            if timeouts is not None:
+                await set_timeouts(conn, timeouts)
             yield conn
 
     @asynccontextmanager
     async def _statement(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for one statement: bounded in a transaction of its own when there are
-        timeouts, else a bare autocommit statement (one round trip)."""
-        if self.timeouts is not None:
-            async with self.transaction() as conn:
+        """A connection for one statement: a bare autocommit statement (one round trip) when
+        the connection needs no timeouts set, else bounded in a transaction of its own."""
+        async with self.pool.connection() as conn:
+            timeouts = self._needs_timeouts(conn)
+            if timeouts is None:
                 yield conn
-        else:
-            async with self.pool.connection() as conn:
-                yield conn
+            else:
+                async with conn.transaction():
+                    await set_timeouts(conn, timeouts)
+                    yield conn
 
     # -- relay -----------------------------------------------------------------------------
 

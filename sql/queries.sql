@@ -12,13 +12,9 @@
 --   is applied only while the record still carries the token its worker was given.
 
 -- name: claim_outbox
--- Oldest pending outbox rows; concurrent relays take disjoint batches.
-SELECT id, event_type, event_version, payload::text, created_at
-FROM outbox_notifier.outbox
-WHERE status = 'pending'
-ORDER BY id
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED;
+-- Oldest pending outbox rows; concurrent relays take disjoint batches. See
+-- outbox_notifier.claim_outbox_v1 (in index order, whatever the planner's estimates).
+SELECT * FROM outbox_notifier.claim_outbox_v1(%(limit)s);
 
 -- name: relay_outbox
 -- Inserts the records of valid rows (an existing (channel, dedupe_key) is a dedupe hit and is
@@ -60,8 +56,8 @@ WITH input AS (
 SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
--- Claims due records with pacing and endpoint protection; see outbox_notifier.claim_due_v1.
-SELECT * FROM outbox_notifier.claim_due_v1(
+-- Claims due records with pacing and endpoint protection; see outbox_notifier.claim_due_v2.
+SELECT * FROM outbox_notifier.claim_due_v2(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
     %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s
 );
@@ -186,6 +182,12 @@ ORDER BY m.version;
 -- transaction-mode pooler, and gone at commit).
 SELECT set_config('lock_timeout', %(lock_timeout)s, true),
        set_config('statement_timeout', %(statement_timeout)s, true);
+
+-- name: session_timeouts
+-- The session's lock_timeout and statement_timeout in milliseconds: did the startup options
+-- take (a pooler may drop them)?
+SELECT (SELECT setting::integer FROM pg_settings WHERE name = 'lock_timeout'),
+       (SELECT setting::integer FROM pg_settings WHERE name = 'statement_timeout');
 
 -- name: ping
 -- The cheapest round trip: is the database there at all (start-up waits on it)?

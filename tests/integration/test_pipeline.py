@@ -352,6 +352,41 @@ def test_claim_queries_use_their_partial_indexes(
     assert "Seq Scan on outbox" not in plans, plans
 
 
+@pytest.mark.parametrize(
+    ("query_name", "table", "index"),
+    [
+        ("claim_outbox", "outbox", "outbox_pending_idx"),
+        ("claim_records", "notification_records", "records_pending_due_idx"),
+    ],
+)
+def test_claims_read_their_index_in_order_during_a_burst(
+    conn: psycopg.Connection[Any], query_name: str, table: str, index: str
+) -> None:
+    """Statistics lag behind a burst: analysed while (nearly) empty, the tables then get 5,000
+    pending rows. A plan that trusts the estimate (a bitmap scan of every pending row, then a
+    sort) makes each claim read the whole backlog; the claims must walk their index instead."""
+    conn.execute("ANALYZE outbox_notifier.outbox")
+    conn.execute("ANALYZE outbox_notifier.notification_records")
+    conn.execute(
+        "INSERT INTO outbox_notifier.outbox (event_type, event_version, payload)"
+        " SELECT 'notification.feishu.requested', '1', '{}' FROM generate_series(1, 5000)"
+    )
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url)"
+        " SELECT 'feishu', 1, 'p', 'b' || g, '/x' FROM generate_series(1, 5000) g"
+    )
+    from outbox_notifier.sqlfiles import query
+
+    params = {
+        "limit": 100, "lease_s": 30.0, "paced": [], "per_s": [], "per_min": [],
+        "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
+    }  # fmt: skip
+    plans = _plans(conn, query(query_name).encode(), params)
+    assert f"Index Scan using {index}" in plans or f"Index Only Scan using {index}" in plans, plans
+    assert f"Bitmap Heap Scan on {table}" not in plans, plans
+
+
 async def test_record_keeps_the_producers_requested_at_and_the_outbox_time(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:

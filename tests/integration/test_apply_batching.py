@@ -1,0 +1,71 @@
+"""Results of calls that finish close together are applied together: one commit, not one each."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.providers.base import Delivery, Outcome, SendResult
+from outbox_notifier.relay import Relay
+from outbox_notifier.store import Applied, ClaimPolicy, RecordStore, Result
+from tests.support import enqueue, payload, scalar
+
+RECORDS = 20
+
+
+class _Staggered:
+    """Succeeds after 0.5 ms x the record's position: the calls finish over 10 ms."""
+
+    channel = "feishu"
+
+    def __init__(self, first_id: int) -> None:
+        self.first_id = first_id
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        await asyncio.sleep((delivery.record_id - self.first_id) * 0.0005)
+        return SendResult(outcome=Outcome.SUCCESS, http_status=200)
+
+
+@pytest.mark.parametrize("linger_s", [0.05, 0.0])
+async def test_results_landing_together_are_applied_in_few_batches(
+    db: str, conn: psycopg.Connection[Any], linger_s: float
+) -> None:
+    for i in range(RECORDS):
+        enqueue(conn, payload(f"k-{i}"))
+    batches: list[int] = []
+
+    def on_applied(results: Sequence[Result], applied: Sequence[Applied]) -> None:
+        assert len(applied) == len(results)
+        batches.append(len(results))
+
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=2) as pool:
+        store = RecordStore(pool)
+        await Relay(store, batch_size=100, max_attempts=5, summary_max_runes=180).relay_once()
+        first_id = scalar(conn, "SELECT min(id) FROM outbox_notifier.notification_records")
+        deliverer = Deliverer(
+            store, {"feishu_flow": _Staggered(first_id)}, RetryPolicy(), ClaimPolicy(lease_s=30),
+            batch_size=RECORDS, concurrency=RECORDS, apply_linger_s=linger_s,
+            on_applied=on_applied,
+        )  # fmt: skip
+        stop, wake = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(deliverer.run(stop, wake, 0.1))
+        deadline = time.monotonic() + 10
+        while sum(batches) < RECORDS:
+            assert time.monotonic() < deadline, batches
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    sent = "SELECT count(*) FROM outbox_notifier.notification_records WHERE status = 'sent'"
+    assert scalar(conn, sent) == RECORDS
+    if linger_s:
+        # 10 ms of results, a 50 ms window: one batch (two if the first apply raced the rest)
+        assert len(batches) <= 2, batches
+    else:
+        assert len(batches) >= 2, batches  # each result goes as soon as the applier is free
