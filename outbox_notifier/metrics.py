@@ -245,19 +245,21 @@ class Metrics:
         for reason_class, count in report.rejected.items():
             self.outbox_rejected.labels(_bounded(reason_class, _REASON_CLASSES)).inc(count)
 
-    def observe_results(self, results: Sequence[Result], applied: Sequence[Applied]) -> None:
-        """One batch of provider results and the records it updated (``Deliverer.on_applied``).
+    def observe_results(self, results: Sequence[Result], records: Sequence[Applied]) -> None:
+        """One batch of provider results and their records as ``apply_results`` returned them
+        (``Deliverer.on_applied``).
 
         Every result is a provider call: it counts as an attempt even when it arrived late.
-        A result whose record is not among ``applied`` lost its lease (fencing) and is counted
-        in ``late_results_total``.
+        A result whose record was not applied (status None, or the record is gone) lost its
+        lease (fencing) and is counted in ``late_results_total``.
         """
-        applied_ids = {row.id for row in applied}
+        by_id = {row.id: row for row in records}
         provider_of: dict[int, str] = {}
         for result in results:
-            channel = _bounded(result.channel, self._channel_set)
+            record = by_id.get(result.record_id)
+            channel = _bounded(None if record is None else record.channel, self._channel_set)
             provider = provider_of[result.record_id] = _bounded(result.provider, self._provider_set)
-            if result.record_id not in applied_ids:
+            if record is None or record.status is None:
                 self.late_results.inc()
             outcome = _bounded(result.outcome, _OUTCOMES)
             self.delivery_attempts.labels(channel, provider, outcome).inc()
@@ -270,7 +272,7 @@ class Metrics:
                 self.provider_call_duration.labels(channel, provider).observe(
                     result.duration_ms / 1000.0
                 )
-        for row in applied:
+        for row in records:
             if row.status == "dead":
                 self.records_dead.labels(row.channel).inc()
             elif row.status == "sent" and row.latency_s is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Literal
 
 import msgspec
 from psycopg import AsyncConnection
@@ -111,24 +111,27 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
     cooloff_s: float = 60.0
 
 
+RecordStatus = Literal["pending", "sending", "sent", "failed", "dead", "skipped"]
+"""A notification record's status (contract names)."""
+
+
 class Result(msgspec.Struct, frozen=True, kw_only=True):
-    """The outcome of one provider call, as it will be written."""
+    """What one provider call produced, and the status it leads to, as it will be written.
+
+    The record's channel, user, trace id and dedupe key, and the target the call went to, are
+    not carried: ``apply_results`` derives them from ``record_id`` in the database.
+    """
 
     record_id: int
     lease_token: int
     attempt: int
-    channel: str
-    user_id: int
-    target_key: str | None
-    trace_id: str = ""
-    dedupe_key: str = ""
-    disable_channel: bool = False
     provider: str = ""  # the provider that made the call (a metric label)
-    status: str
+    status: RecordStatus
     outcome: str
     error_code: str | None
     error: str | None
     delay_s: float | None
+    disable_channel: bool = False  # the target answered 410 Gone: switch the channel off
     provider_message_id: str | None
     request_json: str | None
     response_json: str | None
@@ -137,13 +140,34 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float
 
 
-class Applied(msgspec.Struct, frozen=True):
-    """A result that was applied (its worker still held the lease)."""
+class Applied(msgspec.Struct, frozen=True, kw_only=True):
+    """One result's record after ``apply_results``: what logging and metrics need.
+
+    ``status`` is None for a late result (its worker had lost the lease): it was logged as an
+    attempt but not applied.
+    """
 
     id: int
     channel: str
-    status: str
-    latency_s: float | None
+    status: RecordStatus | None
+    latency_s: float | None = None
+    trace_id: str = ""
+    dedupe_key: str = ""
+
+    @property
+    def applied(self) -> bool:
+        return self.status is not None
+
+
+class AppliedBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """What one ``apply_results`` statement returned."""
+
+    records: list[Applied]  # one per result whose record still exists
+    paused: list[str]  # target keys paused now by endpoint protection
+
+    @property
+    def applied(self) -> list[Applied]:
+        return [row for row in self.records if row.applied]
 
 
 class Rescued(msgspec.Struct, frozen=True):
@@ -246,43 +270,33 @@ class RecordStore:
             row = await (await conn.execute(query("next_due"))).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    async def record_target_results(
-        self, results: Sequence[Result], policy: ClaimPolicy
-    ) -> list[str]:
-        """Endpoint-protection bookkeeping for a batch; returns targets that are paused now."""
-        tally: dict[str, list[Any]] = {}
-        for r in results:
-            if r.target_key is None:
-                continue
-            entry = tally.setdefault(r.target_key, [0, 0, None])
-            if r.outcome == "success":
-                entry[0] += 1
-            elif r.outcome == "temporary_fail":
-                entry[1] += 1
-                entry[2] = r.error_code
-        if not tally:
-            return []
-        keys = sorted(tally)
+    async def apply_results(self, results: Sequence[Result], policy: ClaimPolicy) -> AppliedBatch:
+        """Applies a batch of results, their 410 disables and the endpoint-protection
+        bookkeeping in one statement (see ``apply_results`` in the SQL)."""
         params = {
-            "keys": keys,
-            "successes": [tally[k][0] for k in keys],
-            "failures": [tally[k][1] for k in keys],
-            "codes": [tally[k][2] for k in keys],
+            "results": _json(results),
+            "host_now": datetime.now(UTC),
             "breaker_failures": policy.breaker_failures,
             "cooloff_s": policy.cooloff_s,
         }
         async with self._statement() as conn:
-            cur = await conn.execute(query("record_target_results"), params)
-            return [row[0] for row in await cur.fetchall() if row[0] is not None]
-
-    async def apply_results(self, results: Sequence[Result]) -> list[Applied]:
-        params = {"results": _json(results), "host_now": datetime.now(UTC)}
-        async with self._statement() as conn:
             cur = await conn.execute(query("apply_results"), params)
-            return [
-                Applied(row[0], row[1], row[2], None if row[3] is None else float(row[3]))
-                for row in await cur.fetchall()
-            ]
+            rows = await cur.fetchall()
+        paused: list[str] = (rows[0][6] or []) if rows else []
+        return AppliedBatch(
+            records=[
+                Applied(
+                    id=row[0],
+                    channel=row[1],
+                    status=row[2],
+                    latency_s=None if row[3] is None else float(row[3]),
+                    trace_id=row[4] or "",
+                    dedupe_key=row[5],
+                )
+                for row in rows
+            ],
+            paused=paused,
+        )
 
     async def rescue_expired_leases(self, limit: int, delays_s: Sequence[float]) -> list[Rescued]:
         async with self._statement() as conn:

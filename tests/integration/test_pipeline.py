@@ -242,10 +242,15 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
             claimed, SendResult(outcome=Outcome.PERMANENT_FAIL, error_code="payload_invalid"),
             policy, record["updated_at"],
         )  # fmt: skip
-        assert await store.apply_results([late]) == []
+        fenced = await store.apply_results([late], ClaimPolicy(lease_s=30))
+        assert [(a.id, a.status) for a in fenced.records] == [(claimed.id, None)]
+        assert fenced.applied == []
         assert _status_of(conn, "k-lease") == "sending"
         ok = to_result(claimed_b, SendResult(outcome=Outcome.SUCCESS), policy, record["updated_at"])
-        assert [a.status for a in await store.apply_results([ok])] == ["sent"]
+        stored = await store.apply_results([ok], ClaimPolicy(lease_s=30))
+        assert [(a.status, a.channel, a.dedupe_key) for a in stored.applied] == [
+            ("sent", "feishu", "k-lease")
+        ]
     [record] = records(conn)
     assert record["status"] == "sent"
     log = attempts(conn, record["id"])

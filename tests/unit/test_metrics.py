@@ -17,7 +17,7 @@ from outbox_notifier.metrics import Metrics
 from outbox_notifier.providers import PROVIDER_NAMES
 from outbox_notifier.relay import RelayReport
 from outbox_notifier.settings import Settings
-from outbox_notifier.store import Applied, Rescued, Result
+from outbox_notifier.store import Applied, RecordStatus, Rescued, Result
 
 P = "outbox_notifier_"
 
@@ -39,7 +39,7 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
 def result(
     record_id: int,
     outcome: str,
-    status: str,
+    status: RecordStatus,
     error_code: str | None = None,
     *,
     duration_ms: float = 120.0,
@@ -49,10 +49,7 @@ def result(
         record_id=record_id,
         lease_token=record_id * 10,
         attempt=1,
-        channel="feishu",
         provider="feishu_flow",
-        user_id=42,
-        target_key=None,
         status=status,
         outcome=outcome,
         error_code=error_code,
@@ -156,12 +153,13 @@ def test_observe_results(metrics: Metrics, registry: CollectorRegistry) -> None:
         result(7, "success", "sent", duration_ms=30.0),  # late: its lease was taken over
     ]
     applied = [
-        Applied(1, "feishu", "sent", 0.5),
-        Applied(2, "feishu", "sent", 7200.0),
-        Applied(3, "feishu", "failed", None),
-        Applied(4, "feishu", "dead", None),
-        Applied(5, "feishu", "dead", None),
-        Applied(6, "feishu", "skipped", None),
+        Applied(id=1, channel="feishu", status="sent", latency_s=0.5),
+        Applied(id=2, channel="feishu", status="sent", latency_s=7200.0),
+        Applied(id=3, channel="feishu", status="failed"),
+        Applied(id=4, channel="feishu", status="dead"),
+        Applied(id=5, channel="feishu", status="dead"),
+        Applied(id=6, channel="feishu", status="skipped"),
+        Applied(id=7, channel="feishu", status=None),  # late: logged, not applied
     ]
     metrics.observe_results(results, applied)
 
@@ -231,7 +229,7 @@ def test_unknown_outcomes_and_codes_are_bounded(
 ) -> None:
     metrics.observe_results(
         [result(1, "exploded", "failed", "weird_code_12345")],
-        [Applied(1, "feishu", "failed", None)],
+        [Applied(id=1, channel="feishu", status="failed")],
     )
     assert (
         value(
@@ -338,7 +336,10 @@ def test_labels_never_carry_user_data(metrics: Metrics, registry: CollectorRegis
     metrics.observe_relay(RelayReport(3, 2, 1, 1, {"invalid": 1}))
     metrics.observe_results(
         [result(1, "success", "sent"), result(2, "temporary_fail", "failed", "network_error")],
-        [Applied(1, "feishu", "sent", 1.0)],
+        [
+            Applied(id=1, channel="feishu", status="sent", latency_s=1.0),
+            Applied(id=2, channel="feishu", status=None),
+        ],
     )
     metrics.observe_rescued([Rescued(3, "feishu", "dead")])
     allowed = {
@@ -392,7 +393,13 @@ def test_provider_label_is_bounded_by_the_provider_names(
 ) -> None:
     bot = msgspec.structs.replace(result(1, "success", "sent"), provider="feishu_bot")
     stray = msgspec.structs.replace(result(2, "success", "sent"), provider="carrier_pigeon")
-    metrics.observe_results([bot, stray], [Applied(1, "feishu", "sent", 0.2)])
+    metrics.observe_results(
+        [bot, stray],
+        [
+            Applied(id=1, channel="feishu", status="sent", latency_s=0.2),
+            Applied(id=2, channel="feishu", status="sent"),
+        ],
+    )
     attempts = "delivery_attempts_total"
     assert (
         value(registry, attempts, channel="feishu", provider="feishu_bot", outcome="success") == 1
