@@ -28,6 +28,7 @@ import psycopg
 
 from outbox_notifier import backoff, message
 from outbox_notifier.dbhealth import DatabaseHealth, bounded
+from outbox_notifier.names import RecordStatus
 from outbox_notifier.providers.base import (
     Delivery,
     ErrorCode,
@@ -40,7 +41,6 @@ from outbox_notifier.store import (
     Applied,
     ClaimedRecord,
     ClaimPolicy,
-    RecordStatus,
     RecordStore,
     Rescued,
     Result,
@@ -184,7 +184,7 @@ def to_result(
         disable_channel=sent.disable_target,
         provider=record.provider,
         status=status,
-        outcome=str(sent.outcome),
+        outcome=sent.outcome,
         error_code=None if status == "sent" else sent.error_code,
         error=error,
         delay_s=delay_s,

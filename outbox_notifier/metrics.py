@@ -40,9 +40,9 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier import __version__
 from outbox_notifier.dbhealth import bounded
 from outbox_notifier.events import REASON_CLASSES
+from outbox_notifier.names import CHANNEL, ErrorCode, Outcome
 from outbox_notifier.providers import PROVIDER_NAMES
-from outbox_notifier.providers.base import ErrorCode, Outcome
-from outbox_notifier.relay import CHANNEL, RelayReport
+from outbox_notifier.reports import RelayReport
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import Applied, Rescued, Result, StatementTimeouts, set_timeouts
 

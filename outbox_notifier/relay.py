@@ -15,26 +15,11 @@ from dataclasses import dataclass
 import psycopg
 
 from outbox_notifier import events, message
+from outbox_notifier.names import CHANNEL
+from outbox_notifier.reports import RelayReport as RelayReport  # re-exported
 from outbox_notifier.store import NewRecord, OutboxRow, RecordStore
 
 logger = logging.getLogger(__name__)
-
-CHANNEL = "feishu"
-
-
-@dataclass(frozen=True, slots=True)
-class RelayReport:
-    """What one relay pass did."""
-
-    claimed: int
-    created: int
-    deduplicated: int
-    fallback_used: int
-    rejected: dict[str, int]  # by reason class
-
-    @property
-    def relayed(self) -> int:
-        return self.created + self.deduplicated
 
 
 @dataclass(frozen=True, slots=True)

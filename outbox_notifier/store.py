@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Literal
 
 import msgspec
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations
+from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
 from outbox_notifier.sqlfiles import query
 
 _encoder = msgspec.json.Encoder()
@@ -111,10 +111,6 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
     cooloff_s: float = 60.0
 
 
-RecordStatus = Literal["pending", "sending", "sent", "failed", "dead", "skipped"]
-"""A notification record's status (contract names)."""
-
-
 class Result(msgspec.Struct, frozen=True, kw_only=True):
     """What one provider call produced, and the status it leads to, as it will be written.
 
@@ -127,8 +123,8 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int
     provider: str = ""  # the provider that made the call (a metric label)
     status: RecordStatus
-    outcome: str
-    error_code: str | None
+    outcome: Outcome
+    error_code: ErrorCode | None
     error: str | None
     delay_s: float | None
     disable_channel: bool = False  # the target answered 410 Gone: switch the channel off

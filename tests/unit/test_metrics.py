@@ -14,10 +14,11 @@ from prometheus_client import CollectorRegistry
 from outbox_notifier.daemon import default_providers
 from outbox_notifier.http import HeartbeatMonitor
 from outbox_notifier.metrics import Metrics
+from outbox_notifier.names import RecordStatus
 from outbox_notifier.providers import PROVIDER_NAMES
 from outbox_notifier.relay import RelayReport
 from outbox_notifier.settings import Settings
-from outbox_notifier.store import Applied, RecordStatus, Rescued, Result
+from outbox_notifier.store import Applied, Rescued, Result
 
 P = "outbox_notifier_"
 
@@ -38,9 +39,9 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
 
 def result(
     record_id: int,
-    outcome: str,
+    outcome: Any,  # any string: the metrics bound unknown values themselves
     status: RecordStatus,
-    error_code: str | None = None,
+    error_code: Any = None,
     *,
     duration_ms: float = 120.0,
     called: bool = True,
