@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import msgspec
-import psycopg
 
 from outbox_notifier import backoff, message
 from outbox_notifier.dbhealth import DatabaseHealth, bounded
@@ -41,9 +40,12 @@ from outbox_notifier.store import (
     Applied,
     ClaimedRecord,
     ClaimPolicy,
+    DatabaseError,
+    OperationalError,
     RecordStore,
     Rescued,
     Result,
+    ValueRefused,
 )
 
 if TYPE_CHECKING:
@@ -316,7 +318,7 @@ class Deliverer:
             claimed = await bounded(
                 self.store.claim_records(limit, self.claim_policy), self.db_deadline_s
             )
-        except psycopg.OperationalError as exc:
+        except OperationalError as exc:
             logger.warning("claim failed, database unavailable: %s", _first_line(exc))
             self.db_health.failed("delivery", exc)
             if self.metrics is not None:
@@ -332,7 +334,7 @@ class Deliverer:
         failed record falls due sooner (pacing and retries then run on time)."""
         try:
             due_in = await bounded(self.store.seconds_until_next_due(), self.db_deadline_s)
-        except psycopg.OperationalError:
+        except OperationalError:
             return poll_interval_s
         if due_in is None:
             return poll_interval_s
@@ -382,7 +384,7 @@ class Deliverer:
                 await self._apply(batch)
                 self.db_health.ok("apply")
                 return
-            except psycopg.Error as exc:
+            except DatabaseError as exc:
                 # Any database error, not only a lost connection: dropping the batch would let
                 # the leases expire and send every record in it a second time.
                 logger.warning("applying results failed, retrying: %s", _first_line(exc))
@@ -399,13 +401,13 @@ class Deliverer:
                 self.store.apply_results(batch, self.claim_policy), self.db_deadline_s
             )
             records, paused = stored.records, stored.paused
-        except psycopg.DataError:
+        except ValueRefused:
             # Should not happen (text is sanitised), but one bad value must not block the rest.
             records, paused = [], []
             for result in batch:
                 try:
                     one = await self.store.apply_results([result], self.claim_policy)
-                except psycopg.DataError:
+                except ValueRefused:
                     logger.exception("result refused", extra={"record_id": result.record_id})
                 else:
                     records += one.records

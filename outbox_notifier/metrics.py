@@ -10,7 +10,7 @@ Three kinds of source::
     metrics = Metrics(registry)
     metrics.observe_relay(report)               # events, as the loops produce them
     metrics.track(listener_up=..., in_flight=...)  # process state, read at scrape time
-    await metrics.snapshot(pool)                # database state, every few seconds
+    await metrics.snapshot(maintenance_store)   # database state, every few seconds
 
 Database-wide gauges, decided once, here: the snapshot gauges (records, oldest ages, outbox
 backlog, paused targets) and ``database_failing`` describe the database, not this replica, and
@@ -30,21 +30,18 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final
+from typing import Final
 
-import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import __version__
 from outbox_notifier.dbhealth import bounded
 from outbox_notifier.events import REASON_CLASSES
+from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow
 from outbox_notifier.names import CHANNEL, ErrorCode, Outcome
 from outbox_notifier.providers import PROVIDER_NAMES
 from outbox_notifier.reports import RelayReport
-from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import Applied, Rescued, Result, StatementTimeouts, set_timeouts
+from outbox_notifier.store import Applied, DatabaseError, Rescued, Result
 
 logger = logging.getLogger(__name__)
 
@@ -329,26 +326,18 @@ class Metrics:
             if read is not None:
                 gauge.set_function(_safe(read))
 
-    async def snapshot(
-        self,
-        pool: AsyncConnectionPool[AsyncConnection],
-        *,
-        timeout_s: float = 5.0,
-        timeouts: StatementTimeouts | None = None,
-    ) -> bool:
+    async def snapshot(self, store: MaintenanceStore, *, timeout_s: float = 5.0) -> bool:
         """Sets the database gauges from one query; False (and counted) if the query failed."""
         try:
-            rows = await bounded(_read_snapshot(pool, timeouts), timeout_s)
-        except psycopg.Error as exc:
+            rows = await bounded(store.metrics_snapshot(), timeout_s)
+        except DatabaseError as exc:
             self.database_error("maintenance")
             logger.warning("metrics snapshot failed: %s", _first_line(exc))
             return False
         self.apply_snapshot(rows)
         return True
 
-    def apply_snapshot(
-        self, rows: Iterable[tuple[str, str | None, str | None, int, float | None]]
-    ) -> None:
+    def apply_snapshot(self, rows: Iterable[SnapshotRow]) -> None:
         """Sets the gauges from the rows of ``metrics_snapshot`` (see sql/metrics.sql)."""
         counts: dict[tuple[str, str], int] = {}
         oldest: dict[str, float] = {}
@@ -371,16 +360,6 @@ class Metrics:
         self.outbox_pending.set(outbox_pending)
         self.outbox_oldest_pending_age.set(outbox_age)
         self.snapshot_timestamp.set(time.time())
-
-
-async def _read_snapshot(
-    pool: AsyncConnectionPool[AsyncConnection], timeouts: StatementTimeouts | None
-) -> list[Any]:
-    async with pool.connection() as conn, conn.transaction():
-        if timeouts is not None:
-            await set_timeouts(conn, timeouts)
-        cur = await conn.execute(query("metrics_snapshot"))
-        return await cur.fetchall()
 
 
 def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:

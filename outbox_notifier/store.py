@@ -1,4 +1,8 @@
-"""The only module that runs SQL for the pipeline: claims, transitions and the attempt log.
+"""The pipeline's records: claims, transitions, the attempt log and the schema check.
+
+One of the three store modules, the only modules of the pipeline that import the driver and
+run SQL (``maintenance_store``: purges, the leader lease, the metrics snapshot;
+``connections``: the pool, the start-up probe, the outbox listener). A test reads the imports.
 
 Every statement comes from ``sql/queries.sql`` and works on whole batches: a claim of N rows, or
 the results of N calls, is one statement whatever N is. Arrays go to Postgres as parameters and
@@ -12,6 +16,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import msgspec
+import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -20,6 +25,17 @@ from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
 from outbox_notifier.sqlfiles import query
 
 _encoder = msgspec.json.Encoder()
+
+# The driver's errors the stages handle, under the store's names, so that no stage imports the
+# driver: any database error; the database unreachable or the connection lost; a value refused.
+DatabaseError = psycopg.Error
+OperationalError = psycopg.OperationalError
+ValueRefused = psycopg.DataError
+# The schema is not there at all (never migrated, or dropped).
+SchemaMissing = (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)
+
+#: A connection handed out by ``RecordStore.transaction()``.
+Connection = AsyncConnection
 
 
 def _json(value: object) -> str:
@@ -301,6 +317,8 @@ class RecordStore:
             )
             return [Rescued(*row) for row in await cur.fetchall()]
 
-    async def schema_compatibility(self) -> migrations.Compatibility:
+    async def schema_compatibility(
+        self, daemon_version: int | None = None
+    ) -> migrations.Compatibility:
         async with self._statement() as conn:
-            return await migrations.compatibility(conn)
+            return await migrations.compatibility(conn, daemon_version)
