@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from outbox_notifier import backoff, message
-from outbox_notifier.dbhealth import DatabaseHealth, bounded
+from outbox_notifier.dbhealth import DatabaseHealth, bounded, first_line
 from outbox_notifier.names import RecordStatus
 from outbox_notifier.providers.base import (
     Delivery,
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ERROR_TEXT_MAX_RUNES = 2000
-RESPONSE_EXCERPT_MAX_CHARS = 2000
 
 _STATUS_BY_OUTCOME: dict[Outcome, RecordStatus] = {
     Outcome.SUCCESS: "sent",
@@ -177,7 +175,7 @@ def to_result(
     status, delay_s = decide(record, sent, policy)
     error = None
     if sent.error_message and status != "sent":
-        error = _pg_text(message.truncate_runes(sent.error_message, ERROR_TEXT_MAX_RUNES))
+        error = _pg_text(message.truncate_runes(sent.error_message, message.ERROR_TEXT_MAX_RUNES))
     response = _response_json(sent)
     return Result(
         record_id=record.id,
@@ -319,7 +317,7 @@ class Deliverer:
                 self.store.claim_records(limit, self.claim_policy), self.db_deadline_s
             )
         except OperationalError as exc:
-            logger.warning("claim failed, database unavailable: %s", _first_line(exc))
+            logger.warning("claim failed, database unavailable: %s", first_line(exc))
             self.db_health.failed("delivery", exc)
             if self.metrics is not None:
                 self.metrics.database_error("delivery")
@@ -387,7 +385,7 @@ class Deliverer:
             except DatabaseError as exc:
                 # Any database error, not only a lost connection: dropping the batch would let
                 # the leases expire and send every record in it a second time.
-                logger.warning("applying results failed, retrying: %s", _first_line(exc))
+                logger.warning("applying results failed, retrying: %s", first_line(exc))
                 self.db_health.failed("apply", exc)
                 if self.metrics is not None:
                     self.metrics.database_error("apply")
@@ -477,8 +475,3 @@ async def _wait_any(*events: asyncio.Event, timeout_s: float) -> None:
     finally:
         for w in waiters:
             w.cancel()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

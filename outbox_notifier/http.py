@@ -43,7 +43,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from outbox_notifier.dbhealth import DeadlineExceeded, bounded
+from outbox_notifier.dbhealth import DeadlineExceeded, bounded, first_line
 from outbox_notifier.store import DatabaseError, RecordStore, SchemaMissing
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ async def readiness(
         checks["database"] = "ok"
         checks["schema"] = "missing: run `outbox-notifier migrate`"
     except DatabaseError as exc:
-        checks["database"] = f"{type(exc).__name__}: {_first_line(exc)}"
+        checks["database"] = f"{type(exc).__name__}: {first_line(exc)}"
         checks["schema"] = "unknown"
     else:
         checks["database"] = "ok"
@@ -340,8 +340,3 @@ def _health_answer(ok: bool, details: dict[str, Any]) -> web.Response:
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

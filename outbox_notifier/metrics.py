@@ -35,7 +35,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from outbox_notifier import __version__
-from outbox_notifier.dbhealth import bounded
+from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.events import REASON_CLASSES
 from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow
 from outbox_notifier.names import CHANNEL, ErrorCode, Outcome
@@ -332,7 +332,7 @@ class Metrics:
             rows = await bounded(store.metrics_snapshot(), timeout_s)
         except DatabaseError as exc:
             self.database_error("maintenance")
-            logger.warning("metrics snapshot failed: %s", _first_line(exc))
+            logger.warning("metrics snapshot failed: %s", first_line(exc))
             return False
         self.apply_snapshot(rows)
         return True
@@ -370,8 +370,3 @@ def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:
             return math.nan
 
     return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -29,6 +29,7 @@ import httpx
 import msgspec
 
 from outbox_notifier.egress import DestinationForbidden
+from outbox_notifier.message import ERROR_TEXT_MAX_RUNES
 from outbox_notifier.names import (  # re-exported: providers and their tests use them from here
     PERMANENT_ERROR_CODES as PERMANENT_ERROR_CODES,
 )
@@ -37,9 +38,6 @@ from outbox_notifier.names import (
 )
 from outbox_notifier.names import ErrorCode as ErrorCode
 from outbox_notifier.names import Outcome as Outcome
-
-#: Longest error message kept on a result (the seed truncates to 2000 runes).
-ERROR_MESSAGE_MAX_CHARS = 2000
 
 
 class Target(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,7 +176,7 @@ async def read_body_capped(response: httpx.Response, max_bytes: int) -> tuple[by
     return b"".join(chunks), False
 
 
-def truncate(text: str, limit: int = ERROR_MESSAGE_MAX_CHARS) -> str:
+def truncate(text: str, limit: int = ERROR_TEXT_MAX_RUNES) -> str:
     """Cut ``text`` to ``limit`` characters (code points, like the seed's runes)."""
     return text if len(text) <= limit else text[:limit]
 
