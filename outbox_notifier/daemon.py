@@ -86,7 +86,7 @@ def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str
             allowed_schemes=settings.bot_allowed_schemes,
             allowed_hosts=settings.bot_allowed_hosts,
             path_prefix=settings.bot_path_prefix,
-            message_format="card" if settings.bot_message_format == "card" else "text",
+            message_format=settings.bot_message_format,
             **common,
         ),
         "webhook": WebhookProvider(

@@ -102,7 +102,7 @@ def test_killed_worker_records_are_finished_by_another_after_the_lease(
         assert _count(conn, "WHERE status = 'sending'") == 5
     finally:
         victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=10)
+        victim.communicate(timeout=10)  # reaps it and closes its output pipe
     server.release_all()  # the killed worker never hears the answers
     rescuer = start_daemon(db, "--set", "retry_base_s=0.5", "--set", "retry_max_s=1")
     try:
