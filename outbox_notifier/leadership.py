@@ -1,4 +1,5 @@
-"""The lease that lets one replica at a time run maintenance (retention, metric snapshots).
+"""The lease that lets one replica at a time run retention (every replica takes the metric
+snapshots: see outbox_notifier.metrics).
 
 Leadership is a row of ``outbox_notifier.maintenance_leases``, taken by one conditional
 ``INSERT ... ON CONFLICT DO UPDATE`` on the database clock, rather than an advisory lock: a
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The lease that elects the replica running retention and metric snapshots.
+# The lease that elects the replica running retention.
 MAINTENANCE_LEASE = "maintenance"
 # Identifies this process as a lease holder: unique across hosts, processes and restarts.
 PROCESS_HOLDER = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"

@@ -105,8 +105,6 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
 class Provider(Protocol):
     """A delivery channel. ``send`` must never raise for a delivery problem."""
 
-    channel: str
-
     async def send(self, delivery: Delivery) -> SendResult: ...
 
 
