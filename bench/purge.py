@@ -24,6 +24,7 @@ import msgspec
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import retention
+from outbox_notifier.maintenance_store import MaintenanceStore
 
 # An age that matches no row: about 317 years (now() minus it stays a valid timestamp).
 _NEVER_S = 1e10
@@ -36,11 +37,17 @@ async def run(dsn: str, max_age_s: float, batch_size: int) -> dict[str, float]:
         await pool.wait()
         records_started = time.time()
         records = await retention.purge_once(
-            pool, outbox_max_age_s=_NEVER_S, records_max_age_s=max_age_s, batch_size=batch_size
+            MaintenanceStore(pool),
+            outbox_max_age_s=_NEVER_S,
+            records_max_age_s=max_age_s,
+            batch_size=batch_size,
         )
         records_finished = time.time()
         outbox = await retention.purge_once(
-            pool, outbox_max_age_s=max_age_s, records_max_age_s=_NEVER_S, batch_size=batch_size
+            MaintenanceStore(pool),
+            outbox_max_age_s=max_age_s,
+            records_max_age_s=_NEVER_S,
+            batch_size=batch_size,
         )
         outbox_finished = time.time()
     return {

@@ -5,17 +5,12 @@ Durations are float seconds; the caller adds them to its own ``now``.
 
 from __future__ import annotations
 
-import email.utils
 import math
-from datetime import UTC, datetime
 from typing import Final
 
 DEFAULT_MAX_ATTEMPTS: Final = 5
 DEFAULT_RETRY_BASE_S: Final = 300.0
 DEFAULT_RETRY_MAX_S: Final = 1800.0
-
-# A Retry-After header longer than this is not a date or a sane number; don't parse it.
-_RETRY_AFTER_MAX_CHARS: Final = 64
 
 
 def retry_delay_s(attempt_count: int, base_s: float, max_s: float) -> float:
@@ -35,32 +30,6 @@ def retry_delay_s(attempt_count: int, base_s: float, max_s: float) -> float:
         if delay >= max_s:
             return float(max_s)
     return min(delay, float(max_s))
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait according to an HTTP ``Retry-After`` header, or ``None`` if unusable.
-
-    Accepts delta-seconds (``"120"``, ASCII digits only) or an HTTP-date
-    (``"Wed, 21 Oct 2015 07:28:00 GMT"``), measured from ``now``. A date in the past means "retry
-    now" and gives ``0.0``. Anything else (empty, negative, fractional, unparsable, overlong) is
-    ``None``. A naive ``now`` or a date without a zone is taken as UTC.
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    if not text or len(text) > _RETRY_AFTER_MAX_CHARS:
-        return None
-    if text.isascii() and text.isdigit():
-        return float(text)
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (ValueError, TypeError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
 
 
 def next_delay_s(
@@ -83,13 +52,6 @@ def next_delay_s(
     return min(max(retry_after_s, 1.0), retry_after_max_s)
 
 
-def effective_max_attempts(
-    max_attempts: int, default_max_attempts: int = DEFAULT_MAX_ATTEMPTS
-) -> int:
-    """A record's attempt limit: its own ``max_attempts``, or the default when that is ``<= 0``."""
-    return max_attempts if max_attempts > 0 else default_max_attempts
-
-
 def after_temporary_failure(
     attempt_count: int, max_attempts: int, default_max_attempts: int = DEFAULT_MAX_ATTEMPTS
 ) -> bool:
@@ -99,4 +61,4 @@ def after_temporary_failure(
     temporary failure is final. ``max_attempts <= 0`` means ``default_max_attempts`` (the seed's
     ``effectiveMaxAttempts``).
     """
-    return attempt_count >= effective_max_attempts(max_attempts, default_max_attempts)
+    return attempt_count >= (max_attempts if max_attempts > 0 else default_max_attempts)

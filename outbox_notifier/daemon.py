@@ -12,22 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
-import psycopg
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
-from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import eventloop, httpclient, migrations, retention, sdnotify
+from outbox_notifier import (
+    connections,
+    eventloop,
+    httpclient,
+    leadership,
+    migrations,
+    retention,
+    sdnotify,
+)
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, describe
 from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
+from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.providers.base import Provider
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider
@@ -35,12 +40,14 @@ from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
 from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings, parse_host_port
-from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import ClaimPolicy, RecordStore, SessionTimeouts, StatementTimeouts
+from outbox_notifier.store import (
+    ClaimPolicy,
+    DatabaseError,
+    OperationalError,
+    RecordStore,
+)
 
 logger = logging.getLogger(__name__)
-
-OUTBOX_CHANNEL = "outbox_notifier_outbox"
 
 
 class SchemaNotCurrent(RuntimeError):
@@ -86,7 +93,7 @@ def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str
             allowed_schemes=settings.bot_allowed_schemes,
             allowed_hosts=settings.bot_allowed_hosts,
             path_prefix=settings.bot_path_prefix,
-            message_format="card" if settings.bot_message_format == "card" else "text",
+            message_format=settings.bot_message_format,
             **common,
         ),
         "webhook": WebhookProvider(
@@ -96,52 +103,6 @@ def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str
             **common,
         ),
     }
-
-
-def socket_bounds(settings: Settings) -> dict[str, Any]:
-    """libpq parameters that bound a connection whose packets stop arriving: the kernel gives
-    up on unacknowledged data after ``tcp_user_timeout`` and on a silent idle peer after the
-    keepalive probes, so a black-holed connection fails instead of hanging for minutes."""
-    return {
-        "connect_timeout": max(2, math.ceil(settings.tcp_user_timeout_s)),
-        "tcp_user_timeout": max(1, round(settings.tcp_user_timeout_s * 1000)),
-        "keepalives": 1,
-        "keepalives_idle": settings.keepalives_idle_s,
-        "keepalives_interval": settings.keepalives_interval_s,
-        "keepalives_count": settings.keepalives_count,
-    }
-
-
-def connection_kwargs(settings: Settings) -> dict[str, Any]:
-    """Pool connections: autocommit (each batch statement is its own short transaction), the
-    socket bounds and, behind a transaction-mode pooler, no server-side prepared statements.
-
-    On a direct connection (``prepared_statements``) the statement timeouts also go in the
-    startup options, so statements need not set them per transaction (``SessionTimeouts``).
-    They are added to any ``options`` the DSN already has. Behind a transaction-mode pooler
-    they are left out: PgBouncer refuses a connection with options it was not told to ignore.
-    """
-    kwargs: dict[str, Any] = {"autocommit": True, **socket_bounds(settings)}
-    if not settings.prepared_statements:
-        kwargs["prepare_threshold"] = None
-    else:
-        own = psycopg.conninfo.conninfo_to_dict(settings.dsn).get("options") or ""
-        bounds = statement_timeouts(settings).startup_options()
-        kwargs["options"] = f"{own} {bounds}".strip()
-    return kwargs
-
-
-def session_timeouts(settings: Settings) -> SessionTimeouts | None:
-    """What tells connections that kept their startup timeouts (see ``connection_kwargs``)."""
-    if not settings.prepared_statements:
-        return None
-    return SessionTimeouts(statement_timeouts(settings))
-
-
-def statement_timeouts(settings: Settings) -> StatementTimeouts:
-    return StatementTimeouts(
-        lock_s=settings.lock_timeout_s, statement_s=settings.statement_timeout_s
-    )
 
 
 def claim_policy(settings: Settings) -> ClaimPolicy:
@@ -207,20 +168,10 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        session = session_timeouts(settings)
-        pool: AsyncConnectionPool[psycopg.AsyncConnection] = AsyncConnectionPool(
-            settings.dsn,
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            kwargs=connection_kwargs(settings),
-            configure=None if session is None else session.configure,
-            timeout=10.0,
-            # The pool retries a lost connection with doubling delays (1, 2, 4 ... s): after a
-            # long outage the next try could come half a minute after the database is back.
-            # Giving up early instead lets the next request grow the pool at once.
-            reconnect_timeout=max(5.0, settings.tcp_user_timeout_s),
-            open=False,
-            name="outbox-notifier",
+        session = connections.session_timeouts(settings)
+        pool = connections.new_pool(settings, session)
+        store = RecordStore(
+            pool, timeouts=connections.statement_timeouts(settings), session=session
         )
         host, port = parse_host_port(settings.http_listen)
         server = HealthServer(
@@ -229,7 +180,7 @@ class Daemon:
             self.registry,
             health=lambda: self.monitor.report(settings.health_stale_s),
             ready=lambda: readiness(
-                pool,
+                store,
                 lambda: self.listener_up,
                 migrations.latest_version(),
                 loop_problems=self.db_health.problems,
@@ -246,7 +197,6 @@ class Daemon:
         try:
             # Connections are made in the background; _wait_for_database waits for the first.
             await pool.open(wait=False)
-            store = RecordStore(pool, timeouts=statement_timeouts(settings), session=session)
             if not await self._wait_for_database():
                 return  # stopped while waiting
             await self._check_schema(store)
@@ -273,8 +223,8 @@ class Daemon:
             attempt += 1
             self.beat("startup")
             try:
-                await bounded(self._ping(), settings.db_deadline_s)
-            except psycopg.OperationalError as exc:
+                await bounded(connections.ping(settings), settings.db_deadline_s)
+            except OperationalError as exc:
                 reason = describe(exc)
                 self.db_health.failed("startup", exc)
             else:
@@ -302,14 +252,6 @@ class Daemon:
             delay_s = min(delay_s * 2, STARTUP_RETRY_MAX_S)
         self.monitor.forget("startup")
         return False
-
-    async def _ping(self) -> None:
-        # A connection of its own rather than the pool's: its error names the cause
-        # ("connection refused"), where the pool would only say it timed out.
-        async with await psycopg.AsyncConnection.connect(
-            self.settings.dsn, **connection_kwargs(self.settings)
-        ) as conn:
-            await conn.execute(query("ping"))
 
     async def _check_schema(self, store: RecordStore) -> None:
         # Its own schema version or a newer one reached by additive migrations only
@@ -411,7 +353,7 @@ class Daemon:
             try:
                 with self.metrics.claim_timer("relay"):
                     report = await bounded(relay.relay_once(), self.settings.db_deadline_s)
-            except psycopg.OperationalError as exc:
+            except OperationalError as exc:
                 # Locked, slow or absent: the loop stays alive and keeps trying (/readyz says why).
                 logger.warning("relay failed, database unavailable: %s", describe(exc))
                 self.metrics.database_error("relay")
@@ -433,7 +375,7 @@ class Daemon:
                     rescued = await bounded(
                         rescue_expired_leases(store, self.policy), self.settings.db_deadline_s
                     )
-            except psycopg.OperationalError as exc:
+            except OperationalError as exc:
                 logger.warning("lease rescue failed, database unavailable: %s", describe(exc))
                 self.metrics.database_error("rescue")
                 self.db_health.failed("rescue", exc)
@@ -450,12 +392,7 @@ class Daemon:
         while not self._stop.is_set():
             self.beat("listener")
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self.settings.effective_listen_dsn,
-                    autocommit=True,
-                    **socket_bounds(self.settings),
-                ) as conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(OUTBOX_CHANNEL)))
+                async with connections.outbox_listener(self.settings) as listener:
                     if not self.listener_up:
                         logger.info("listening for outbox notifications")
                     self.listener_up = True
@@ -464,9 +401,9 @@ class Daemon:
                     self._outbox_wake.set()
                     while not self._stop.is_set():
                         self.beat("listener")
-                        async for _ in conn.notifies(timeout=self.settings.poll_interval_s):
+                        async for _ in listener.notified(self.settings.poll_interval_s):
                             self._outbox_wake.set()
-            except psycopg.OperationalError as exc:
+            except OperationalError as exc:
                 self.metrics.database_error("listener")
                 if self.listener_up:
                     logger.warning("listener lost its connection, reconnecting: %s",
@@ -481,40 +418,39 @@ class Daemon:
         outbox_notifier.metrics docstring for how they are aggregated), and retention on one
         replica at a time (the holder of the maintenance lease)."""
         settings = self.settings
+        maintenance = MaintenanceStore(store.pool, timeouts=store.timeouts)
         snapshot_every_s = min(settings.maintenance_interval_s, 5.0)
         next_purge = time.monotonic()
         try:
             while not self._stop.is_set():
                 self.beat("maintenance")
-                await self.metrics.snapshot(
-                    store.pool, timeout_s=settings.db_deadline_s, timeouts=store.timeouts
-                )
+                await self.metrics.snapshot(maintenance, timeout_s=settings.db_deadline_s)
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + settings.maintenance_interval_s
-                    await self._purge(store)
+                    await self._purge(maintenance)
                 await self._sleep(snapshot_every_s, loop="maintenance")
         finally:
-            with contextlib.suppress(psycopg.Error):
-                await retention.release_leadership(store.pool)
+            with contextlib.suppress(DatabaseError):
+                await leadership.release_leadership(maintenance)
 
-    async def _purge(self, store: RecordStore) -> None:
+    async def _purge(self, maintenance: MaintenanceStore) -> None:
         settings = self.settings
 
         async def purge() -> retention.RetentionReport:
             return await retention.purge_once(
-                store.pool,
+                maintenance,
                 outbox_max_age_s=settings.outbox_retention_s,
                 records_max_age_s=settings.records_retention_s,
             )
 
         try:
             report = await bounded(
-                retention.run_if_leader(
-                    store.pool, purge, ttl_s=3 * settings.maintenance_interval_s
+                leadership.run_if_leader(
+                    maintenance, purge, ttl_s=3 * settings.maintenance_interval_s
                 ),
                 settings.db_deadline_s,
             )
-        except psycopg.OperationalError as exc:
+        except OperationalError as exc:
             logger.warning("retention failed, database unavailable: %s", describe(exc))
             self.metrics.database_error("maintenance")
             return

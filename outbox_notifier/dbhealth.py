@@ -104,3 +104,10 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0][:300] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's message (at most 300 characters: a log line stays
+    one readable line), or its class when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import msgspec
-import psycopg
 
 from outbox_notifier import backoff, message
-from outbox_notifier.dbhealth import DatabaseHealth, bounded
+from outbox_notifier.dbhealth import DatabaseHealth, bounded, first_line
+from outbox_notifier.names import RecordStatus
 from outbox_notifier.providers.base import (
     Delivery,
     ErrorCode,
@@ -40,9 +40,12 @@ from outbox_notifier.store import (
     Applied,
     ClaimedRecord,
     ClaimPolicy,
+    DatabaseError,
+    OperationalError,
     RecordStore,
     Rescued,
     Result,
+    ValueRefused,
 )
 
 if TYPE_CHECKING:
@@ -50,10 +53,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ERROR_TEXT_MAX_RUNES = 2000
-RESPONSE_EXCERPT_MAX_CHARS = 2000
 
-_STATUS_BY_OUTCOME = {
+_STATUS_BY_OUTCOME: dict[Outcome, RecordStatus] = {
     Outcome.SUCCESS: "sent",
     Outcome.SKIPPED: "skipped",
     Outcome.PERMANENT_FAIL: "dead",
@@ -76,7 +77,7 @@ class RetryPolicy:
 
 def decide(
     record: ClaimedRecord, result: SendResult, policy: RetryPolicy
-) -> tuple[str, float | None]:
+) -> tuple[RecordStatus, float | None]:
     """The record's next status after a call, and the delay before a retry (seed semantics)."""
     status = _STATUS_BY_OUTCOME.get(result.outcome)
     if status is not None:
@@ -122,7 +123,10 @@ def to_delivery(record: ClaimedRecord) -> Delivery:
     )
 
 
-_LOG_LEVEL_BY_STATUS = {
+# A late result whose record was purged meanwhile: nothing is known about it any more.
+_GONE = Applied(id=0, channel="", status=None)
+
+_LOG_LEVEL_BY_STATUS: dict[RecordStatus, int] = {
     "sent": logging.DEBUG,
     "failed": logging.INFO,
     "skipped": logging.INFO,
@@ -135,11 +139,11 @@ def dedupe_key_hash(dedupe_key: str) -> str:
     return hashlib.sha256(dedupe_key.encode()).hexdigest()[:12]
 
 
-def _log_fields(result: Result) -> dict[str, object]:
+def _log_fields(result: Result, record: Applied) -> dict[str, object]:
     return {
         "record_id": result.record_id,
-        "trace_id": result.trace_id,
-        "dedupe_key_hash": dedupe_key_hash(result.dedupe_key),
+        "trace_id": record.trace_id,
+        "dedupe_key_hash": dedupe_key_hash(record.dedupe_key),
         "attempt": result.attempt,
         "error_code": result.error_code,
     }
@@ -171,21 +175,16 @@ def to_result(
     status, delay_s = decide(record, sent, policy)
     error = None
     if sent.error_message and status != "sent":
-        error = _pg_text(message.truncate_runes(sent.error_message, ERROR_TEXT_MAX_RUNES))
+        error = _pg_text(message.truncate_runes(sent.error_message, message.ERROR_TEXT_MAX_RUNES))
     response = _response_json(sent)
     return Result(
         record_id=record.id,
         lease_token=record.lease_token,
         attempt=record.attempt_count,
-        channel=record.channel,
-        user_id=record.user_id,
-        target_key=record.target_key,
-        trace_id=record.trace_id,
-        dedupe_key=record.dedupe_key,
         disable_channel=sent.disable_target,
         provider=record.provider,
         status=status,
-        outcome=str(sent.outcome),
+        outcome=sent.outcome,
         error_code=None if status == "sent" else sent.error_code,
         error=error,
         delay_s=delay_s,
@@ -319,8 +318,8 @@ class Deliverer:
             claimed = await bounded(
                 self.store.claim_records(limit, self.claim_policy), self.db_deadline_s
             )
-        except psycopg.OperationalError as exc:
-            logger.warning("claim failed, database unavailable: %s", _first_line(exc))
+        except OperationalError as exc:
+            logger.warning("claim failed, database unavailable: %s", first_line(exc))
             self.db_health.failed("delivery", exc)
             if self.metrics is not None:
                 self.metrics.database_error("delivery")
@@ -335,7 +334,7 @@ class Deliverer:
         failed record falls due sooner (pacing and retries then run on time)."""
         try:
             due_in = await bounded(self.store.seconds_until_next_due(), self.db_deadline_s)
-        except psycopg.OperationalError:
+        except OperationalError:
             return poll_interval_s
         if due_in is None:
             return poll_interval_s
@@ -407,61 +406,60 @@ class Deliverer:
                 await self._apply(batch)
                 self.db_health.ok("apply")
                 return
-            except psycopg.Error as exc:
+            except DatabaseError as exc:
                 # Any database error, not only a lost connection: dropping the batch would let
                 # the leases expire and send every record in it a second time.
-                logger.warning("applying results failed, retrying: %s", _first_line(exc))
+                logger.warning("applying results failed, retrying: %s", first_line(exc))
                 self.db_health.failed("apply", exc)
                 if self.metrics is not None:
                     self.metrics.database_error("apply")
                 await asyncio.sleep(self.apply_retry_s)
 
     async def _apply(self, batch: Sequence[Result]) -> None:
+        # One statement stores the results, their 410 disables and the pacing bookkeeping:
+        # they commit together or are retried together.
         try:
-            applied = await bounded(self.store.apply_results(batch), self.db_deadline_s)
-        except psycopg.DataError:
+            stored = await bounded(
+                self.store.apply_results(batch, self.claim_policy), self.db_deadline_s
+            )
+            records, paused = stored.records, stored.paused
+        except ValueRefused:
             # Should not happen (text is sanitised), but one bad value must not block the rest.
-            applied = []
+            records, paused = [], []
             for result in batch:
                 try:
-                    applied += await self.store.apply_results([result])
-                except psycopg.DataError:
+                    one = await self.store.apply_results([result], self.claim_policy)
+                except ValueRefused:
                     logger.exception("result refused", extra={"record_id": result.record_id})
-        self._account(batch, applied)
-        # Pacing bookkeeping after the results are stored, and outside their retry: if it
-        # fails, a pause comes late, and the results are not re-applied. (A 410's channel
-        # disable is part of apply_results itself: it must not be lost that way.)
-        try:
-            paused = await bounded(
-                self.store.record_target_results(batch, self.claim_policy), self.db_deadline_s
-            )
-        except psycopg.Error as exc:
-            logger.warning("target bookkeeping failed: %s", _first_line(exc))
-            return
+                else:
+                    records += one.records
+                    paused += one.paused
+        self._account(batch, records)
         for key in paused:
             logger.warning("target paused after repeated failures", extra={"target": key[:12]})
 
-    def _account(self, batch: Sequence[Result], applied: Sequence[Applied]) -> None:
+    def _account(self, batch: Sequence[Result], records: Sequence[Applied]) -> None:
         if self.metrics is not None:
-            self.metrics.observe_results(batch, applied)
-        self.stats.fenced += len(batch) - len(applied)
-        applied_ids = {row.id for row in applied}
+            self.metrics.observe_results(batch, records)
+        by_id = {row.id: row for row in records}
         for result in batch:
-            if result.record_id not in applied_ids:
+            record = by_id.get(result.record_id)
+            if record is None or record.status is None:
+                self.stats.fenced += 1
                 logger.warning(
                     "late result discarded: the record's lease was taken over",
-                    extra=_log_fields(result),
+                    extra=_log_fields(result, record or _GONE),
                 )
             else:
                 # Sent is the hot path: DEBUG, so a busy daemon is not slowed by its own logs.
-                level = _LOG_LEVEL_BY_STATUS.get(result.status, logging.INFO)
+                level = _LOG_LEVEL_BY_STATUS.get(record.status, logging.INFO)
                 if logger.isEnabledFor(level):
                     logger.log(
-                        level, "record %s: %s", result.status, result.error_code or "ok",
-                        extra=_log_fields(result),
+                        level, "record %s: %s", record.status, result.error_code or "ok",
+                        extra=_log_fields(result, record),
                     )  # fmt: skip
         if self.on_applied is not None:
-            self.on_applied(batch, applied)
+            self.on_applied(batch, records)
 
     async def _drain(self, applier: asyncio.Task[None]) -> None:
         """Lets in-flight calls finish and their results land; the caller bounds the time."""
@@ -501,8 +499,3 @@ async def _wait_any(*events: asyncio.Event, timeout_s: float) -> None:
     finally:
         for w in waiters:
             w.cancel()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

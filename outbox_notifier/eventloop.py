@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-EVENT_LOOPS = frozenset({"auto", "uvloop", "asyncio"})
-
 
 def uvloop_available() -> bool:
     return importlib.util.find_spec("uvloop") is not None

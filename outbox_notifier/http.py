@@ -19,7 +19,7 @@ Usage::
     server = HealthServer(
         "127.0.0.1", 9464, registry,
         health=lambda: monitor.report(max_age_s=30.0),
-        ready=lambda: readiness(pool, lambda: listener_up, migrations.latest_version()),
+        ready=lambda: readiness(store, lambda: listener_up, migrations.latest_version()),
     )
     await server.start()
     ...
@@ -39,15 +39,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import msgspec
-import psycopg
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import migrations
-from outbox_notifier.dbhealth import DeadlineExceeded, bounded
+from outbox_notifier.dbhealth import DeadlineExceeded, bounded, first_line
+from outbox_notifier.store import DatabaseError, RecordStore, SchemaMissing
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +110,7 @@ class HeartbeatMonitor:
 
 
 async def readiness(
-    pool: AsyncConnectionPool[AsyncConnection],
+    store: RecordStore,
     listener_up: Callable[[], bool],
     expected_version: int,
     *,
@@ -128,22 +125,18 @@ async def readiness(
     """
     checks: dict[str, str] = {}
 
-    async def probe() -> migrations.Compatibility:
-        async with pool.connection() as conn:
-            return await migrations.compatibility(conn, expected_version)
-
     try:
         # Abandoned, not awaited, past the deadline: in a network black hole psycopg's own
         # cancellation takes up to 10 s, and a probe must answer in time.
-        verdict = await bounded(probe(), READINESS_TIMEOUT_S)
+        verdict = await bounded(store.schema_compatibility(expected_version), READINESS_TIMEOUT_S)
     except DeadlineExceeded:
         checks["database"] = f"no answer within {READINESS_TIMEOUT_S:g}s"
         checks["schema"] = "unknown"
-    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+    except SchemaMissing:
         checks["database"] = "ok"
         checks["schema"] = "missing: run `outbox-notifier migrate`"
-    except psycopg.Error as exc:
-        checks["database"] = f"{type(exc).__name__}: {_first_line(exc)}"
+    except DatabaseError as exc:
+        checks["database"] = f"{type(exc).__name__}: {first_line(exc)}"
         checks["schema"] = "unknown"
     else:
         checks["database"] = "ok"
@@ -347,8 +340,3 @@ def _health_answer(ok: bool, details: dict[str, Any]) -> web.Response:
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -13,6 +13,12 @@ from __future__ import annotations
 from typing import Final
 
 DEFAULT_FALLBACK_TEMPLATE: Final = "我为你生成了一份日程调整建议,请回到系统确认是否应用。"
+
+#: What every provider's message is about: the event name, the title and the action label.
+EVENT: Final = "smartflow.schedule_adjustment_ready"
+EVENT_VERSION: Final = "1"
+MESSAGE_TITLE: Final = "SmartFlow 日程调整建议"
+MESSAGE_ACTION_TEXT: Final = "查看并确认调整"
 """The seed's ``defaultFallbackTemplate``: used when an event carries no usable fallback text."""
 
 DEFAULT_SUMMARY_MAX_RUNES: Final = 180

@@ -10,7 +10,7 @@ Three kinds of source::
     metrics = Metrics(registry)
     metrics.observe_relay(report)               # events, as the loops produce them
     metrics.track(listener_up=..., in_flight=...)  # process state, read at scrape time
-    await metrics.snapshot(pool)                # database state, every few seconds
+    await metrics.snapshot(maintenance_store)   # database state, every few seconds
 
 Database-wide gauges, decided once, here: the snapshot gauges (records, oldest ages, outbox
 backlog, paused targets) and ``database_failing`` describe the database, not this replica, and
@@ -30,21 +30,18 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final
+from typing import Final
 
-import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import __version__
-from outbox_notifier.dbhealth import bounded
+from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.events import REASON_CLASSES
+from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow
+from outbox_notifier.names import CHANNEL, ErrorCode, Outcome
 from outbox_notifier.providers import PROVIDER_NAMES
-from outbox_notifier.providers.base import ErrorCode, Outcome
-from outbox_notifier.relay import CHANNEL, RelayReport
-from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import Applied, Rescued, Result, StatementTimeouts, set_timeouts
+from outbox_notifier.reports import RelayReport
+from outbox_notifier.store import Applied, DatabaseError, Rescued, Result
 
 logger = logging.getLogger(__name__)
 
@@ -245,19 +242,21 @@ class Metrics:
         for reason_class, count in report.rejected.items():
             self.outbox_rejected.labels(_bounded(reason_class, _REASON_CLASSES)).inc(count)
 
-    def observe_results(self, results: Sequence[Result], applied: Sequence[Applied]) -> None:
-        """One batch of provider results and the records it updated (``Deliverer.on_applied``).
+    def observe_results(self, results: Sequence[Result], records: Sequence[Applied]) -> None:
+        """One batch of provider results and their records as ``apply_results`` returned them
+        (``Deliverer.on_applied``).
 
         Every result is a provider call: it counts as an attempt even when it arrived late.
-        A result whose record is not among ``applied`` lost its lease (fencing) and is counted
-        in ``late_results_total``.
+        A result whose record was not applied (status None, or the record is gone) lost its
+        lease (fencing) and is counted in ``late_results_total``.
         """
-        applied_ids = {row.id for row in applied}
+        by_id = {row.id: row for row in records}
         provider_of: dict[int, str] = {}
         for result in results:
-            channel = _bounded(result.channel, self._channel_set)
+            record = by_id.get(result.record_id)
+            channel = _bounded(None if record is None else record.channel, self._channel_set)
             provider = provider_of[result.record_id] = _bounded(result.provider, self._provider_set)
-            if result.record_id not in applied_ids:
+            if record is None or record.status is None:
                 self.late_results.inc()
             outcome = _bounded(result.outcome, _OUTCOMES)
             self.delivery_attempts.labels(channel, provider, outcome).inc()
@@ -270,7 +269,7 @@ class Metrics:
                 self.provider_call_duration.labels(channel, provider).observe(
                     result.duration_ms / 1000.0
                 )
-        for row in applied:
+        for row in records:
             if row.status == "dead":
                 self.records_dead.labels(row.channel).inc()
             elif row.status == "sent" and row.latency_s is not None:
@@ -327,26 +326,18 @@ class Metrics:
             if read is not None:
                 gauge.set_function(_safe(read))
 
-    async def snapshot(
-        self,
-        pool: AsyncConnectionPool[AsyncConnection],
-        *,
-        timeout_s: float = 5.0,
-        timeouts: StatementTimeouts | None = None,
-    ) -> bool:
+    async def snapshot(self, store: MaintenanceStore, *, timeout_s: float = 5.0) -> bool:
         """Sets the database gauges from one query; False (and counted) if the query failed."""
         try:
-            rows = await bounded(_read_snapshot(pool, timeouts), timeout_s)
-        except psycopg.Error as exc:
+            rows = await bounded(store.metrics_snapshot(), timeout_s)
+        except DatabaseError as exc:
             self.database_error("maintenance")
-            logger.warning("metrics snapshot failed: %s", _first_line(exc))
+            logger.warning("metrics snapshot failed: %s", first_line(exc))
             return False
         self.apply_snapshot(rows)
         return True
 
-    def apply_snapshot(
-        self, rows: Iterable[tuple[str, str | None, str | None, int, float | None]]
-    ) -> None:
+    def apply_snapshot(self, rows: Iterable[SnapshotRow]) -> None:
         """Sets the gauges from the rows of ``metrics_snapshot`` (see sql/metrics.sql)."""
         counts: dict[tuple[str, str], int] = {}
         oldest: dict[str, float] = {}
@@ -371,16 +362,6 @@ class Metrics:
         self.snapshot_timestamp.set(time.time())
 
 
-async def _read_snapshot(
-    pool: AsyncConnectionPool[AsyncConnection], timeouts: StatementTimeouts | None
-) -> list[Any]:
-    async with pool.connection() as conn, conn.transaction():
-        if timeouts is not None:
-            await set_timeouts(conn, timeouts)
-        cur = await conn.execute(query("metrics_snapshot"))
-        return await cur.fetchall()
-
-
 def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:
     def value() -> float:
         try:
@@ -389,8 +370,3 @@ def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:
             return math.nan
 
     return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import psycopg
 
+from outbox_notifier.dbhealth import first_line
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
 
@@ -94,25 +95,20 @@ def _connect(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     try:
         conn = psycopg.connect(settings.dsn, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise OperatorError(f"cannot connect to the database: {_first_line(exc)}") from exc
+        raise OperatorError(f"cannot connect to the database: {first_line(exc)}") from exc
     with conn:
         try:
             yield conn
         except psycopg.errors.UndefinedTable as exc:
             raise OperatorError(
-                f"the outbox_notifier schema is missing or old ({_first_line(exc)}): "
+                f"the outbox_notifier schema is missing or old ({first_line(exc)}): "
                 "run `outbox-notifier migrate`"
             ) from exc
         except psycopg.errors.UndefinedFunction as exc:
             raise OperatorError(
-                f"the outbox_notifier schema is old ({_first_line(exc)}): "
+                f"the outbox_notifier schema is old ({first_line(exc)}): "
                 "run `outbox-notifier migrate`"
             ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _fail(message: str) -> int:

@@ -12,29 +12,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import psycopg
-
 from outbox_notifier import events, message
-from outbox_notifier.store import NewRecord, OutboxRow, RecordStore
+from outbox_notifier.names import CHANNEL
+from outbox_notifier.reports import RelayReport as RelayReport  # re-exported
+from outbox_notifier.store import (
+    Connection,
+    NewRecord,
+    OutboxRow,
+    RecordStore,
+    ValueRefused,
+)
 
 logger = logging.getLogger(__name__)
-
-CHANNEL = "feishu"
-
-
-@dataclass(frozen=True, slots=True)
-class RelayReport:
-    """What one relay pass did."""
-
-    claimed: int
-    created: int
-    deduplicated: int
-    fallback_used: int
-    rejected: dict[str, int]  # by reason class
-
-    @property
-    def relayed(self) -> int:
-        return self.created + self.deduplicated
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +44,7 @@ class Relay:
     async def relay_once(self) -> RelayReport:
         try:
             return await self._relay(isolate_rows=False)
-        except psycopg.DataError:
+        except ValueRefused:
             # A value that passed validation but that Postgres refuses would otherwise fail the
             # whole batch forever. Retry the batch row by row so only the culprit is rejected.
             logger.warning("relay batch refused by the database; retrying row by row")
@@ -89,9 +78,7 @@ class Relay:
             rejected=batch.reason_classes,
         )
 
-    async def _write_one_by_one(
-        self, conn: psycopg.AsyncConnection, batch: _Sorted
-    ) -> list[tuple[int, int]]:
+    async def _write_one_by_one(self, conn: Connection, batch: _Sorted) -> list[tuple[int, int]]:
         created: list[tuple[int, int]] = []
         for record in batch.records:
             try:
@@ -99,7 +86,7 @@ class Relay:
                     created += await self.store.relay(
                         conn, [record], [], channel=CHANNEL, max_attempts=self.max_attempts
                     )
-            except psycopg.DataError as exc:
+            except ValueRefused as exc:
                 reason = f"refused by the database: {str(exc).splitlines()[0]}"
                 batch.rejected.append((record.outbox_id, reason))
                 batch.reason_classes["invalid"] = batch.reason_classes.get("invalid", 0) + 1

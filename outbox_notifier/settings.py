@@ -28,7 +28,7 @@ import tomllib
 import typing
 import urllib.parse
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from psycopg import conninfo
@@ -40,7 +40,10 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 # Variables with the prefix that are not settings: the config file path and the test fixture's DSN.
 NON_SETTING_ENV = frozenset({CONFIG_ENV, ENV_PREFIX + "TEST_DSN"})
 
-LOG_FORMATS = frozenset({"plain", "json"})
+LogFormat = Literal["plain", "json"]
+EventLoop = Literal["auto", "uvloop", "asyncio"]  # auto: uvloop when installed
+BotMessageFormat = Literal["text", "card"]  # text, or an interactive card with a button
+LOG_FORMATS = frozenset(typing.get_args(LogFormat))
 LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 ALLOWED_FLOW_SCHEMES = frozenset({"http", "https"})
 
@@ -127,9 +130,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     flow_path_prefix: str = "/flow/api/trigger-webhook/"
     ca_bundle: str = ""  # CAs added to the system trust store; TLS verification is always on
     http_listen: str = "127.0.0.1:9464"  # host:port for /metrics, /healthz, /readyz
-    log_format: str = "plain"  # "plain" or "json"
+    log_format: LogFormat = "plain"
     # "auto": uvloop when installed, else asyncio's loop; "uvloop" or "asyncio" to insist.
-    event_loop: str = "auto"
+    event_loop: EventLoop = "auto"
     log_level: str = "INFO"
     maintenance_interval_s: Positive = 60.0  # retention pass and metric snapshot interval
     outbox_retention_s: Positive = 7 * 86400.0  # relayed/rejected outbox rows older are deleted
@@ -147,7 +150,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Endpoint protection: this many consecutive temporary failures pause a target.
     breaker_failures: AtLeastOne = 5
     breaker_cooloff_s: Positive = 60.0
-    bot_message_format: str = "text"  # "text" or "card" (an interactive card with a button)
+    bot_message_format: BotMessageFormat = "text"
     bot_allowed_schemes: tuple[str, ...] = ("https",)
     bot_allowed_hosts: tuple[str, ...] = ("open.feishu.cn", "open.larksuite.com")
     bot_path_prefix: str = "/open-apis/bot/v2/hook/"
@@ -234,12 +237,6 @@ def _check_values(s: Settings) -> None:
             f"must be >= retry_base_s, got {s.retry_max_s} while retry_base_s = {s.retry_base_s}",
             related="retry_base_s",
         )
-    if s.log_format not in LOG_FORMATS:
-        raise _invalid("log_format", f"expected 'plain' or 'json', got {s.log_format!r}")
-    if s.event_loop not in eventloop.EVENT_LOOPS:
-        raise _invalid(
-            "event_loop", f"expected 'auto', 'uvloop' or 'asyncio', got {s.event_loop!r}"
-        )
     if s.event_loop == "uvloop" and not eventloop.uvloop_available():
         raise _invalid("event_loop", "'uvloop' is not installed (pip install uvloop, or 'auto')")
     if s.log_level.upper() not in LOG_LEVELS:
@@ -267,10 +264,6 @@ def _check_values(s: Settings) -> None:
             valid = False
         if not valid:
             raise _invalid("http_proxy", "expected an http://host:port URL")
-    if s.bot_message_format not in ("text", "card"):
-        raise _invalid(
-            "bot_message_format", f"expected 'text' or 'card', got {s.bot_message_format!r}"
-        )
     if s.frontend_base_url:
         parts = urllib.parse.urlsplit(s.frontend_base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -361,6 +354,11 @@ def _describe(name: str, raw: object, tp: Any) -> str:
                     bound = getattr(meta, attr)
                     if bound is not None:
                         constraints.append(f"{op} {bound}")
+    if typing.get_origin(base) is Literal:
+        # a choice: msgspec checks it against the Literal; the message names the choices
+        choices = [repr(c) for c in typing.get_args(base)]
+        noun = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+        return f"expected {noun}, got {raw!r}"[:200]
     if base is int:
         noun = "an integer"
     elif base is float:

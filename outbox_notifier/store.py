@@ -1,4 +1,8 @@
-"""The only module that runs SQL for the pipeline: claims, transitions and the attempt log.
+"""The pipeline's records: claims, transitions, the attempt log and the schema check.
+
+One of the three store modules, the only modules of the pipeline that import the driver and
+run SQL (``maintenance_store``: purges, the leader lease, the metrics snapshot;
+``connections``: the pool, the start-up probe, the outbox listener). A test reads the imports.
 
 Every statement comes from ``sql/queries.sql`` and works on whole batches: a claim of N rows, or
 the results of N calls, is one statement whatever N is. Arrays go to Postgres as parameters and
@@ -12,18 +16,30 @@ import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
+import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations
+from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
 from outbox_notifier.sqlfiles import query
 
 logger = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
+
+# The driver's errors the stages handle, under the store's names, so that no stage imports the
+# driver: any database error; the database unreachable or the connection lost; a value refused.
+DatabaseError = psycopg.Error
+OperationalError = psycopg.OperationalError
+ValueRefused = psycopg.DataError
+# The schema is not there at all (never migrated, or dropped).
+SchemaMissing = (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)
+
+#: A connection handed out by ``RecordStore.transaction()``.
+Connection = AsyncConnection
 
 
 def _json(value: object) -> str:
@@ -116,23 +132,22 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
-    """The outcome of one provider call, as it will be written."""
+    """What one provider call produced, and the status it leads to, as it will be written.
+
+    The record's channel, user, trace id and dedupe key, and the target the call went to, are
+    not carried: ``apply_results`` derives them from ``record_id`` in the database.
+    """
 
     record_id: int
     lease_token: int
     attempt: int
-    channel: str
-    user_id: int
-    target_key: str | None
-    trace_id: str = ""
-    dedupe_key: str = ""
-    disable_channel: bool = False
     provider: str = ""  # the provider that made the call (a metric label)
-    status: str
-    outcome: str
-    error_code: str | None
+    status: RecordStatus
+    outcome: Outcome
+    error_code: ErrorCode | None
     error: str | None
     delay_s: float | None
+    disable_channel: bool = False  # the target answered 410 Gone: switch the channel off
     provider_message_id: str | None
     request_json: str | None
     response_json: str | None
@@ -141,13 +156,34 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float
 
 
-class Applied(msgspec.Struct, frozen=True):
-    """A result that was applied (its worker still held the lease)."""
+class Applied(msgspec.Struct, frozen=True, kw_only=True):
+    """One result's record after ``apply_results``: what logging and metrics need.
+
+    ``status`` is None for a late result (its worker had lost the lease): it was logged as an
+    attempt but not applied.
+    """
 
     id: int
     channel: str
-    status: str
-    latency_s: float | None
+    status: RecordStatus | None
+    latency_s: float | None = None
+    trace_id: str = ""
+    dedupe_key: str = ""
+
+    @property
+    def applied(self) -> bool:
+        return self.status is not None
+
+
+class AppliedBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """What one ``apply_results`` statement returned."""
+
+    records: list[Applied]  # one per result whose record still exists
+    paused: list[str]  # target keys paused now by endpoint protection
+
+    @property
+    def applied(self) -> list[Applied]:
+        return [row for row in self.records if row.applied]
 
 
 class Rescued(msgspec.Struct, frozen=True):
@@ -304,43 +340,33 @@ class RecordStore:
             row = await (await conn.execute(query("next_due"))).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    async def record_target_results(
-        self, results: Sequence[Result], policy: ClaimPolicy
-    ) -> list[str]:
-        """Endpoint-protection bookkeeping for a batch; returns targets that are paused now."""
-        tally: dict[str, list[Any]] = {}
-        for r in results:
-            if r.target_key is None:
-                continue
-            entry = tally.setdefault(r.target_key, [0, 0, None])
-            if r.outcome == "success":
-                entry[0] += 1
-            elif r.outcome == "temporary_fail":
-                entry[1] += 1
-                entry[2] = r.error_code
-        if not tally:
-            return []
-        keys = sorted(tally)
+    async def apply_results(self, results: Sequence[Result], policy: ClaimPolicy) -> AppliedBatch:
+        """Applies a batch of results, their 410 disables and the endpoint-protection
+        bookkeeping in one statement (see ``apply_results`` in the SQL)."""
         params = {
-            "keys": keys,
-            "successes": [tally[k][0] for k in keys],
-            "failures": [tally[k][1] for k in keys],
-            "codes": [tally[k][2] for k in keys],
+            "results": _json(results),
+            "host_now": datetime.now(UTC),
             "breaker_failures": policy.breaker_failures,
             "cooloff_s": policy.cooloff_s,
         }
         async with self._statement() as conn:
-            cur = await conn.execute(query("record_target_results"), params)
-            return [row[0] for row in await cur.fetchall() if row[0] is not None]
-
-    async def apply_results(self, results: Sequence[Result]) -> list[Applied]:
-        params = {"results": _json(results), "host_now": datetime.now(UTC)}
-        async with self._statement() as conn:
             cur = await conn.execute(query("apply_results"), params)
-            return [
-                Applied(row[0], row[1], row[2], None if row[3] is None else float(row[3]))
-                for row in await cur.fetchall()
-            ]
+            rows = await cur.fetchall()
+        paused: list[str] = (rows[0][6] or []) if rows else []
+        return AppliedBatch(
+            records=[
+                Applied(
+                    id=row[0],
+                    channel=row[1],
+                    status=row[2],
+                    latency_s=None if row[3] is None else float(row[3]),
+                    trace_id=row[4] or "",
+                    dedupe_key=row[5],
+                )
+                for row in rows
+            ],
+            paused=paused,
+        )
 
     async def rescue_expired_leases(self, limit: int, delays_s: Sequence[float]) -> list[Rescued]:
         async with self._statement() as conn:
@@ -349,6 +375,8 @@ class RecordStore:
             )
             return [Rescued(*row) for row in await cur.fetchall()]
 
-    async def schema_compatibility(self) -> migrations.Compatibility:
+    async def schema_compatibility(
+        self, daemon_version: int | None = None
+    ) -> migrations.Compatibility:
         async with self._statement() as conn:
-            return await migrations.compatibility(conn)
+            return await migrations.compatibility(conn, daemon_version)

@@ -71,33 +71,43 @@ SELECT extract(epoch FROM least(
      WHERE status = 'failed')
 ) - now());
 
--- name: record_target_results
--- Endpoint protection bookkeeping; returns the keys of targets paused now.
-SELECT * FROM outbox_notifier.record_target_results_v1(
-    %(keys)s::text[], %(successes)s::integer[], %(failures)s::integer[],
-    %(codes)s::text[], %(breaker_failures)s, %(cooloff_s)s
-);
-
 -- name: apply_results
--- Applies provider results, each only while the record still holds the worker's fencing token,
--- and logs every call in delivery_attempts (applied = false for a late result that lost its
--- lease). next_retry_at is computed on the database clock. A target that answered 410 Gone has
--- its user's channel switched off (reason kept) in this same statement, so the record's result
--- and the disable commit together or are retried together. Returns the records updated.
+-- Applies a batch of provider results in one atomic statement. Each result carries only what
+-- its call produced; the record's channel, user, trace and dedupe key, and the target it was
+-- sent to, are derived here from record_id instead of travelling through the daemon.
+-- * a result is applied only while the record still holds the worker's fencing token
+--   (applied = false in delivery_attempts for a late result that lost its lease);
+-- * every call is logged in delivery_attempts; next_retry_at is computed on the database clock;
+-- * a target that answered 410 Gone has its user's channel switched off (reason kept);
+-- * endpoint protection counts the batch's successes and temporary failures per target
+--   (outbox_notifier.record_target_results_v1, which locks the targets in key order).
+-- All of it commits together or is retried together. Returns one row per result whose record
+-- exists, with what logging and metrics need (status NULL: a late result, not applied), and on
+-- each row the keys of the targets paused now. The target is the channel's current webhook
+-- URL: a URL edited during the call is tallied against its new target, the one the next claim
+-- paces.
 WITH input AS (
     SELECT *
     FROM jsonb_to_recordset(%(results)s::jsonb) AS t(
         record_id bigint, lease_token bigint, attempt integer, status text, outcome text,
         error_code text, error text, delay_s float8, provider_message_id text,
         request_json text, response_json text, http_status integer, started_at timestamptz,
-        duration_ms float8, user_id bigint, channel text, disable_channel boolean
+        duration_ms float8, disable_channel boolean
     )
+), known AS MATERIALIZED (
+    SELECT input.record_id, r.channel, r.user_id, r.trace_id, r.dedupe_key,
+           CASE WHEN ch.webhook_url IS NOT NULL
+                THEN outbox_notifier.target_key(ch.webhook_url) END AS target_key
+    FROM input
+    JOIN outbox_notifier.notification_records r ON r.id = input.record_id
+    LEFT JOIN outbox_notifier.notification_channels ch
+           ON ch.user_id = r.user_id AND ch.channel = r.channel
 ), disabled AS (
     UPDATE outbox_notifier.notification_channels ch
     SET enabled = false, disabled_reason = coalesce(input.error, 'target gone'),
         updated_at = now()
-    FROM input
-    WHERE input.disable_channel AND ch.user_id = input.user_id AND ch.channel = input.channel
+    FROM input JOIN known USING (record_id)
+    WHERE input.disable_channel AND ch.user_id = known.user_id AND ch.channel = known.channel
 ), applied AS (
     UPDATE outbox_notifier.notification_records r
     SET status = input.status,
@@ -114,7 +124,7 @@ WITH input AS (
         updated_at = now()
     FROM input
     WHERE r.id = input.record_id AND r.status = 'sending' AND r.lease_token = input.lease_token
-    RETURNING r.id, r.channel, r.status,
+    RETURNING r.id, r.status,
               extract(epoch FROM now() - coalesce(r.outbox_created_at, r.requested_at))
               AS latency_s
 ), logged AS (
@@ -125,11 +135,32 @@ WITH input AS (
     -- started_at was read on this host's clock: moved onto the database clock, as every
     -- other time the daemon writes
     SELECT input.record_id, input.attempt, input.lease_token,
-           now() - (%(host_now)s::timestamptz - input.started_at), input.duration_ms, input.outcome, input.error_code, input.http_status,
+           now() - (%(host_now)s::timestamptz - input.started_at), input.duration_ms,
+           input.outcome, input.error_code, input.http_status,
            left(input.response_json, 2000), applied.id IS NOT NULL
     FROM input LEFT JOIN applied ON applied.id = input.record_id
+), tally AS (
+    SELECT known.target_key,
+           count(*) FILTER (WHERE input.outcome = 'success')::integer AS successes,
+           count(*) FILTER (WHERE input.outcome = 'temporary_fail')::integer AS failures,
+           (array_agg(input.error_code ORDER BY input.record_id DESC)
+               FILTER (WHERE input.outcome = 'temporary_fail'))[1] AS code
+    FROM input JOIN known USING (record_id)
+    WHERE known.target_key IS NOT NULL
+    GROUP BY known.target_key
+), paused AS MATERIALIZED (
+    SELECT array_agg(p.key) FILTER (WHERE p.key IS NOT NULL) AS keys
+    FROM outbox_notifier.record_target_results_v1(
+        ARRAY(SELECT target_key FROM tally ORDER BY target_key),
+        ARRAY(SELECT successes FROM tally ORDER BY target_key),
+        ARRAY(SELECT failures FROM tally ORDER BY target_key),
+        ARRAY(SELECT code FROM tally ORDER BY target_key),
+        %(breaker_failures)s, %(cooloff_s)s
+    ) AS p(key)
 )
-SELECT id, channel, status, latency_s FROM applied;
+SELECT known.record_id, known.channel, applied.status, applied.latency_s, known.trace_id,
+       known.dedupe_key, paused.keys
+FROM known LEFT JOIN applied ON applied.id = known.record_id CROSS JOIN paused;
 
 -- name: rescue_expired_leases
 -- Takes back records whose worker died or stalled in 'sending': a temporary failure with code

@@ -16,7 +16,6 @@ Outcome -> record status, applied by the delivery loop (seed semantics):
 from __future__ import annotations
 
 import asyncio
-import enum
 import ipaddress
 import math
 import re
@@ -30,50 +29,15 @@ import httpx
 import msgspec
 
 from outbox_notifier.egress import DestinationForbidden
-
-#: Longest error message kept on a result (the seed truncates to 2000 runes).
-ERROR_MESSAGE_MAX_CHARS = 2000
-
-
-class Outcome(enum.StrEnum):
-    """How one provider call ended (contract names)."""
-
-    SUCCESS = "success"
-    TEMPORARY_FAIL = "temporary_fail"
-    PERMANENT_FAIL = "permanent_fail"
-    SKIPPED = "skipped"
-
-
-class ErrorCode(enum.StrEnum):
-    """Why a provider call did not succeed (contract names, as in the seed)."""
-
-    # retryable
-    PROVIDER_TIMEOUT = "provider_timeout"
-    PROVIDER_RATE_LIMITED = "provider_rate_limited"
-    PROVIDER_5XX = "provider_5xx"
-    NETWORK_ERROR = "network_error"
-    SENDING_LEASE_EXPIRED = "sending_lease_expired"
-    # permanent
-    RECIPIENT_MISSING = "recipient_missing"
-    INVALID_URL = "invalid_url"
-    PROVIDER_AUTH_FAILED = "provider_auth_failed"
-    PAYLOAD_INVALID = "payload_invalid"
-    ENDPOINT_GONE = "endpoint_gone"  # HTTP 410: the receiver retired the endpoint for good
-    # The egress guard refused the address (loopback, private, link-local, metadata ...):
-    # no connection was made, and retrying cannot change that.
-    DESTINATION_FORBIDDEN = "destination_forbidden"
-
-
-RETRYABLE_ERROR_CODES: frozenset[ErrorCode] = frozenset(
-    {
-        ErrorCode.PROVIDER_TIMEOUT,
-        ErrorCode.PROVIDER_RATE_LIMITED,
-        ErrorCode.PROVIDER_5XX,
-        ErrorCode.NETWORK_ERROR,
-        ErrorCode.SENDING_LEASE_EXPIRED,
-    }
+from outbox_notifier.message import ERROR_TEXT_MAX_RUNES
+from outbox_notifier.names import (  # re-exported: providers and their tests use them from here
+    PERMANENT_ERROR_CODES as PERMANENT_ERROR_CODES,
 )
-PERMANENT_ERROR_CODES: frozenset[ErrorCode] = frozenset(set(ErrorCode) - RETRYABLE_ERROR_CODES)
+from outbox_notifier.names import (
+    RETRYABLE_ERROR_CODES as RETRYABLE_ERROR_CODES,
+)
+from outbox_notifier.names import ErrorCode as ErrorCode
+from outbox_notifier.names import Outcome as Outcome
 
 
 class Target(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,7 +90,7 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     outcome: Outcome
-    error_code: str | None = None
+    error_code: ErrorCode | None = None
     error_message: str | None = None
     provider_message_id: str | None = None
     http_status: int | None = None
@@ -140,8 +104,6 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
 
 class Provider(Protocol):
     """A delivery channel. ``send`` must never raise for a delivery problem."""
-
-    channel: str
 
     async def send(self, delivery: Delivery) -> SendResult: ...
 
@@ -212,7 +174,7 @@ async def read_body_capped(response: httpx.Response, max_bytes: int) -> tuple[by
     return b"".join(chunks), False
 
 
-def truncate(text: str, limit: int = ERROR_MESSAGE_MAX_CHARS) -> str:
+def truncate(text: str, limit: int = ERROR_TEXT_MAX_RUNES) -> str:
     """Cut ``text`` to ``limit`` characters (code points, like the seed's runes)."""
     return text if len(text) <= limit else text[:limit]
 

@@ -72,6 +72,8 @@ from typing import Literal
 import httpx
 import msgspec
 
+from outbox_notifier import message
+
 from .base import (
     Delivery,
     ErrorCode,
@@ -89,7 +91,6 @@ from .base import (
     truncate,
     utc_now,
 )
-from .feishu_flow import DEFAULT_SUMMARY, MESSAGE_ACTION_TEXT, MESSAGE_TITLE
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -246,7 +247,7 @@ class FeishuBotProvider(HttpProvider):
     def build_message(self, delivery: Delivery, text: str | None = None) -> BotMessage:
         """The unsigned body for ``delivery``; ``text`` overrides its (summary) text."""
         if text is None:
-            text = delivery.message_text.strip() or DEFAULT_SUMMARY
+            text = delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE
         if self._format == "text":
             return BotMessage(msg_type="text", content=TextContent(text=text))
         elements: list[CardDiv | CardAction] = [
@@ -256,13 +257,13 @@ class FeishuBotProvider(HttpProvider):
         if link.startswith(("https://", "http://")):
             button = CardButton(
                 tag="button",
-                text=PlainText(tag="plain_text", content=MESSAGE_ACTION_TEXT),
+                text=PlainText(tag="plain_text", content=message.MESSAGE_ACTION_TEXT),
                 type="primary",
                 url=link,
             )
             elements.append(CardAction(tag="action", actions=[button]))
         card = Card(
-            header=CardHeader(title=PlainText(tag="plain_text", content=MESSAGE_TITLE)),
+            header=CardHeader(title=PlainText(tag="plain_text", content=message.MESSAGE_TITLE)),
             elements=elements,
         )
         return BotMessage(msg_type="interactive", card=card)
@@ -272,7 +273,7 @@ class FeishuBotProvider(HttpProvider):
         None when even an empty text does not fit."""
         if len(_encoder.encode(signed)) <= self._request_max_bytes:
             return signed
-        text = delivery.message_text.strip() or DEFAULT_SUMMARY
+        text = delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE
 
         def cut(n: int) -> BotMessage:
             message = self.build_message(delivery, text[:n] + _ELLIPSIS)

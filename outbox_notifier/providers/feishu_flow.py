@@ -43,6 +43,8 @@ from datetime import UTC, datetime
 import httpx
 import msgspec
 
+from outbox_notifier import message
+
 from .base import (
     Delivery,
     ErrorCode,
@@ -63,12 +65,8 @@ from .base import (
 
 __all__ = ["FeishuFlowProvider", "FlowMessage", "FlowPayload", "UrlRejected"]
 
-EVENT = "smartflow.schedule_adjustment_ready"
-VERSION = "1"
-MESSAGE_TITLE = "SmartFlow 日程调整建议"
-MESSAGE_ACTION_TEXT = "查看并确认调整"
-# The seed's fallback summary; the full-width comma is the correct Chinese punctuation.
-DEFAULT_SUMMARY = "我为你生成了一份日程调整建议，请回到系统确认是否应用。"  # noqa: RUF001
+EVENT = message.EVENT
+VERSION = message.EVENT_VERSION
 
 
 class FlowMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -163,9 +161,9 @@ class FeishuFlowProvider(HttpProvider):
             target_type=delivery.target_type.strip(),
             target_id=delivery.target_id,
             message=FlowMessage(
-                title=MESSAGE_TITLE,
-                summary=delivery.message_text.strip() or DEFAULT_SUMMARY,
-                action_text=MESSAGE_ACTION_TEXT,
+                title=message.MESSAGE_TITLE,
+                summary=delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE,
+                action_text=message.MESSAGE_ACTION_TEXT,
                 action_url=action_url(self._frontend_base_url, delivery.target_url),
             ),
             trace_id=delivery.trace_id.strip(),

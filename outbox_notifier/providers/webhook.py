@@ -58,6 +58,8 @@ from datetime import UTC, datetime
 import httpx
 import msgspec
 
+from outbox_notifier import message
+
 from .base import (
     Delivery,
     ErrorCode,
@@ -70,7 +72,6 @@ from .base import (
     resolve_target,
     utc_now,
 )
-from .feishu_flow import DEFAULT_SUMMARY, EVENT, MESSAGE_ACTION_TEXT, MESSAGE_TITLE
 
 __all__ = [
     "SecretInvalid",
@@ -202,7 +203,7 @@ class WebhookProvider(HttpProvider):
         path_prefix: str = "/",
         timeout_s: float = 5.0,
         response_body_max_bytes: int = 65536,
-        event_type: str = EVENT,
+        event_type: str = message.EVENT,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
@@ -232,9 +233,9 @@ class WebhookProvider(HttpProvider):
                 trigger_type=delivery.trigger_type.strip(),
                 target_type=delivery.target_type.strip(),
                 target_id=delivery.target_id,
-                title=MESSAGE_TITLE,
-                message_text=delivery.message_text.strip() or DEFAULT_SUMMARY,
-                action_text=MESSAGE_ACTION_TEXT,
+                title=message.MESSAGE_TITLE,
+                message_text=delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE,
+                action_text=message.MESSAGE_ACTION_TEXT,
                 action_url=action_url(self._frontend_base_url, delivery.target_url),
                 trace_id=delivery.trace_id.strip(),
             ),

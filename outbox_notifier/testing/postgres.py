@@ -129,12 +129,22 @@ def _docker_answers() -> bool:
         import docker
     except ImportError:
         return False
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://") and not os.path.exists(host.removeprefix("unix://")):
+        # No engine there; and docker-py's failed connect to a missing socket leaves it open.
+        return False
     try:
-        client = docker.from_env(timeout=3)
-        client.ping()
+        # A fixed API version: the default ("auto") asks the engine from inside the constructor,
+        # and a constructor that fails there leaves its socket open.
+        client = docker.from_env(version=docker.constants.MINIMUM_DOCKER_API_VERSION, timeout=3)
     except Exception:  # any failure means: no usable engine
         return False
-    return True
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+    finally:
+        client.close()
 
 
 @contextlib.contextmanager

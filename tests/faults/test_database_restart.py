@@ -19,7 +19,7 @@ from outbox_notifier import migrations
 from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.providers.base import Delivery, Outcome, SendResult
 from outbox_notifier.relay import Relay
-from outbox_notifier.store import ClaimPolicy, RecordStore, Result
+from outbox_notifier.store import AppliedBatch, ClaimPolicy, RecordStore, Result
 from outbox_notifier.testing.feishu_server import FeishuServer
 from outbox_notifier.testing.postgres import LocalCluster, create_database
 from tests.faults.harness import (
@@ -129,19 +129,18 @@ def test_database_restarts_lose_nothing_and_listen_comes_back(
     assert "Traceback" not in fleet.logs(), fleet.logs()[-5000:]
 
 
-class _BookkeepingFailsOnce(RecordStore):
-    """A store whose endpoint-protection bookkeeping loses its connection once, right after a
-    batch of results was applied: what a database restart between the two statements does."""
+class _ApplyFailsOnce(RecordStore):
+    """A store whose first ``apply_results`` loses its connection before the statement runs:
+    what a database restart between a batch's calls and its apply does. The results, their
+    disables and the target bookkeeping are one statement, so the retry stores them once."""
 
     failures = 1
 
-    async def record_target_results(
-        self, results: Sequence[Result], policy: ClaimPolicy
-    ) -> list[str]:
+    async def apply_results(self, results: Sequence[Result], policy: ClaimPolicy) -> AppliedBatch:
         if self.failures:
             self.failures -= 1
             raise psycopg.OperationalError("terminating connection due to administrator command")
-        return await super().record_target_results(results, policy)
+        return await super().apply_results(results, policy)
 
 
 class _AlwaysOk:
@@ -155,7 +154,7 @@ class _AlwaysOk:
         return SendResult(outcome=Outcome.SUCCESS, http_status=200)
 
 
-async def test_results_applied_before_a_lost_connection_are_not_logged_again_as_late(
+async def test_an_apply_that_loses_its_connection_is_retried_and_stored_once(
     db: str, record_property: Callable[[str, object], None]
 ) -> None:
     add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
@@ -171,7 +170,7 @@ async def test_results_applied_before_a_lost_connection_are_not_logged_again_as_
     )
     await pool.open()
     try:
-        store = _BookkeepingFailsOnce(pool)
+        store = _ApplyFailsOnce(pool)
         await Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180).relay_once()
         provider = _AlwaysOk()
         deliverer = Deliverer(
@@ -201,7 +200,8 @@ async def test_results_applied_before_a_lost_connection_are_not_logged_again_as_
         await pool.close()
     figures = check_invariants(db, None)
     figures.extra.update(provider_calls=provider.calls, fenced=deliverer.stats.fenced)
-    report("bookkeeping_after_apply", figures, record_property)
+    report("apply_retried_after_lost_connection", figures, record_property)
     assert provider.calls == 3
     assert figures.late_results == 0, "applied results were written again as late results"
     assert deliverer.stats.fenced == 0
+    assert store.failures == 0  # the failure did happen

@@ -18,9 +18,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations, sqlfiles
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
+from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.relay import RelayReport
 from outbox_notifier.sqlfiles import query
+from outbox_notifier.store import RecordStore
 from tests.support import eventually, fill_history
 
 MAX_AGE_S = 10.0
@@ -57,7 +59,7 @@ def _server(
         0,
         registry,
         health=lambda: monitor.report(MAX_AGE_S),
-        ready=lambda: readiness(pool, listener_up, migrations.latest_version()),
+        ready=lambda: readiness(RecordStore(pool), listener_up, migrations.latest_version()),
     )
 
 
@@ -195,7 +197,7 @@ async def test_readyz_follows_the_database_and_the_listener(
 async def test_readiness_reports_a_schema_older_than_the_daemon(
     pool: AsyncConnectionPool[psycopg.AsyncConnection],
 ) -> None:
-    ok, checks = await readiness(pool, lambda: True, migrations.latest_version() + 1)
+    ok, checks = await readiness(RecordStore(pool), lambda: True, migrations.latest_version() + 1)
     assert not ok
     version = migrations.latest_version()
     assert checks == {
@@ -211,7 +213,7 @@ async def test_readiness_accepts_a_schema_newer_by_additive_migrations(
 ) -> None:
     # The latest migration is additive: a daemon built one version earlier stays ready.
     assert sqlfiles.migrations()[-1].kind == "additive"
-    ok, checks = await readiness(pool, lambda: True, migrations.latest_version() - 1)
+    ok, checks = await readiness(RecordStore(pool), lambda: True, migrations.latest_version() - 1)
     assert ok, checks
     assert checks["schema"] == "ok"
 
@@ -221,7 +223,7 @@ async def test_readiness_reports_a_missing_schema(empty_db: str) -> None:
         empty_db, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
     ) as pool:
         await pool.open(wait=True)
-        ok, checks = await readiness(pool, lambda: True, migrations.latest_version())
+        ok, checks = await readiness(RecordStore(pool), lambda: True, migrations.latest_version())
     assert not ok
     assert checks["database"] == "ok"
     assert checks["schema"].startswith("database schema is missing")
@@ -319,7 +321,7 @@ async def test_snapshot_sets_gauges_from_real_rows(
     _insert_records(conn)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    assert await metrics.snapshot(pool)
+    assert await metrics.snapshot(MaintenanceStore(pool))
 
     def gauge(name: str, **labels: str) -> float | None:
         return registry.get_sample_value("outbox_notifier_" + name, labels)
@@ -340,7 +342,7 @@ async def test_snapshot_sets_gauges_from_real_rows(
     conn.execute("UPDATE outbox_notifier.notification_records SET status = 'sent',"
                  " lease_expires_at = NULL, lease_token = NULL")  # fmt: skip
     conn.execute("UPDATE outbox_notifier.outbox SET status = 'relayed'")
-    assert await metrics.snapshot(pool)
+    assert await metrics.snapshot(MaintenanceStore(pool))
     assert gauge("records", channel="feishu", status="pending") == 0
     assert gauge("records", channel="bot", status="pending") == 0
     assert gauge("oldest_due_record_age_seconds", channel="feishu") == 0
@@ -357,7 +359,7 @@ async def test_snapshot_failure_is_counted_not_raised(db: str) -> None:
         await pool.open(wait=True)
         async with pool.connection() as conn:
             await conn.execute("DROP SCHEMA outbox_notifier CASCADE")
-        assert not await metrics.snapshot(pool)
+        assert not await metrics.snapshot(MaintenanceStore(pool))
     assert (
         registry.get_sample_value("outbox_notifier_database_errors_total", {"loop": "maintenance"})
         == 1

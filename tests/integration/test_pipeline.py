@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
-from outbox_notifier.providers.base import Outcome, SendResult
+from outbox_notifier.providers.base import ErrorCode, Outcome, SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
@@ -238,14 +238,17 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
         # A's late result arrives now: it must not overwrite B's lease.
         from outbox_notifier.delivery import to_result
 
-        late = to_result(
-            claimed, SendResult(outcome=Outcome.PERMANENT_FAIL, error_code="payload_invalid"),
-            policy, record["updated_at"],
-        )  # fmt: skip
-        assert await store.apply_results([late]) == []
+        refused = SendResult(outcome=Outcome.PERMANENT_FAIL, error_code=ErrorCode.PAYLOAD_INVALID)
+        late = to_result(claimed, refused, policy, record["updated_at"])
+        fenced = await store.apply_results([late], ClaimPolicy(lease_s=30))
+        assert [(a.id, a.status) for a in fenced.records] == [(claimed.id, None)]
+        assert fenced.applied == []
         assert _status_of(conn, "k-lease") == "sending"
         ok = to_result(claimed_b, SendResult(outcome=Outcome.SUCCESS), policy, record["updated_at"])
-        assert [a.status for a in await store.apply_results([ok])] == ["sent"]
+        stored = await store.apply_results([ok], ClaimPolicy(lease_s=30))
+        assert [(a.status, a.channel, a.dedupe_key) for a in stored.applied] == [
+            ("sent", "feishu", "k-lease")
+        ]
     [record] = records(conn)
     assert record["status"] == "sent"
     log = attempts(conn, record["id"])

@@ -10,7 +10,8 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import retention
+from outbox_notifier import leadership, retention
+from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.sqlfiles import query
 from tests.support import fill_history, scalar
 
@@ -132,7 +133,7 @@ async def test_purge_deletes_exactly_the_old_finished_rows_in_batches(
     count_delete_statements(conn)
 
     report = await retention.purge_once(
-        aconn,
+        MaintenanceStore(aconn),
         outbox_max_age_s=OUTBOX_MAX_AGE_S,
         records_max_age_s=RECORDS_MAX_AGE_S,
         batch_size=3,
@@ -151,7 +152,9 @@ async def test_purge_deletes_exactly_the_old_finished_rows_in_batches(
     assert old_records.isdisjoint(ids(conn, "records"))
 
     again = await retention.purge_once(
-        aconn, outbox_max_age_s=OUTBOX_MAX_AGE_S, records_max_age_s=RECORDS_MAX_AGE_S
+        MaintenanceStore(aconn),
+        outbox_max_age_s=OUTBOX_MAX_AGE_S,
+        records_max_age_s=RECORDS_MAX_AGE_S,
     )
     assert again == retention.RetentionReport(outbox_deleted=0, records_deleted=0)
 
@@ -163,7 +166,10 @@ async def test_an_exact_multiple_of_the_batch_size_ends_with_an_empty_batch(
         add_record(conn, f"old{i}", "sent", 31 * DAY_S, attempts=0)
     count_delete_statements(conn)
     report = await retention.purge_once(
-        pool, outbox_max_age_s=OUTBOX_MAX_AGE_S, records_max_age_s=RECORDS_MAX_AGE_S, batch_size=3
+        MaintenanceStore(pool),
+        outbox_max_age_s=OUTBOX_MAX_AGE_S,
+        records_max_age_s=RECORDS_MAX_AGE_S,
+        batch_size=3,
     )
     assert report.records_deleted == 6
     assert batches(conn, "notification_records") == [3, 3, 0]
@@ -179,7 +185,7 @@ async def test_a_row_locked_elsewhere_is_left_for_the_next_pass(
             (old[2],),
         )
         report = await retention.purge_once(
-            pool,
+            MaintenanceStore(pool),
             outbox_max_age_s=OUTBOX_MAX_AGE_S,
             records_max_age_s=RECORDS_MAX_AGE_S,
             batch_size=2,
@@ -188,7 +194,9 @@ async def test_a_row_locked_elsewhere_is_left_for_the_next_pass(
         assert ids(conn, "records") == {old[2]}
         operator_session.rollback()
     report = await retention.purge_once(
-        pool, outbox_max_age_s=OUTBOX_MAX_AGE_S, records_max_age_s=RECORDS_MAX_AGE_S
+        MaintenanceStore(pool),
+        outbox_max_age_s=OUTBOX_MAX_AGE_S,
+        records_max_age_s=RECORDS_MAX_AGE_S,
     )
     assert report.records_deleted == 1
     assert ids(conn, "records") == set()
@@ -196,14 +204,20 @@ async def test_a_row_locked_elsewhere_is_left_for_the_next_pass(
 
 async def test_purge_refuses_bad_arguments(db: str, aconn: psycopg.AsyncConnection[Any]) -> None:
     with pytest.raises(ValueError, match="outbox_max_age_s"):
-        await retention.purge_once(aconn, outbox_max_age_s=0, records_max_age_s=1)
+        await retention.purge_once(MaintenanceStore(aconn), outbox_max_age_s=0, records_max_age_s=1)
     with pytest.raises(ValueError, match="records_max_age_s"):
-        await retention.purge_once(aconn, outbox_max_age_s=1, records_max_age_s=float("nan"))
+        await retention.purge_once(
+            MaintenanceStore(aconn), outbox_max_age_s=1, records_max_age_s=float("nan")
+        )
     with pytest.raises(ValueError, match="batch_size"):
-        await retention.purge_once(aconn, outbox_max_age_s=1, records_max_age_s=1, batch_size=0)
+        await retention.purge_once(
+            MaintenanceStore(aconn), outbox_max_age_s=1, records_max_age_s=1, batch_size=0
+        )
     async with await psycopg.AsyncConnection.connect(db) as in_transaction:
         with pytest.raises(ValueError, match="autocommit"):
-            await retention.purge_once(in_transaction, outbox_max_age_s=1, records_max_age_s=1)
+            await retention.purge_once(
+                MaintenanceStore(in_transaction), outbox_max_age_s=1, records_max_age_s=1
+            )
 
 
 @pytest.mark.parametrize(
@@ -254,8 +268,8 @@ class Job:
 async def test_of_two_concurrent_passes_only_one_runs(pool: AsyncConnectionPool[Any]) -> None:
     a, b = Job("a"), Job("b")
     results = await asyncio.gather(
-        retention.run_if_leader(pool, a, holder="replica-a"),
-        retention.run_if_leader(pool, b, holder="replica-b"),
+        leadership.run_if_leader(MaintenanceStore(pool), a, holder="replica-a"),
+        leadership.run_if_leader(MaintenanceStore(pool), b, holder="replica-b"),
     )
     assert sorted(r for r in results if r is not None) in (["a"], ["b"])
     assert results.count(None) == 1
@@ -274,7 +288,7 @@ async def test_many_replicas_racing_elect_exactly_one(db: str) -> None:
         jobs = [Job(f"r{i}") for i in range(6)]
         results = await asyncio.gather(
             *(
-                retention.run_if_leader(p, job, holder=job.name)
+                leadership.run_if_leader(MaintenanceStore(p), job, holder=job.name)
                 for p, job in zip(pools, jobs, strict=True)
             )
         )
@@ -288,8 +302,8 @@ async def test_many_replicas_racing_elect_exactly_one(db: str) -> None:
 async def test_the_same_holder_does_not_run_twice_at_once(pool: AsyncConnectionPool[Any]) -> None:
     first, second = Job("first"), Job("second")
     results = await asyncio.gather(
-        retention.run_if_leader(pool, first, holder="replica-a"),
-        retention.run_if_leader(pool, second, holder="replica-a"),
+        leadership.run_if_leader(MaintenanceStore(pool), first, holder="replica-a"),
+        leadership.run_if_leader(MaintenanceStore(pool), second, holder="replica-a"),
     )
     assert list(results) == ["first", None]
     assert not second.ran
@@ -298,24 +312,49 @@ async def test_the_same_holder_does_not_run_twice_at_once(pool: AsyncConnectionP
 async def test_leadership_is_sticky_until_released_or_expired(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    assert await retention.run_if_leader(pool, Job("a", 0), holder="replica-a") == "a"
+    assert (
+        await leadership.run_if_leader(MaintenanceStore(pool), Job("a", 0), holder="replica-a")
+        == "a"
+    )
     # The leader keeps its lease between passes; the others keep out.
-    assert await retention.run_if_leader(pool, Job("b", 0), holder="replica-b") is None
-    assert await retention.run_if_leader(pool, Job("a", 0), holder="replica-a") == "a"
+    assert (
+        await leadership.run_if_leader(MaintenanceStore(pool), Job("b", 0), holder="replica-b")
+        is None
+    )
+    assert (
+        await leadership.run_if_leader(MaintenanceStore(pool), Job("a", 0), holder="replica-a")
+        == "a"
+    )
     # Released on shutdown: another replica takes over at once.
-    await retention.release_leadership(pool, holder="replica-a")
-    assert await retention.run_if_leader(pool, Job("b", 0), holder="replica-b", ttl_s=0.5) == "b"
+    await leadership.release_leadership(MaintenanceStore(pool), holder="replica-a")
+    assert (
+        await leadership.run_if_leader(
+            MaintenanceStore(pool), Job("b", 0), holder="replica-b", ttl_s=0.5
+        )
+        == "b"
+    )
     # A leader that stops renewing loses the lease once it expires.
-    assert await retention.run_if_leader(pool, Job("a", 0), holder="replica-a") is None
+    assert (
+        await leadership.run_if_leader(MaintenanceStore(pool), Job("a", 0), holder="replica-a")
+        is None
+    )
     await asyncio.sleep(0.6)
-    assert await retention.run_if_leader(pool, Job("a", 0), holder="replica-a") == "a"
+    assert (
+        await leadership.run_if_leader(MaintenanceStore(pool), Job("a", 0), holder="replica-a")
+        == "a"
+    )
 
 
 async def test_the_lease_is_renewed_during_a_long_pass(pool: AsyncConnectionPool[Any]) -> None:
     long = Job("long", duration_s=1.2)
-    task = asyncio.create_task(retention.run_if_leader(pool, long, holder="replica-a", ttl_s=0.4))
+    task = asyncio.create_task(
+        leadership.run_if_leader(MaintenanceStore(pool), long, holder="replica-a", ttl_s=0.4)
+    )
     await asyncio.sleep(0.8)  # twice the ttl: held only because it is renewed
-    assert await retention.run_if_leader(pool, Job("b", 0), holder="replica-b") is None
+    assert (
+        await leadership.run_if_leader(MaintenanceStore(pool), Job("b", 0), holder="replica-b")
+        is None
+    )
     assert await task == "long"
 
 
@@ -324,14 +363,14 @@ async def test_a_pass_whose_lease_was_taken_over_is_cancelled(
 ) -> None:
     stalled = Job("stalled", duration_s=10)
     task = asyncio.create_task(
-        retention.run_if_leader(pool, stalled, holder="replica-a", ttl_s=0.6)
+        leadership.run_if_leader(MaintenanceStore(pool), stalled, holder="replica-a", ttl_s=0.6)
     )
     await asyncio.sleep(0.1)
     assert stalled.ran
     # As if replica-a had stalled past its lease and replica-b had taken over.
     conn.execute(
         "UPDATE outbox_notifier.maintenance_leases SET holder = 'replica-b' WHERE name = %s",
-        (retention.MAINTENANCE_LEASE,),
+        (leadership.MAINTENANCE_LEASE,),
     )
     assert await asyncio.wait_for(task, timeout=5) is None
     assert stalled.cancelled
@@ -347,9 +386,11 @@ async def test_run_if_leader_runs_a_real_retention_pass(
 
     async def maintenance_pass() -> retention.RetentionReport:
         return await retention.purge_once(
-            pool, outbox_max_age_s=OUTBOX_MAX_AGE_S, records_max_age_s=RECORDS_MAX_AGE_S
+            MaintenanceStore(pool),
+            outbox_max_age_s=OUTBOX_MAX_AGE_S,
+            records_max_age_s=RECORDS_MAX_AGE_S,
         )
 
-    report = await retention.run_if_leader(pool, maintenance_pass)
+    report = await leadership.run_if_leader(MaintenanceStore(pool), maintenance_pass)
     assert report == retention.RetentionReport(outbox_deleted=1, records_deleted=1)
-    await retention.release_leadership(pool)
+    await leadership.release_leadership(MaintenanceStore(pool))

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.daemon import connection_kwargs, session_timeouts, statement_timeouts
+from outbox_notifier.connections import connection_kwargs, session_timeouts, statement_timeouts
 from outbox_notifier.delivery import RetryPolicy, to_result
 from outbox_notifier.providers.base import Outcome, SendResult
 from outbox_notifier.relay import Relay
@@ -39,7 +39,8 @@ async def test_a_lock_wait_is_bounded_with_or_without_startup_options(
     ) as pool:
         store = RecordStore(pool, timeouts=statement_timeouts(settings), session=session)
         await Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180).relay_once()
-        [claimed] = await store.claim_records(10, ClaimPolicy(lease_s=30))
+        policy = ClaimPolicy(lease_s=30)
+        [claimed] = await store.claim_records(10, policy)
         async with pool.connection() as pooled:
             assert session.holds(pooled) is not options_dropped
         ok = to_result(claimed, SendResult(outcome=Outcome.SUCCESS), RetryPolicy(),
@@ -51,10 +52,11 @@ async def test_a_lock_wait_is_bounded_with_or_without_startup_options(
             )
             started = time.monotonic()
             with pytest.raises(psycopg.errors.LockNotAvailable):
-                await store.apply_results([ok])
+                await store.apply_results([ok], policy)
             assert time.monotonic() - started < 3.0
         # The lock is gone: the same result applies, and the connection is still usable.
-        assert [a.status for a in await store.apply_results([ok])] == ["sent"]
+        batch = await store.apply_results([ok], policy)
+        assert [a.status for a in batch.records] == ["sent"]
 
 
 async def test_startup_options_keep_those_of_the_dsn(db: str) -> None:

@@ -18,7 +18,8 @@ import httpx
 import msgspec
 import pytest
 
-from outbox_notifier.providers import feishu_bot, feishu_flow
+from outbox_notifier import message
+from outbox_notifier.providers import feishu_bot
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider, MessageFormat
 from tests import provider_support
@@ -133,7 +134,7 @@ async def test_card_without_absolute_action_url_has_no_button() -> None:
 
 async def test_empty_text_gets_the_default_summary() -> None:
     seen, _ = await capture(make_delivery(message_text="   "))
-    assert json.loads(seen[0].content)["content"]["text"] == feishu_flow.DEFAULT_SUMMARY
+    assert json.loads(seen[0].content)["content"]["text"] == message.DEFAULT_FALLBACK_TEMPLATE
 
 
 # ---------------------------------------------------------------- signing

@@ -16,7 +16,8 @@ import httpx
 import msgspec
 import pytest
 
-from outbox_notifier.providers import base, feishu_flow
+from outbox_notifier import message
+from outbox_notifier.providers import base
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
 from tests import provider_support
@@ -348,7 +349,7 @@ async def test_body_omits_empty_trace_id_and_fills_empty_summary() -> None:
     request, _ = await capture(make_delivery(trace_id="", message_text="  "))
     body = json.loads(request.content)
     assert "trace_id" not in body
-    assert body["message"]["summary"] == feishu_flow.DEFAULT_SUMMARY
+    assert body["message"]["summary"] == message.DEFAULT_FALLBACK_TEMPLATE
 
 
 async def test_action_url_without_frontend_base_is_the_target_url() -> None:

@@ -376,27 +376,27 @@ def test_remote_client_and_chaos() -> None:
 def test_script_mode_starts_answers_and_exits_on_sigterm() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # the with block closes the pipes
         [sys.executable, "-m", "outbox_notifier.testing.feishu_server", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:")
-        r = httpx.post(url + "/flow/api/trigger-webhook/abc", json={"x": 1}, timeout=5)
-        assert r.json() == FEISHU_OK
-        doc = httpx.get(url + "/_requests", timeout=5).json()
-        assert doc["requests"][0]["path"] == "/flow/api/trigger-webhook/abc"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:")
+            r = httpx.post(url + "/flow/api/trigger-webhook/abc", json={"x": 1}, timeout=5)
+            assert r.json() == FEISHU_OK
+            doc = httpx.get(url + "/_requests", timeout=5).json()
+            assert doc["requests"][0]["path"] == "/flow/api/trigger-webhook/abc"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_stop_while_requests_are_held() -> None:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from outbox_notifier.daemon import default_providers
 from outbox_notifier.http import HeartbeatMonitor
 from outbox_notifier.metrics import Metrics
+from outbox_notifier.names import RecordStatus
 from outbox_notifier.providers import PROVIDER_NAMES
 from outbox_notifier.relay import RelayReport
 from outbox_notifier.settings import Settings
@@ -38,9 +39,9 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
 
 def result(
     record_id: int,
-    outcome: str,
-    status: str,
-    error_code: str | None = None,
+    outcome: Any,  # any string: the metrics bound unknown values themselves
+    status: RecordStatus,
+    error_code: Any = None,
     *,
     duration_ms: float = 120.0,
     called: bool = True,
@@ -49,10 +50,7 @@ def result(
         record_id=record_id,
         lease_token=record_id * 10,
         attempt=1,
-        channel="feishu",
         provider="feishu_flow",
-        user_id=42,
-        target_key=None,
         status=status,
         outcome=outcome,
         error_code=error_code,
@@ -156,12 +154,13 @@ def test_observe_results(metrics: Metrics, registry: CollectorRegistry) -> None:
         result(7, "success", "sent", duration_ms=30.0),  # late: its lease was taken over
     ]
     applied = [
-        Applied(1, "feishu", "sent", 0.5),
-        Applied(2, "feishu", "sent", 7200.0),
-        Applied(3, "feishu", "failed", None),
-        Applied(4, "feishu", "dead", None),
-        Applied(5, "feishu", "dead", None),
-        Applied(6, "feishu", "skipped", None),
+        Applied(id=1, channel="feishu", status="sent", latency_s=0.5),
+        Applied(id=2, channel="feishu", status="sent", latency_s=7200.0),
+        Applied(id=3, channel="feishu", status="failed"),
+        Applied(id=4, channel="feishu", status="dead"),
+        Applied(id=5, channel="feishu", status="dead"),
+        Applied(id=6, channel="feishu", status="skipped"),
+        Applied(id=7, channel="feishu", status=None),  # late: logged, not applied
     ]
     metrics.observe_results(results, applied)
 
@@ -231,7 +230,7 @@ def test_unknown_outcomes_and_codes_are_bounded(
 ) -> None:
     metrics.observe_results(
         [result(1, "exploded", "failed", "weird_code_12345")],
-        [Applied(1, "feishu", "failed", None)],
+        [Applied(id=1, channel="feishu", status="failed")],
     )
     assert (
         value(
@@ -338,7 +337,10 @@ def test_labels_never_carry_user_data(metrics: Metrics, registry: CollectorRegis
     metrics.observe_relay(RelayReport(3, 2, 1, 1, {"invalid": 1}))
     metrics.observe_results(
         [result(1, "success", "sent"), result(2, "temporary_fail", "failed", "network_error")],
-        [Applied(1, "feishu", "sent", 1.0)],
+        [
+            Applied(id=1, channel="feishu", status="sent", latency_s=1.0),
+            Applied(id=2, channel="feishu", status=None),
+        ],
     )
     metrics.observe_rescued([Rescued(3, "feishu", "dead")])
     allowed = {
@@ -392,7 +394,13 @@ def test_provider_label_is_bounded_by_the_provider_names(
 ) -> None:
     bot = msgspec.structs.replace(result(1, "success", "sent"), provider="feishu_bot")
     stray = msgspec.structs.replace(result(2, "success", "sent"), provider="carrier_pigeon")
-    metrics.observe_results([bot, stray], [Applied(1, "feishu", "sent", 0.2)])
+    metrics.observe_results(
+        [bot, stray],
+        [
+            Applied(id=1, channel="feishu", status="sent", latency_s=0.2),
+            Applied(id=2, channel="feishu", status="sent"),
+        ],
+    )
     attempts = "delivery_attempts_total"
     assert (
         value(registry, attempts, channel="feishu", provider="feishu_bot", outcome="success") == 1

@@ -20,6 +20,7 @@ class Manager:
     def __init__(self, sock: socket.socket, notify_socket: str) -> None:
         self.sock = sock
         self.notify_socket = notify_socket
+        self.notifiers: list[SystemdNotifier] = []
 
     def receive(self, timeout_s: float = 2.0) -> str:
         self.sock.settimeout(timeout_s)
@@ -36,7 +37,14 @@ class Manager:
                 return out
 
     def notifier(self, **env: str) -> SystemdNotifier:
-        return SystemdNotifier({"NOTIFY_SOCKET": self.notify_socket, **env})
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": self.notify_socket, **env})
+        self.notifiers.append(notifier)
+        return notifier
+
+    def close(self) -> None:
+        """Closes every notifier a test made (close is idempotent): no socket is left to the GC."""
+        for notifier in self.notifiers:
+            notifier.close()
 
 
 @pytest.fixture(params=["path", "abstract"])
@@ -51,7 +59,11 @@ def manager(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Manager]
         sock.bind("\0" + name)
         notify_socket = "@" + name
     with sock:
-        yield Manager(sock, notify_socket)
+        manager = Manager(sock, notify_socket)
+        try:
+            yield manager
+        finally:
+            manager.close()
 
 
 def test_ready_stopping_watchdog_and_status_arrive_as_datagrams(manager: Manager) -> None:

@@ -1,0 +1,56 @@
+"""The pipeline's shared vocabulary: channel, record status, call outcome and error code names
+(all contract names). A small module of its own so that every stage, the store and the metrics
+can use them without importing each other.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, Literal
+
+#: The channel every record of the event contract is delivered on.
+CHANNEL: Final = "feishu"
+
+RecordStatus = Literal["pending", "sending", "sent", "failed", "dead", "skipped"]
+"""A notification record's status."""
+
+
+class Outcome(enum.StrEnum):
+    """How one provider call ended (contract names)."""
+
+    SUCCESS = "success"
+    TEMPORARY_FAIL = "temporary_fail"
+    PERMANENT_FAIL = "permanent_fail"
+    SKIPPED = "skipped"
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a provider call did not succeed (contract names, as in the seed)."""
+
+    # retryable
+    PROVIDER_TIMEOUT = "provider_timeout"
+    PROVIDER_RATE_LIMITED = "provider_rate_limited"
+    PROVIDER_5XX = "provider_5xx"
+    NETWORK_ERROR = "network_error"
+    SENDING_LEASE_EXPIRED = "sending_lease_expired"
+    # permanent
+    RECIPIENT_MISSING = "recipient_missing"
+    INVALID_URL = "invalid_url"
+    PROVIDER_AUTH_FAILED = "provider_auth_failed"
+    PAYLOAD_INVALID = "payload_invalid"
+    ENDPOINT_GONE = "endpoint_gone"  # HTTP 410: the receiver retired the endpoint for good
+    # The egress guard refused the address (loopback, private, link-local, metadata ...):
+    # no connection was made, and retrying cannot change that.
+    DESTINATION_FORBIDDEN = "destination_forbidden"
+
+
+RETRYABLE_ERROR_CODES: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.PROVIDER_TIMEOUT,
+        ErrorCode.PROVIDER_RATE_LIMITED,
+        ErrorCode.PROVIDER_5XX,
+        ErrorCode.NETWORK_ERROR,
+        ErrorCode.SENDING_LEASE_EXPIRED,
+    }
+)
+PERMANENT_ERROR_CODES: frozenset[ErrorCode] = frozenset(set(ErrorCode) - RETRYABLE_ERROR_CODES)

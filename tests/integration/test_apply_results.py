@@ -1,0 +1,94 @@
+"""A batch of results goes back to Postgres in one statement: record transitions, the attempt
+log, a 410's channel disable and the endpoint-protection bookkeeping commit together."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, LiteralString
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from outbox_notifier.daemon import claim_policy, default_providers, http_client
+from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.relay import Relay
+from outbox_notifier.sqlfiles import query
+from outbox_notifier.store import RecordStore
+from outbox_notifier.testing.feishu_server import FeishuServer, Reply
+from tests.support import add_channel, enqueue, payload, records, scalar, settings_for
+
+
+class _CountingConnection(psycopg.AsyncConnection[Any]):
+    """Records every statement the store sends (the store runs each through ``execute``)."""
+
+    sent: ClassVar[list[str]] = []
+
+    async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(str(query))
+        return await super().execute(query, *args, **kwargs)
+
+
+async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection[Any]) -> None:
+    async with FeishuServer() as server:
+        server.script("/flow/api/trigger-webhook/ok", [], then=Reply(status=200))
+        server.script("/hooks/gone", [], then=Reply(status=410))
+        server.script("/flow/api/trigger-webhook/busy", [], then=Reply(status=503))
+        add_channel(conn, 1, server.flow_url("ok"))
+        add_channel(conn, 2, server.url + "/hooks/gone", provider="webhook")
+        add_channel(conn, 3, server.flow_url("busy"))
+        for user, token in ((1, "ok"), (2, "gone"), (3, "busy")):
+            enqueue(conn, payload(f"k-{token}", user))
+        settings = settings_for(db, breaker_failures=1)
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+            db, connection_class=_CountingConnection, kwargs={"autocommit": True}, min_size=1
+        )
+        async with pool:
+            store = RecordStore(pool)
+            relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
+            assert (await relay.relay_once()).created == 3
+            client = http_client(settings)
+            try:
+                deliverer = Deliverer(
+                    store,
+                    default_providers(settings, client),
+                    RetryPolicy(),
+                    claim_policy(settings),
+                    batch_size=10,
+                    concurrency=10,
+                )
+                _CountingConnection.sent.clear()
+                assert await deliverer.deliver_once() == 3
+            finally:
+                await client.aclose()
+
+    claim: LiteralString = query("claim_records")
+    apply: LiteralString = query("apply_results")
+    assert _CountingConnection.sent == [claim, apply], [
+        s.split("\n")[0] for s in _CountingConnection.sent
+    ]
+    status = {r["dedupe_key"]: r["status"] for r in records(conn)}
+    assert status == {"k-ok": "sent", "k-gone": "dead", "k-busy": "failed"}
+    # the 410's disable and the temporary failure's bookkeeping came with that one statement
+    assert (
+        scalar(
+            conn,
+            "SELECT enabled FROM outbox_notifier.notification_channels WHERE user_id = 2",
+        )
+        is False
+    )
+    assert (
+        scalar(
+            conn,
+            "SELECT consecutive_failures FROM outbox_notifier.targets"
+            " WHERE target_key = outbox_notifier.target_key(%s)",
+            (server.flow_url("busy"),),
+        )
+        == 1
+    )
+    assert (
+        scalar(
+            conn,
+            "SELECT count(*) FROM outbox_notifier.targets WHERE paused_until > now()",
+        )
+        == 1
+    )  # breaker_failures = 1: the busy target is paused
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.delivery_attempts") == 3

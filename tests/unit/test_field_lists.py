@@ -1,0 +1,89 @@
+"""The payload's fields are spelled out in several places (the event struct, the relay's and the
+result's JSON recordsets, the claim function's columns). Each list is checked against the one it
+must follow, so adding a field fails here until every list has it: a recordset column that no
+struct field fills would silently be NULL, and a claim column out of order would land in the
+wrong ``ClaimedRecord`` field."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from outbox_notifier import sqlfiles
+from outbox_notifier.events import FeishuNotificationRequested
+from outbox_notifier.store import ClaimedRecord, NewRecord, Result
+
+EVENT_FIELDS = set(FeishuNotificationRequested.__struct_fields__)
+# What a record adds to (and drops from) the event when the relay creates it.
+RELAY_ADDS = {"outbox_id", "fallback_used", "outbox_created_at"}
+RELAY_DROPS = {"notification_id"}  # the record's own id takes its place
+
+
+def recordset_columns(query_name: str, parameter: str) -> list[str]:
+    """The columns of ``jsonb_to_recordset(%(<parameter>)s::jsonb) AS t(...)`` in a query."""
+    text = sqlfiles.query(query_name)
+    match = re.search(
+        r"jsonb_to_recordset\(%\(" + parameter + r"\)s::jsonb\) AS \w+\((.*?)\)\s*\)",
+        text,
+        re.DOTALL,
+    )
+    assert match, f"no recordset for {parameter} in {query_name}"
+    return [column.split()[0] for column in match.group(1).split(",")]
+
+
+def function_columns(function: str) -> list[str]:
+    """The ``RETURNS TABLE (...)`` columns of a schema function, from its migration."""
+    for migration in sqlfiles.migrations():
+        match = re.search(
+            r"CREATE FUNCTION outbox_notifier\."
+            + function
+            + r"\(.*?RETURNS TABLE \((.*?)\)\s*LANGUAGE",
+            migration.sql,
+            re.DOTALL,
+        )
+        if match:
+            return [column.split()[0] for column in match.group(1).split(",")]
+    raise AssertionError(f"{function} not found in the migrations")
+
+
+def test_a_new_record_is_the_event_with_what_the_relay_adds() -> None:
+    assert set(NewRecord.__struct_fields__) == (EVENT_FIELDS - RELAY_DROPS) | RELAY_ADDS
+
+
+def test_the_relay_recordset_reads_every_new_record_field() -> None:
+    assert sorted(recordset_columns("relay_outbox", "records")) == sorted(
+        NewRecord.__struct_fields__
+    )
+
+
+def test_the_result_recordset_reads_only_result_fields() -> None:
+    # Result may carry more (the provider label is for the metrics), never less.
+    columns = recordset_columns("apply_results", "results")
+    assert set(columns) <= set(Result.__struct_fields__), set(columns) - set(
+        Result.__struct_fields__
+    )
+    # and every field it carries that the statement does not read is on purpose
+    assert set(Result.__struct_fields__) - set(columns) == {"provider"}
+
+
+def test_claimed_records_follow_the_claim_functions_columns_in_order() -> None:
+    # ClaimedRecord(*row): the order is the contract. One name differs on purpose.
+    renamed = {"enabled": "channel_enabled"}
+    columns = [renamed.get(c, c) for c in function_columns("claim_due_v1")]
+    assert columns == list(ClaimedRecord.__struct_fields__)
+
+
+def test_a_claimed_record_carries_every_event_field_a_delivery_needs() -> None:
+    # the producer's requested_at stays on the record; a delivery does not need it
+    needed = EVENT_FIELDS - RELAY_DROPS - {"requested_at"}
+    assert needed <= set(ClaimedRecord.__struct_fields__), needed - set(
+        ClaimedRecord.__struct_fields__
+    )
+
+
+def test_the_structs_encode_their_fields_by_name() -> None:
+    # the recordsets match JSON keys to columns by name: no rename on the structs
+    for struct in (NewRecord, Result):
+        assert msgspec.structs.fields(struct)
+        assert all(f.encode_name == f.name for f in msgspec.structs.fields(struct))

@@ -1,0 +1,83 @@
+"""The wall around the SQL: only store modules import the database driver, and the metrics are
+a pure sink. Read from the source with ``ast``, so an import inside a function or under
+``TYPE_CHECKING`` counts as well."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import outbox_notifier
+
+PACKAGE = Path(outbox_notifier.__file__).parent
+
+#: The modules that talk to the database for the pipeline (dbhealth: its DeadlineExceeded is a
+#: driver OperationalError, so that one ``except`` covers a lost and an abandoned call).
+STORE_MODULES = {"store", "maintenance_store", "connections", "dbhealth"}
+#: Pipeline modules: they reach the database only through the store modules.
+PIPELINE_MODULES = {
+    "relay",
+    "delivery",
+    "metrics",
+    "retention",
+    "leadership",
+    "daemon",
+    "http",
+    "backoff",
+    "names",
+    "reports",
+}
+DRIVER = {"psycopg", "psycopg_pool"}
+
+
+def imported(module: str) -> set[str]:
+    return imported_by((PACKAGE / f"{module}.py").read_text())
+
+
+def imported_by(source: str) -> set[str]:
+    """Every module name the source imports (``from a.b import c`` gives ``a.b`` and
+    ``a.b.c``, so a module imported by its parent package's name counts too)."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def roots(names: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in names}
+
+
+def test_the_listed_modules_exist() -> None:
+    for module in STORE_MODULES | PIPELINE_MODULES:
+        assert (PACKAGE / f"{module}.py").is_file(), module
+
+
+def test_only_store_modules_import_the_driver() -> None:
+    offenders = {m: sorted(roots(imported(m)) & DRIVER) for m in sorted(PIPELINE_MODULES)}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_store_modules_do_import_the_driver() -> None:
+    # the check above would pass vacuously if the driver were reached some other way
+    for module in STORE_MODULES:
+        assert roots(imported(module)) & DRIVER, module
+
+
+def test_metrics_is_a_pure_sink() -> None:
+    names = imported("metrics")
+    assert not roots(names) & DRIVER
+    assert "outbox_notifier.relay" not in names
+    assert not any(n.startswith("outbox_notifier.sqlfiles") for n in names)
+
+
+def test_a_nested_type_checking_import_is_found() -> None:
+    source = (
+        "if TYPE_CHECKING:\n    def f():\n        from psycopg_pool import AsyncConnectionPool\n"
+    )
+    assert roots(imported_by(source)) == {"psycopg_pool"}
+    assert "outbox_notifier.relay" in imported_by("from outbox_notifier import relay\n")
