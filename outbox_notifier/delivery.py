@@ -27,6 +27,7 @@ import msgspec
 
 from outbox_notifier import backoff, message
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, first_line
+from outbox_notifier.loops import wait_any
 from outbox_notifier.names import RecordStatus
 from outbox_notifier.providers.base import (
     Delivery,
@@ -287,20 +288,20 @@ class Deliverer:
                 if free < max(1, self.concurrency // 4) and self._inflight:
                     self._slot_freed.clear()
                     self.last_progress = time.monotonic() + poll_interval_s
-                    await _wait_any(stop, self._slot_freed, timeout_s=poll_interval_s)
+                    await wait_any(stop, self._slot_freed, timeout_s=poll_interval_s)
                     continue
                 wanted = min(self.batch_size, free)
                 wake.clear()
                 claimed = await self._claim(wanted)
                 if claimed is None:
-                    await _wait_any(stop, timeout_s=self.apply_retry_s)
+                    await wait_any(stop, timeout_s=self.apply_retry_s)
                     continue
                 for record in claimed:
                     self._start(record)
                 if len(claimed) < wanted:
                     idle_s = await self._idle_s(poll_interval_s)
                     self.last_progress = time.monotonic() + idle_s  # waiting on purpose
-                    await _wait_any(stop, wake, timeout_s=idle_s)
+                    await wait_any(stop, wake, timeout_s=idle_s)
         finally:
             await self._drain(applier)
 
@@ -489,13 +490,3 @@ async def rescue_expired_leases(
             extra={"record_id": row.id},
         )  # fmt: skip
     return rescued
-
-
-async def _wait_any(*events: asyncio.Event, timeout_s: float) -> None:
-    """Returns when any event is set or the timeout passes."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
