@@ -1,19 +1,17 @@
 """The ``outbox-notifier`` command: parses arguments, loads settings, dispatches. No business logic.
 
 Exit codes: 0 success; 1 runtime failure (e.g. the database is unreachable); 2 bad usage or
-configuration (one line on stderr naming the problem); 3 the command is not available.
+configuration (one line on stderr naming the problem).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import os
 import re
 import sys
 from collections.abc import Callable
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -29,7 +27,6 @@ PROG = "outbox-notifier"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
 
 NO_DATABASE = "no database: pass --dsn or set OUTBOX_NOTIFIER_DSN"
 
@@ -256,21 +253,6 @@ def _fail(message: str) -> None:
     print(f"{PROG}: {' '.join(message.splitlines())}", file=sys.stderr)
 
 
-def _commands(command: str) -> ModuleType | None:
-    """The commands module, or None (after saying so) when it is not there yet."""
-    try:
-        return importlib.import_module("outbox_notifier.commands")
-    except ModuleNotFoundError as exc:
-        if exc.name != "outbox_notifier.commands":
-            raise  # a module the commands need is missing: a real error, not "not yet"
-        _fail(f"`{command}` is not available yet")
-        return None
-
-
-def _exit_code(result: object) -> int:
-    return result if isinstance(result, int) else EXIT_OK
-
-
 def _cmd_migrate(args: argparse.Namespace, cfg: settings.Settings) -> int:
     from outbox_notifier import migrations
 
@@ -339,41 +321,52 @@ def _cmd_check_config(args: argparse.Namespace, cfg: settings.Settings) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    commands = _commands("run")
-    if commands is None:
-        return EXIT_UNAVAILABLE
-    return _exit_code(commands.run(cfg))
+    """Runs the daemon until SIGTERM/SIGINT; exits 0 after a clean drain."""
+    from outbox_notifier import eventloop
+    from outbox_notifier.daemon import (
+        Daemon,
+        DatabaseUnavailable,
+        HttpListenError,
+        SchemaNotCurrent,
+    )
+
+    try:
+        eventloop.run(Daemon(cfg).run(), cfg.event_loop)
+    except DatabaseUnavailable as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (SchemaNotCurrent, HttpListenError) as exc:
+        # exit 2, like a bad setting: restarting cannot help until the schema, the image or
+        # the configuration changes
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    commands = _commands("status")
-    if commands is None:
-        return EXIT_UNAVAILABLE
-    return _exit_code(commands.status(cfg, args.json))
+    from outbox_notifier import operator
+
+    return operator.status(cfg, as_json=args.json)
 
 
 def _cmd_requeue(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    commands = _commands("requeue")
-    if commands is None:
-        return EXIT_UNAVAILABLE
-    return _exit_code(
-        commands.requeue(
-            cfg,
-            record_id=args.id,
-            channel=args.channel,
-            error_code=args.error_code,
-            since=args.since,
-            until=args.until,
-            dry_run=args.dry_run,
-        )
+    from outbox_notifier import operator
+
+    return operator.requeue(
+        cfg,
+        record_id=args.id,
+        channel=args.channel,
+        error_code=args.error_code,
+        since=args.since,
+        until=args.until,
+        dry_run=args.dry_run,
     )
 
 
 def _cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    commands = _commands("demo")
-    if commands is None:
-        return EXIT_UNAVAILABLE
-    return _exit_code(commands.demo(cfg))
+    from outbox_notifier import demo
+
+    return demo.main(cfg)
 
 
 Handler = Callable[[argparse.Namespace, settings.Settings], int]

@@ -10,7 +10,6 @@ also polls, so a lost notification or a listener that is reconnecting delays wor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -20,18 +19,13 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
-from outbox_notifier import (
-    connections,
-    eventloop,
-    httpclient,
-    leadership,
-    migrations,
-    retention,
-    sdnotify,
-)
+from outbox_notifier import connections, eventloop, httpclient, migrations, sdnotify
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, describe
-from outbox_notifier.delivery import Deliverer, RetryPolicy, rescue_expired_leases
+from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
+from outbox_notifier.listener import Listener
+from outbox_notifier.loops import LoopContext
+from outbox_notifier.maintenance import Maintenance
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.providers.base import Provider
@@ -39,13 +33,9 @@ from outbox_notifier.providers.feishu_bot import FeishuBotProvider
 from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
 from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.relay import Relay
+from outbox_notifier.rescue import Rescuer
 from outbox_notifier.settings import Settings, parse_host_port
-from outbox_notifier.store import (
-    ClaimPolicy,
-    DatabaseError,
-    OperationalError,
-    RecordStore,
-)
+from outbox_notifier.store import ClaimPolicy, OperationalError, RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +131,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._outbox_wake = asyncio.Event()
         self._delivery_wake = asyncio.Event()
-        self.listener_up = False
+        self.listener = Listener(settings)
         if registry is None:
             registry = CollectorRegistry()
             process_collector.ProcessCollector(registry=registry)
@@ -151,6 +141,10 @@ class Daemon:
         self.metrics = Metrics(registry)
         self.monitor = HeartbeatMonitor()
         self.db_health = DatabaseHealth(on_change=self.metrics.database_failing_changed)
+        self.loops = LoopContext(
+            self._stop, self.monitor, self.db_health, self.metrics,
+            db_deadline_s=settings.db_deadline_s,
+        )  # fmt: skip
         self.http_port: int | None = None
         self.policy = RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -161,6 +155,10 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def listener_up(self) -> bool:
+        return self.listener.up
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         settings = self.settings
@@ -204,7 +202,7 @@ class Daemon:
                 providers = self._providers or default_providers(settings, client)
                 await self._run_loops(store, providers)
         finally:
-            self.listener_up = False
+            self.listener.up = False
             await server.close()
             await pool.close()
             self.notifier.close()
@@ -221,7 +219,7 @@ class Daemon:
         delay_s, attempt = 0.5, 0
         while not self._stop.is_set():
             attempt += 1
-            self.beat("startup")
+            self.monitor.beat("startup")
             try:
                 await bounded(connections.ping(settings), settings.db_deadline_s)
             except OperationalError as exc:
@@ -248,7 +246,7 @@ class Daemon:
                 delay_s + settings.db_deadline_s + 30.0,
                 status=f"waiting for database (try {attempt}): {reason}",
             )
-            await self._sleep(delay_s, loop="startup")
+            await self.loops.sleep("startup", delay_s)
             delay_s = min(delay_s * 2, STARTUP_RETRY_MAX_S)
         self.monitor.forget("startup")
         return False
@@ -262,12 +260,21 @@ class Daemon:
         logger.info("%s", verdict.reason)
 
     async def _run_loops(self, store: RecordStore, providers: Mapping[str, Provider]) -> None:
-        settings = self.settings
+        """Starts every stage's loop (each owns its loop, see outbox_notifier.loops), then on
+        stop cancels all but delivery, which drains within ``shutdown_deadline_s``."""
+        settings, ctx = self.settings, self.loops
         relay = Relay(
             store,
             batch_size=settings.relay_batch_size,
             max_attempts=settings.max_attempts,
             summary_max_runes=settings.summary_max_runes,
+        )
+        rescuer = Rescuer(store, self.policy, interval_s=settings.retry_interval_s)
+        maintenance = Maintenance(
+            MaintenanceStore(store.pool, timeouts=store.timeouts),
+            interval_s=settings.maintenance_interval_s,
+            outbox_retention_s=settings.outbox_retention_s,
+            records_retention_s=settings.records_retention_s,
         )
         self.deliverer = Deliverer(
             store,
@@ -282,21 +289,19 @@ class Daemon:
         )
         self.monitor.watch("delivery", lambda: self.deliverer.last_progress)
         self.metrics.track(
-            listener_up=lambda: self.listener_up, in_flight=lambda: self.deliverer.in_flight
+            listener_up=lambda: self.listener.up, in_flight=lambda: self.deliverer.in_flight
         )
+        poll_s, outbox_wake, delivery_wake = (
+            settings.poll_interval_s, self._outbox_wake, self._delivery_wake
+        )  # fmt: skip
         background = [
-            asyncio.create_task(self._guard("relay", lambda: self._relay_loop(relay))),
-            asyncio.create_task(self._guard("listener", self._listen_loop)),
-            asyncio.create_task(self._guard("rescue", lambda: self._rescue_loop(store))),
-            asyncio.create_task(self._guard("maintenance", lambda: self._maintenance_loop(store))),
+            self._start("relay", lambda: relay.run(ctx, outbox_wake, delivery_wake, poll_s)),
+            self._start("listener", lambda: self.listener.run(ctx, outbox_wake)),
+            self._start("rescue", lambda: rescuer.run(ctx, delivery_wake)),
+            self._start("maintenance", lambda: maintenance.run(ctx)),
         ]
-        delivery = asyncio.create_task(
-            self._guard(
-                "delivery",
-                lambda: self.deliverer.run(
-                    self._stop, self._delivery_wake, settings.poll_interval_s
-                ),
-            )
+        delivery = self._start(
+            "delivery", lambda: self.deliverer.run(self._stop, delivery_wake, poll_s)
         )
         logger.info("outbox-notifier running on %s", eventloop.name(asyncio.get_running_loop()))
         # Ready only now: HTTP is up, the schema is checked and every loop has started.
@@ -331,148 +336,19 @@ class Daemon:
         await asyncio.gather(*background, return_exceptions=True)
         logger.info("stopped")
 
-    async def _guard(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
-        """Runs a loop; if it crashes on a bug, logs it and starts it again after a pause."""
-        while not self._stop.is_set():
-            try:
-                await body()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("%s loop crashed; restarting it", name)
-                await asyncio.sleep(1.0)
+    def _start(self, name: str, body: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Runs a loop in a task; if it crashes on a bug, logs it and starts it again after a
+        pause."""
 
-    def beat(self, name: str) -> None:
-        self.monitor.beat(name)
-
-    async def _relay_loop(self, relay: Relay) -> None:
-        while not self._stop.is_set():
-            self.beat("relay")
-            self._outbox_wake.clear()
-            try:
-                with self.metrics.claim_timer("relay"):
-                    report = await bounded(relay.relay_once(), self.settings.db_deadline_s)
-            except OperationalError as exc:
-                # Locked, slow or absent: the loop stays alive and keeps trying (/readyz says why).
-                logger.warning("relay failed, database unavailable: %s", describe(exc))
-                self.metrics.database_error("relay")
-                self.db_health.failed("relay", exc)
-                await self._sleep(1.0, loop="relay")
-                continue
-            self.db_health.ok("relay")
-            self.metrics.observe_relay(report)
-            if report.created:
-                self._delivery_wake.set()
-            if report.claimed < relay.batch_size:
-                await self._wait(self._outbox_wake, self.settings.poll_interval_s, loop="relay")
-
-    async def _rescue_loop(self, store: RecordStore) -> None:
-        while not self._stop.is_set():
-            self.beat("rescue")
-            try:
-                with self.metrics.claim_timer("rescue"):
-                    rescued = await bounded(
-                        rescue_expired_leases(store, self.policy), self.settings.db_deadline_s
-                    )
-            except OperationalError as exc:
-                logger.warning("lease rescue failed, database unavailable: %s", describe(exc))
-                self.metrics.database_error("rescue")
-                self.db_health.failed("rescue", exc)
-                rescued = []
-            else:
-                self.db_health.ok("rescue")
-            self.metrics.observe_rescued(rescued)
-            if rescued:
-                self._delivery_wake.set()
-            await self._sleep(self.settings.retry_interval_s, loop="rescue")
-
-    async def _listen_loop(self) -> None:
-        delay = 0.5
-        while not self._stop.is_set():
-            self.beat("listener")
-            try:
-                async with connections.outbox_listener(self.settings) as listener:
-                    if not self.listener_up:
-                        logger.info("listening for outbox notifications")
-                    self.listener_up = True
-                    delay = 0.5
-                    # Rows inserted while we were not listening: look now, don't wait a poll.
-                    self._outbox_wake.set()
-                    while not self._stop.is_set():
-                        self.beat("listener")
-                        async for _ in listener.notified(self.settings.poll_interval_s):
-                            self._outbox_wake.set()
-            except OperationalError as exc:
-                self.metrics.database_error("listener")
-                if self.listener_up:
-                    logger.warning("listener lost its connection, reconnecting: %s",
-                                   str(exc).strip())  # fmt: skip
-                    self.metrics.listener_reconnected()
-                self.listener_up = False
-                await self._sleep(delay, loop="listener")
-                delay = min(delay * 2, 5.0)
-
-    async def _maintenance_loop(self, store: RecordStore) -> None:
-        """Metric snapshots on every replica (one cheap query on the partial indexes; see the
-        outbox_notifier.metrics docstring for how they are aggregated), and retention on one
-        replica at a time (the holder of the maintenance lease)."""
-        settings = self.settings
-        maintenance = MaintenanceStore(store.pool, timeouts=store.timeouts)
-        snapshot_every_s = min(settings.maintenance_interval_s, 5.0)
-        next_purge = time.monotonic()
-        try:
+        async def guarded() -> None:
             while not self._stop.is_set():
-                self.beat("maintenance")
-                await self.metrics.snapshot(maintenance, timeout_s=settings.db_deadline_s)
-                if time.monotonic() >= next_purge:
-                    next_purge = time.monotonic() + settings.maintenance_interval_s
-                    await self._purge(maintenance)
-                await self._sleep(snapshot_every_s, loop="maintenance")
-        finally:
-            with contextlib.suppress(DatabaseError):
-                await leadership.release_leadership(maintenance)
+                try:
+                    await body()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("%s loop crashed; restarting it", name)
+                    await asyncio.sleep(1.0)
 
-    async def _purge(self, maintenance: MaintenanceStore) -> None:
-        settings = self.settings
-
-        async def purge() -> retention.RetentionReport:
-            return await retention.purge_once(
-                maintenance,
-                outbox_max_age_s=settings.outbox_retention_s,
-                records_max_age_s=settings.records_retention_s,
-            )
-
-        try:
-            report = await bounded(
-                leadership.run_if_leader(
-                    maintenance, purge, ttl_s=3 * settings.maintenance_interval_s
-                ),
-                settings.db_deadline_s,
-            )
-        except OperationalError as exc:
-            logger.warning("retention failed, database unavailable: %s", describe(exc))
-            self.metrics.database_error("maintenance")
-            return
-        if report is not None and (report.outbox_deleted or report.records_deleted):
-            logger.info(
-                "retention deleted %d outbox rows and %d records",
-                report.outbox_deleted, report.records_deleted,
-            )  # fmt: skip
-
-    async def _wait(self, event: asyncio.Event, timeout_s: float, *, loop: str) -> None:
-        self.monitor.sleeping(loop, timeout_s)
-        stop = asyncio.ensure_future(self._stop.wait())
-        woke = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({stop, woke}, timeout=timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        finally:
-            stop.cancel()
-            woke.cancel()
-
-    async def _sleep(self, seconds: float, *, loop: str | None = None) -> None:
-        if loop is not None:  # a loop that waits on purpose is not wedged
-            self.monitor.sleeping(loop, seconds)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        return asyncio.create_task(guarded())

@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ import msgspec
 
 from outbox_notifier import backoff, message
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, first_line
+from outbox_notifier.loops import wait_any
 from outbox_notifier.names import RecordStatus
 from outbox_notifier.providers.base import (
     Delivery,
@@ -222,13 +223,6 @@ async def call_provider(provider: Provider | None, delivery: Delivery) -> SendRe
         )
 
 
-@dataclass
-class DeliveryStats:
-    """What the process's own metrics do not say: results discarded by fencing (tests read it)."""
-
-    fenced: int = 0  # results that arrived after their lease was taken over
-
-
 class Deliverer:
     """The delivery loop. ``run()`` until ``stop`` is set; ``wake`` cuts an idle wait short."""
 
@@ -245,7 +239,6 @@ class Deliverer:
         apply_linger_s: float = 0.005,
         apply_retry_s: float = 1.0,
         metrics: Metrics | None = None,
-        on_applied: Callable[[Sequence[Result], Sequence[Applied]], None] | None = None,
         db_deadline_s: float | None = None,
         db_health: DatabaseHealth | None = None,
     ) -> None:
@@ -259,11 +252,9 @@ class Deliverer:
         self.apply_linger_s = apply_linger_s
         self.apply_retry_s = apply_retry_s
         self.metrics = metrics
-        self.on_applied = on_applied
         # Each database call is abandoned after db_deadline_s (see outbox_notifier.dbhealth).
         self.db_deadline_s = db_deadline_s
         self.db_health = db_health or DatabaseHealth()
-        self.stats = DeliveryStats()
         self.last_progress = time.monotonic()
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -287,20 +278,20 @@ class Deliverer:
                 if free < max(1, self.concurrency // 4) and self._inflight:
                     self._slot_freed.clear()
                     self.last_progress = time.monotonic() + poll_interval_s
-                    await _wait_any(stop, self._slot_freed, timeout_s=poll_interval_s)
+                    await wait_any(stop, self._slot_freed, timeout_s=poll_interval_s)
                     continue
                 wanted = min(self.batch_size, free)
                 wake.clear()
                 claimed = await self._claim(wanted)
                 if claimed is None:
-                    await _wait_any(stop, timeout_s=self.apply_retry_s)
+                    await wait_any(stop, timeout_s=self.apply_retry_s)
                     continue
                 for record in claimed:
                     self._start(record)
                 if len(claimed) < wanted:
                     idle_s = await self._idle_s(poll_interval_s)
                     self.last_progress = time.monotonic() + idle_s  # waiting on purpose
-                    await _wait_any(stop, wake, timeout_s=idle_s)
+                    await wait_any(stop, wake, timeout_s=idle_s)
         finally:
             await self._drain(applier)
 
@@ -445,7 +436,6 @@ class Deliverer:
         for result in batch:
             record = by_id.get(result.record_id)
             if record is None or record.status is None:
-                self.stats.fenced += 1
                 logger.warning(
                     "late result discarded: the record's lease was taken over",
                     extra=_log_fields(result, record or _GONE),
@@ -458,8 +448,6 @@ class Deliverer:
                         level, "record %s: %s", record.status, result.error_code or "ok",
                         extra=_log_fields(result, record),
                     )  # fmt: skip
-        if self.on_applied is not None:
-            self.on_applied(batch, records)
 
     async def _drain(self, applier: asyncio.Task[None]) -> None:
         """Lets in-flight calls finish and their results land; the caller bounds the time."""
@@ -489,13 +477,3 @@ async def rescue_expired_leases(
             extra={"record_id": row.id},
         )  # fmt: skip
     return rescued
-
-
-async def _wait_any(*events: asyncio.Event, timeout_s: float) -> None:
-    """Returns when any event is set or the timeout passes."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()

@@ -244,7 +244,7 @@ class Metrics:
 
     def observe_results(self, results: Sequence[Result], records: Sequence[Applied]) -> None:
         """One batch of provider results and their records as ``apply_results`` returned them
-        (``Deliverer.on_applied``).
+        (the delivery loop's result applier).
 
         Every result is a provider call: it counts as an attempt even when it arrived late.
         A result whose record was not applied (status None, or the record is gone) lost its

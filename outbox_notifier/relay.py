@@ -8,16 +8,20 @@ decode or validate is rejected with its reason; it never stops the loop and is n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from outbox_notifier import events, message
+from outbox_notifier.dbhealth import bounded, describe
+from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import CHANNEL
 from outbox_notifier.reports import RelayReport as RelayReport  # re-exported
 from outbox_notifier.store import (
     Connection,
     NewRecord,
+    OperationalError,
     OutboxRow,
     RecordStore,
     ValueRefused,
@@ -40,6 +44,29 @@ class Relay:
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.summary_max_runes = summary_max_runes
+
+    async def run(
+        self, ctx: LoopContext, wake: asyncio.Event, created: asyncio.Event, poll_interval_s: float
+    ) -> None:
+        """Relays batch after batch until stopped; waits for ``wake`` (a NOTIFY) or the poll
+        interval when a batch was short, and sets ``created`` when records were created."""
+        while ctx.turn("relay"):
+            wake.clear()
+            try:
+                with ctx.metrics.claim_timer("relay"):
+                    report = await bounded(self.relay_once(), ctx.db_deadline_s)
+            except OperationalError as exc:
+                # Locked, slow or absent: the loop stays alive and keeps trying (/readyz says why).
+                logger.warning("relay failed, database unavailable: %s", describe(exc))
+                ctx.database_failed("relay", exc)
+                await ctx.sleep("relay", 1.0)
+                continue
+            ctx.db_health.ok("relay")
+            ctx.metrics.observe_relay(report)
+            if report.created:
+                created.set()
+            if report.claimed < self.batch_size:
+                await ctx.wait("relay", wake, poll_interval_s)
 
     async def relay_once(self) -> RelayReport:
         try:

@@ -16,10 +16,11 @@ import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import LiteralString
 
 import msgspec
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations
@@ -85,6 +86,37 @@ class NewRecord(msgspec.Struct, frozen=True, kw_only=True):
     trace_id: str
     requested_at: datetime  # the producer's, from the payload
     outbox_created_at: datetime  # when the outbox row was written: latency starts here
+
+
+#: The PostgreSQL type of a recordset column by the Python type of the struct field it reads.
+_PG_TYPES: dict[object, LiteralString] = {
+    int: "bigint",
+    str: "text",
+    bool: "boolean",
+    datetime: "timestamptz",
+}
+
+
+def recordset_columns(struct: type[msgspec.Struct]) -> sql.Composed:
+    """``name type, ...`` of a ``jsonb_to_recordset`` reading the struct's JSON encoding."""
+    columns = []
+    for field in msgspec.structs.fields(struct):
+        if field.type not in _PG_TYPES:
+            raise TypeError(f"{struct.__name__}.{field.name}: no PostgreSQL type for {field.type}")
+        columns.append(sql.SQL("{} {}").format(
+            sql.Identifier(field.name), sql.SQL(_PG_TYPES[field.type])
+        ))  # fmt: skip
+    return sql.SQL(", ").join(columns)
+
+
+def field_names(struct: type[msgspec.Struct]) -> sql.Composed:
+    return sql.SQL(", ").join(map(sql.Identifier, struct.__struct_fields__))
+
+
+#: The relay's statement with NewRecord's columns filled in, built once at import.
+RELAY_OUTBOX = sql.SQL(query("relay_outbox")).format(
+    new_record_columns=recordset_columns(NewRecord), new_record_fields=field_names(NewRecord)
+)
 
 
 class ClaimedRecord(msgspec.Struct, frozen=True):
@@ -313,7 +345,7 @@ class RecordStore:
             "records": _json(records),
             "rejected": _json([{"id": i, "reason": reason} for i, reason in rejected]),
         }
-        cur = await conn.execute(query("relay_outbox"), params)
+        cur = await conn.execute(RELAY_OUTBOX, params)
         return [(row[0], row[1]) for row in await cur.fetchall()]
 
     # -- delivery --------------------------------------------------------------------------

@@ -20,24 +20,15 @@ SELECT * FROM outbox_notifier.claim_outbox_v1(%(limit)s);
 -- Inserts the records of valid rows (an existing (channel, dedupe_key) is a dedupe hit and is
 -- reused), marks them relayed and the invalid rows rejected; returns (outbox_id, record_id) of
 -- the records created. The batch arrives as one JSON document (cheaper to send than one array
--- per column).
+-- per column). The two placeholders in braces (each column's name and type; the names) are
+-- rendered from the fields of store.NewRecord (store.RELAY_OUTBOX), so a new field is added
+-- there and in the table, not here.
 WITH input AS (
     SELECT *
-    FROM jsonb_to_recordset(%(records)s::jsonb) AS t(
-        outbox_id bigint, user_id bigint, trigger_id text, preview_id text, trigger_type text,
-        target_type text, target_id bigint, dedupe_key text, target_url text,
-        summary_text text, fallback_text text, fallback_used boolean, trace_id text,
-        requested_at timestamptz, outbox_created_at timestamptz
-    )
+    FROM jsonb_to_recordset(%(records)s::jsonb) AS t({new_record_columns})
 ), inserted AS (
-    INSERT INTO outbox_notifier.notification_records (
-        channel, user_id, trigger_id, preview_id, trigger_type, target_type, target_id,
-        dedupe_key, target_url, summary_text, fallback_text, fallback_used, trace_id,
-        requested_at, outbox_created_at, outbox_id, max_attempts
-    )
-    SELECT %(channel)s, user_id, trigger_id, preview_id, trigger_type, target_type, target_id,
-           dedupe_key, target_url, summary_text, fallback_text, fallback_used, trace_id,
-           requested_at, outbox_created_at, outbox_id, %(max_attempts)s
+    INSERT INTO outbox_notifier.notification_records (channel, max_attempts, {new_record_fields})
+    SELECT %(channel)s, %(max_attempts)s, {new_record_fields}
     FROM input
     ORDER BY outbox_id
     ON CONFLICT (channel, dedupe_key) DO NOTHING

@@ -9,9 +9,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.metrics import Metrics
 from outbox_notifier.providers.base import Delivery, Outcome, SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.store import Applied, ClaimPolicy, RecordStore, Result
@@ -41,9 +43,13 @@ async def test_results_landing_together_are_applied_in_few_batches(
         enqueue(conn, payload(f"k-{i}"))
     batches: list[int] = []
 
-    def on_applied(results: Sequence[Result], applied: Sequence[Applied]) -> None:
-        assert len(applied) == len(results)
-        batches.append(len(results))
+    class BatchMetrics(Metrics):
+        """The daemon's metrics sink, noting the size of each applied batch."""
+
+        def observe_results(self, results: Sequence[Result], applied: Sequence[Applied]) -> None:
+            assert len(applied) == len(results)
+            batches.append(len(results))
+            super().observe_results(results, applied)
 
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=2) as pool:
         store = RecordStore(pool)
@@ -52,7 +58,7 @@ async def test_results_landing_together_are_applied_in_few_batches(
         deliverer = Deliverer(
             store, {"feishu_flow": _Staggered(first_id)}, RetryPolicy(), ClaimPolicy(lease_s=30),
             batch_size=RECORDS, concurrency=RECORDS, apply_linger_s=linger_s,
-            on_applied=on_applied,
+            metrics=BatchMetrics(CollectorRegistry()),
         )  # fmt: skip
         stop, wake = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(deliverer.run(stop, wake, 0.1))

@@ -1,18 +1,20 @@
-"""The payload's fields are spelled out in several places (the event struct, the relay's and the
-result's JSON recordsets, the claim function's columns). Each list is checked against the one it
-must follow, so adding a field fails here until every list has it: a recordset column that no
-struct field fills would silently be NULL, and a claim column out of order would land in the
-wrong ``ClaimedRecord`` field."""
+"""The payload's fields are spelled out in several places (the event struct, the result's JSON
+recordset, the claim function's columns; the relay's recordset is rendered from NewRecord).
+Each list is checked against the one it must follow, so adding a field fails here until every
+list has it: a recordset column that no struct field fills would silently be NULL, and a claim
+column out of order would land in the wrong ``ClaimedRecord`` field."""
 
 from __future__ import annotations
 
 import re
 
 import msgspec
+import pytest
 
 from outbox_notifier import sqlfiles
 from outbox_notifier.events import FeishuNotificationRequested
-from outbox_notifier.store import ClaimedRecord, NewRecord, Result
+from outbox_notifier.store import RELAY_OUTBOX, ClaimedRecord, NewRecord, Result
+from outbox_notifier.store import recordset_columns as recordset_definition
 
 EVENT_FIELDS = set(FeishuNotificationRequested.__struct_fields__)
 # What a record adds to (and drops from) the event when the relay creates it.
@@ -20,9 +22,10 @@ RELAY_ADDS = {"outbox_id", "fallback_used", "outbox_created_at"}
 RELAY_DROPS = {"notification_id"}  # the record's own id takes its place
 
 
-def recordset_columns(query_name: str, parameter: str) -> list[str]:
-    """The columns of ``jsonb_to_recordset(%(<parameter>)s::jsonb) AS t(...)`` in a query."""
-    text = sqlfiles.query(query_name)
+def recordset_columns(query_name: str, parameter: str, text: str | None = None) -> list[str]:
+    """The columns of ``jsonb_to_recordset(%(<parameter>)s::jsonb) AS t(...)`` in a query (its
+    text as shipped, or as rendered)."""
+    text = sqlfiles.query(query_name) if text is None else text.replace('"', "")
     match = re.search(
         r"jsonb_to_recordset\(%\(" + parameter + r"\)s::jsonb\) AS \w+\((.*?)\)\s*\)",
         text,
@@ -51,10 +54,26 @@ def test_a_new_record_is_the_event_with_what_the_relay_adds() -> None:
     assert set(NewRecord.__struct_fields__) == (EVENT_FIELDS - RELAY_DROPS) | RELAY_ADDS
 
 
-def test_the_relay_recordset_reads_every_new_record_field() -> None:
-    assert sorted(recordset_columns("relay_outbox", "records")) == sorted(
-        NewRecord.__struct_fields__
+def test_the_relay_statement_reads_and_inserts_every_new_record_field() -> None:
+    # rendered from NewRecord at import (store.RELAY_OUTBOX): check what is sent, not the source
+    rendered = RELAY_OUTBOX.as_string(None)
+    fields = list(NewRecord.__struct_fields__)
+    assert recordset_columns("relay_outbox", "records", rendered) == fields
+    inserted = re.search(r"notification_records \((.*?)\)\s*SELECT (.*?)\s*FROM input", rendered)
+    assert inserted, rendered
+    columns, values = (
+        [c.strip().strip('"') for c in part.split(",")] for part in inserted.groups()
     )
+    assert columns == ["channel", "max_attempts", *fields]
+    assert values == ["%(channel)s", "%(max_attempts)s", *fields]
+
+
+def test_a_field_without_a_postgres_type_is_refused_when_the_statement_is_built() -> None:
+    class Odd(msgspec.Struct):
+        when: float
+
+    with pytest.raises(TypeError, match=r"Odd\.when"):
+        recordset_definition(Odd)
 
 
 def test_the_result_recordset_reads_only_result_fields() -> None:

@@ -26,6 +26,10 @@ PIPELINE_MODULES = {
     "backoff",
     "names",
     "reports",
+    "loops",
+    "rescue",
+    "maintenance",
+    "listener",
 }
 DRIVER = {"psycopg", "psycopg_pool"}
 

@@ -1,0 +1,72 @@
+"""The maintenance loop: metric snapshots on every replica (one cheap query on the partial
+indexes; see the outbox_notifier.metrics docstring for how they are aggregated), and retention
+on one replica at a time (the holder of the maintenance lease, outbox_notifier.leadership)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from outbox_notifier import leadership, retention
+from outbox_notifier.dbhealth import bounded, describe
+from outbox_notifier.loops import LoopContext
+from outbox_notifier.maintenance_store import MaintenanceStore
+from outbox_notifier.store import DatabaseError, OperationalError
+
+logger = logging.getLogger(__name__)
+
+#: Snapshots are taken at least this often, however long the retention interval.
+SNAPSHOT_MAX_INTERVAL_S = 5.0
+
+
+class Maintenance:
+    def __init__(
+        self,
+        store: MaintenanceStore,
+        *,
+        interval_s: float,
+        outbox_retention_s: float,
+        records_retention_s: float,
+    ) -> None:
+        self.store = store
+        self.interval_s = interval_s
+        self.outbox_retention_s = outbox_retention_s
+        self.records_retention_s = records_retention_s
+
+    async def run(self, ctx: LoopContext) -> None:
+        snapshot_every_s = min(self.interval_s, SNAPSHOT_MAX_INTERVAL_S)
+        next_purge = time.monotonic()
+        try:
+            while ctx.turn("maintenance"):
+                await ctx.metrics.snapshot(self.store, timeout_s=ctx.db_deadline_s)
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + self.interval_s
+                    await self._purge(ctx)
+                await ctx.sleep("maintenance", snapshot_every_s)
+        finally:
+            with contextlib.suppress(DatabaseError):
+                await leadership.release_leadership(self.store)
+
+    async def _purge(self, ctx: LoopContext) -> None:
+        async def purge() -> retention.RetentionReport:
+            return await retention.purge_once(
+                self.store,
+                outbox_max_age_s=self.outbox_retention_s,
+                records_max_age_s=self.records_retention_s,
+            )
+
+        try:
+            report = await bounded(
+                leadership.run_if_leader(self.store, purge, ttl_s=3 * self.interval_s),
+                ctx.db_deadline_s,
+            )
+        except OperationalError as exc:
+            logger.warning("retention failed, database unavailable: %s", describe(exc))
+            ctx.metrics.database_error("maintenance")
+            return
+        if report is not None and (report.outbox_deleted or report.records_deleted):
+            logger.info(
+                "retention deleted %d outbox rows and %d records",
+                report.outbox_deleted, report.records_deleted,
+            )  # fmt: skip

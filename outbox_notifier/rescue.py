@@ -1,0 +1,40 @@
+"""The rescue loop: records left in 'sending' past their lease (their worker died) go back to
+'failed' with backoff, or 'dead' once their attempts are spent (`rescue_expired_leases`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from outbox_notifier.dbhealth import bounded, describe
+from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
+from outbox_notifier.loops import LoopContext
+from outbox_notifier.store import OperationalError, RecordStore, Rescued
+
+logger = logging.getLogger(__name__)
+
+
+class Rescuer:
+    def __init__(self, store: RecordStore, policy: RetryPolicy, *, interval_s: float) -> None:
+        self.store = store
+        self.policy = policy
+        self.interval_s = interval_s
+
+    async def run(self, ctx: LoopContext, rescued_wake: asyncio.Event) -> None:
+        """Rescues every ``interval_s`` until stopped; sets ``rescued_wake`` when it took any."""
+        while ctx.turn("rescue"):
+            rescued: list[Rescued] = []
+            try:
+                with ctx.metrics.claim_timer("rescue"):
+                    rescued = await bounded(
+                        rescue_expired_leases(self.store, self.policy), ctx.db_deadline_s
+                    )
+            except OperationalError as exc:
+                logger.warning("lease rescue failed, database unavailable: %s", describe(exc))
+                ctx.database_failed("rescue", exc)
+            else:
+                ctx.db_health.ok("rescue")
+            ctx.metrics.observe_rescued(rescued)
+            if rescued:
+                rescued_wake.set()
+            await ctx.sleep("rescue", self.interval_s)
