@@ -548,6 +548,22 @@ def body_message_id(body: bytes) -> str | None:
     return None if parsed is None else reply_message_id(parsed)
 
 
+def status_and_code(
+    reply: HttpReply, label: str, *fields: tuple[str, str]
+) -> tuple[Verdict, ReplyCode | None]:
+    """For a provider that answers with an application code in the body (often in an HTTP
+    200): the status's verdict (``status_verdict``) and the reply's non-zero code, if any
+    (``reply_code``). A 2xx without such a code is a success carrying the reply's message id.
+    """
+    verdict = status_verdict(reply.status, label)
+    coded = reply_code(reply.body, *fields)
+    if coded is not None and coded.code == 0:
+        coded = None
+    if coded is None and verdict.outcome is Outcome.SUCCESS:
+        verdict = Verdict(outcome=Outcome.SUCCESS, provider_message_id=body_message_id(reply.body))
+    return verdict, coded
+
+
 class NotificationFields(msgspec.Struct, frozen=True, kw_only=True):
     """The ids every provider's body carries, first and in this order."""
 
@@ -601,6 +617,18 @@ class HttpProvider:
     (``post_capped``: deadline, body cap, timing, transport errors, the egress guard), and
     asks ``classify`` what the reply means. A subclass writes only those two steps and sets
     ``label`` (messages name the channel by it) and its URL policy defaults.
+
+    Usage (any subclass; a subclass may add options of its own)::
+
+        async with httpx.AsyncClient() as client:
+            provider = FeishuFlowProvider(
+                client,
+                frontend_base_url="https://app.example",
+                allowed_schemes=("https",),
+                allowed_hosts=("feishu.cn",),
+                path_prefix="/flow/api/trigger-webhook/",
+            )
+            result = await provider.send(delivery)
 
     ``client`` is shared and owned by the caller. ``allowed_hosts`` match exactly or as a
     parent domain; an empty tuple allows any host only where ``any_host`` is set. ``clock``

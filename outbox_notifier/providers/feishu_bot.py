@@ -175,15 +175,8 @@ def classify_feishu_code(code: int, msg: str) -> tuple[Outcome, ErrorCode | None
 class FeishuBotProvider(base.HttpProvider):
     """Delivers to a Feishu/Lark custom group bot configured per user.
 
-    Usage::
-
-        async with httpx.AsyncClient() as client:
-            provider = FeishuBotProvider(
-                client, frontend_base_url="https://app.example", message_format="card"
-            )
-            result = await provider.send(delivery)
-
-    Options as ``base.HttpProvider``; the URL policy defaults to Feishu's and Lark's bot
+    Options and usage as ``base.HttpProvider``, plus the request body cap and the message
+    format (``text`` or ``card``); the URL policy defaults to Feishu's and Lark's bot
     endpoints. ``clock`` gives the signing timestamp and the reference for ``Retry-After``.
     """
 
@@ -296,14 +289,9 @@ class FeishuBotProvider(base.HttpProvider):
     def classify(self, reply: base.HttpReply) -> base.Verdict:
         """2xx (Feishu's usual way) or a 4xx carrying a Feishu code: the code decides; 429 and
         5xx stay as the status says, whatever the body."""
-        verdict = base.status_verdict(reply.status, "feishu bot webhook")
-        coded = base.reply_code(reply.body, *_CODE_FIELDS)
-        if coded is None or coded.code == 0:
-            if verdict.outcome is not Outcome.SUCCESS:
-                return verdict
-            return base.Verdict(
-                outcome=Outcome.SUCCESS, provider_message_id=base.body_message_id(reply.body)
-            )
+        verdict, coded = base.status_and_code(reply, "feishu bot webhook", *_CODE_FIELDS)
+        if coded is None:
+            return verdict
         said = (
             f"feishu code {coded.code}: {coded.msg}" if coded.msg else f"feishu code {coded.code}"
         )

@@ -83,19 +83,8 @@ _encoder = msgspec.json.Encoder()
 class FeishuFlowProvider(base.HttpProvider):
     """Delivers to the Feishu Flow webhook trigger configured per user.
 
-    Usage::
-
-        async with httpx.AsyncClient() as client:
-            provider = FeishuFlowProvider(
-                client,
-                frontend_base_url="https://app.example",
-                allowed_hosts=("feishu.cn",),
-                path_prefix="/flow/api/trigger-webhook/",
-            )
-            result = await provider.send(delivery)
-
-    Options as ``base.HttpProvider``; hosts and path default to Feishu's (and Lark's) Flow
-    triggers. ``clock`` exists for tests of ``sent_at`` and ``Retry-After`` dates.
+    Options and usage as ``base.HttpProvider``; hosts and path default to Feishu's (and
+    Lark's) Flow triggers. ``clock`` exists for tests of ``sent_at`` and ``Retry-After``.
     """
 
     label = "feishu"
@@ -128,14 +117,9 @@ class FeishuFlowProvider(base.HttpProvider):
     def classify(self, reply: base.HttpReply) -> base.Verdict:
         """As in the seed: after a 2xx status, only a JSON object whose ``code`` is an integer
         other than 0 rejects; anything unreadable counts as accepted."""
-        verdict = base.status_verdict(reply.status, "feishu flow webhook")
-        if verdict.outcome is not base.Outcome.SUCCESS:
+        verdict, rejected = base.status_and_code(reply, "feishu flow webhook")
+        if rejected is None or verdict.outcome is not base.Outcome.SUCCESS:
             return verdict
-        rejected = base.reply_code(reply.body)
-        if rejected is None or rejected.code == 0:
-            return base.Verdict(
-                outcome=base.Outcome.SUCCESS, provider_message_id=base.body_message_id(reply.body)
-            )
         text = f"feishu flow webhook rejected the request: code={rejected.code}"
         return base.Verdict(
             outcome=base.Outcome.PERMANENT_FAIL,

@@ -154,18 +154,8 @@ def classify_webhook_status(status: int) -> tuple[base.Outcome, base.ErrorCode |
 class WebhookProvider(base.HttpProvider):
     """Delivers a signed JSON event to the webhook URL configured per user.
 
-    Usage::
-
-        async with httpx.AsyncClient() as client:
-            provider = WebhookProvider(
-                client,
-                frontend_base_url="https://app.example",
-                allowed_schemes=("https",),
-                allowed_hosts=(),          # any host; the scheme is still enforced
-            )
-            result = await provider.send(delivery)
-
-    Options as ``base.HttpProvider``, plus the event's ``type``; any host by default.
+    Options and usage as ``base.HttpProvider``, plus the event's ``type``; any host is
+    allowed by default (``allowed_hosts=()``), the schemes are still enforced.
     """
 
     label = "webhook"
