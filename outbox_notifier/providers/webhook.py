@@ -14,7 +14,7 @@ Each delivery POSTs one event to the channel's URL::
 with the headers of the Standard Webhooks specification:
 
 - ``webhook-id``: ``msg_<record id>``, the same on every attempt, so a receiver can drop
-  the duplicates that at-least-once delivery produces;
+  the repeats that at-least-once delivery produces;
 - ``webhook-timestamp``: epoch seconds of this attempt;
 - ``webhook-signature``: ``v1,<base64 HMAC-SHA256>`` over ``"{id}.{timestamp}.{body}"``,
   keyed by the base64-decoded secret (after its ``whsec_`` prefix), present when the
