@@ -15,7 +15,8 @@ import sys
 from bench.clients import TRANSPORTS, InstantProvider, make_client
 from bench.fixtures import egress_overrides
 from outbox_notifier import eventloop, logs
-from outbox_notifier.daemon import Daemon, default_providers
+from outbox_notifier.daemon import Daemon
+from outbox_notifier.providers import default_providers
 from outbox_notifier.providers.base import Provider
 from outbox_notifier.settings import load_settings
 

@@ -14,7 +14,6 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
@@ -28,14 +27,12 @@ from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance import Maintenance
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
+from outbox_notifier.providers import claim_policy, default_providers
 from outbox_notifier.providers.base import Provider
-from outbox_notifier.providers.feishu_bot import FeishuBotProvider
-from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
-from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.relay import Relay
 from outbox_notifier.rescue import Rescuer
 from outbox_notifier.settings import Settings, parse_host_port
-from outbox_notifier.store import ClaimPolicy, OperationalError, RecordStore
+from outbox_notifier.store import OperationalError, RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -61,57 +58,6 @@ def http_client(settings: Settings) -> httpx.AsyncClient:
     over aiohttp's pool, sized to the delivery concurrency, with the egress guard, the proxy
     settings and one trust store (the system's plus ``ca_bundle``). Call it inside the loop."""
     return httpclient.build_client(httpclient.EgressConfig.from_settings(settings))
-
-
-def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str, Provider]:
-    """The providers by the name a channel row selects (``notification_channels.provider``)."""
-    common: dict[str, Any] = {
-        "frontend_base_url": settings.frontend_base_url,
-        "timeout_s": settings.http_timeout_s,
-        "response_body_max_bytes": settings.response_body_max_bytes,
-    }
-    return {
-        "feishu_flow": FeishuFlowProvider(
-            client,
-            allowed_schemes=settings.flow_allowed_schemes,
-            allowed_hosts=settings.flow_allowed_hosts,
-            path_prefix=settings.flow_path_prefix,
-            **common,
-        ),
-        "feishu_bot": FeishuBotProvider(
-            client,
-            allowed_schemes=settings.bot_allowed_schemes,
-            allowed_hosts=settings.bot_allowed_hosts,
-            path_prefix=settings.bot_path_prefix,
-            message_format=settings.bot_message_format,
-            **common,
-        ),
-        "webhook": WebhookProvider(
-            client,
-            allowed_schemes=settings.webhook_allowed_schemes,
-            allowed_hosts=settings.webhook_allowed_hosts,
-            **common,
-        ),
-    }
-
-
-def claim_policy(settings: Settings) -> ClaimPolicy:
-    return ClaimPolicy(
-        lease_s=settings.lease_s,
-        per_s={
-            "feishu_bot": settings.bot_max_per_s,
-            "feishu_flow": settings.flow_max_per_s,
-            "webhook": settings.webhook_max_per_s,
-        },
-        per_min={
-            "feishu_bot": settings.bot_max_per_min,
-            "feishu_flow": settings.flow_max_per_min,
-            "webhook": settings.webhook_max_per_min,
-        },
-        margin_s=settings.pacing_margin_s,
-        breaker_failures=settings.breaker_failures,
-        cooloff_s=settings.breaker_cooloff_s,
-    )
 
 
 class Daemon:

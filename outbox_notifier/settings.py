@@ -156,6 +156,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     bot_path_prefix: str = "/open-apis/bot/v2/hook/"
     webhook_allowed_schemes: tuple[str, ...] = ("https",)
     webhook_allowed_hosts: tuple[str, ...] = ()  # empty: any host
+    webhook_path_prefix: str = "/"
     # Egress: the guard refuses loopback, private, link-local and metadata addresses for every
     # provider; these ranges are allowed explicitly (internal webhooks, tests, the demo).
     egress_allow_cidrs: tuple[str, ...] = ()
@@ -246,10 +247,11 @@ def _check_values(s: Settings) -> None:
         parse_host_port(s.http_listen)
     except ValueError as exc:
         raise _invalid("http_listen", f"{exc}, got {s.http_listen!r}") from None
-    for provider in ("flow", "bot", "webhook"):
-        _check_url_policy(s, provider)
-    for name in ("flow_path_prefix", "bot_path_prefix"):
-        if not getattr(s, name).startswith("/"):
+    # Every provider's URL policy, found by the names its settings share.
+    for name in Settings.__struct_fields__:
+        if name.endswith("_allowed_schemes"):
+            _check_url_policy(s, name.removesuffix("_allowed_schemes"))
+        if name.endswith("_path_prefix") and not getattr(s, name).startswith("/"):
             raise _invalid(name, f"must start with '/', got {getattr(s, name)!r}")
     try:
         egress.parse_cidrs(s.egress_allow_cidrs)

@@ -16,18 +16,18 @@ Outcome -> record status, applied by the delivery loop (seed semantics):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, TypedDict
 
 import httpx
 import msgspec
 
+from outbox_notifier import message
 from outbox_notifier.egress import DestinationForbidden
 from outbox_notifier.message import ERROR_TEXT_MAX_RUNES
 from outbox_notifier.names import (  # re-exported: providers and their tests use them from here
@@ -38,6 +38,10 @@ from outbox_notifier.names import (
 )
 from outbox_notifier.names import ErrorCode as ErrorCode
 from outbox_notifier.names import Outcome as Outcome
+
+from .urls import UrlPolicy as UrlPolicy  # re-exported, as are the two below
+from .urls import UrlRejected as UrlRejected
+from .urls import scrub as scrub
 
 
 class Target(msgspec.Struct, frozen=True, kw_only=True):
@@ -218,62 +222,6 @@ def is_header_token(value: str) -> bool:
     return value.isascii() and all(0x21 <= ord(c) <= 0x7E for c in value)
 
 
-# Host names in rejection messages are cut so a garbled URL cannot smuggle a long secret.
-_HOST_IN_MESSAGE_MAX_CHARS = 100
-
-
-class UrlRejected(ValueError):
-    """A webhook URL outside the policy; the message never contains the URL's path."""
-
-
-class UrlPolicy:
-    """Which webhook URLs a provider may call.
-
-    Usage::
-
-        policy = UrlPolicy(schemes=("https",), hosts=("feishu.cn",), path_prefix="/flow/")
-        url = policy.check(raw_url)  # httpx.URL, or raises UrlRejected
-
-    ``hosts`` match exactly or as a parent domain (``feishu.cn`` allows ``www.feishu.cn``,
-    never ``feishu.cn.evil.com``); an empty ``hosts`` allows any host, while the schemes
-    are always enforced. Credentials in the URL are refused. The path is checked after
-    normalisation, so ``..`` segments cannot climb out of ``path_prefix``. Rejections name
-    only scheme and host: the path (and query) of a webhook URL is usually its secret.
-    """
-
-    def __init__(
-        self, *, schemes: Iterable[str], hosts: Iterable[str], path_prefix: str = "/"
-    ) -> None:
-        self.schemes = frozenset(s.strip().lower() for s in schemes)
-        if not self.schemes:
-            raise ValueError("allowed schemes must not be empty")
-        self.hosts = frozenset(h.strip().strip(".").lower() for h in hosts)
-        self._host_suffixes = tuple("." + h for h in self.hosts)
-        self.path_prefix = path_prefix
-
-    def check(self, raw_url: str) -> httpx.URL:
-        """Parse ``raw_url`` and enforce the policy; raise ``UrlRejected`` if outside it."""
-        try:
-            url = httpx.URL(raw_url.strip())
-        except (httpx.InvalidURL, ValueError, TypeError):
-            raise UrlRejected("webhook url cannot be parsed") from None
-        scheme = url.scheme
-        host = url.host.rstrip(".")
-        shown = f"{scheme}://{host[:_HOST_IN_MESSAGE_MAX_CHARS]}"
-        if scheme not in self.schemes:
-            allowed = ", ".join(sorted(self.schemes))
-            raise UrlRejected(f"webhook url {shown}: scheme {scheme!r} not allowed ({allowed})")
-        if not _is_host_name(url.raw_host.decode("ascii").rstrip(".")) or (
-            self.hosts and host not in self.hosts and not host.endswith(self._host_suffixes)
-        ):
-            raise UrlRejected(f"webhook url {shown}: host not allowed")
-        if url.userinfo:
-            raise UrlRejected(f"webhook url {shown}: credentials in the url are not allowed")
-        if not url.raw_path.decode("ascii").startswith(self.path_prefix):
-            raise UrlRejected(f"webhook url {shown}: path must start with {self.path_prefix!r}")
-        return url
-
-
 def resolve_target(
     delivery: Delivery, policy: UrlPolicy, what: str, *, url_name: str = "webhook url"
 ) -> tuple[Target, httpx.URL] | SendResult:
@@ -301,35 +249,6 @@ def resolve_target(
     return target, url
 
 
-# A DNS name in its ASCII (IDNA) form: letters, digits and hyphens, dot-separated.
-_DNS_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*", re.I)
-
-
-def _is_host_name(host: str) -> bool:
-    """A DNS name or an IP address (IPv6 without its brackets), nothing else."""
-    if _DNS_NAME.fullmatch(host):
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def scrub(message: str, url: httpx.URL, secrets: Iterable[str] = ()) -> str:
-    """Mask a webhook's path and query (where its key lives) and ``secrets`` in ``message``."""
-    for part in (url.raw_path.decode("ascii"), url.path):
-        if len(part) > 1 and part in message:
-            message = message.replace(part, "/****")
-    query = url.query.decode("ascii")
-    if query and query in message:
-        message = message.replace(query, "****")
-    for secret in secrets:
-        if secret and secret in message:
-            message = message.replace(secret, "****")
-    return message
-
-
 def decode_json_object(reply: bytes) -> dict[str, Any] | None:
     """A reply body's JSON object; None for an empty, unreadable or non-object body."""
     if not reply.strip():
@@ -355,9 +274,9 @@ class HttpReply(msgspec.Struct, frozen=True, kw_only=True):
     """What came back from one ``post_capped`` call."""
 
     status: int
+    headers: Mapping[str, str]  # httpx's, so names match whatever their case
     body: bytes
     truncated: bool
-    retry_after: str | None
     duration_s: float
 
 
@@ -414,9 +333,9 @@ async def post_capped(
     else:
         return HttpReply(
             status=response.status_code,
+            headers=response.headers,
             body=body,
             truncated=truncated,
-            retry_after=response.headers.get("Retry-After"),
             duration_s=time.perf_counter() - started,
         )
     message = f"{kind}: {detail}" if detail else kind
@@ -432,30 +351,240 @@ async def post_capped(
     )
 
 
-class HttpProvider:
-    """What the webhook-calling providers share: the client, the URL policy, limits, clock.
+# -- the provider template: prepare, one shared sender, classify --------------------------
 
-    A subclass validates its options first (``check_limits`` and its own checks, in the order
-    its errors should come), then calls ``super().__init__``. ``client`` is shared and owned
-    by the caller; ``frontend_base_url`` is kept without its trailing slash.
+
+class PreparedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One provider call, ready to send: what ``HttpProvider.prepare`` returns.
+
+    ``url`` is the final URL, query parameters included (a provider may sign into them);
+    ``stored`` is the request as the record keeps it (``provider_request_json``), with every
+    secret masked; ``secrets`` are masked in any error message the call produces.
     """
+
+    url: httpx.URL
+    body: bytes
+    headers: Mapping[str, str]
+    stored: bytes
+    secrets: tuple[str, ...] = ()
+
+
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``HttpProvider.classify`` makes of a reply. The sender adds the rest of the
+    ``SendResult``: status, bodies, timing, ``Retry-After`` for a temporary failure, and
+    ``disable_target`` for ``endpoint_gone``. ``error_message`` is truncated and scrubbed of
+    the URL's key and the request's secrets by the sender."""
+
+    outcome: Outcome
+    error_code: ErrorCode | None = None
+    error_message: str | None = None
+    provider_message_id: str | None = None
+
+
+class NotSent(Exception):
+    """Raised by ``prepare`` when the call must not be made (a configuration fault, a body
+    that cannot fit): a ``PERMANENT_FAIL`` with ``code`` unless ``outcome`` says otherwise."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, outcome: Outcome = Outcome.PERMANENT_FAIL
+    ) -> None:
+        super().__init__(message)
+        self.result = SendResult(outcome=outcome, error_code=code, error_message=message)
+
+
+def json_headers(**extra: str) -> dict[str, str]:
+    """Headers of a JSON POST, plus ``extra``."""
+    return {
+        "Content-Type": "application/json; charset=utf-8",
+        # Only raw bytes can be capped before they are read; compression would defeat that.
+        "Accept-Encoding": "identity",
+        **extra,
+    }
+
+
+def bearer_auth(target: Target) -> dict[str, str]:
+    """The ``Authorization`` header of a ``bearer`` channel with a token, else none.
+
+    Raises ``NotSent`` for a token that cannot be a header value: a configuration fault, not
+    worth retrying, and the HTTP layer's own error would quote the value.
+    """
+    token = (target.auth_secret or "").strip() if target.auth_kind == "bearer" else ""
+    if not token:
+        return {}
+    if not is_header_token(token):
+        raise NotSent(
+            ErrorCode.PROVIDER_AUTH_FAILED,
+            "bearer token has characters not allowed in an HTTP header",
+        )
+    return {"Authorization": "Bearer " + token}
+
+
+def status_verdict(
+    status: int,
+    label: str,
+    special: Mapping[int, tuple[Outcome, ErrorCode]] | None = None,
+) -> Verdict:
+    """The verdict of an HTTP status by its family (``classify_status``), ``special`` statuses
+    first. A failure reads ``"<label> returned HTTP <status>"``, with the reason for a
+    redirect (never followed) or ``endpoint_gone`` (the channel is disabled)."""
+    outcome, code = (special or {}).get(status) or classify_status(status)
+    if outcome is Outcome.SUCCESS:
+        return Verdict(outcome=outcome)
+    message = f"{label} returned HTTP {status}"
+    if 300 <= status < 400:
+        message += ": redirect not followed"
+    elif code is ErrorCode.ENDPOINT_GONE:
+        message += ": endpoint gone, channel to be disabled"
+    return Verdict(outcome=outcome, error_code=code, error_message=message)
+
+
+class ReplyCode(msgspec.Struct, frozen=True, kw_only=True):
+    """An application error code a provider puts in its reply body (often in an HTTP 200)."""
+
+    code: int
+    msg: str
+
+
+def reply_code(body: bytes, *fields: tuple[str, str]) -> ReplyCode | None:
+    """The first integer code (and its message, stripped) among ``fields``, each a
+    ``(code key, message key)`` pair of a JSON object body; None when there is none.
+    A boolean is not a code, and a non-string message is empty."""
+    parsed = decode_json_object(body)
+    if parsed is None:
+        return None
+    for code_key, msg_key in fields or (("code", "msg"),):
+        code = parsed.get(code_key)
+        if isinstance(code, int) and not isinstance(code, bool):
+            msg = parsed.get(msg_key)
+            return ReplyCode(code=code, msg=msg.strip() if isinstance(msg, str) else "")
+    return None
+
+
+def body_message_id(body: bytes) -> str | None:
+    """``reply_message_id`` of a reply body; None when it is no JSON object."""
+    parsed = decode_json_object(body)
+    return None if parsed is None else reply_message_id(parsed)
+
+
+def status_and_code(
+    reply: HttpReply, label: str, *fields: tuple[str, str]
+) -> tuple[Verdict, ReplyCode | None]:
+    """For a provider that answers with an application code in the body (often in an HTTP
+    200): the status's verdict (``status_verdict``) and the reply's non-zero code, if any
+    (``reply_code``). A 2xx without such a code is a success carrying the reply's message id.
+    """
+    verdict = status_verdict(reply.status, label)
+    coded = reply_code(reply.body, *fields)
+    if coded is not None and coded.code == 0:
+        coded = None
+    if coded is None and verdict.outcome is Outcome.SUCCESS:
+        verdict = Verdict(outcome=Outcome.SUCCESS, provider_message_id=body_message_id(reply.body))
+    return verdict, coded
+
+
+class NotificationFields(msgspec.Struct, frozen=True, kw_only=True):
+    """The ids every provider's body carries, first and in this order."""
+
+    notification_id: int
+    user_id: int
+    preview_id: str
+    trigger_id: str
+    trigger_type: str
+    target_type: str
+    target_id: int
+
+
+def notification_fields(delivery: Delivery) -> dict[str, Any]:
+    """``NotificationFields`` of ``delivery`` as keywords (texts trimmed)."""
+    return {
+        "notification_id": delivery.record_id,
+        "user_id": delivery.user_id,
+        "preview_id": delivery.preview_id.strip(),
+        "trigger_id": delivery.trigger_id.strip(),
+        "trigger_type": delivery.trigger_type.strip(),
+        "target_type": delivery.target_type.strip(),
+        "target_id": delivery.target_id,
+    }
+
+
+def message_text(delivery: Delivery) -> str:
+    """The text to send: the delivery's, or the seed's default when it is blank."""
+    return delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE
+
+
+def rfc3339(when: datetime) -> str:
+    """``when`` in UTC to the second, as ``2024-01-01T00:00:00Z``."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class HttpOptions(TypedDict, total=False):
+    """``HttpProvider``'s options, for a subclass that adds its own (``**options``)."""
+
+    frontend_base_url: str
+    allowed_schemes: Iterable[str]
+    allowed_hosts: Iterable[str] | None
+    path_prefix: str | None
+    timeout_s: float
+    response_body_max_bytes: int
+    clock: Callable[[], datetime]
+
+
+class HttpProvider:
+    """The template of a webhook-calling provider: ``send`` resolves the channel and checks
+    its URL, asks ``prepare`` for the request, sends it once through the shared sender
+    (``post_capped``: deadline, body cap, timing, transport errors, the egress guard), and
+    asks ``classify`` what the reply means. A subclass writes only those two steps and sets
+    ``label`` (messages name the channel by it) and its URL policy defaults.
+
+    Usage (any subclass; a subclass may add options of its own)::
+
+        async with httpx.AsyncClient() as client:
+            provider = FeishuFlowProvider(
+                client,
+                frontend_base_url="https://app.example",
+                allowed_schemes=("https",),
+                allowed_hosts=("feishu.cn",),
+                path_prefix="/flow/api/trigger-webhook/",
+            )
+            result = await provider.send(delivery)
+
+    ``client`` is shared and owned by the caller. ``allowed_hosts`` match exactly or as a
+    parent domain; an empty tuple allows any host only where ``any_host`` is set. ``clock``
+    gives timestamps and the reference for ``Retry-After`` dates.
+    """
+
+    label: ClassVar[str]
+    url_label: ClassVar[str] = "webhook url"
+    default_hosts: ClassVar[tuple[str, ...]] = ()
+    default_path_prefix: ClassVar[str] = "/"
+    # A URL that is itself a credential must only ever go to known hosts.
+    any_host: ClassVar[bool] = False
 
     def __init__(
         self,
         client: httpx.AsyncClient,
         *,
-        frontend_base_url: str,
-        allowed_schemes: Iterable[str],
-        allowed_hosts: Iterable[str],
-        path_prefix: str,
-        timeout_s: float,
-        response_body_max_bytes: int,
-        clock: Callable[[], datetime],
+        frontend_base_url: str = "",
+        allowed_schemes: Iterable[str] = ("https",),
+        allowed_hosts: Iterable[str] | None = None,
+        path_prefix: str | None = None,
+        timeout_s: float = 5.0,
+        response_body_max_bytes: int = 65536,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
+        check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
+        schemes = tuple(allowed_schemes)
+        if not schemes:
+            raise ValueError("allowed_schemes must not be empty")
+        hosts = self.default_hosts if allowed_hosts is None else tuple(allowed_hosts)
+        if not hosts and not self.any_host:
+            raise ValueError("allowed_hosts must not be empty")
         self._client = client
         self._frontend_base_url = frontend_base_url.strip().rstrip("/")
         self._url_policy = UrlPolicy(
-            schemes=allowed_schemes, hosts=allowed_hosts, path_prefix=path_prefix
+            schemes=schemes,
+            hosts=hosts,
+            path_prefix=self.default_path_prefix if path_prefix is None else path_prefix,
         )
         self._timeout_s = timeout_s
         self._response_max_bytes = response_body_max_bytes
@@ -465,30 +594,59 @@ class HttpProvider:
         """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
         return self._url_policy.check(raw_url)
 
-    def retry_after_s(self, outcome: Outcome, reply: HttpReply) -> float | None:
-        """The reply's ``Retry-After`` in seconds, read for every temporary failure (429 and
-        5xx alike: a 503 may say when to come back too); None for other outcomes."""
-        if outcome is not Outcome.TEMPORARY_FAIL:
-            return None
-        return parse_retry_after(reply.retry_after, now=self._clock())
+    def action_url(self, delivery: Delivery) -> str:
+        """The link the message offers (see ``action_url``)."""
+        return action_url(self._frontend_base_url, delivery.target_url)
 
-    async def _post(
-        self,
-        url: httpx.URL,
-        *,
-        content: bytes,
-        headers: Mapping[str, str],
-        request_json: bytes,
-        secrets: Iterable[str],
-    ) -> HttpReply | SendResult:
-        """``post_capped`` with this provider's client, deadline and response cap."""
-        return await post_capped(
+    def prepare(self, delivery: Delivery, target: Target, url: httpx.URL) -> PreparedRequest:
+        """The request for ``delivery`` to ``url`` (already checked); raise ``NotSent`` when
+        no call may be made."""
+        raise NotImplementedError
+
+    def classify(self, reply: HttpReply) -> Verdict:
+        """What the reply (status, headers, capped body) means."""
+        raise NotImplementedError
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
+        resolved = resolve_target(delivery, self._url_policy, self.label, url_name=self.url_label)
+        if isinstance(resolved, SendResult):
+            return resolved
+        try:
+            request = self.prepare(delivery, *resolved)
+        except NotSent as exc:
+            return exc.result
+        # Whatever a provider signs with, a credential in a header is never quoted either.
+        auth = request.headers.get("Authorization", "").partition(" ")[2]
+        secrets = (*request.secrets, auth) if auth else request.secrets
+        reply = await post_capped(
             self._client,
-            url,
-            content=content,
-            headers=headers,
+            request.url,
+            content=request.body,
+            headers=request.headers,
             timeout_s=self._timeout_s,
             response_body_max_bytes=self._response_max_bytes,
-            request_json=request_json,
+            request_json=request.stored,
             secrets=secrets,
+        )
+        if isinstance(reply, SendResult):
+            return reply
+        verdict = self.classify(reply)
+        text = verdict.error_message
+        # A temporary failure honours Retry-After, 429 and 5xx alike: a 503 may say it too.
+        temporary = verdict.outcome is Outcome.TEMPORARY_FAIL
+        return SendResult(
+            outcome=verdict.outcome,
+            error_code=verdict.error_code,
+            error_message=truncate(scrub(text, request.url, secrets)) if text else None,
+            provider_message_id=verdict.provider_message_id,
+            http_status=reply.status,
+            request_json=request.stored,
+            response_body=reply.body,
+            response_truncated=reply.truncated,
+            retry_after_s=parse_retry_after(reply.headers.get("Retry-After"), now=self._clock())
+            if temporary
+            else None,
+            duration_s=reply.duration_s,
+            disable_target=verdict.error_code is ErrorCode.ENDPOINT_GONE,
         )

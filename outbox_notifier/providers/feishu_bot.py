@@ -65,32 +65,15 @@ import base64
 import hashlib
 import hmac
 import re
-from collections.abc import Callable
-from datetime import datetime
-from typing import Literal
+from typing import Literal, Unpack
 
 import httpx
 import msgspec
 
 from outbox_notifier import message
 
-from .base import (
-    Delivery,
-    ErrorCode,
-    HttpProvider,
-    HttpReply,
-    Outcome,
-    SendResult,
-    action_url,
-    check_limits,
-    classify_status,
-    decode_json_object,
-    reply_message_id,
-    resolve_target,
-    scrub,
-    truncate,
-    utc_now,
-)
+from . import base
+from .base import ErrorCode, Outcome
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -115,6 +98,8 @@ _DEFAULT_REQUEST_BODY_MAX_BYTES = 19_000
 CODE_FREQUENCY_LIMITED = 11232
 CODE_GENERIC = 9499
 _AUTH_CODES = frozenset({19001, 19021})
+# Where a reply keeps its code and message (older replies: StatusCode, StatusMessage).
+_CODE_FIELDS = (("code", "msg"), ("StatusCode", "StatusMessage"))
 _THROTTLING = re.compile(r"too many request|frequen|\brate\b|\brate[\s_-]?limit", re.IGNORECASE)
 
 _MASK = "***"
@@ -187,40 +172,26 @@ def classify_feishu_code(code: int, msg: str) -> tuple[Outcome, ErrorCode | None
     return Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID
 
 
-class FeishuBotProvider(HttpProvider):
+class FeishuBotProvider(base.HttpProvider):
     """Delivers to a Feishu/Lark custom group bot configured per user.
 
-    Usage::
-
-        async with httpx.AsyncClient() as client:
-            provider = FeishuBotProvider(
-                client, frontend_base_url="https://app.example", message_format="card"
-            )
-            result = await provider.send(delivery)
-
-    ``client`` is shared and owned by the caller. The URL policy defaults to Feishu's and
-    Lark's bot endpoints; tests point ``allowed_schemes``/``allowed_hosts`` at a local
-    server. ``allowed_hosts`` match exactly or as a parent domain. ``clock`` gives the
-    signing timestamp and the reference for ``Retry-After`` dates.
+    Options and usage as ``base.HttpProvider``, plus the request body cap and the message
+    format (``text`` or ``card``); the URL policy defaults to Feishu's and Lark's bot
+    endpoints. ``clock`` gives the signing timestamp and the reference for ``Retry-After``.
     """
 
-    channel: str = "feishu_bot"
+    label = "feishu bot"
+    default_hosts = DEFAULT_HOSTS
+    default_path_prefix = DEFAULT_PATH_PREFIX
 
     def __init__(
         self,
         client: httpx.AsyncClient,
         *,
-        frontend_base_url: str = "",
-        allowed_schemes: tuple[str, ...] = ("https",),
-        allowed_hosts: tuple[str, ...] = DEFAULT_HOSTS,
-        path_prefix: str = DEFAULT_PATH_PREFIX,
-        timeout_s: float = 5.0,
-        response_body_max_bytes: int = 65536,
         request_body_max_bytes: int = _DEFAULT_REQUEST_BODY_MAX_BYTES,
         message_format: MessageFormat = "text",
-        clock: Callable[[], datetime] = utc_now,
+        **options: Unpack[base.HttpOptions],
     ) -> None:
-        check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
         if not 0 < request_body_max_bytes <= FEISHU_BODY_MAX_BYTES:
             raise ValueError(
                 f"request_body_max_bytes must be in 1..{FEISHU_BODY_MAX_BYTES}, "
@@ -228,32 +199,20 @@ class FeishuBotProvider(HttpProvider):
             )
         if message_format not in ("text", "card"):
             raise ValueError(f"message_format must be 'text' or 'card', got {message_format!r}")
-        if not allowed_hosts:
-            # The token in the URL is a credential: it must only ever go to known hosts.
-            raise ValueError("allowed_hosts must not be empty")
-        super().__init__(
-            client,
-            frontend_base_url=frontend_base_url,
-            allowed_schemes=allowed_schemes,
-            allowed_hosts=allowed_hosts,
-            path_prefix=path_prefix,
-            timeout_s=timeout_s,
-            response_body_max_bytes=response_body_max_bytes,
-            clock=clock,
-        )
+        super().__init__(client, **options)
         self._request_max_bytes = request_body_max_bytes
         self._format: MessageFormat = message_format
 
-    def build_message(self, delivery: Delivery, text: str | None = None) -> BotMessage:
+    def build_message(self, delivery: base.Delivery, text: str | None = None) -> BotMessage:
         """The unsigned body for ``delivery``; ``text`` overrides its (summary) text."""
         if text is None:
-            text = delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE
+            text = base.message_text(delivery)
         if self._format == "text":
             return BotMessage(msg_type="text", content=TextContent(text=text))
         elements: list[CardDiv | CardAction] = [
             CardDiv(tag="div", text=PlainText(tag="plain_text", content=text))
         ]
-        link = action_url(self._frontend_base_url, delivery.target_url)
+        link = self.action_url(delivery)
         if link.startswith(("https://", "http://")):
             button = CardButton(
                 tag="button",
@@ -268,12 +227,12 @@ class FeishuBotProvider(HttpProvider):
         )
         return BotMessage(msg_type="interactive", card=card)
 
-    def _fit(self, delivery: Delivery, signed: BotMessage) -> BotMessage | None:
+    def _fit(self, delivery: base.Delivery, signed: BotMessage) -> BotMessage | None:
         """``signed``, its text cut if it must be for the encoded body to fit the size cap;
         None when even an empty text does not fit."""
         if len(_encoder.encode(signed)) <= self._request_max_bytes:
             return signed
-        text = delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE
+        text = base.message_text(delivery)
 
         def cut(n: int) -> BotMessage:
             message = self.build_message(delivery, text[:n] + _ELLIPSIS)
@@ -295,109 +254,52 @@ class FeishuBotProvider(HttpProvider):
                 high = mid - 1
         return cut(low)
 
-    async def send(self, delivery: Delivery) -> SendResult:
-        """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
-        resolved = resolve_target(delivery, self._url_policy, "feishu bot")
-        if isinstance(resolved, SendResult):
-            return resolved
-        target, url = resolved
-
+    def prepare(
+        self, delivery: base.Delivery, target: base.Target, url: httpx.URL
+    ) -> base.PreparedRequest:
         secret = ""
-        message = self.build_message(delivery)
+        unsigned = self.build_message(delivery)
+        signed = unsigned
         if target.auth_kind == "bot_secret":
             secret = (target.auth_secret or "").strip()
             if not secret:
-                return SendResult(
-                    outcome=Outcome.PERMANENT_FAIL,
-                    error_code=ErrorCode.PROVIDER_AUTH_FAILED,
-                    error_message="feishu bot channel wants signing but has no secret",
+                raise base.NotSent(
+                    ErrorCode.PROVIDER_AUTH_FAILED,
+                    "feishu bot channel wants signing but has no secret",
                 )
             # Fresh on every call: Feishu refuses a timestamp more than an hour off.
             timestamp = str(int(self._clock().timestamp()))
-            message = msgspec.structs.replace(
-                message, timestamp=timestamp, sign=bot_sign(secret, timestamp)
+            signed = msgspec.structs.replace(
+                unsigned, timestamp=timestamp, sign=bot_sign(secret, timestamp)
             )
-
-        fitted = self._fit(delivery, message)
+        fitted = self._fit(delivery, signed)
         if fitted is None:
-            return SendResult(
-                outcome=Outcome.PERMANENT_FAIL,
-                error_code=ErrorCode.PAYLOAD_INVALID,
-                error_message=(
-                    f"feishu bot message exceeds {self._request_max_bytes} bytes "
-                    "even with its text cut"
-                ),
+            raise base.NotSent(
+                ErrorCode.PAYLOAD_INVALID,
+                f"feishu bot message exceeds {self._request_max_bytes} bytes "
+                "even with its text cut",
             )
         body = _encoder.encode(fitted)
         # What the record keeps: the body as sent, but never a usable signature.
-        request_json = (
-            _encoder.encode(msgspec.structs.replace(fitted, sign=_MASK)) if secret else body
+        stored = _encoder.encode(msgspec.structs.replace(fitted, sign=_MASK)) if secret else body
+        return base.PreparedRequest(
+            url=url, body=body, headers=base.json_headers(), stored=stored, secrets=(secret,)
         )
-        reply = await self._post(
-            url,
-            content=body,
-            headers={
-                "Content-Type": "application/json; charset=utf-8",
-                # Only raw bytes can be capped before they are read.
-                "Accept-Encoding": "identity",
-            },
-            request_json=request_json,
-            secrets=(secret,),
-        )
-        if isinstance(reply, SendResult):
-            return reply
-        return self._classify(reply, url, secret, request_json)
 
-    def _classify(
-        self, reply: HttpReply, url: httpx.URL, secret: str, request_json: bytes
-    ) -> SendResult:
-        status = reply.status
-        outcome, code = classify_status(status)
-        parsed = _feishu_reply(reply.body)
-        error_message: str | None = None
-        if parsed is not None and parsed[0] != 0 and outcome is not Outcome.TEMPORARY_FAIL:
-            # 2xx (Feishu's usual way) or a 4xx carrying a Feishu code: the code decides.
-            # 429 and 5xx stay as the status says, whatever the body.
-            feishu_code, msg = parsed
-            outcome, code = classify_feishu_code(feishu_code, msg)
-            error_message = (
-                f"feishu code {feishu_code}: {msg}" if msg else f"feishu code {feishu_code}"
+    def classify(self, reply: base.HttpReply) -> base.Verdict:
+        """2xx (Feishu's usual way) or a 4xx carrying a Feishu code: the code decides; 429 and
+        5xx stay as the status says, whatever the body."""
+        verdict, coded = base.status_and_code(reply, "feishu bot webhook", *_CODE_FIELDS)
+        if coded is None:
+            return verdict
+        said = (
+            f"feishu code {coded.code}: {coded.msg}" if coded.msg else f"feishu code {coded.code}"
+        )
+        if verdict.outcome is Outcome.TEMPORARY_FAIL:
+            return msgspec.structs.replace(
+                verdict, error_message=f"{verdict.error_message}, {said}"
             )
-            if not 200 <= status < 300:
-                error_message += f" (HTTP {status})"
-        elif outcome is not Outcome.SUCCESS:
-            error_message = f"feishu bot webhook returned HTTP {status}"
-            if parsed is not None and parsed[0] != 0:
-                error_message += f", feishu code {parsed[0]}: {parsed[1]}"
-        return SendResult(
-            outcome=outcome,
-            error_code=code,
-            error_message=(
-                truncate(scrub(error_message, url, (secret,))) if error_message else None
-            ),
-            provider_message_id=_message_id(reply.body) if outcome is Outcome.SUCCESS else None,
-            http_status=status,
-            request_json=request_json,
-            response_body=reply.body,
-            response_truncated=reply.truncated,
-            retry_after_s=self.retry_after_s(outcome, reply),
-            duration_s=reply.duration_s,
-        )
-
-
-def _feishu_reply(reply: bytes) -> tuple[int, str] | None:
-    """``(code, msg)`` from a reply carrying an integer ``code`` (or older ``StatusCode``)."""
-    parsed = decode_json_object(reply)
-    if parsed is None:
-        return None
-    for code_key, msg_key in (("code", "msg"), ("StatusCode", "StatusMessage")):
-        code = parsed.get(code_key)
-        if isinstance(code, int) and not isinstance(code, bool):
-            msg = parsed.get(msg_key)
-            return code, msg.strip() if isinstance(msg, str) else ""
-    return None
-
-
-def _message_id(reply: bytes) -> str | None:
-    parsed = decode_json_object(reply)
-    return None if parsed is None else reply_message_id(parsed)
+        outcome, code = classify_feishu_code(coded.code, coded.msg)
+        if not 200 <= reply.status < 300:
+            said += f" (HTTP {reply.status})"
+        return base.Verdict(outcome=outcome, error_code=code, error_message=said)

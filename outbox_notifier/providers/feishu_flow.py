@@ -30,38 +30,19 @@ Differences from the seed, each on purpose:
 
 Reply mapping (seed): 2xx whose JSON body carries an integer ``code`` other than 0 is a
 permanent ``payload_invalid``; any other 2xx (empty body, non-JSON, no ``code``, a body cut
-at the cap) is a success. Other statuses go through ``base.classify_status``. A transport
-failure, or a body that cannot be read after the status arrived, is retryable:
-``provider_timeout`` for timeouts, ``network_error`` otherwise.
+at the cap) is a success. Other statuses go through ``base.classify_status``. Transport
+failures are the shared sender's (``base.HttpProvider``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from datetime import UTC, datetime
 
 import httpx
 import msgspec
 
 from outbox_notifier import message
 
-from .base import (
-    Delivery,
-    ErrorCode,
-    HttpProvider,
-    Outcome,
-    SendResult,
-    UrlRejected,
-    action_url,
-    check_limits,
-    classify_status,
-    decode_json_object,
-    is_header_token,
-    reply_message_id,
-    resolve_target,
-    truncate,
-    utc_now,
-)
+from . import base
+from .base import UrlRejected
 
 __all__ = ["FeishuFlowProvider", "FlowMessage", "FlowPayload", "UrlRejected"]
 
@@ -79,7 +60,8 @@ class FlowMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FlowPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The seed's ``FeishuWebhookPayload``; field order is the seed's."""
+    """The seed's ``FeishuWebhookPayload``; field order is the seed's (the ids sit between
+    ``version`` and ``message``, so this cannot extend ``base.NotificationFields``)."""
 
     event: str
     version: str
@@ -98,153 +80,49 @@ class FlowPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 _encoder = msgspec.json.Encoder()
 
 
-class FeishuFlowProvider(HttpProvider):
+class FeishuFlowProvider(base.HttpProvider):
     """Delivers to the Feishu Flow webhook trigger configured per user.
 
-    Usage::
-
-        async with httpx.AsyncClient() as client:
-            provider = FeishuFlowProvider(
-                client,
-                frontend_base_url="https://app.example",
-                allowed_schemes=("https",),
-                allowed_hosts=("feishu.cn",),
-                path_prefix="/flow/api/trigger-webhook/",
-            )
-            result = await provider.send(delivery)
-
-    ``client`` is shared and owned by the caller. ``allowed_hosts`` match exactly or as a
-    parent domain (``feishu.cn`` allows ``www.feishu.cn``, never ``feishu.cn.evil.com``).
-    ``clock`` exists for tests of ``sent_at`` and ``Retry-After`` dates.
+    Options and usage as ``base.HttpProvider``; hosts and path default to Feishu's (and
+    Lark's) Flow triggers. ``clock`` exists for tests of ``sent_at`` and ``Retry-After``.
     """
 
-    channel: str = "feishu"
+    label = "feishu"
+    default_hosts = ("feishu.cn", "larksuite.com", "feishu-boe.cn")
+    default_path_prefix = "/flow/api/trigger-webhook/"
 
-    def __init__(
-        self,
-        client: httpx.AsyncClient,
-        *,
-        frontend_base_url: str,
-        allowed_schemes: tuple[str, ...],
-        allowed_hosts: tuple[str, ...],
-        path_prefix: str,
-        timeout_s: float = 5.0,
-        response_body_max_bytes: int = 65536,
-        clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
-        if not allowed_schemes:
-            raise ValueError("allowed_schemes must not be empty")
-        if not allowed_hosts:
-            raise ValueError("allowed_hosts must not be empty")
-        super().__init__(
-            client,
-            frontend_base_url=frontend_base_url,
-            allowed_schemes=allowed_schemes,
-            allowed_hosts=allowed_hosts,
-            path_prefix=path_prefix,
-            timeout_s=timeout_s,
-            response_body_max_bytes=response_body_max_bytes,
-            clock=clock,
-        )
-
-    def build_payload(self, delivery: Delivery) -> FlowPayload:
+    def build_payload(self, delivery: base.Delivery) -> FlowPayload:
         """The seed's body for ``delivery``, stamped with the current time."""
         return FlowPayload(
             event=EVENT,
             version=VERSION,
-            notification_id=delivery.record_id,
-            user_id=delivery.user_id,
-            preview_id=delivery.preview_id.strip(),
-            trigger_id=delivery.trigger_id.strip(),
-            trigger_type=delivery.trigger_type.strip(),
-            target_type=delivery.target_type.strip(),
-            target_id=delivery.target_id,
+            **base.notification_fields(delivery),
             message=FlowMessage(
                 title=message.MESSAGE_TITLE,
-                summary=delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE,
+                summary=base.message_text(delivery),
                 action_text=message.MESSAGE_ACTION_TEXT,
-                action_url=action_url(self._frontend_base_url, delivery.target_url),
+                action_url=self.action_url(delivery),
             ),
             trace_id=delivery.trace_id.strip(),
-            sent_at=self._clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            sent_at=base.rfc3339(self._clock()),
         )
 
-    async def send(self, delivery: Delivery) -> SendResult:
-        """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
-        resolved = resolve_target(delivery, self._url_policy, "feishu")
-        if isinstance(resolved, SendResult):
-            return resolved
-        target, url = resolved
-
+    def prepare(
+        self, delivery: base.Delivery, target: base.Target, url: httpx.URL
+    ) -> base.PreparedRequest:
         body = _encoder.encode(self.build_payload(delivery))
-        headers = {
-            "Content-Type": "application/json; charset=utf-8",
-            # Only raw bytes can be capped before they are read; compression would defeat that.
-            "Accept-Encoding": "identity",
-        }
-        secret = (target.auth_secret or "").strip() if target.auth_kind == "bearer" else ""
-        if secret:
-            if not is_header_token(secret):
-                # A broken secret is a configuration fault, not worth retrying; and the HTTP
-                # layer's own error would quote the value.
-                return SendResult(
-                    outcome=Outcome.PERMANENT_FAIL,
-                    error_code=ErrorCode.PROVIDER_AUTH_FAILED,
-                    error_message="bearer token has characters not allowed in an HTTP header",
-                )
-            headers["Authorization"] = "Bearer " + secret
+        headers = base.json_headers(**base.bearer_auth(target))
+        return base.PreparedRequest(url=url, body=body, headers=headers, stored=body)
 
-        reply = await self._post(
-            url, content=body, headers=headers, request_json=body, secrets=(secret,)
+    def classify(self, reply: base.HttpReply) -> base.Verdict:
+        """As in the seed: after a 2xx status, only a JSON object whose ``code`` is an integer
+        other than 0 rejects; anything unreadable counts as accepted."""
+        verdict, rejected = base.status_and_code(reply, "feishu flow webhook")
+        if rejected is None or verdict.outcome is not base.Outcome.SUCCESS:
+            return verdict
+        text = f"feishu flow webhook rejected the request: code={rejected.code}"
+        return base.Verdict(
+            outcome=base.Outcome.PERMANENT_FAIL,
+            error_code=base.ErrorCode.PAYLOAD_INVALID,
+            error_message=f"{text} msg={rejected.msg}" if rejected.msg else text,
         )
-        if isinstance(reply, SendResult):
-            return reply
-
-        status = reply.status
-        outcome, code = classify_status(status)
-        if outcome is Outcome.SUCCESS:
-            rejection, message_id = _inspect_reply(reply.body)
-            if rejection is not None:
-                outcome, code = Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID
-            return SendResult(
-                outcome=outcome,
-                error_code=code,
-                error_message=rejection,
-                provider_message_id=message_id,
-                http_status=status,
-                request_json=body,
-                response_body=reply.body,
-                response_truncated=reply.truncated,
-                duration_s=reply.duration_s,
-            )
-        return SendResult(
-            outcome=outcome,
-            error_code=code,
-            error_message=f"feishu flow webhook returned HTTP {status}",
-            http_status=status,
-            request_json=body,
-            response_body=reply.body,
-            response_truncated=reply.truncated,
-            retry_after_s=self.retry_after_s(outcome, reply),
-            duration_s=reply.duration_s,
-        )
-
-
-def _inspect_reply(reply: bytes) -> tuple[str | None, str | None]:
-    """``(rejection message, provider message id)`` from a 2xx reply body.
-
-    As in the seed, only a JSON object whose ``code`` is an integer other than 0 rejects;
-    anything unreadable counts as accepted.
-    """
-    parsed = decode_json_object(reply)
-    if parsed is None:
-        return None, None
-    code = parsed.get("code")
-    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
-        msg = parsed.get("msg")
-        text = f"feishu flow webhook rejected the request: code={code}"
-        if isinstance(msg, str) and msg.strip():
-            text += f" msg={msg.strip()}"
-        return truncate(text), None
-    return None, reply_message_id(parsed)

@@ -14,7 +14,7 @@ Each delivery POSTs one event to the channel's URL::
 with the headers of the Standard Webhooks specification:
 
 - ``webhook-id``: ``msg_<record id>``, the same on every attempt, so a receiver can drop
-  the duplicates that at-least-once delivery produces;
+  the repeats that at-least-once delivery produces;
 - ``webhook-timestamp``: epoch seconds of this attempt;
 - ``webhook-signature``: ``v1,<base64 HMAC-SHA256>`` over ``"{id}.{timestamp}.{body}"``,
   keyed by the base64-decoded secret (after its ``whsec_`` prefix), present when the
@@ -52,26 +52,16 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Unpack
 
 import httpx
 import msgspec
 
 from outbox_notifier import message
 
-from .base import (
-    Delivery,
-    ErrorCode,
-    HttpProvider,
-    Outcome,
-    SendResult,
-    action_url,
-    check_limits,
-    is_header_token,
-    resolve_target,
-    utc_now,
-)
+from . import base
 
 __all__ = [
     "SecretInvalid",
@@ -87,16 +77,9 @@ __all__ = [
 SECRET_PREFIX = "whsec_"
 
 
-class WebhookData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class WebhookData(base.NotificationFields, frozen=True, kw_only=True, omit_defaults=True):
     """The notification itself; ``trace_id`` is the only field left out when empty."""
 
-    notification_id: int
-    user_id: int
-    preview_id: str
-    trigger_id: str
-    trigger_type: str
-    target_type: str
-    target_id: int
     title: str
     message_text: str
     action_text: str
@@ -155,160 +138,80 @@ def sign(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str
     )
 
 
-def classify_webhook_status(status: int) -> tuple[Outcome, ErrorCode | None]:
+_SPECIAL_STATUSES = {
+    408: (base.Outcome.TEMPORARY_FAIL, base.ErrorCode.PROVIDER_TIMEOUT),
+    425: (base.Outcome.TEMPORARY_FAIL, base.ErrorCode.PROVIDER_RATE_LIMITED),
+    410: (base.Outcome.PERMANENT_FAIL, base.ErrorCode.ENDPOINT_GONE),
+}
+
+
+def classify_webhook_status(status: int) -> tuple[base.Outcome, base.ErrorCode | None]:
     """Map a receiver's HTTP status to an outcome (see the module docstring)."""
-    if 200 <= status < 300:
-        return Outcome.SUCCESS, None
-    if status == 408:
-        return Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_TIMEOUT
-    if status in (425, 429):
-        return Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_RATE_LIMITED
-    if status >= 500:
-        return Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_5XX
-    if status in (401, 403):
-        return Outcome.PERMANENT_FAIL, ErrorCode.PROVIDER_AUTH_FAILED
-    if status == 410:
-        return Outcome.PERMANENT_FAIL, ErrorCode.ENDPOINT_GONE
-    return Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID
+    verdict = base.status_verdict(status, "webhook", _SPECIAL_STATUSES)
+    return verdict.outcome, verdict.error_code
 
 
-class WebhookProvider(HttpProvider):
+class WebhookProvider(base.HttpProvider):
     """Delivers a signed JSON event to the webhook URL configured per user.
 
-    Usage::
-
-        async with httpx.AsyncClient() as client:
-            provider = WebhookProvider(
-                client,
-                frontend_base_url="https://app.example",
-                allowed_schemes=("https",),
-                allowed_hosts=(),          # any host; the scheme is still enforced
-            )
-            result = await provider.send(delivery)
-
-    ``client`` is shared and owned by the caller. ``allowed_hosts`` match exactly or as a
-    parent domain; empty allows any host. ``clock`` gives the timestamps and the reference
-    for ``Retry-After`` dates.
+    Options and usage as ``base.HttpProvider``, plus the event's ``type``; any host is
+    allowed by default (``allowed_hosts=()``), the schemes are still enforced.
     """
 
-    channel: str = "webhook"
+    label = "webhook"
+    url_label = "url"
+    any_host = True
 
     def __init__(
         self,
         client: httpx.AsyncClient,
         *,
-        frontend_base_url: str = "",
-        allowed_schemes: tuple[str, ...] = ("https",),
-        allowed_hosts: tuple[str, ...] = (),
-        path_prefix: str = "/",
-        timeout_s: float = 5.0,
-        response_body_max_bytes: int = 65536,
         event_type: str = message.EVENT,
-        clock: Callable[[], datetime] = utc_now,
+        **options: Unpack[base.HttpOptions],
     ) -> None:
-        check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
-        super().__init__(
-            client,
-            frontend_base_url=frontend_base_url,
-            allowed_schemes=allowed_schemes,
-            allowed_hosts=allowed_hosts,
-            path_prefix=path_prefix,
-            timeout_s=timeout_s,
-            response_body_max_bytes=response_body_max_bytes,
-            clock=clock,
-        )
+        super().__init__(client, **options)
         self._event_type = event_type
 
-    def build_event(self, delivery: Delivery, now: datetime) -> WebhookEvent:
+    def build_event(self, delivery: base.Delivery, now: datetime) -> WebhookEvent:
         """The event for ``delivery``, stamped with ``now``."""
         return WebhookEvent(
             id=webhook_id(delivery.record_id),
             type=self._event_type,
-            timestamp=now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            timestamp=base.rfc3339(now),
             data=WebhookData(
-                notification_id=delivery.record_id,
-                user_id=delivery.user_id,
-                preview_id=delivery.preview_id.strip(),
-                trigger_id=delivery.trigger_id.strip(),
-                trigger_type=delivery.trigger_type.strip(),
-                target_type=delivery.target_type.strip(),
-                target_id=delivery.target_id,
+                **base.notification_fields(delivery),
                 title=message.MESSAGE_TITLE,
-                message_text=delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE,
+                message_text=base.message_text(delivery),
                 action_text=message.MESSAGE_ACTION_TEXT,
-                action_url=action_url(self._frontend_base_url, delivery.target_url),
+                action_url=self.action_url(delivery),
                 trace_id=delivery.trace_id.strip(),
             ),
         )
 
-    async def send(self, delivery: Delivery) -> SendResult:
-        """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
-        resolved = resolve_target(delivery, self._url_policy, "webhook", url_name="url")
-        if isinstance(resolved, SendResult):
-            return resolved
-        target, url = resolved
-
+    def prepare(
+        self, delivery: base.Delivery, target: base.Target, url: httpx.URL
+    ) -> base.PreparedRequest:
         now = self._clock()
         event = self.build_event(delivery, now)
         body = _encoder.encode(event)
         timestamp = int(now.timestamp())
-        headers = {
-            "Content-Type": "application/json; charset=utf-8",
-            # Only raw bytes can be capped before they are read.
-            "Accept-Encoding": "identity",
-            "webhook-id": event.id,
-            "webhook-timestamp": str(timestamp),
-        }
-        raw_secret = (target.auth_secret or "").strip()
+        headers = {"webhook-id": event.id, "webhook-timestamp": str(timestamp)}
         secrets: tuple[str, ...] = ()
         if target.auth_kind == "bot_secret":
+            raw_secret = (target.auth_secret or "").strip()
             try:
                 keys = parse_secrets(raw_secret)
             except SecretInvalid as exc:
-                return _auth_config_fault(str(exc))
+                # A broken secret is a configuration fault, not worth retrying.
+                raise base.NotSent(base.ErrorCode.PROVIDER_AUTH_FAILED, str(exc)) from None
             headers["webhook-signature"] = sign(keys, event.id, timestamp, body)
             secrets = tuple(raw_secret.split())
-        elif target.auth_kind == "bearer" and raw_secret:
-            if not is_header_token(raw_secret):
-                return _auth_config_fault(
-                    "bearer token has characters not allowed in an HTTP header"
-                )
-            headers["Authorization"] = "Bearer " + raw_secret
-            secrets = (raw_secret,)
-
-        reply = await self._post(
-            url, content=body, headers=headers, request_json=body, secrets=secrets
-        )
-        if isinstance(reply, SendResult):
-            return reply
-
-        status = reply.status
-        outcome, code = classify_webhook_status(status)
-        message: str | None = None
-        if outcome is not Outcome.SUCCESS:
-            message = f"webhook returned HTTP {status}"
-            if 300 <= status < 400:
-                message += ": redirect not followed"
-            elif code is ErrorCode.ENDPOINT_GONE:
-                message += ": endpoint gone, channel to be disabled"
-        return SendResult(
-            outcome=outcome,
-            error_code=code,
-            error_message=message,
-            http_status=status,
-            request_json=body,
-            response_body=reply.body,
-            response_truncated=reply.truncated,
-            retry_after_s=self.retry_after_s(outcome, reply),
-            duration_s=reply.duration_s,
-            disable_target=code is ErrorCode.ENDPOINT_GONE,
+        else:
+            headers |= base.bearer_auth(target)
+        # The body holds no secret and headers are not stored: what was sent is kept.
+        return base.PreparedRequest(
+            url=url, body=body, headers=base.json_headers(**headers), stored=body, secrets=secrets
         )
 
-
-def _auth_config_fault(message: str) -> SendResult:
-    # A broken secret is a configuration fault, not worth retrying; nothing is sent.
-    return SendResult(
-        outcome=Outcome.PERMANENT_FAIL,
-        error_code=ErrorCode.PROVIDER_AUTH_FAILED,
-        error_message=message,
-    )
+    def classify(self, reply: base.HttpReply) -> base.Verdict:
+        return base.status_verdict(reply.status, "webhook", _SPECIAL_STATUSES)
