@@ -10,6 +10,7 @@ errors. The daemon builds one context and only starts, guards and drains the loo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,21 +19,15 @@ if TYPE_CHECKING:
     from outbox_notifier.metrics import Metrics
 
 
+# eq=False: a context is one object shared by the loops, compared (and hashed) by identity.
+@dataclasses.dataclass(eq=False)
 class LoopContext:
-    def __init__(
-        self,
-        stop: asyncio.Event,
-        monitor: HeartbeatMonitor,
-        db_health: DatabaseHealth,
-        metrics: Metrics,
-        *,
-        db_deadline_s: float,
-    ) -> None:
-        self.stop = stop
-        self.monitor = monitor
-        self.db_health = db_health
-        self.metrics = metrics
-        self.db_deadline_s = db_deadline_s
+    stop: asyncio.Event
+    monitor: HeartbeatMonitor
+    db_health: DatabaseHealth
+    metrics: Metrics
+    _: dataclasses.KW_ONLY
+    db_deadline_s: float
 
     def turn(self, name: str) -> bool:
         """Beats ``name``'s heartbeat; whether the loop should go on (not stopping)."""

@@ -5,6 +5,7 @@ on one replica at a time (the holder of the maintenance lease, outbox_notifier.l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -20,19 +21,13 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_MAX_INTERVAL_S = 5.0
 
 
+@dataclasses.dataclass(eq=False)
 class Maintenance:
-    def __init__(
-        self,
-        store: MaintenanceStore,
-        *,
-        interval_s: float,
-        outbox_retention_s: float,
-        records_retention_s: float,
-    ) -> None:
-        self.store = store
-        self.interval_s = interval_s
-        self.outbox_retention_s = outbox_retention_s
-        self.records_retention_s = records_retention_s
+    store: MaintenanceStore
+    _: dataclasses.KW_ONLY
+    interval_s: float
+    outbox_retention_s: float
+    records_retention_s: float
 
     async def run(self, ctx: LoopContext) -> None:
         snapshot_every_s = min(self.interval_s, SNAPSHOT_MAX_INTERVAL_S)

@@ -25,6 +25,7 @@ dashboard do so, and a test checks it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import platform
@@ -98,112 +99,111 @@ class Metrics:
         # The provider label is bounded by this set; anything else is exported as "other".
         self.providers: tuple[str, ...] = tuple(providers)
         self._provider_set = frozenset(self.providers)
-        ns = NAMESPACE
-        r = registry
+        # every collector shares the namespace and this registry
+        counter = functools.partial(Counter, namespace=NAMESPACE, registry=registry)
+        gauge = functools.partial(Gauge, namespace=NAMESPACE, registry=registry)
+        histogram = functools.partial(Histogram, namespace=NAMESPACE, registry=registry)
 
         # -- relay ---------------------------------------------------------------------------
-        self.outbox_relayed = Counter(
-            "outbox_relayed_total", "Outbox rows turned into notification records (new or reused).",
-            namespace=ns, registry=r,
-        )  # fmt: skip
-        self.outbox_rejected = Counter(
-            "outbox_rejected_total", "Outbox rows rejected, by reason class.",
-            ["reason_class"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.dedupe_hits = Counter(
-            "dedupe_hits_total", "Outbox rows whose (channel, dedupe_key) already had a record.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
-        self.fallback_used = Counter(
-            "fallback_used_total", "Relayed records that use the fallback text.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+        self.outbox_relayed = counter(
+            "outbox_relayed_total", "Outbox rows turned into notification records (new or reused)."
+        )
+        self.outbox_rejected = counter(
+            "outbox_rejected_total", "Outbox rows rejected, by reason class.", ["reason_class"]
+        )
+        self.dedupe_hits = counter(
+            "dedupe_hits_total", "Outbox rows whose (channel, dedupe_key) already had a record."
+        )
+        self.fallback_used = counter(
+            "fallback_used_total", "Relayed records that use the fallback text."
+        )
 
         # -- delivery ------------------------------------------------------------------------
-        self.delivery_attempts = Counter(
-            "delivery_attempts_total", "Provider calls, by provider and outcome.",
-            ["channel", "provider", "outcome"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.provider_errors = Counter(
-            "provider_errors_total", "Provider calls that did not succeed, by error code.",
-            ["channel", "provider", "error_code"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.records_dead = Counter(
-            "records_dead_total", "Records that became dead (no more automatic attempts).",
-            ["channel"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.leases_expired = Counter(
-            "leases_expired_total", "Records taken back from 'sending' after their lease expired.",
-            ["channel"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.late_results = Counter(
+        self.delivery_attempts = counter(
+            "delivery_attempts_total",
+            "Provider calls, by provider and outcome.",
+            ["channel", "provider", "outcome"],
+        )
+        self.provider_errors = counter(
+            "provider_errors_total",
+            "Provider calls that did not succeed, by error code.",
+            ["channel", "provider", "error_code"],
+        )
+        self.records_dead = counter(
+            "records_dead_total",
+            "Records that became dead (no more automatic attempts).",
+            ["channel"],
+        )
+        self.leases_expired = counter(
+            "leases_expired_total",
+            "Records taken back from 'sending' after their lease expired.",
+            ["channel"],
+        )
+        self.late_results = counter(
             "late_results_total",
             "Provider results discarded because the record's lease had been taken over.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
-        self.provider_call_duration = Histogram(
-            "provider_call_duration_seconds", "Duration of one provider call.",
-            ["channel", "provider"], namespace=ns, registry=r, buckets=PROVIDER_CALL_BUCKETS_S,
-        )  # fmt: skip
-        self.end_to_end_latency = Histogram(
-            "end_to_end_latency_seconds", "From the outbox row's commit to the record being sent.",
-            ["channel", "provider"], namespace=ns, registry=r, buckets=END_TO_END_BUCKETS_S,
-        )  # fmt: skip
+        )
+        self.provider_call_duration = histogram(
+            "provider_call_duration_seconds",
+            "Duration of one provider call.",
+            ["channel", "provider"],
+            buckets=PROVIDER_CALL_BUCKETS_S,
+        )
+        self.end_to_end_latency = histogram(
+            "end_to_end_latency_seconds",
+            "From the outbox row's commit to the record being sent.",
+            ["channel", "provider"],
+            buckets=END_TO_END_BUCKETS_S,
+        )
 
         # -- loops ---------------------------------------------------------------------------
-        self.claim_duration = Histogram(
-            "claim_duration_seconds", "Duration of one claim (and, for the relay, its writes).",
-            ["loop"], namespace=ns, registry=r, buckets=CLAIM_BUCKETS_S,
-        )  # fmt: skip
-        self.database_errors = Counter(
-            "database_errors_total", "Database operations that failed, by loop.",
-            ["loop"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.database_failing = Gauge(
+        self.claim_duration = histogram(
+            "claim_duration_seconds",
+            "Duration of one claim (and, for the relay, its writes).",
+            ["loop"],
+            buckets=CLAIM_BUCKETS_S,
+        )
+        self.database_errors = counter(
+            "database_errors_total", "Database operations that failed, by loop.", ["loop"]
+        )
+        self.database_failing = gauge(
             "database_failing",
             "1 while the loop's last database call failed (locked, slow or absent database).",
-            ["loop"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.listener_reconnects = Counter(
-            "listener_reconnects_total", "Times the LISTEN connection was lost and opened again.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
+            ["loop"],
+        )
+        self.listener_reconnects = counter(
+            "listener_reconnects_total", "Times the LISTEN connection was lost and opened again."
+        )
 
         # -- state ---------------------------------------------------------------------------
-        self.records = Gauge(
-            "records", "Records in pending, sending or failed, by channel and status (snapshot).",
-            ["channel", "status"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.oldest_due_record_age = Gauge(
+        self.records = gauge(
+            "records",
+            "Records in pending, sending or failed, by channel and status (snapshot).",
+            ["channel", "status"],
+        )
+        self.oldest_due_record_age = gauge(
             "oldest_due_record_age_seconds",
             "How long the oldest due record (pending, or failed and due) has waited (snapshot).",
-            ["channel"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.outbox_pending = Gauge(
-            "outbox_pending", "Pending outbox rows (snapshot).", namespace=ns, registry=r
+            ["channel"],
         )
-        self.outbox_oldest_pending_age = Gauge(
-            "outbox_oldest_pending_age_seconds", "Age of the oldest pending outbox row (snapshot).",
-            namespace=ns, registry=r,
-        )  # fmt: skip
-        self.snapshot_timestamp = Gauge(
-            "snapshot_timestamp_seconds", "Unix time of this process's last database snapshot.",
-            namespace=ns, registry=r,
-        )  # fmt: skip
-        self.listener_up = Gauge(
-            "listener_up", "1 while the LISTEN connection is open.", namespace=ns, registry=r
+        self.outbox_pending = gauge("outbox_pending", "Pending outbox rows (snapshot).")
+        self.outbox_oldest_pending_age = gauge(
+            "outbox_oldest_pending_age_seconds", "Age of the oldest pending outbox row (snapshot)."
         )
-        self.in_flight = Gauge(
-            "in_flight", "Provider calls in flight in this process.", namespace=ns, registry=r
+        self.snapshot_timestamp = gauge(
+            "snapshot_timestamp_seconds", "Unix time of this process's last database snapshot."
         )
-        self.paused_targets = Gauge(
-            "paused_targets",
-            "Delivery targets paused by endpoint protection (snapshot).",
-            namespace=ns,
-            registry=r,
+        self.listener_up = gauge("listener_up", "1 while the LISTEN connection is open.")
+        self.in_flight = gauge("in_flight", "Provider calls in flight in this process.")
+        self.paused_targets = gauge(
+            "paused_targets", "Delivery targets paused by endpoint protection (snapshot)."
         )
-        self.build_info = Info("build", "Version of outbox-notifier and of Python.",
-                               namespace=ns, registry=r)  # fmt: skip
+        self.build_info = Info(
+            "build",
+            "Version of outbox-notifier and of Python.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.build_info.info({"version": __version__, "python": platform.python_version()})
 
         self._snapshot_channels: set[str] = set(self.channels)

@@ -27,7 +27,7 @@ import os
 import tomllib
 import typing
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -205,7 +205,7 @@ def _check_values(s: Settings) -> None:
     """Checks that one field's type cannot express, and those across fields."""
     for name in ("dsn", "listen_dsn"):
         value: str = getattr(s, name)
-        if value and not _is_valid_dsn(value):
+        if value and not _parses(conninfo.conninfo_to_dict, value):
             # libpq's own message may quote part of the string, password included.
             raise _invalid(
                 name,
@@ -288,22 +288,16 @@ def _check_url_policy(s: Settings, provider: str) -> None:
     if not hosts and provider != "webhook":
         raise _invalid(hosts_name, "must name at least one host")
     for host in hosts:
-        if not host or host != host.strip() or "/" in host or (":" in host and not _is_ip(host)):
+        # a colon is a port unless the host is an IP address (an IPv6 one has colons, no port)
+        has_port = ":" in host and not _parses(ipaddress.ip_address, host)
+        if not host or host != host.strip() or "/" in host or has_port:
             raise _invalid(hosts_name, f"expected bare host names, got {host!r}")
 
 
-def _is_ip(host: str) -> bool:
-    """An IP address (an IPv6 one has colons but no port)."""
+def _parses(parse: Callable[[str], object], text: str) -> bool:
+    """Whether ``parse`` accepts ``text`` (an IP address, a DSN: their parsers raise)."""
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_valid_dsn(dsn: str) -> bool:
-    try:
-        conninfo.conninfo_to_dict(dsn)
+        parse(text)
     except Exception:
         return False
     return True

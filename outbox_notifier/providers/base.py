@@ -598,6 +598,15 @@ class HttpProvider:
         """The link the message offers (see ``action_url``)."""
         return action_url(self._frontend_base_url, delivery.target_url)
 
+    def message_fields(self, delivery: Delivery) -> dict[str, Any]:
+        """``title``, ``action_text`` and ``action_url`` of the message, as keywords; each body
+        names its text field itself (``summary``, ``message_text``)."""
+        return {
+            "title": message.MESSAGE_TITLE,
+            "action_text": message.MESSAGE_ACTION_TEXT,
+            "action_url": self.action_url(delivery),
+        }
+
     def prepare(self, delivery: Delivery, target: Target, url: httpx.URL) -> PreparedRequest:
         """The request for ``delivery`` to ``url`` (already checked); raise ``NotSent`` when
         no call may be made."""

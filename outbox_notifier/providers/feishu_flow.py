@@ -59,22 +59,24 @@ class FlowMessage(msgspec.Struct, frozen=True, kw_only=True):
     action_url: str
 
 
-class FlowPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The seed's ``FeishuWebhookPayload``; field order is the seed's (the ids sit between
-    ``version`` and ``message``, so this cannot extend ``base.NotificationFields``)."""
-
-    event: str
-    version: str
-    notification_id: int
-    user_id: int
-    preview_id: str
-    trigger_id: str
-    trigger_type: str
-    target_type: str
-    target_id: int
-    message: FlowMessage
-    trace_id: str = ""  # the only default, so the only field omitted (seed: omitempty)
-    sent_at: str
+#: The seed's ``FeishuWebhookPayload``. Its field order is the seed's: the ids of
+#: ``base.NotificationFields`` sit between ``version`` and ``message``, where no subclass can put
+#: them, so the struct is built around that struct's fields rather than repeating them.
+FlowPayload = msgspec.defstruct(
+    "FlowPayload",
+    [
+        ("event", str),
+        ("version", str),
+        *((field.name, field.type) for field in msgspec.structs.fields(base.NotificationFields)),
+        ("message", FlowMessage),
+        ("trace_id", str, ""),  # the only default, so the only field omitted (seed: omitempty)
+        ("sent_at", str),
+    ],
+    module=__name__,
+    frozen=True,
+    kw_only=True,
+    omit_defaults=True,
+)
 
 
 _encoder = msgspec.json.Encoder()
@@ -91,17 +93,14 @@ class FeishuFlowProvider(base.HttpProvider):
     default_hosts = ("feishu.cn", "larksuite.com", "feishu-boe.cn")
     default_path_prefix = "/flow/api/trigger-webhook/"
 
-    def build_payload(self, delivery: base.Delivery) -> FlowPayload:
+    def build_payload(self, delivery: base.Delivery) -> msgspec.Struct:
         """The seed's body for ``delivery``, stamped with the current time."""
         return FlowPayload(
             event=EVENT,
             version=VERSION,
             **base.notification_fields(delivery),
             message=FlowMessage(
-                title=message.MESSAGE_TITLE,
-                summary=base.message_text(delivery),
-                action_text=message.MESSAGE_ACTION_TEXT,
-                action_url=self.action_url(delivery),
+                summary=base.message_text(delivery), **self.message_fields(delivery)
             ),
             trace_id=delivery.trace_id.strip(),
             sent_at=base.rfc3339(self._clock()),

@@ -180,10 +180,8 @@ class WebhookProvider(base.HttpProvider):
             timestamp=base.rfc3339(now),
             data=WebhookData(
                 **base.notification_fields(delivery),
-                title=message.MESSAGE_TITLE,
                 message_text=base.message_text(delivery),
-                action_text=message.MESSAGE_ACTION_TEXT,
-                action_url=self.action_url(delivery),
+                **self.message_fields(delivery),
                 trace_id=delivery.trace_id.strip(),
             ),
         )

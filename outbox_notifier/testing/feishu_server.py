@@ -216,6 +216,8 @@ class Reply:
 _UNPARSED: Any = object()
 
 
+# eq=False: requests are told apart by identity; repr=False: __repr__ below leaves out the body.
+@dataclass(slots=True, eq=False, repr=False)
 class Recorded:
     """One received request. ``json`` is parsed lazily from ``body`` (``None`` if not JSON).
 
@@ -223,35 +225,14 @@ class Recorded:
     still-held requests).
     """
 
-    __slots__ = (
-        "_json",
-        "body",
-        "headers",
-        "method",
-        "path",
-        "query",
-        "received_at",
-        "status_sent",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        body: bytes,
-        received_at: float,
-        status_sent: int = 0,
-        query: str = "",
-    ) -> None:
-        self.method = method
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.body = body
-        self.received_at = received_at
-        self.status_sent = status_sent
-        self._json: object = _UNPARSED
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    received_at: float
+    status_sent: int = 0
+    query: str = ""
+    _json: object = field(default=_UNPARSED, init=False)  # the parsed body, once asked for
 
     @property
     def json(self) -> object | None:
