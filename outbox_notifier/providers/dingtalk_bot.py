@@ -10,8 +10,10 @@ query is the credential, and the sender masks a URL's query in every error messa
                     "singleTitle": "<action text>", "singleURL": "<action url>"}}
 
 The ``actionCard`` (one button to the action URL) is sent when the action URL is absolute,
-the plain ``text`` otherwise. Neither is markdown-rendered from the summary: ``text`` is plain,
-and the card's text is the message as the seed's rules made it.
+the plain ``text`` otherwise. Mentions are never made (DingTalk mentions only through an ``at``
+field, which is not sent). The card's text is DingTalk markdown: the seed's rules already send
+the fallback text for a summary holding ``://`` or ``www.``, but other markdown in a summary
+(emphasis, headings) does render; the plain ``text`` body has no such effect.
 
 Signing (a channel whose ``auth_kind`` is ``bot_secret``, the robot's "sign" security
 setting): query parameters ``timestamp`` (epoch milliseconds) and ``sign`` = base64 of
