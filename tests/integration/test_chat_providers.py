@@ -24,6 +24,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import message
+from outbox_notifier.daemon import Daemon
 from outbox_notifier.providers import (
     DingTalkBotProvider,
     ErrorCode,
@@ -39,7 +40,15 @@ from outbox_notifier.settings import Settings
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests import provider_support
-from tests.support import add_channel, enqueue, payload
+from tests.support import (
+    add_channel,
+    enqueue,
+    eventually,
+    payload,
+    records,
+    running,
+    settings_for,
+)
 
 SECRET = "SEC0123456789abcdef-dingtalk"
 TEXT = "Two tasks moved."
@@ -310,3 +319,32 @@ async def test_two_replicas_share_the_default_budget(
         " WHERE status = 'pending' AND attempt_count = 0 AND next_retry_at > now()"
     ).fetchone()
     assert waiting == (events - budget,)
+
+
+async def test_the_daemon_delivers_signed_dingtalk_and_disables_a_gone_slack_channel(
+    db: str, conn: psycopg.Connection[Any], srv: FeishuServer
+) -> None:
+    add_channel(conn, 1, srv.dingtalk_url("d-1"), provider="dingtalk_bot",
+                auth_kind="bot_secret", secret=SECRET)  # fmt: skip
+    add_channel(conn, 2, srv.slack_url("T/B/gone"), provider="slack_webhook")
+    srv.script("/services/T/B/gone", [], then=Reply.slack_error(404, "no_service"))
+    enqueue(conn, payload("to-dingtalk", user_id=1))
+    enqueue(conn, payload("to-slack", user_id=2))
+
+    def settled() -> bool:
+        rows = records(conn)
+        return len(rows) == 2 and all(r["status"] in ("sent", "dead") for r in rows)
+
+    async with running(Daemon(settings_for(db))):
+        await eventually(settled, what="both records settled")
+    by_key = {r["dedupe_key"]: r for r in records(conn)}
+    assert by_key["to-dingtalk"]["status"] == "sent"
+    (signed,) = srv.requests_to("/robot/send")
+    assert dingtalk_signature_ok(signed.query.partition("&")[2], SECRET, time.time())
+    gone = by_key["to-slack"]
+    assert (gone["status"], gone["last_error_code"]) == ("dead", "endpoint_gone")
+    channel = conn.execute(
+        "SELECT enabled, disabled_reason FROM outbox_notifier.notification_channels"
+        " WHERE user_id = 2"
+    ).fetchone()
+    assert channel is not None and channel[0] is False and channel[1]
