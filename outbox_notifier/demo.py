@@ -1,9 +1,10 @@
 """``outbox-notifier demo``: the whole pipeline on a throwaway database, in under a minute.
 
 Starts PostgreSQL the way the test suite does (or uses a fresh database on ``--dsn``'s server),
-migrates, starts the local Feishu look-alike, registers two users' Flow webhooks, writes a
-handful of events inside one business transaction (one malformed, one duplicate, one whose
-webhook fails once), runs the daemon until everything settles, prints what happened, and
+migrates, starts the local Feishu look-alike, registers two users' Flow webhooks and one user
+for each other provider (Feishu bot, webhook, DingTalk signed, WeCom, Slack), writes a handful
+of events inside one business transaction (one malformed, one duplicate, one whose webhook
+fails once, one per provider), runs the daemon until everything settles, prints what happened, and
 removes everything it created.
 """
 
@@ -12,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import psycopg
 
-from outbox_notifier import migrations
+from outbox_notifier import migrations, providers
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.settings import Settings
@@ -25,6 +27,7 @@ from outbox_notifier.testing import postgres
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 
 SETTLE_TIMEOUT_S = 45.0
+LOOPBACK = "127.0.0.1"
 
 
 def _event(dedupe_key: str, user_id: int, summary: str) -> bytes:
@@ -45,6 +48,31 @@ def _event(dedupe_key: str, user_id: int, summary: str) -> bytes:
     )
 
 
+# user id, provider, the look-alike's URL for it, signing secret (DingTalk's is signed).
+_OTHER_PROVIDERS: tuple[tuple[int, str, Callable[[FeishuServer], str], str | None], ...] = (
+    (1004, "feishu_bot", lambda srv: srv.bot_url("demo-bot"), None),
+    (1005, "webhook", lambda srv: f"{srv.url}/hooks/demo", None),
+    (1006, "dingtalk_bot", lambda srv: srv.dingtalk_url("demo-dingtalk"), "SECdemo"),
+    (1007, "wecom_bot", lambda srv: srv.wecom_url("demo-wecom"), None),
+    (1008, "slack_webhook", lambda srv: srv.slack_url("T0/B0/demo-slack"), None),
+)
+
+
+def _add_channels(conn: psycopg.Connection[Any], server: FeishuServer) -> None:
+    for user_id, token in ((1001, "demo-alice"), (1002, "demo-flaky")):
+        conn.execute(
+            "INSERT INTO outbox_notifier.notification_channels (user_id, webhook_url)"
+            " VALUES (%s, %s)",
+            (user_id, server.flow_url(token)),
+        )
+    for user_id, provider, url, secret in _OTHER_PROVIDERS:
+        conn.execute(
+            "INSERT INTO outbox_notifier.notification_channels"
+            " (user_id, webhook_url, provider, auth_kind, auth_secret) VALUES (%s, %s, %s, %s, %s)",
+            (user_id, url(server), provider, "bot_secret" if secret else "none", secret),
+        )
+
+
 def _write_business_transaction(dsn: str) -> None:
     """What an application does: its own rows and the outbox rows, in one transaction."""
     events = [
@@ -54,6 +82,11 @@ def _write_business_transaction(dsn: str) -> None:
         (EVENT_TYPE, _event("order-1", 1001, "Your 10:00 review moved to 11:00.")),  # duplicate
         (EVENT_TYPE, b'{"user_id": "not a number"}'),  # malformed: rejected with a reason
         (EVENT_TYPE, _event("order-4", 1003, "Nobody listens here.")),  # no channel -> skipped
+        # One record to each of the other providers (the users' channels pick them).
+        *(
+            (EVENT_TYPE, _event(f"order-{5 + i}", user, "Lunch moved to 12:30."))
+            for i, user in enumerate(user for user, *_ in _OTHER_PROVIDERS)
+        ),
     ]
     with psycopg.connect(dsn) as conn, conn.transaction():
         conn.execute("CREATE TABLE IF NOT EXISTS demo_orders (id int PRIMARY KEY, note text)")
@@ -88,8 +121,11 @@ def _table(title: str, header: list[str], rows: list[tuple[Any, ...]]) -> str:
 def _report(dsn: str, server: FeishuServer) -> str:
     with psycopg.connect(dsn) as conn:
         records = conn.execute(
-            "SELECT id, user_id, dedupe_key, status, attempt_count, fallback_used,"
-            " coalesce(last_error_code, '') FROM outbox_notifier.notification_records ORDER BY id"
+            "SELECT r.id, r.user_id, r.dedupe_key, r.status, r.attempt_count, r.fallback_used,"
+            " coalesce(r.last_error_code, ''), coalesce(c.provider, '')"
+            " FROM outbox_notifier.notification_records r"
+            " LEFT JOIN outbox_notifier.notification_channels c USING (user_id, channel)"
+            " ORDER BY r.id"
         ).fetchall()
         outbox = conn.execute(
             "SELECT id, status, coalesce(error, '') FROM outbox_notifier.outbox ORDER BY id"
@@ -98,7 +134,16 @@ def _report(dsn: str, server: FeishuServer) -> str:
         [
             _table(
                 "notification_records",
-                ["id", "user", "dedupe_key", "status", "attempts", "fallback", "last_error"],
+                [
+                    "id",
+                    "user",
+                    "dedupe_key",
+                    "status",
+                    "attempts",
+                    "fallback",
+                    "last_error",
+                    "provider",
+                ],
                 records,
             ),
             _table("outbox", ["id", "status", "error"], outbox),
@@ -129,20 +174,20 @@ def _demo(server_dsn: str, settings: Settings) -> int:
         with FeishuServer.in_thread() as server:
             server.script("demo-flaky", [Reply(status=500)])  # fails once, then succeeds
             with psycopg.connect(dsn) as conn:
-                for user_id, token in ((1001, "demo-alice"), (1002, "demo-flaky")):
-                    conn.execute(
-                        "INSERT INTO outbox_notifier.notification_channels (user_id, webhook_url)"
-                        " VALUES (%s, %s)",
-                        (user_id, server.flow_url(token)),
-                    )
+                _add_channels(conn, server)
             _write_business_transaction(dsn)
-            print("enqueued 6 outbox rows in one business transaction; running the daemon...")
+            print("enqueued 11 outbox rows in one business transaction; running the daemon...")
+            # Every provider's URL policy lets the look-alike (plain http on loopback) through.
+            local = {
+                f"{spec.settings_prefix}_{name}": value
+                for spec in providers.REGISTRY
+                for name, value in (("allowed_schemes", ("http",)), ("allowed_hosts", (LOOPBACK,)))
+            }
             demo_settings = msgspec.structs.replace(
                 settings,
                 dsn=dsn,
                 listen_dsn="",
-                flow_allowed_schemes=("http",),
-                flow_allowed_hosts=("127.0.0.1",),
+                **local,
                 # The look-alike listens on loopback, which the egress guard refuses by default.
                 egress_allow_cidrs=(*settings.egress_allow_cidrs, "127.0.0.0/8"),
                 poll_interval_s=0.5,

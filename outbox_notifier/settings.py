@@ -146,6 +146,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     flow_max_per_min: NonNegativeInt = 0
     webhook_max_per_s: NonNegativeInt = 0
     webhook_max_per_min: NonNegativeInt = 0
+    # DingTalk and WeCom robots take 20 messages a minute each; Slack about one a second.
+    dingtalk_max_per_s: NonNegativeInt = 0
+    dingtalk_max_per_min: NonNegativeInt = 20
+    wecom_max_per_s: NonNegativeInt = 0
+    wecom_max_per_min: NonNegativeInt = 20
+    slack_max_per_s: NonNegativeInt = 1
+    slack_max_per_min: NonNegativeInt = 0
     pacing_margin_s: Positive = 0.05  # widens pacing windows for network jitter
     # Endpoint protection: this many consecutive temporary failures pause a target.
     breaker_failures: AtLeastOne = 5
@@ -157,6 +164,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_allowed_schemes: tuple[str, ...] = ("https",)
     webhook_allowed_hosts: tuple[str, ...] = ()  # empty: any host
     webhook_path_prefix: str = "/"
+    dingtalk_allowed_schemes: tuple[str, ...] = ("https",)
+    dingtalk_allowed_hosts: tuple[str, ...] = ("oapi.dingtalk.com",)
+    dingtalk_path_prefix: str = "/robot/send"
+    wecom_allowed_schemes: tuple[str, ...] = ("https",)
+    wecom_allowed_hosts: tuple[str, ...] = ("qyapi.weixin.qq.com",)
+    wecom_path_prefix: str = "/cgi-bin/webhook/send"
+    slack_allowed_schemes: tuple[str, ...] = ("https",)
+    slack_allowed_hosts: tuple[str, ...] = ("hooks.slack.com",)
+    slack_path_prefix: str = "/services/"
     # Egress: the guard refuses loopback, private, link-local and metadata addresses for every
     # provider; these ranges are allowed explicitly (internal webhooks, tests, the demo).
     egress_allow_cidrs: tuple[str, ...] = ()

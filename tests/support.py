@@ -29,6 +29,8 @@ def settings_for(dsn: str, **overrides: Any) -> Settings:
         "bot_allowed_schemes": ("http",),
         "bot_allowed_hosts": ("127.0.0.1",),
         "webhook_allowed_schemes": ("http",),
+        **{f"{chat}_allowed_schemes": ("http",) for chat in ("dingtalk", "wecom", "slack")},
+        **{f"{chat}_allowed_hosts": ("127.0.0.1",) for chat in ("dingtalk", "wecom", "slack")},
         # The local server listens on loopback, which the egress guard refuses by default.
         "egress_allow_cidrs": ("127.0.0.0/8",),
         "http_listen": "127.0.0.1:0",

@@ -36,9 +36,12 @@ from .base import (
     parse_retry_after,
     read_body_capped,
 )
+from .dingtalk_bot import DingTalkBotProvider
 from .feishu_bot import FeishuBotProvider
 from .feishu_flow import FeishuFlowProvider
+from .slack_webhook import SlackWebhookProvider
 from .webhook import WebhookProvider
+from .wecom_bot import WeComBotProvider
 
 
 class ProviderSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +100,9 @@ REGISTRY: Final = (
         options=lambda s: {"message_format": s.bot_message_format},
     ),
     ProviderSpec(name="webhook", settings_prefix="webhook", cls=WebhookProvider),
+    ProviderSpec(name="dingtalk_bot", settings_prefix="dingtalk", cls=DingTalkBotProvider),
+    ProviderSpec(name="wecom_bot", settings_prefix="wecom", cls=WeComBotProvider),
+    ProviderSpec(name="slack_webhook", settings_prefix="slack", cls=SlackWebhookProvider),
 )
 
 #: Every provider name a channel row may select (``notification_channels.provider``): the one
@@ -128,6 +134,7 @@ __all__ = [
     "REGISTRY",
     "RETRYABLE_ERROR_CODES",
     "Delivery",
+    "DingTalkBotProvider",
     "ErrorCode",
     "FeishuBotProvider",
     "FeishuFlowProvider",
@@ -136,9 +143,11 @@ __all__ = [
     "ProviderSettings",
     "ProviderSpec",
     "SendResult",
+    "SlackWebhookProvider",
     "Target",
     "UrlPolicy",
     "UrlRejected",
+    "WeComBotProvider",
     "WebhookProvider",
     "claim_policy",
     "classify_status",

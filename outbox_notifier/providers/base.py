@@ -482,6 +482,32 @@ def status_and_code(
     return verdict, coded
 
 
+def coded_verdict(
+    reply: HttpReply,
+    label: str,
+    codes: Mapping[int, tuple[Outcome, ErrorCode]],
+    *fields: tuple[str, str],
+) -> Verdict:
+    """The verdict of a provider that answers with an application code (``status_and_code``):
+    a non-zero code maps through ``codes``, any code not in it is a permanent
+    ``payload_invalid``; 429 and 5xx stay as the status says. The message reads
+    ``"<label> code <code>: <msg>"``, plus the status when it is not 2xx."""
+    verdict, coded = status_and_code(reply, label, *fields)
+    if coded is None:
+        return verdict
+    said = f"{label} code {coded.code}: {coded.msg}" if coded.msg else f"{label} code {coded.code}"
+    if verdict.outcome is Outcome.TEMPORARY_FAIL:
+        return Verdict(
+            outcome=verdict.outcome,
+            error_code=verdict.error_code,
+            error_message=f"{verdict.error_message}, {said}",
+        )
+    outcome, code = codes.get(coded.code, (Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID))
+    if not 200 <= reply.status < 300:
+        said += f" (HTTP {reply.status})"
+    return Verdict(outcome=outcome, error_code=code, error_message=said)
+
+
 class NotificationFields(msgspec.Struct, frozen=True, kw_only=True):
     """The ids every provider's body carries, first and in this order."""
 
@@ -606,6 +632,12 @@ class HttpProvider:
             "action_text": message.MESSAGE_ACTION_TEXT,
             "action_url": self.action_url(delivery),
         }
+
+    def button_link(self, delivery: Delivery) -> str | None:
+        """The action URL when it is an absolute ``http(s)`` URL, else None: chat platforms
+        refuse a button whose link is relative."""
+        link = self.action_url(delivery)
+        return link if link.startswith(("https://", "http://")) else None
 
     def prepare(self, delivery: Delivery, target: Target, url: httpx.URL) -> PreparedRequest:
         """The request for ``delivery`` to ``url`` (already checked); raise ``NotSent`` when

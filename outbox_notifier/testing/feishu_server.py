@@ -18,13 +18,17 @@ Endpoints (default replies):
 
 * ``POST /flow/api/trigger-webhook/<token>`` -> ``200 {"code":0,"msg":"success","data":{}}``
 * ``POST /open-apis/bot/v2/hook/<token>`` -> ``200 {"code":0,"msg":"success","data":{}}``
+* ``POST /robot/send?access_token=<token>`` (DingTalk) -> ``200 {"errcode":0,"errmsg":"ok"}``
+* ``POST /cgi-bin/webhook/send?key=<key>`` (WeCom) -> ``200 {"errcode":0,"errmsg":"ok"}``
+* ``POST /services/<path>`` (Slack) -> ``200 ok`` (plain text)
 * any other path -> ``200 {}``
 * control (not recorded): ``GET /_requests`` (``?since=<index>&path_prefix=<p>``),
   ``POST /_script`` (``{"prefix": ..., "replies": [...], "then": ...}``), ``POST /_chaos``
   (keyword arguments of :meth:`FeishuServer.chaos`), ``POST /_reset``, ``POST /_hold``,
   ``POST /_release``.
 
-Replies are scripted per path prefix or token prefix with :meth:`FeishuServer.script`; see
+Replies are scripted per path prefix (matched against the path and query, so a DingTalk or
+WeCom robot is told apart by its token) or token prefix with :meth:`FeishuServer.script`; see
 :class:`Reply` for what a reply can do (status, JSON or raw body, headers, delay, drop, oversize
 body, trickled response, hold until released).
 """
@@ -53,7 +57,10 @@ from msgspec import json as mjson
 
 __all__ = [
     "BOT_PREFIX",
+    "DINGTALK_PREFIX",
     "FLOW_PREFIX",
+    "SLACK_PREFIX",
+    "WECOM_PREFIX",
     "FeishuServer",
     "Recorded",
     "RemoteFeishuServer",
@@ -64,18 +71,28 @@ __all__ = [
 
 FLOW_PREFIX = "/flow/api/trigger-webhook/"
 BOT_PREFIX = "/open-apis/bot/v2/hook/"
+DINGTALK_PREFIX = "/robot/send?access_token="
+WECOM_PREFIX = "/cgi-bin/webhook/send?key="
+SLACK_PREFIX = "/services/"
 
 _FEISHU_OK = b'{"code":0,"msg":"success","data":{}}'
 _GENERIC_OK = b"{}"
+_ERRCODE_OK = b'{"errcode":0,"errmsg":"ok"}'
 _MAX_HEAD_BYTES = 64 * 1024
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 _CHUNK = 64 * 1024
 _TRICKLE_STEP_S = 0.05
 _POLL_S = 0.005
 
-_KIND_FLOW = 0
-_KIND_BOT = 1
-_KIND_GENERIC = 2
+# Each endpoint's path (and query) prefix and its default 2xx body, by kind (the index).
+_ENDPOINTS = (
+    (FLOW_PREFIX, _FEISHU_OK),
+    (BOT_PREFIX, _FEISHU_OK),
+    (DINGTALK_PREFIX, _ERRCODE_OK),
+    (WECOM_PREFIX, _ERRCODE_OK),
+    (SLACK_PREFIX, b"ok"),
+)
+_KIND_GENERIC = len(_ENDPOINTS)
 
 _CONTROL_PATHS = frozenset({"/_requests", "/_script", "/_chaos", "/_reset", "/_hold", "/_release"})
 
@@ -89,12 +106,13 @@ def _reason(status: int) -> str:
         return "Unknown"
 
 
-def _kind(path: str) -> int:
-    if path.startswith(FLOW_PREFIX):
-        return _KIND_FLOW
-    if path.startswith(BOT_PREFIX):
-        return _KIND_BOT
-    return _KIND_GENERIC
+def _kind(target: str) -> int:
+    """The endpoint kind of a request target (``path?query``)."""
+    return next((i for i, (p, _) in enumerate(_ENDPOINTS) if target.startswith(p)), _KIND_GENERIC)
+
+
+def _ok_body(kind: int) -> bytes:
+    return _ENDPOINTS[kind][1] if kind < _KIND_GENERIC else _GENERIC_OK
 
 
 def _head(status: int, headers: Mapping[str, str], length: int, keep_alive: bool) -> bytes:
@@ -150,6 +168,21 @@ class Reply:
             json={"code": 11232, "msg": "frequency limited", "data": {}},
             headers={"Retry-After": f"{retry_after_s:g}"},
         )
+
+    @classmethod
+    def errcode(cls, code: int, msg: str = "error", *, status: int = 200) -> Reply:
+        """A DingTalk/WeCom-style error body, e.g. ``Reply.errcode(45009, "api freq out of
+        limit")``."""
+        return cls(status=status, json={"errcode": code, "errmsg": msg})
+
+    @classmethod
+    def slack_error(cls, status: int, code: str, retry_after_s: float | None = None) -> Reply:
+        """A Slack incoming webhook error: the status with a plain-text code such as
+        ``invalid_payload``, and ``Retry-After`` when given (Slack's 429)."""
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if retry_after_s is not None:
+            headers["Retry-After"] = f"{retry_after_s:g}"
+        return cls(status=status, body=code.encode(), headers=headers)
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form accepted by ``POST /_script`` (only ``hold=True`` is expressible)."""
@@ -316,7 +349,7 @@ class _Rule:
 def _rule_prefixes(key: str) -> tuple[str, ...]:
     if key.startswith("/"):
         return (key,)
-    return (FLOW_PREFIX + key, BOT_PREFIX + key)
+    return tuple(prefix + key for prefix, _ in _ENDPOINTS)
 
 
 def _matches(rec: Recorded, path_prefix: str | None, status: int | None) -> bool:
@@ -367,7 +400,30 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         await reader.readexactly(2)
 
 
-class FeishuServer:
+class _EndpointUrls:
+    """Webhook URLs of each endpoint the look-alike answers for, under ``url``."""
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def flow_url(self, token: str = "flow-token") -> str:
+        return f"{self.url}{FLOW_PREFIX}{token}"
+
+    def bot_url(self, token: str = "bot-token") -> str:
+        return f"{self.url}{BOT_PREFIX}{token}"
+
+    def dingtalk_url(self, token: str = "dingtalk-token") -> str:
+        return f"{self.url}{DINGTALK_PREFIX}{token}"
+
+    def wecom_url(self, key: str = "wecom-key") -> str:
+        return f"{self.url}{WECOM_PREFIX}{key}"
+
+    def slack_url(self, path: str = "T000/B000/slack-secret") -> str:
+        return f"{self.url}{SLACK_PREFIX}{path}"
+
+
+class FeishuServer(_EndpointUrls):
     """Local Feishu look-alike. See the module docstring for endpoints and run modes."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -390,11 +446,8 @@ class FeishuServer:
         self._closing = False
         self._conn_tasks: set[asyncio.Task[Any]] = set()
         self._defaults: dict[tuple[int, bool], bytes] = {}
-        for kind, body in (
-            (_KIND_FLOW, _FEISHU_OK),
-            (_KIND_BOT, _FEISHU_OK),
-            (_KIND_GENERIC, _GENERIC_OK),
-        ):
+        for kind in range(_KIND_GENERIC + 1):
+            body = _ok_body(kind)
             for keep in (True, False):
                 self._defaults[(kind, keep)] = _head(200, {}, len(body), keep) + body
 
@@ -508,12 +561,6 @@ class FeishuServer:
         if self._server is None and self.port == 0:
             raise RuntimeError("server not started")
         return f"http://{self.host}:{self.port}"
-
-    def flow_url(self, token: str = "flow-token") -> str:
-        return f"{self.url}{FLOW_PREFIX}{token}"
-
-    def bot_url(self, token: str = "bot-token") -> str:
-        return f"{self.url}{BOT_PREFIX}{token}"
 
     # ------------------------------------------------------------------ scripting
 
@@ -791,8 +838,9 @@ class FeishuServer:
             self._cond.notify_all()
         if self._holding:
             await self._wait_hold(True)
-        reply = self._pick(path)
-        kind = _kind(path)
+        target = f"{path}?{query}" if query else path
+        reply = self._pick(target)
+        kind = _kind(target)
         if reply is None:
             if method != "POST" and kind != _KIND_GENERIC:
                 status = 405
@@ -826,7 +874,7 @@ class FeishuServer:
         elif reply.json is not None:
             body = mjson.encode(reply.json)
         elif 200 <= status < 300:
-            body = _GENERIC_OK if kind == _KIND_GENERIC else _FEISHU_OK
+            body = _ok_body(kind)
         else:
             body = mjson.encode({"code": status, "msg": _reason(status)})
         data = _head(status, reply.headers, len(body), keep) + body
@@ -940,18 +988,16 @@ class FeishuServer:
         await writer.drain()
 
 
-class RemoteFeishuServer:
+class RemoteFeishuServer(_EndpointUrls):
     """Drive a :class:`FeishuServer` running in another process through its control API."""
 
     def __init__(self, url: str, timeout_s: float = 10.0) -> None:
-        self.url = url.rstrip("/")
+        self._url = url.rstrip("/")
         self._timeout_s = timeout_s
 
-    def flow_url(self, token: str = "flow-token") -> str:
-        return f"{self.url}{FLOW_PREFIX}{token}"
-
-    def bot_url(self, token: str = "bot-token") -> str:
-        return f"{self.url}{BOT_PREFIX}{token}"
+    @property
+    def url(self) -> str:
+        return self._url
 
     def _call(self, method: str, path: str, payload: object = None) -> Any:
         import httpx

@@ -30,6 +30,10 @@ def test_demo_settles_and_prints_the_table() -> None:
         "order-2": ("sent", 1),  # link in the summary: fallback text
         "order-3": ("sent", 2),  # the webhook failed once
         "order-4": ("skipped", 1),  # no channel
+        # one record per other provider, DingTalk's signed
+        **{f"order-{n}": ("sent", 1) for n in range(5, 10)},
     }
+    providers = re.findall(r"^\s+\d+\s+100[4-8]\s+order-\d[^\n]* (\w+) *$", out, re.MULTILINE)
+    assert providers == ["feishu_bot", "webhook", "dingtalk_bot", "wecom_bot", "slack_webhook"]
     assert "rejected  invalid payload: Expected `int`, got `str` - at `$.user_id`" in out
-    assert "webhook calls received by the local Feishu server: 4" in out
+    assert "webhook calls received by the local Feishu server: 9" in out

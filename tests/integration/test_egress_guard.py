@@ -15,7 +15,15 @@ import psycopg
 import pytest
 
 from outbox_notifier.daemon import Daemon
-from outbox_notifier.testing.feishu_server import BOT_PREFIX, FLOW_PREFIX, FeishuServer
+from outbox_notifier.providers import PROVIDER_NAMES, REGISTRY
+from outbox_notifier.testing.feishu_server import (
+    BOT_PREFIX,
+    DINGTALK_PREFIX,
+    FLOW_PREFIX,
+    SLACK_PREFIX,
+    WECOM_PREFIX,
+    FeishuServer,
+)
 from tests.support import add_channel, attempts, enqueue, eventually, payload, records, running
 from tests.support import settings_for as base_settings
 
@@ -31,7 +39,7 @@ HOSTS: dict[str, bool] = {
     "169.254.169.254": False,
     "metadata.google.internal": False,
 }
-PROVIDERS = ("feishu_flow", "feishu_bot", "webhook")
+PROVIDERS = PROVIDER_NAMES  # the guard applies to every provider
 TERMINAL = ("sent", "dead", "skipped")
 
 
@@ -45,15 +53,25 @@ async def listeners() -> AsyncIterator[tuple[FeishuServer, FeishuServer]]:
 def settings_for(db: str, **overrides: Any) -> Any:
     hosts = tuple(h.strip("[]") for h in HOSTS)
     values: dict[str, Any] = {
-        "flow_allowed_hosts": hosts,
-        "bot_allowed_hosts": hosts,
+        **{
+            f"{spec.settings_prefix}_allowed_hosts": hosts
+            for spec in REGISTRY
+            if spec.name != "webhook"  # any host already
+        },
         "egress_allow_cidrs": (),  # the default: the guard refuses loopback too
     }
     return base_settings(db, **(values | overrides))
 
 
 def url(provider: str, host: str, port: int, token: str) -> str:
-    prefix = {"feishu_flow": FLOW_PREFIX, "feishu_bot": BOT_PREFIX, "webhook": "/hooks/"}
+    prefix = {
+        "feishu_flow": FLOW_PREFIX,
+        "feishu_bot": BOT_PREFIX,
+        "webhook": "/hooks/",
+        "dingtalk_bot": DINGTALK_PREFIX,
+        "wecom_bot": WECOM_PREFIX,
+        "slack_webhook": SLACK_PREFIX,
+    }
     return f"http://{host}:{port}{prefix[provider]}{token}"
 
 
