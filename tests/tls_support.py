@@ -1,4 +1,5 @@
-"""An HTTPS look-alike for the trust and proxy tests, with certificates from ``trustme``."""
+"""An HTTPS look-alike for the trust and proxy tests, with certificates from ``trustme``, and
+one provider call through the daemon's HTTP stack to it."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 import trustme
 from aiohttp import web
+
+from outbox_notifier.httpclient import EgressConfig, build_client
+from outbox_notifier.providers.base import HttpReply, SendResult, post_capped
 
 
 @asynccontextmanager
@@ -31,3 +36,19 @@ async def tls_server(ca: trustme.CA, port: int = 0) -> AsyncIterator[str]:
         yield f"https://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+async def post_once(
+    config: EgressConfig, url: str, env: dict[str, str] | None = None
+) -> HttpReply | SendResult:
+    """One JSON POST to ``url`` as a provider makes it: the reply, or the failure it maps to."""
+    async with build_client(config, env=env or {}) as client:
+        return await post_capped(
+            client,
+            httpx.URL(url),
+            content=b"{}",
+            headers={"Content-Type": "application/json"},
+            timeout_s=5,
+            response_body_max_bytes=1024,
+            request_json=b"{}",
+        )

@@ -14,13 +14,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trustme
 
-from outbox_notifier.httpclient import EgressConfig, build_client
-from outbox_notifier.providers.base import ErrorCode, HttpReply, SendResult, post_capped
-from tests.tls_support import tls_server
+from outbox_notifier.httpclient import EgressConfig
+from outbox_notifier.providers.base import ErrorCode, HttpReply, SendResult
+from tests.tls_support import post_once, tls_server
 
 LOOPBACK = ("127.0.0.0/8",)
 
@@ -96,16 +95,7 @@ def ca(tmp_path: Path) -> tuple[trustme.CA, str]:
 
 
 async def deliver(config: EgressConfig, url: str, env: dict[str, str]) -> HttpReply | SendResult:
-    async with build_client(config, env=env) as client:
-        return await post_capped(
-            client,
-            httpx.URL(url + "/hooks/x"),
-            content=b"{}",
-            headers={"Content-Type": "application/json"},
-            timeout_s=5,
-            response_body_max_bytes=1024,
-            request_json=b"{}",
-        )
+    return await post_once(config, url + "/hooks/x", env)
 
 
 async def test_delivery_goes_through_the_configured_proxy(

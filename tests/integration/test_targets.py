@@ -82,6 +82,15 @@ async def test_retry_after_schedules_the_next_attempt(
     assert 6.9 <= delay <= 7.1
 
 
+def _assert_disabled_on_410(conn: psycopg.Connection[Any]) -> None:
+    channel = conn.execute(
+        "SELECT enabled, disabled_reason FROM outbox_notifier.notification_channels"
+    ).fetchone()
+    assert channel is not None
+    assert channel[0] is False
+    assert "410" in channel[1]
+
+
 async def test_gone_webhook_disables_the_channel(
     db: str, conn: psycopg.Connection[Any], server: FeishuServer
 ) -> None:
@@ -90,12 +99,7 @@ async def test_gone_webhook_disables_the_channel(
     enqueue(conn, payload("gone-1"))
     async with running(Daemon(settings_for(db))):
         await eventually(lambda: _status(conn, "gone-1") == "dead", what="dead on 410")
-        channel = conn.execute(
-            "SELECT enabled, disabled_reason FROM outbox_notifier.notification_channels"
-        ).fetchone()
-        assert channel is not None
-        assert channel[0] is False
-        assert "410" in channel[1]
+        _assert_disabled_on_410(conn)
         # The next event for this user is skipped without calling the dead endpoint.
         enqueue(conn, payload("gone-2"))
         await eventually(lambda: _status(conn, "gone-2") == "skipped", what="skipped")
@@ -175,12 +179,7 @@ async def test_gone_disable_is_retried_with_the_result_it_belongs_to(
     enqueue(conn, payload("gone-retried"))
     async with running(Daemon(settings_for(db))):
         await eventually(lambda: _status(conn, "gone-retried") == "dead", what="dead on 410")
-        channel = conn.execute(
-            "SELECT enabled, disabled_reason FROM outbox_notifier.notification_channels"
-        ).fetchone()
-    assert channel is not None
-    assert channel[0] is False
-    assert "410" in channel[1]
+    _assert_disabled_on_410(conn)
     # Both injected failures happened, and the third try went through.
     assert conn.execute("SELECT last_value FROM public.disable_failures").fetchone() == (3,)
     assert server.count("/hooks/gone") == 1

@@ -11,28 +11,18 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-import httpx
 import pytest
 import trustme
 
-from outbox_notifier.httpclient import EgressConfig, build_client, ssl_context
-from outbox_notifier.providers.base import ErrorCode, HttpReply, Outcome, SendResult, post_capped
-from tests.tls_support import tls_server
+from outbox_notifier.httpclient import EgressConfig, ssl_context
+from outbox_notifier.providers.base import ErrorCode, HttpReply, Outcome, SendResult
+from tests.tls_support import post_once, tls_server
 
 LOOPBACK = ("127.0.0.0/8",)
 
 
 async def call(config: EgressConfig, url: str) -> HttpReply | SendResult:
-    async with build_client(config, env={}) as client:
-        return await post_capped(
-            client,
-            httpx.URL(url + "/flow/api/trigger-webhook/secret-token"),
-            content=b"{}",
-            headers={"Content-Type": "application/json"},
-            timeout_s=5,
-            response_body_max_bytes=1024,
-            request_json=b"{}",
-        )
+    return await post_once(config, url + "/flow/api/trigger-webhook/secret-token")
 
 
 @pytest.fixture
