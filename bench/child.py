@@ -3,8 +3,8 @@
 ``python -m bench.child --dsn DSN [--provider instant] [--transport aiohttp|minimal|default]``
 
 Used for the figures the plain CLI cannot give: the database side alone (an instant in-process
-provider) and the daemon over another httpx transport. Settings are the CLI's defaults plus the
-URL policy that lets the daemon post to the local server.
+provider) and the daemon's providers over another httpx transport. Settings are the CLI's
+defaults plus the URL policy that lets the daemon post to the local server.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.clients import TRANSPORTS, InstantProvider, make_client
+from bench.clients import TRANSPORTS, InstantProvider, make_transport
 from bench.fixtures import egress_overrides
 from outbox_notifier import eventloop, logs
 from outbox_notifier.daemon import Daemon
@@ -31,8 +31,8 @@ async def _run(args: argparse.Namespace) -> None:
         providers = {"feishu_flow": InstantProvider()}
         await Daemon(settings, providers=providers).run()
         return
-    async with make_client(args.transport, settings.delivery_concurrency) as client:
-        providers = default_providers(settings, client)
+    async with make_transport(args.transport, settings.delivery_concurrency) as transport:
+        providers = default_providers(settings, transport)
         await Daemon(settings, providers=providers).run()
 
 

@@ -12,23 +12,28 @@ TRANSPORTS = ("default", "aiohttp", "minimal")
 _REPLY = b'{"code":0,"msg":"success","data":{}}'
 
 
-def make_client(transport: str, concurrency: int, timeout_s: float = 5.0) -> httpx.AsyncClient:
-    """An AsyncClient configured like the daemon's, over ``transport``."""
+def make_transport(transport: str, concurrency: int) -> httpx.AsyncBaseTransport:
+    """The httpx transport named ``transport``, pooled for ``concurrency`` connections."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    options: dict[str, object] = {
-        "timeout": timeout_s,
-        "trust_env": False,
-        "follow_redirects": False,
-    }
     if transport == "default":
-        return httpx.AsyncClient(limits=limits, **options)  # type: ignore[arg-type]
+        return httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     if transport == "aiohttp":
         from httpx_aiohttp import AiohttpTransport
 
-        return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), **options)  # type: ignore[arg-type]
+        return AiohttpTransport(limits=limits)
     if transport == "minimal":
-        return httpx.AsyncClient(transport=MinimalTransport(concurrency), **options)  # type: ignore[arg-type]
+        return MinimalTransport(concurrency)
     raise ValueError(f"unknown transport {transport!r}; expected one of {TRANSPORTS}")
+
+
+def make_client(transport: str, concurrency: int, timeout_s: float = 5.0) -> httpx.AsyncClient:
+    """An AsyncClient over ``transport`` (``make_transport``), no redirects, no environment."""
+    return httpx.AsyncClient(
+        transport=make_transport(transport, concurrency),
+        timeout=timeout_s,
+        trust_env=False,
+        follow_redirects=False,
+    )
 
 
 class InstantProvider:

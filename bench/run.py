@@ -456,6 +456,9 @@ class Bench:
                 self.dbs, self.srv, self.mode.jobs, variant, profile=out
             )
             _log(f"profiled {variant}: {result.rate:,.1f}/s -> {out}")
+        out = out_dir / "yardstick.txt"
+        result = scenarios.baseline_throughput(self.dbs, self.srv, self.mode.jobs, profile=out)
+        _log(f"profiled yardstick: {result.rate:,.1f}/s -> {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

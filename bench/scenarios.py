@@ -147,6 +147,7 @@ def baseline_throughput(
     n: int,
     transport: str = "aiohttp",
     loop: str = "auto",
+    profile: Path | None = None,
 ) -> Throughput:
     """Jobs/s of the plain claim + httpx POST + update loop, timed like the daemon."""
     dsn = dbs.new()
@@ -154,12 +155,17 @@ def baseline_throughput(
     proc = Process.start(
         ["-m", "bench.baseline", "--dsn", dsn, "--transport", transport, "--loop", loop]
     )
+    profiler = None
     try:
         proc.wait_line("ready")
+        if profile is not None:
+            profiler = _start_profiler(proc.pid, profile)
+            time.sleep(0.5)  # let the profiler attach before the work arrives
         result = _measure(
             proc, n, lambda: add_jobs(dsn, server, n), lambda: _last_at(dsn, n, jobs=True)
         )
     finally:
+        _stop_profiler(profiler)
         proc.stop()
     if transport != "none" and server_total(server) < n:
         raise RuntimeError("the server received fewer requests than jobs sent")

@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-import httpx
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
 from outbox_notifier import connections, eventloop, httpclient, migrations, sdnotify
@@ -53,11 +52,12 @@ class DatabaseUnavailable(RuntimeError):
 STARTUP_RETRY_MAX_S = 15.0
 
 
-def http_client(settings: Settings) -> httpx.AsyncClient:
-    """The one HTTP client every provider shares (``outbox_notifier.httpclient``): httpx's API
-    over aiohttp's pool, sized to the delivery concurrency, with the egress guard, the proxy
-    settings and one trust store (the system's plus ``ca_bundle``). Call it inside the loop."""
-    return httpclient.build_client(httpclient.EgressConfig.from_settings(settings))
+def http_transport(settings: Settings) -> httpclient.EgressTransport:
+    """The one HTTP transport every provider shares (``outbox_notifier.httpclient``): httpx's
+    types over aiohttp's pool, sized to the delivery concurrency, with the egress guard, the
+    proxy settings and one trust store (the system's plus ``ca_bundle``). Call it inside the
+    loop."""
+    return httpclient.build_transport(httpclient.EgressConfig.from_settings(settings))
 
 
 class Daemon:
@@ -144,8 +144,8 @@ class Daemon:
             if not await self._wait_for_database():
                 return  # stopped while waiting
             await self._check_schema(store)
-            async with http_client(settings) as client:
-                providers = self._providers or default_providers(settings, client)
+            async with http_transport(settings) as transport:
+                providers = self._providers or default_providers(settings, transport)
                 await self._run_loops(store, providers)
         finally:
             self.listener.up = False

@@ -1,16 +1,20 @@
-"""The one HTTP client every provider shares: httpx's API over aiohttp, guarded and trusted.
+"""The one HTTP transport every provider shares: httpx's types over aiohttp, guarded and trusted.
 
 Usage::
 
-    async with build_client(EgressConfig.from_settings(settings)) as client:
-        provider = FeishuFlowProvider(client, ...)
+    async with build_transport(EgressConfig.from_settings(settings)) as transport:
+        provider = FeishuFlowProvider(transport, ...)
 
 The stack, top to bottom:
 
-- ``httpx.AsyncClient``: the API providers are written against (``build_request``, ``send``
-  with ``stream=True``); redirects off, environment ignored (proxies are chosen here).
+- Providers build an ``httpx.Request`` and hand it to the transport themselves
+  (``providers.base.post_capped``). ``httpx.AsyncClient`` is not in the path: its cookie jar
+  would carry one webhook's ``Set-Cookie`` to the next user's webhook on the same host, its
+  redirect and auth layers are off anyway, and together they cost more CPU per call than
+  the rest of the pipeline (see ``bench/README.md``).
 - ``EgressTransport``: picks, per request, the direct or the proxied
-  ``httpx_aiohttp.AiohttpTransport``; both share one ``aiohttp.ClientSession``.
+  ``httpx_aiohttp.AiohttpTransport``; both share one ``aiohttp.ClientSession``. It remaps
+  aiohttp's errors to the httpx exception that says what happened.
 - ``GuardedConnector`` (an ``aiohttp.TCPConnector``): the connection pool, TLS with the one
   ``ssl.SSLContext``, and the egress guard at connect time. A literal or numeric host is
   checked here (aiohttp skips the resolver for those); a DNS name is resolved by
@@ -58,7 +62,7 @@ __all__ = [
     "EgressTransport",
     "GuardedConnector",
     "GuardedResolver",
-    "build_client",
+    "build_transport",
     "ssl_context",
 ]
 
@@ -71,7 +75,6 @@ class EgressConfig(msgspec.Struct, frozen=True, kw_only=True):
     """What the client needs from the settings (see ``outbox_notifier.settings``)."""
 
     max_connections: int = 50
-    timeout_s: float = 5.0
     allow_cidrs: tuple[str, ...] = ()
     ca_bundle: str = ""
     http_proxy: str = ""
@@ -81,7 +84,6 @@ class EgressConfig(msgspec.Struct, frozen=True, kw_only=True):
     def from_settings(cls, settings: Settings) -> EgressConfig:
         return cls(
             max_connections=settings.delivery_concurrency,
-            timeout_s=settings.http_timeout_s,
             allow_cidrs=settings.egress_allow_cidrs,
             ca_bundle=settings.ca_bundle,
             http_proxy=settings.http_proxy,
@@ -236,13 +238,10 @@ class EgressTransport(httpx.AsyncBaseTransport):
             response = await self._transport_for(request.url).handle_async_request(request)
         except (httpx.TransportError, aiohttp.ClientError) as exc:
             raise _remap(exc) from exc
-        return httpx.Response(
-            status_code=response.status_code,
-            headers=response.headers,
-            stream=_RemappingStream(response.stream),
-            request=request,
-            extensions=response.extensions,
-        )
+        # The body's read errors are remapped too; the response itself is kept (building a
+        # second one would parse its headers again).
+        response.stream = _RemappingStream(response.stream)
+        return response
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -290,13 +289,15 @@ def _remap(exc: Exception) -> Exception:
     return exc
 
 
-def build_client(
+def build_transport(
     config: EgressConfig, *, env: Mapping[str, str] | None = None
-) -> httpx.AsyncClient:
-    """The shared client for ``config``; ``env`` (default ``os.environ``) for proxy variables.
+) -> EgressTransport:
+    """The shared transport for ``config``; ``env`` (default ``os.environ``) for proxy
+    variables.
 
     Must be called inside a running event loop (aiohttp binds its pool to it); closing the
-    client closes the pool.
+    transport closes the pool. Requests carry their own timeouts (``httpx.Request``'s
+    ``timeout`` extension); redirects are never followed at this level.
     """
     proxies, no_proxy = _proxy_for(config, os.environ if env is None else env)
     context = ssl_context(config.ca_bundle)
@@ -312,9 +313,4 @@ def build_client(
         trust_env=False,  # proxies are chosen above, from settings
         auto_decompress=False,  # bodies are capped as raw bytes
     )
-    return httpx.AsyncClient(
-        transport=EgressTransport(session, context, proxies, no_proxy),
-        timeout=config.timeout_s,
-        follow_redirects=False,
-        trust_env=False,
-    )
+    return EgressTransport(session, context, proxies, no_proxy)

@@ -39,9 +39,9 @@ def make_delivery(target: Target | None, **overrides: Any) -> Delivery:
     return Delivery(**fields)
 
 
-def mock_client(handler: Handler, **kw: Any) -> httpx.AsyncClient:
-    """A client whose every request goes to ``handler``; ``kw`` go to the client."""
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler), **kw)
+def mock_transport(handler: Handler) -> httpx.MockTransport:
+    """A transport whose every request goes to ``handler``."""
+    return httpx.MockTransport(handler)
 
 
 def reply(status: int, content: bytes = b"", headers: dict[str, str] | None = None) -> Handler:

@@ -11,7 +11,7 @@ import httpx
 import trustme
 from aiohttp import web
 
-from outbox_notifier.httpclient import EgressConfig, build_client
+from outbox_notifier.httpclient import EgressConfig, build_transport
 from outbox_notifier.providers.base import HttpReply, SendResult, post_capped
 
 
@@ -42,9 +42,9 @@ async def post_once(
     config: EgressConfig, url: str, env: dict[str, str] | None = None
 ) -> HttpReply | SendResult:
     """One JSON POST to ``url`` as a provider makes it: the reply, or the failure it maps to."""
-    async with build_client(config, env=env or {}) as client:
+    async with build_transport(config, env=env or {}) as transport:
         return await post_capped(
-            client,
+            transport,
             httpx.URL(url),
             content=b"{}",
             headers={"Content-Type": "application/json"},

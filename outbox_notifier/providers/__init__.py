@@ -77,10 +77,10 @@ class ProviderSpec(msgspec.Struct, frozen=True, kw_only=True):
     def settings(self, settings: Settings) -> ProviderSettings:
         return ProviderSettings.read(settings, self.settings_prefix)
 
-    def build(self, settings: Settings, client: httpx.AsyncClient) -> HttpProvider:
+    def build(self, settings: Settings, transport: httpx.AsyncBaseTransport) -> HttpProvider:
         own = self.settings(settings)
         return self.cls(
-            client,
+            transport,
             frontend_base_url=settings.frontend_base_url,
             allowed_schemes=own.allowed_schemes,
             allowed_hosts=own.allowed_hosts,
@@ -110,9 +110,11 @@ REGISTRY: Final = (
 PROVIDER_NAMES: Final = tuple(spec.name for spec in REGISTRY)
 
 
-def default_providers(settings: Settings, client: httpx.AsyncClient) -> dict[str, Provider]:
-    """The providers by the name a channel row selects, sharing ``client``."""
-    return {spec.name: spec.build(settings, client) for spec in REGISTRY}
+def default_providers(
+    settings: Settings, transport: httpx.AsyncBaseTransport
+) -> dict[str, Provider]:
+    """The providers by the name a channel row selects, sharing ``transport``."""
+    return {spec.name: spec.build(settings, transport) for spec in REGISTRY}
 
 
 def claim_policy(settings: Settings) -> ClaimPolicy:

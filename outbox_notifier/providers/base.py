@@ -16,6 +16,7 @@ Outcome -> record status, applied by the delivery loop (seed semantics):
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
 import time
@@ -27,7 +28,7 @@ from typing import Any, ClassVar, Protocol, TypedDict
 import httpx
 import msgspec
 
-from outbox_notifier import message
+from outbox_notifier import __version__, message
 from outbox_notifier.egress import DestinationForbidden
 from outbox_notifier.message import ERROR_TEXT_MAX_RUNES
 from outbox_notifier.names import (  # re-exported: providers and their tests use them from here
@@ -168,7 +169,12 @@ async def read_body_capped(response: httpx.Response, max_bytes: int) -> tuple[by
         return content[:max_bytes], len(content) > max_bytes
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    # The transport's own byte stream: ``aiter_raw`` would add a re-chunker, a timer and two
+    # generator layers per chunk on the way, with nothing to gain from them here.
+    stream = response.stream
+    if not isinstance(stream, httpx.AsyncByteStream):
+        raise TypeError("an async transport answered with a sync body")
+    async for chunk in stream:
         remaining = max_bytes - size
         if len(chunk) > remaining:
             chunks.append(chunk[:remaining])
@@ -280,8 +286,14 @@ class HttpReply(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float
 
 
+@functools.lru_cache(maxsize=64)
+def _timeouts(timeout_s: float) -> dict[str, Any]:
+    # The transport's per-phase bounds (connect, read, write, pool), as httpx passes them.
+    return {"timeout": httpx.Timeout(timeout_s).as_dict()}
+
+
 async def post_capped(
-    client: httpx.AsyncClient,
+    transport: httpx.AsyncBaseTransport,
     url: httpx.URL,
     *,
     content: bytes,
@@ -294,8 +306,9 @@ async def post_capped(
     """POST ``content`` once; the reply with its body capped, or a retryable failure result.
 
     The whole call, body included, has one deadline of ``timeout_s``; the delivery lease must
-    stay longer than it. Redirects are never followed, whatever the shared client is set to:
-    a redirect could lead off the allowed hosts. A transport failure, or a body that cannot
+    stay longer than it. The request goes to ``transport`` as built here: no client layer adds
+    cookies, auth or redirects (a redirect could lead off the allowed hosts, so a 3xx is
+    only ever a reply). A transport failure, or a body that cannot
     be read after the status arrived, is a ``TEMPORARY_FAIL`` result (``provider_timeout``
     for timeouts, ``network_error`` otherwise) carrying ``request_json``; its message has the
     URL's path and query and ``secrets`` masked. A destination the egress guard refused is a
@@ -305,11 +318,11 @@ async def post_capped(
     started = time.perf_counter()
     status: int | None = None
     try:
-        request = client.build_request(
-            "POST", url, content=content, headers=headers, timeout=httpx.Timeout(timeout_s)
+        request = httpx.Request(
+            "POST", url, content=content, headers=headers, extensions=_timeouts(timeout_s)
         )
         async with asyncio.timeout(timeout_s):
-            response = await client.send(request, stream=True, follow_redirects=False)
+            response = await transport.handle_async_request(request)
             try:
                 status = response.status_code
                 body, truncated = await read_body_capped(response, response_body_max_bytes)
@@ -392,10 +405,14 @@ class NotSent(Exception):
         self.result = SendResult(outcome=outcome, error_code=code, error_message=message)
 
 
+USER_AGENT = f"outbox-notifier/{__version__}"
+
+
 def json_headers(**extra: str) -> dict[str, str]:
     """Headers of a JSON POST, plus ``extra``."""
     return {
         "Content-Type": "application/json; charset=utf-8",
+        "User-Agent": USER_AGENT,
         # Only raw bytes can be capped before they are read; compression would defeat that.
         "Accept-Encoding": "identity",
         **extra,
@@ -564,9 +581,9 @@ class HttpProvider:
 
     Usage (any subclass; a subclass may add options of its own)::
 
-        async with httpx.AsyncClient() as client:
+        async with build_transport(EgressConfig()) as transport:  # outbox_notifier.httpclient
             provider = FeishuFlowProvider(
-                client,
+                transport,
                 frontend_base_url="https://app.example",
                 allowed_schemes=("https",),
                 allowed_hosts=("feishu.cn",),
@@ -574,9 +591,11 @@ class HttpProvider:
             )
             result = await provider.send(delivery)
 
-    ``client`` is shared and owned by the caller. ``allowed_hosts`` match exactly or as a
-    parent domain; an empty tuple allows any host only where ``any_host`` is set. ``clock``
-    gives timestamps and the reference for ``Retry-After`` dates.
+    ``transport`` is shared and owned by the caller (the daemon's is
+    ``httpclient.EgressTransport``; a test may hand in ``httpx.MockTransport``).
+    ``allowed_hosts`` match exactly or as a parent domain; an empty tuple allows any host
+    only where ``any_host`` is set. ``clock`` gives timestamps and the reference for
+    ``Retry-After`` dates.
     """
 
     label: ClassVar[str]
@@ -588,7 +607,7 @@ class HttpProvider:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         frontend_base_url: str = "",
         allowed_schemes: Iterable[str] = ("https",),
@@ -605,7 +624,7 @@ class HttpProvider:
         hosts = self.default_hosts if allowed_hosts is None else tuple(allowed_hosts)
         if not hosts and not self.any_host:
             raise ValueError("allowed_hosts must not be empty")
-        self._client = client
+        self._transport = transport
         self._frontend_base_url = frontend_base_url.strip().rstrip("/")
         self._url_policy = UrlPolicy(
             schemes=schemes,
@@ -661,7 +680,7 @@ class HttpProvider:
         auth = request.headers.get("Authorization", "").partition(" ")[2]
         secrets = (*request.secrets, auth) if auth else request.secrets
         reply = await post_capped(
-            self._client,
+            self._transport,
             request.url,
             content=request.body,
             headers=request.headers,

@@ -186,7 +186,7 @@ class FeishuBotProvider(base.HttpProvider):
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         request_body_max_bytes: int = _DEFAULT_REQUEST_BODY_MAX_BYTES,
         message_format: MessageFormat = "text",
@@ -199,7 +199,7 @@ class FeishuBotProvider(base.HttpProvider):
             )
         if message_format not in ("text", "card"):
             raise ValueError(f"message_format must be 'text' or 'card', got {message_format!r}")
-        super().__init__(client, **options)
+        super().__init__(transport, **options)
         self._request_max_bytes = request_body_max_bytes
         self._format: MessageFormat = message_format
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
 
 import httpx
+
+# Accepted URLs a policy remembers: about one per channel row in active use.
+URLS_KEPT = 4096
 
 # Host names in rejection messages are cut so a garbled URL cannot smuggle a long secret.
 _HOST_IN_MESSAGE_MAX_CHARS = 100
@@ -40,9 +44,16 @@ class UrlPolicy:
         self.hosts = frozenset(h.strip().strip(".").lower() for h in hosts)
         self._host_suffixes = tuple("." + h for h in self.hosts)
         self.path_prefix = path_prefix
+        # A channel's URL is the same on every call, and parsing it is a good part of a
+        # call's CPU. The policy never changes, so a verdict can be kept; refusals are not
+        # kept (they end the record, so they do not repeat at any rate).
+        self._accepted = functools.lru_cache(maxsize=URLS_KEPT)(self._check)
 
     def check(self, raw_url: str) -> httpx.URL:
         """Parse ``raw_url`` and enforce the policy; raise ``UrlRejected`` if outside it."""
+        return self._accepted(raw_url)
+
+    def _check(self, raw_url: str) -> httpx.URL:
         try:
             url = httpx.URL(raw_url.strip())
         except (httpx.InvalidURL, ValueError, TypeError):

@@ -164,12 +164,12 @@ class WebhookProvider(base.HttpProvider):
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         event_type: str = message.EVENT,
         **options: Unpack[base.HttpOptions],
     ) -> None:
-        super().__init__(client, **options)
+        super().__init__(transport, **options)
         self._event_type = event_type
 
     def build_event(self, delivery: base.Delivery, now: datetime) -> WebhookEvent:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, LiteralString
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.daemon import http_client
+from outbox_notifier.daemon import http_transport
 from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.providers import claim_policy, default_providers
 from outbox_notifier.relay import Relay
@@ -46,11 +46,11 @@ async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection
             store = RecordStore(pool)
             relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
             assert (await relay.relay_once()).created == 3
-            client = http_client(settings)
+            transport = http_transport(settings)
             try:
                 deliverer = Deliverer(
                     store,
-                    default_providers(settings, client),
+                    default_providers(settings, transport),
                     RetryPolicy(),
                     claim_policy(settings),
                     batch_size=10,
@@ -59,7 +59,7 @@ async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection
                 _CountingConnection.sent.clear()
                 assert await deliverer.deliver_once() == 3
             finally:
-                await client.aclose()
+                await transport.aclose()
 
     claim: LiteralString = query("claim_records")
     apply: LiteralString = query("apply_results")

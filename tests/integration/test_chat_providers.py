@@ -63,14 +63,14 @@ async def srv() -> AsyncIterator[FeishuServer]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
+async def transport() -> AsyncIterator[httpx.AsyncBaseTransport]:
+    async with httpx.AsyncHTTPTransport() as c:
         yield c
 
 
-def local(cls: type[HttpProvider], client: httpx.AsyncClient, **kw: Any) -> HttpProvider:
+def local(cls: type[HttpProvider], transport: httpx.AsyncBaseTransport, **kw: Any) -> HttpProvider:
     kw.setdefault("frontend_base_url", "https://app.example.com")
-    return cls(client, allowed_schemes=("http",), allowed_hosts=("127.0.0.1",), **kw)
+    return cls(transport, allowed_schemes=("http",), allowed_hosts=("127.0.0.1",), **kw)
 
 
 def target(url: str, auth_kind: str = "none", secret: str | None = None) -> Target:
@@ -137,11 +137,11 @@ TEXTS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("name", list(CLASSES))
 async def test_success_sends_the_documented_bodies(
-    srv: FeishuServer, client: httpx.AsyncClient, name: str
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport, name: str
 ) -> None:
     url = url_of(name, srv)
-    card = await local(CLASSES[name], client).send(provider_support.make_delivery(target(url)))
-    text = await local(CLASSES[name], client, frontend_base_url="").send(
+    card = await local(CLASSES[name], transport).send(provider_support.make_delivery(target(url)))
+    text = await local(CLASSES[name], transport, frontend_base_url="").send(
         provider_support.make_delivery(target(url))
     )
     assert (card.outcome, text.outcome) == (Outcome.SUCCESS, Outcome.SUCCESS)
@@ -162,10 +162,10 @@ def dingtalk_signature_ok(query: str, secret: str, now: float) -> bool:
 
 
 async def test_dingtalk_signs_each_attempt_afresh(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     times = iter([datetime.now(UTC), datetime.fromtimestamp(time.time() + 2.5, UTC)])
-    provider = local(DingTalkBotProvider, client, clock=lambda: next(times))
+    provider = local(DingTalkBotProvider, transport, clock=lambda: next(times))
     signed = target(srv.dingtalk_url("tok-1"), "bot_secret", SECRET)
     results = [await provider.send(provider_support.make_delivery(signed)) for _ in range(2)]
     assert [r.outcome for r in results] == [Outcome.SUCCESS, Outcome.SUCCESS]
@@ -181,9 +181,9 @@ async def test_dingtalk_signs_each_attempt_afresh(
 
 
 async def test_dingtalk_refuses_a_wrong_secret_check(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
-    provider = local(DingTalkBotProvider, client, clock=lambda: datetime.now(UTC))
+    provider = local(DingTalkBotProvider, transport, clock=lambda: datetime.now(UTC))
     await provider.send(
         provider_support.make_delivery(target(srv.dingtalk_url(), "bot_secret", SECRET))
     )
@@ -241,7 +241,7 @@ ERRORS: list[tuple[str, Reply, Outcome, ErrorCode, str]] = [
 @pytest.mark.parametrize(("name", "reply", "outcome", "code", "said"), ERRORS)
 async def test_each_documented_error_maps_to_its_code(
     srv: FeishuServer,
-    client: httpx.AsyncClient,
+    transport: httpx.AsyncBaseTransport,
     name: str,
     reply: Reply,
     outcome: Outcome,
@@ -250,7 +250,7 @@ async def test_each_documented_error_maps_to_its_code(
 ) -> None:
     url = url_of(name, srv)
     srv.script(url.removeprefix(srv.url), [reply])
-    result = await local(CLASSES[name], client).send(provider_support.make_delivery(target(url)))
+    result = await local(CLASSES[name], transport).send(provider_support.make_delivery(target(url)))
     assert (result.outcome, result.error_code) == (outcome, code)
     assert said in (result.error_message or ""), result.error_message
     assert result.disable_target is (code is ErrorCode.ENDPOINT_GONE)
@@ -275,9 +275,9 @@ GENUINE = {
 
 @pytest.mark.parametrize("name", list(CLASSES))
 async def test_the_url_policy_refuses_a_look_alike_host(
-    srv: FeishuServer, client: httpx.AsyncClient, name: str
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport, name: str
 ) -> None:
-    provider = CLASSES[name](client)  # the platform's own URL policy defaults
+    provider = CLASSES[name](transport)  # the platform's own URL policy defaults
     assert provider.check_url(GENUINE[name])
     result = await provider.send(provider_support.make_delivery(target(LOOK_ALIKES[name])))
     assert (result.outcome, result.error_code) == (Outcome.PERMANENT_FAIL, ErrorCode.INVALID_URL)

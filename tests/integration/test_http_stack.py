@@ -1,4 +1,4 @@
-"""The shared HTTP client (httpx over aiohttp) against the local look-alike and hostile servers.
+"""The shared HTTP transport (httpx over aiohttp) against the local look-alike and hostile servers.
 
 What the removed hand-written transport got right is held here against the new stack: keep-
 alive and the connection limit, capped bodies with bounded memory, no redirects, head limits,
@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from outbox_notifier.httpclient import EgressConfig, build_client
+from outbox_notifier.httpclient import EgressConfig, EgressTransport, build_transport
 from outbox_notifier.providers.base import (
     ErrorCode,
     HttpReply,
@@ -38,22 +38,39 @@ async def srv() -> AsyncIterator[FeishuServer]:
         yield server
 
 
-def client(max_connections: int = 10, timeout_s: float = 5.0) -> httpx.AsyncClient:
-    return build_client(
-        EgressConfig(max_connections=max_connections, timeout_s=timeout_s, allow_cidrs=LOOPBACK),
-        env={},
-    )
+class Stack:
+    """The daemon's transport and the per-request timeout a provider would give it."""
+
+    def __init__(self, max_connections: int = 10, timeout_s: float = 5.0) -> None:
+        self.transport: EgressTransport = build_transport(
+            EgressConfig(max_connections=max_connections, allow_cidrs=LOOPBACK), env={}
+        )
+        self.timeout_s = timeout_s
+
+    async def __aenter__(self) -> Stack:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.transport.aclose()
+
+
+def stack(max_connections: int = 10, timeout_s: float = 5.0) -> Stack:
+    return Stack(max_connections, timeout_s)
 
 
 async def post(
-    c: httpx.AsyncClient, url: str, content: bytes = b'{"a":1}', cap: int = 65536
+    c: Stack, url: str, content: bytes = b'{"a":1}', cap: int = 65536
 ) -> tuple[int, bytes, bool]:
-    """What ``post_capped`` does, raising the transport's errors: send streamed, read up to
-    ``cap``, close."""
-    request = c.build_request(
-        "POST", url, content=content, headers={"Content-Type": "application/json"}
+    """What ``post_capped`` does, raising the transport's errors: send, read up to ``cap``,
+    close."""
+    request = httpx.Request(
+        "POST",
+        url,
+        content=content,
+        headers={"Content-Type": "application/json"},
+        extensions={"timeout": httpx.Timeout(c.timeout_s).as_dict()},
     )
-    response = await c.send(request, stream=True)
+    response = await c.transport.handle_async_request(request)
     try:
         body, truncated = await read_body_capped(response, cap)
     finally:
@@ -139,7 +156,7 @@ async def wait_until(cond: Callable[[], bool], timeout_s: float = 2.0) -> None:
 
 
 async def test_sequential_requests_reuse_one_connection(srv: FeishuServer) -> None:
-    async with client() as c:
+    async with stack() as c:
         for _ in range(10):
             assert await post(c, srv.flow_url("t")) == (200, OK_BODY, False)
     assert srv.connections_total == 1
@@ -160,7 +177,7 @@ async def test_connection_limit_is_respected(srv: FeishuServer) -> None:
             peak = max(peak, srv.connections_open)
             await asyncio.sleep(0.002)
 
-    async with client(max_connections=3) as c:
+    async with stack(max_connections=3) as c:
         watcher = asyncio.create_task(watch())
         results = await asyncio.gather(*(post(c, srv.flow_url("t")) for _ in range(30)))
         stop.set()
@@ -176,7 +193,7 @@ async def test_redirects_are_not_followed() -> None:
             writer.write(b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n")
             await writer.drain()
 
-    async with raw_server(handler) as raw, client() as c:
+    async with raw_server(handler) as raw, stack() as c:
         assert await post(c, raw.url + "/hook") == (302, b"", False)
     assert raw.requests == 1
 
@@ -197,7 +214,7 @@ async def test_chunked_body_is_read_and_a_capped_read_leaves_nothing_behind() ->
             )
             await writer.drain()
 
-    async with raw_server(handler) as raw, client() as c:
+    async with raw_server(handler) as raw, stack() as c:
         assert await post(c, raw.url + "/a") == (200, b"hello world", False)
         assert await post(c, raw.url + "/b") == (200, b"hello world", False)
         assert await post(c, raw.url + "/c", cap=3) == (200, b"hel", True)
@@ -211,7 +228,7 @@ async def test_body_read_until_close_is_not_reused() -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nno length here")
         await writer.drain()
 
-    async with raw_server(handler) as raw, client() as c:
+    async with raw_server(handler) as raw, stack() as c:
         assert await post(c, raw.url) == (200, b"no length here", False)
         assert await post(c, raw.url) == (200, b"no length here", False)
     assert raw.connections == 2
@@ -220,7 +237,7 @@ async def test_body_read_until_close_is_not_reused() -> None:
 async def test_oversize_body_is_read_only_up_to_the_cap_with_bounded_memory(
     srv: FeishuServer,
 ) -> None:
-    async with client() as c:
+    async with stack() as c:
         await post(c, srv.flow_url("warm-up"))
         srv.script("/", [Reply(oversize_bytes=50_000_000)])
         before = rss_bytes()
@@ -243,7 +260,7 @@ async def test_endless_body_is_bounded_by_cap_and_deadline() -> None:
             writer.write(piece)
             await writer.drain()
 
-    async with raw_server(handler) as raw, client() as c:
+    async with raw_server(handler) as raw, stack() as c:
         before = rss_bytes()
         started = time.monotonic()
         status, body, truncated = await post(c, raw.url, cap=1_000_000)
@@ -267,10 +284,10 @@ async def test_no_silent_resend_when_a_reused_connection_is_dropped_after_the_po
         await writer.drain()
         await raw.read_request(reader)  # the second POST: processed, then close unanswered
 
-    async with raw_server(handler) as raw, client() as c:
+    async with raw_server(handler) as raw, stack() as c:
         assert await post(c, raw.url + "/first") == (200, b"ok", False)
         result = await post_capped(
-            c,
+            c.transport,
             httpx.URL(raw.url + "/second"),
             content=b"{}",
             headers={},
@@ -312,7 +329,7 @@ async def test_no_response_is_handed_to_the_next_request(first_reply: bytes) -> 
             await writer.drain()
 
     seen: list[bytes] = []
-    async with raw_server(handler) as raw, client(max_connections=1) as c:
+    async with raw_server(handler) as raw, stack(max_connections=1) as c:
         for _ in range(4):
             with contextlib.suppress(httpx.TransportError):
                 seen.append((await post(c, raw.url))[1])
@@ -324,7 +341,7 @@ async def test_no_response_is_handed_to_the_next_request(first_reply: bytes) -> 
 
 async def test_dropped_connection_is_a_protocol_error_and_not_reused(srv: FeishuServer) -> None:
     srv.script("/", [Reply(drop=True)])
-    async with client() as c:
+    async with stack() as c:
         with pytest.raises(httpx.RemoteProtocolError):
             await post(c, srv.flow_url("t"))
         assert await post(c, srv.flow_url("t")) == (200, OK_BODY, False)
@@ -337,7 +354,7 @@ async def test_body_cut_short_raises() -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 70_000)
         await writer.drain()
 
-    async with raw_server(handler) as raw, client() as c:
+    async with raw_server(handler) as raw, stack() as c:
         with pytest.raises(httpx.TransportError):
             await post(c, raw.url, cap=1_000_000)
 
@@ -346,7 +363,7 @@ async def test_trickle_is_bounded_by_the_callers_timeout_and_the_slot_is_given_b
     srv: FeishuServer,
 ) -> None:
     srv.script("/", [Reply(trickle_s=3)])
-    async with client(max_connections=1, timeout_s=30) as c:
+    async with stack(max_connections=1, timeout_s=30) as c:
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
@@ -361,7 +378,7 @@ async def test_read_timeout_is_a_timeout_and_the_connection_is_not_reused(
     srv: FeishuServer,
 ) -> None:
     srv.script("/", [Reply(delay_s=1.0)])
-    async with client(timeout_s=0.2) as c:
+    async with stack(timeout_s=0.2) as c:
         with pytest.raises(httpx.TimeoutException):
             await post(c, srv.flow_url("t"))
         await asyncio.sleep(1.0)
@@ -393,7 +410,7 @@ async def test_malformed_response_is_a_protocol_error(reply: bytes) -> None:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             await writer.drain()
 
-    async with raw_server(handler) as raw, client() as c:
+    async with raw_server(handler) as raw, stack() as c:
         with pytest.raises(httpx.RemoteProtocolError):
             await post(c, raw.url)
         assert (await post(c, raw.url))[0] == 200
@@ -401,6 +418,6 @@ async def test_malformed_response_is_a_protocol_error(reply: bytes) -> None:
 
 
 async def test_connect_refused_is_a_connect_error() -> None:
-    async with client() as c:
+    async with stack() as c:
         with pytest.raises(httpx.ConnectError):
             await post(c, f"http://127.0.0.1:{free_port()}/")

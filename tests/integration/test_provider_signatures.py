@@ -39,8 +39,8 @@ async def srv() -> AsyncIterator[FeishuServer]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
+async def transport() -> AsyncIterator[httpx.AsyncBaseTransport]:
+    async with httpx.AsyncHTTPTransport() as c:
         yield c
 
 
@@ -56,9 +56,9 @@ def delivery(target: Target, **overrides: Any) -> Delivery:
     return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
 
 
-def bot_provider(client: httpx.AsyncClient, **kw: Any) -> FeishuBotProvider:
+def bot_provider(transport: httpx.AsyncBaseTransport, **kw: Any) -> FeishuBotProvider:
     return FeishuBotProvider(
-        client,
+        transport,
         frontend_base_url="https://app.example.com",
         allowed_schemes=("http",),
         allowed_hosts=("127.0.0.1",),
@@ -66,9 +66,9 @@ def bot_provider(client: httpx.AsyncClient, **kw: Any) -> FeishuBotProvider:
     )
 
 
-def webhook_provider(client: httpx.AsyncClient) -> WebhookProvider:
+def webhook_provider(transport: httpx.AsyncBaseTransport) -> WebhookProvider:
     return WebhookProvider(
-        client,
+        transport,
         frontend_base_url="https://app.example.com",
         allowed_schemes=("http",),
         allowed_hosts=("127.0.0.1",),
@@ -111,9 +111,9 @@ def feishu_signature_ok(rec: Recorded, secret: str) -> bool:
 
 @pytest.mark.parametrize("fmt", ["text", "card"])
 async def test_bot_signature_verifies(
-    srv: FeishuServer, client: httpx.AsyncClient, fmt: Any
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport, fmt: Any
 ) -> None:
-    result = await bot_provider(client, message_format=fmt).send(delivery(signed_bot(srv)))
+    result = await bot_provider(transport, message_format=fmt).send(delivery(signed_bot(srv)))
     assert result.outcome is Outcome.SUCCESS
     (rec,) = srv.requests
     assert rec.path == f"/open-apis/bot/v2/hook/{BOT_TOKEN}"
@@ -127,37 +127,41 @@ async def test_bot_signature_verifies(
 
 
 async def test_bot_frequency_limited_is_temporary(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     srv.script(BOT_TOKEN, [Reply.feishu_error(11232, "frequency limited")])
-    result = await bot_provider(client).send(delivery(signed_bot(srv)))
+    result = await bot_provider(transport).send(delivery(signed_bot(srv)))
     assert result.outcome is Outcome.TEMPORARY_FAIL
     assert result.error_code == ErrorCode.PROVIDER_RATE_LIMITED
     assert result.http_status == 200
 
 
 async def test_bot_sign_failure_is_permanent_with_the_code(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     srv.script(BOT_TOKEN, [Reply.feishu_error(19021, SIGN_FAIL)])
-    result = await bot_provider(client).send(delivery(signed_bot(srv)))
+    result = await bot_provider(transport).send(delivery(signed_bot(srv)))
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.PROVIDER_AUTH_FAILED
     assert result.error_message == f"feishu code 19021: {SIGN_FAIL}"
     assert BOT_TOKEN not in result.error_message
 
 
-async def test_bot_429_honours_retry_after(srv: FeishuServer, client: httpx.AsyncClient) -> None:
+async def test_bot_429_honours_retry_after(
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
+) -> None:
     srv.script(BOT_TOKEN, [Reply.rate_limited(7)])
-    result = await bot_provider(client).send(delivery(signed_bot(srv)))
+    result = await bot_provider(transport).send(delivery(signed_bot(srv)))
     assert result.outcome is Outcome.TEMPORARY_FAIL
     assert result.error_code == ErrorCode.PROVIDER_RATE_LIMITED
     assert result.http_status == 429
     assert result.retry_after_s == 7
 
 
-async def test_bot_signs_each_attempt_afresh(srv: FeishuServer, client: httpx.AsyncClient) -> None:
-    provider = bot_provider(client)
+async def test_bot_signs_each_attempt_afresh(
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
+) -> None:
+    provider = bot_provider(transport)
     target = signed_bot(srv)
     srv.script(BOT_TOKEN, [Reply.feishu_error(11232, "frequency limited")])
     first = await provider.send(delivery(target))
@@ -171,9 +175,9 @@ async def test_bot_signs_each_attempt_afresh(srv: FeishuServer, client: httpx.As
 
 
 async def test_webhook_signature_verifies_with_the_reference_library(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
-    result = await webhook_provider(client).send(delivery(webhook_target(srv)))
+    result = await webhook_provider(transport).send(delivery(webhook_target(srv)))
     assert result.outcome is Outcome.SUCCESS
     (rec,) = srv.requests
     assert rec.path == "/hooks/a"
@@ -184,10 +188,10 @@ async def test_webhook_signature_verifies_with_the_reference_library(
 
 
 async def test_webhook_rotation_verifies_with_either_secret(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     target = webhook_target(srv, secret=f"{WEBHOOK_SECRET} {OLD_WEBHOOK_SECRET}")
-    result = await webhook_provider(client).send(delivery(target))
+    result = await webhook_provider(transport).send(delivery(target))
     assert result.outcome is Outcome.SUCCESS
     (rec,) = srv.requests
     assert len(rec.headers["webhook-signature"].split(" ")) == 2
@@ -196,10 +200,10 @@ async def test_webhook_rotation_verifies_with_either_secret(
 
 
 async def test_webhook_gone_disables_the_target(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     srv.script("/hooks/gone", [Reply(status=410, body=b"")])
-    result = await webhook_provider(client).send(delivery(webhook_target(srv, path="gone")))
+    result = await webhook_provider(transport).send(delivery(webhook_target(srv, path="gone")))
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.ENDPOINT_GONE
     assert result.http_status == 410
@@ -207,10 +211,10 @@ async def test_webhook_gone_disables_the_target(
 
 
 async def test_webhook_429_honours_retry_after(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     srv.script("/hooks/busy", [Reply.rate_limited(7)])
-    result = await webhook_provider(client).send(delivery(webhook_target(srv, path="busy")))
+    result = await webhook_provider(transport).send(delivery(webhook_target(srv, path="busy")))
     assert result.outcome is Outcome.TEMPORARY_FAIL
     assert result.error_code == ErrorCode.PROVIDER_RATE_LIMITED
     assert result.retry_after_s == 7
@@ -218,10 +222,10 @@ async def test_webhook_429_honours_retry_after(
 
 
 async def test_webhook_redirect_is_not_followed(
-    srv: FeishuServer, client: httpx.AsyncClient
+    srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     srv.script("/hooks/moved", [Reply(status=302, headers={"Location": f"{srv.url}/hooks/a"})])
-    result = await webhook_provider(client).send(delivery(webhook_target(srv, path="moved")))
+    result = await webhook_provider(transport).send(delivery(webhook_target(srv, path="moved")))
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.PAYLOAD_INVALID
     assert result.error_message is not None

@@ -23,7 +23,7 @@ from outbox_notifier.providers import feishu_bot
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider, MessageFormat
 from tests import provider_support
-from tests.provider_support import Handler, mock_client, raising, recording, reply
+from tests.provider_support import Handler, mock_transport, raising, recording, reply
 
 TOKEN = "b0t-hook-token-0123456789abcdef"
 SECRET = "bot-signing-secret-XYZ"
@@ -62,10 +62,10 @@ async def send_with(
     clock: Callable[[], datetime] = lambda: NOW,
     **kw: Any,
 ) -> SendResult:
-    client = mock_client(handler)
+    transport = mock_transport(handler)
     kw.setdefault("frontend_base_url", "https://app.example.com/")
-    provider = FeishuBotProvider(client, clock=clock, **kw)
-    async with client:
+    provider = FeishuBotProvider(transport, clock=clock, **kw)
+    async with transport:
         return await provider.send(delivery or make_delivery())
 
 
@@ -179,10 +179,10 @@ async def test_unsigned_when_auth_kind_is_not_bot_secret() -> None:
 async def test_signature_is_recomputed_on_every_call() -> None:
     now = [NOW]
     seen, handler = recording(200, json={"code": 11232, "msg": "frequency limited"})
-    client = mock_client(handler)
-    provider = FeishuBotProvider(client, clock=lambda: now[0])
+    transport = mock_transport(handler)
+    provider = FeishuBotProvider(transport, clock=lambda: now[0])
     delivery = make_delivery(make_target(auth_kind="bot_secret", secret=SECRET))
-    async with client:
+    async with transport:
         await provider.send(delivery)
         now[0] = NOW + timedelta(minutes=30, seconds=7)
         await provider.send(msgspec.structs.replace(delivery, attempt=2))
@@ -253,7 +253,7 @@ async def test_message_that_cannot_fit_is_not_sent() -> None:
 @pytest.mark.parametrize("bad", [0, -1, 20 * 1024 + 1])
 def test_request_body_cap_is_validated(bad: int) -> None:
     with pytest.raises(ValueError, match="request_body_max_bytes"):
-        FeishuBotProvider(httpx.AsyncClient(), request_body_max_bytes=bad)
+        FeishuBotProvider(httpx.AsyncHTTPTransport(), request_body_max_bytes=bad)
 
 
 # ---------------------------------------------------------------- reply mapping
@@ -458,11 +458,11 @@ async def test_transport_failures_are_temporary_and_scrubbed(exc: BaseException,
     assert b'"sign":"***"' in result.request_json
 
 
-async def test_redirects_are_not_followed_even_if_the_client_would() -> None:
+async def test_redirects_are_not_followed() -> None:
     seen, handler = recording(302, headers={"Location": "https://evil.example/steal"})
-    client = mock_client(handler, follow_redirects=True)
-    provider = FeishuBotProvider(client, clock=lambda: NOW)
-    async with client:
+    transport = mock_transport(handler)
+    provider = FeishuBotProvider(transport, clock=lambda: NOW)
+    async with transport:
         result = await provider.send(make_delivery())
     assert len(seen) == 1
     assert result.outcome is Outcome.PERMANENT_FAIL
@@ -526,12 +526,12 @@ async def test_url_policy_accepts_feishu_and_lark(url: str) -> None:
 
 def test_hosts_may_not_be_empty() -> None:
     with pytest.raises(ValueError, match="allowed_hosts"):
-        FeishuBotProvider(httpx.AsyncClient(), allowed_hosts=())
+        FeishuBotProvider(httpx.AsyncHTTPTransport(), allowed_hosts=())
 
 
 def test_message_format_is_validated() -> None:
     with pytest.raises(ValueError, match="message_format"):
-        FeishuBotProvider(httpx.AsyncClient(), message_format="post")  # type: ignore[arg-type]
+        FeishuBotProvider(httpx.AsyncHTTPTransport(), message_format="post")  # type: ignore[arg-type]
 
 
 def _all_strings(value: object) -> Iterator[str]:

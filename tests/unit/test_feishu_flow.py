@@ -21,7 +21,7 @@ from outbox_notifier.providers import base
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
 from tests import provider_support
-from tests.provider_support import Handler, mock_client, raising, recording, reply
+from tests.provider_support import Handler, mock_transport, raising, recording, reply
 
 TOKEN = "s3cr3t-trigger-key-0123456789"
 WEBHOOK = f"https://www.feishu.cn/flow/api/trigger-webhook/{TOKEN}"
@@ -45,10 +45,10 @@ def make_provider(
     timeout_s: float = 5.0,
     response_body_max_bytes: int = 65536,
     frontend_base_url: str = "https://app.example.com/",
-) -> tuple[FeishuFlowProvider, httpx.AsyncClient]:
-    client = mock_client(handler)
+) -> tuple[FeishuFlowProvider, httpx.AsyncBaseTransport]:
+    transport = mock_transport(handler)
     provider = FeishuFlowProvider(
-        client,
+        transport,
         frontend_base_url=frontend_base_url,
         allowed_schemes=("https",),
         allowed_hosts=("feishu.cn", "127.0.0.1"),
@@ -57,12 +57,12 @@ def make_provider(
         response_body_max_bytes=response_body_max_bytes,
         clock=lambda: NOW,
     )
-    return provider, client
+    return provider, transport
 
 
 async def send_with(handler: Handler, delivery: Delivery | None = None, **kw: Any) -> SendResult:
-    provider, client = make_provider(handler, **kw)
-    async with client:
+    provider, transport = make_provider(handler, **kw)
+    async with transport:
         return await provider.send(delivery or make_delivery())
 
 
@@ -260,9 +260,9 @@ async def test_url_policy_accepts(url: str) -> None:
 
 
 async def test_local_http_allowed_when_configured() -> None:
-    client = mock_client(reply(200))
+    transport = mock_transport(reply(200))
     provider = FeishuFlowProvider(
-        client,
+        transport,
         frontend_base_url="",
         allowed_schemes=("http", "https"),
         allowed_hosts=("127.0.0.1",),
@@ -274,7 +274,7 @@ async def test_local_http_allowed_when_configured() -> None:
         auth_kind="none",
         auth_secret=None,
     )
-    async with client:
+    async with transport:
         result = await provider.send(make_delivery(target))
     assert result.outcome is Outcome.SUCCESS
 

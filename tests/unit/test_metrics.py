@@ -415,5 +415,5 @@ def test_provider_label_is_bounded_by_the_provider_names(
 
 def test_default_providers_are_the_provider_names() -> None:
     settings = Settings(dsn="dbname=x")
-    client = httpx.AsyncClient()
-    assert set(default_providers(settings, client)) == set(PROVIDER_NAMES)
+    transport = httpx.AsyncHTTPTransport()
+    assert set(default_providers(settings, transport)) == set(PROVIDER_NAMES)

@@ -18,7 +18,7 @@ from outbox_notifier.providers import (
 )
 from outbox_notifier.providers.base import HttpProvider, Provider, Target
 from outbox_notifier.settings import Settings, SettingsError
-from tests.provider_support import make_delivery, mock_client
+from tests.provider_support import make_delivery, mock_transport
 
 
 def http(provider: Provider) -> HttpProvider:
@@ -46,7 +46,7 @@ def test_the_factory_applies_each_providers_url_policy() -> None:
         webhook_allowed_schemes=("http",),
         webhook_path_prefix="/in/",
     )
-    providers = default_providers(settings, httpx.AsyncClient())
+    providers = default_providers(settings, httpx.AsyncHTTPTransport())
     flow, bot, hook = (http(providers[n]) for n in ("feishu_flow", "feishu_bot", "webhook"))
     assert flow.check_url("https://www.example.org/flow/api/trigger-webhook/t")
     with pytest.raises(UrlRejected, match="host not allowed"):
@@ -69,8 +69,8 @@ async def test_the_factory_passes_a_providers_own_options() -> None:
         return httpx.Response(200, content=b'{"code":0}')
 
     settings = Settings(bot_message_format="card", bot_allowed_schemes=("http",))
-    async with mock_client(handler) as client:
-        bot = default_providers(settings, client)["feishu_bot"]
+    async with mock_transport(handler) as transport:
+        bot = default_providers(settings, transport)["feishu_bot"]
         url = "http://open.feishu.cn/open-apis/bot/v2/hook/t"
         target = Target(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
         await bot.send(make_delivery(target))

@@ -21,7 +21,7 @@ from outbox_notifier.providers import webhook
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.webhook import WebhookProvider
 from tests import provider_support
-from tests.provider_support import Handler, mock_client, raising, recording, reply
+from tests.provider_support import Handler, mock_transport, raising, recording, reply
 
 URL_KEY = "url-path-key-0123456789"
 URL = f"https://hooks.example.com/in/{URL_KEY}?sig=q-s3cr3t"
@@ -44,15 +44,15 @@ def make_delivery(target: Target | None = None, **overrides: Any) -> Delivery:
 
 def make_provider(
     handler: Handler, *, clock: Callable[[], datetime] = lambda: NOW, **kw: Any
-) -> tuple[WebhookProvider, httpx.AsyncClient]:
-    client = mock_client(handler)
+) -> tuple[WebhookProvider, httpx.AsyncBaseTransport]:
+    transport = mock_transport(handler)
     kw.setdefault("frontend_base_url", "https://app.example.com")
-    return WebhookProvider(client, clock=clock, **kw), client
+    return WebhookProvider(transport, clock=clock, **kw), transport
 
 
 async def send_with(handler: Handler, delivery: Delivery | None = None, **kw: Any) -> SendResult:
-    provider, client = make_provider(handler, **kw)
-    async with client:
+    provider, transport = make_provider(handler, **kw)
+    async with transport:
         return await provider.send(delivery or make_delivery())
 
 
@@ -113,9 +113,9 @@ async def test_empty_trace_id_is_omitted() -> None:
 async def test_webhook_id_is_stable_across_attempts() -> None:
     now = [NOW]
     seen, handler = recording(503)
-    provider, client = make_provider(handler, clock=lambda: now[0])
+    provider, transport = make_provider(handler, clock=lambda: now[0])
     delivery = make_delivery()
-    async with client:
+    async with transport:
         await provider.send(delivery)
         now[0] = NOW + timedelta(minutes=3)
         await provider.send(msgspec.structs.replace(delivery, attempt=2))
@@ -262,11 +262,11 @@ def test_endpoint_gone_is_a_permanent_code() -> None:
     )
 
 
-async def test_redirect_is_not_followed_even_if_the_client_would() -> None:
+async def test_redirect_is_not_followed() -> None:
     seen, handler = recording(307, headers={"Location": "http://169.254.169.254/latest"})
-    client = mock_client(handler, follow_redirects=True)
-    provider = WebhookProvider(client, clock=lambda: NOW)
-    async with client:
+    transport = mock_transport(handler)
+    provider = WebhookProvider(transport, clock=lambda: NOW)
+    async with transport:
         result = await provider.send(make_delivery())
     assert len(seen) == 1
     assert result.outcome is Outcome.PERMANENT_FAIL
