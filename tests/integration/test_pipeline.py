@@ -14,6 +14,7 @@ from outbox_notifier.daemon import Daemon
 from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
 from outbox_notifier.providers.base import ErrorCode, Outcome, SendResult
 from outbox_notifier.relay import Relay
+from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import (
@@ -297,6 +298,75 @@ async def test_claim_of_100_records_is_one_statement(
     # The claim, the flush and this test's own reads: a handful, where per-row work would be
     # a hundred or more.
     assert after - before <= 4
+    # One fencing token for the claim: it differs from every other claim's, which is all the
+    # fence needs (test_expired_lease_is_rescued_and_the_late_result_is_fenced).
+    assert len({record.lease_token for record in claimed}) == 1
+
+
+async def test_a_claim_commits_without_waiting_for_its_wal_and_nothing_else_does(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    """synchronous_commit is off for the claim's own transaction only: the next statement on
+    the same connection (an apply, say) commits durably again."""
+    enqueue(conn, payload("async-claim"))
+    pool = AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1, max_size=1)
+    async with pool:
+        store = RecordStore(pool)
+        await Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180).relay_once()
+        async with pool.connection() as backend:
+            # the test cluster runs with it off for speed; a production server has it on
+            await backend.execute("SET synchronous_commit = on")
+        async with pool.connection() as backend, backend.transaction():
+            await backend.execute(query("claim_records"), _CLAIM_PARAMS)
+            inside = await (await backend.execute("SHOW synchronous_commit")).fetchone()
+        async with pool.connection() as backend:
+            after = await (await backend.execute("SHOW synchronous_commit")).fetchone()
+        again = await store.claim_records(10, ClaimPolicy(lease_s=30))
+    assert inside == ("off",)
+    assert after == ("on",)
+    # the claim in that transaction committed and holds the record
+    assert again == []
+    assert _status_of(conn, "async-claim") == "sending"
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_a_claim_locks_targets_only_when_one_needs_it(
+    conn: psycopg.Connection[Any], failing: bool
+) -> None:
+    """A batch whose providers are unpaced and whose targets are healthy takes no target lock
+    (it is answered from targets_attention_idx); a failing target is locked, as before."""
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_channels (user_id, webhook_url)"
+        " VALUES (1, 'https://example.com/flow/api/trigger-webhook/a')"
+    )
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url)"
+        " SELECT 'feishu', 1, 'p', 't' || g, '/x' FROM generate_series(1, 3) g"
+    )
+    conn.execute(
+        "INSERT INTO outbox_notifier.targets (target_key, provider, host, consecutive_failures)"
+        " VALUES (outbox_notifier.target_key('https://example.com/flow/api/trigger-webhook/a'),"
+        " 'feishu_flow', 'example.com', %s)",
+        (1 if failing else 0,),
+    )
+    # and a thousand other healthy targets, analysed, as a real installation has
+    conn.execute(
+        "INSERT INTO outbox_notifier.targets (target_key, provider, host)"
+        " SELECT md5(g::text), 'feishu_flow', 'example.com' FROM generate_series(1, 1000) g"
+    )
+    conn.execute("ANALYZE outbox_notifier.targets")
+    plans = _plans(conn, query("claim_records").encode(), _CLAIM_PARAMS)
+    check = plans.split("v_providers && v_paced", 1)[1]
+    assert "targets_attention_idx" in check, plans
+    # the lock statement (LockRows) comes right after the check, and only when needed
+    assert ("LockRows" in check) is failing, plans
+
+
+_CLAIM_PARAMS: dict[str, Any] = {
+    "limit": 100, "lease_s": 30.0, "paced": [], "per_s": [], "per_min": [],
+    "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
+}  # fmt: skip
 
 
 def _plans(conn: psycopg.Connection[Any], statement: bytes, params: dict[str, Any]) -> str:
@@ -340,8 +410,6 @@ def test_claim_queries_use_their_partial_indexes(
     )
     conn.execute("ANALYZE outbox_notifier.notification_records")
     conn.execute("ANALYZE outbox_notifier.outbox")
-    from outbox_notifier.sqlfiles import query
-
     params = {
         "limit": 100, "lease_s": 30.0, "delays_s": [1.0], "paced": [], "per_s": [],
         "per_min": [], "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
@@ -379,13 +447,7 @@ def test_claims_read_their_index_in_order_during_a_burst(
         " (channel, user_id, preview_id, dedupe_key, target_url)"
         " SELECT 'feishu', 1, 'p', 'b' || g, '/x' FROM generate_series(1, 5000) g"
     )
-    from outbox_notifier.sqlfiles import query
-
-    params = {
-        "limit": 100, "lease_s": 30.0, "paced": [], "per_s": [], "per_min": [],
-        "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
-    }  # fmt: skip
-    plans = _plans(conn, query(query_name).encode(), params)
+    plans = _plans(conn, query(query_name).encode(), _CLAIM_PARAMS)
     assert f"Index Scan using {index}" in plans or f"Index Only Scan using {index}" in plans, plans
     assert f"Bitmap Heap Scan on {table}" not in plans, plans
 
