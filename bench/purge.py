@@ -1,6 +1,6 @@
 """One retention pass with the project's own code, as its own process, timed per phase.
 
-``python -m bench.purge --dsn DSN --max-age-s S [--batch-size N]``
+``python -m bench.purge --dsn DSN --max-age-s S [--batch-size N] [--pause-factor F]``
 
 Runs ``outbox_notifier.retention.purge_once`` on a pool (a connection per batch, each batch its
 own transaction), as the daemon's maintenance loop does on the leader replica: first the
@@ -30,7 +30,7 @@ from outbox_notifier.maintenance_store import MaintenanceStore
 _NEVER_S = 1e10
 
 
-async def run(dsn: str, max_age_s: float, batch_size: int) -> dict[str, float]:
+async def run(dsn: str, max_age_s: float, batch_size: int, pause_factor: float) -> dict[str, float]:
     async with AsyncConnectionPool(
         dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
     ) as pool:
@@ -41,6 +41,7 @@ async def run(dsn: str, max_age_s: float, batch_size: int) -> dict[str, float]:
             outbox_max_age_s=_NEVER_S,
             records_max_age_s=max_age_s,
             batch_size=batch_size,
+            pause_factor=pause_factor,
         )
         records_finished = time.time()
         outbox = await retention.purge_once(
@@ -48,6 +49,7 @@ async def run(dsn: str, max_age_s: float, batch_size: int) -> dict[str, float]:
             outbox_max_age_s=max_age_s,
             records_max_age_s=_NEVER_S,
             batch_size=batch_size,
+            pause_factor=pause_factor,
         )
         outbox_finished = time.time()
     return {
@@ -64,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--max-age-s", type=float, required=True)
     parser.add_argument("--batch-size", type=int, default=retention.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--pause-factor", type=float, default=retention.DEFAULT_PAUSE_FACTOR)
     args = parser.parse_args(argv)
-    report = asyncio.run(run(args.dsn, args.max_age_s, args.batch_size))
+    report = asyncio.run(run(args.dsn, args.max_age_s, args.batch_size, args.pause_factor))
     print(msgspec.json.encode(report).decode(), flush=True)
     return 0
 

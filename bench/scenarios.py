@@ -148,13 +148,15 @@ def baseline_throughput(
     transport: str = "aiohttp",
     loop: str = "auto",
     profile: Path | None = None,
+    send: str = "client",
 ) -> Throughput:
     """Jobs/s of the plain claim + httpx POST + update loop, timed like the daemon."""
     dsn = dbs.new()
     server.reset()
     proc = Process.start(
-        ["-m", "bench.baseline", "--dsn", dsn, "--transport", transport, "--loop", loop]
-    )
+        ["-m", "bench.baseline", "--dsn", dsn, "--transport", transport, "--loop", loop,
+         "--send", send]
+    )  # fmt: skip
     profiler = None
     try:
         proc.wait_line("ready")

@@ -221,6 +221,8 @@ class Daemon:
             interval_s=settings.maintenance_interval_s,
             outbox_retention_s=settings.outbox_retention_s,
             records_retention_s=settings.records_retention_s,
+            retention_batch_size=settings.retention_batch_size,
+            retention_pause_factor=settings.retention_pause_factor,
         )
         self.deliverer = Deliverer(
             store,

@@ -28,6 +28,8 @@ class Maintenance:
     interval_s: float
     outbox_retention_s: float
     records_retention_s: float
+    retention_batch_size: int = retention.DEFAULT_BATCH_SIZE
+    retention_pause_factor: float = retention.DEFAULT_PAUSE_FACTOR
 
     async def run(self, ctx: LoopContext) -> None:
         snapshot_every_s = min(self.interval_s, SNAPSHOT_MAX_INTERVAL_S)
@@ -49,6 +51,8 @@ class Maintenance:
                 self.store,
                 outbox_max_age_s=self.outbox_retention_s,
                 records_max_age_s=self.records_retention_s,
+                batch_size=self.retention_batch_size,
+                pause_factor=self.retention_pause_factor,
             )
 
         try:

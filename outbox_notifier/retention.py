@@ -11,6 +11,13 @@ Deleting a record ends its deduplication: an outbox row that arrives later with 
 ``(channel, dedupe_key)`` creates a new record and is delivered again. ``records_max_age_s``
 (the ``records_retention_s`` setting, 30 days by default) is therefore also the dedupe window.
 
+Retention yields to delivery: after each full batch it rests ``pause_factor`` times as long as
+the batch took (1.0 by default: at most half of one database core, and of the WAL's
+bandwidth, while a backlog of finished rows is deleted). A batch's delete competes with the
+delivery's claims and applies for CPU and for the same WAL flush; without the pause a
+1,000,000-row purge at full speed raised delivery latency p99 from 14 ms to 68 ms
+(bench/README.md).
+
 One replica at a time runs it: see ``outbox_notifier.leadership``. The statements are
 ``MaintenanceStore``'s::
 
@@ -23,8 +30,10 @@ One replica at a time runs it: see ``outbox_notifier.leadership``. The statement
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from typing import Literal
 
 import msgspec
@@ -36,6 +45,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUTBOX_RETENTION_S = 7 * 86_400.0
 DEFAULT_RECORDS_RETENTION_S = 30 * 86_400.0
 DEFAULT_BATCH_SIZE = 1000
+DEFAULT_PAUSE_FACTOR = 1.0
+# A pause never exceeds this, however slow a batch was (a stall must not stall the next pass).
+MAX_PAUSE_S = 1.0
 
 
 class RetentionReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,9 +63,11 @@ async def purge_once(
     outbox_max_age_s: float,
     records_max_age_s: float,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    pause_factor: float = DEFAULT_PAUSE_FACTOR,
 ) -> RetentionReport:
     """Deletes the finished rows older than the given ages, batch by batch, until none is left;
-    every batch commits on its own."""
+    every batch commits on its own, and a full one is followed by a pause of ``pause_factor``
+    times its duration (0: none)."""
     for name, age in (
         ("outbox_max_age_s", outbox_max_age_s),
         ("records_max_age_s", records_max_age_s),
@@ -62,19 +76,34 @@ async def purge_once(
             raise ValueError(f"{name} must be a finite number > 0, got {age!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    outbox = await _purge(store, "outbox", outbox_max_age_s, batch_size)
-    records = await _purge(store, "records", records_max_age_s, batch_size)
+    if not (math.isfinite(pause_factor) and pause_factor >= 0):
+        raise ValueError(f"pause_factor must be a finite number >= 0, got {pause_factor!r}")
+    pacing = _Pacing(batch_size, pause_factor)
+    outbox = await _purge(store, "outbox", outbox_max_age_s, pacing)
+    records = await _purge(store, "records", records_max_age_s, pacing)
     if outbox or records:
         logger.info("retention deleted %d outbox rows and %d records", outbox, records)
     return RetentionReport(outbox_deleted=outbox, records_deleted=records)
 
 
+class _Pacing(msgspec.Struct, frozen=True):
+    batch_size: int
+    pause_factor: float
+
+
 async def _purge(
-    store: MaintenanceStore, table: Literal["outbox", "records"], max_age_s: float, batch_size: int
+    store: MaintenanceStore,
+    table: Literal["outbox", "records"],
+    max_age_s: float,
+    pacing: _Pacing,
 ) -> int:
     total = 0
     while True:
-        deleted = await store.purge_batch(table, max_age_s, batch_size)
+        started = time.monotonic()
+        deleted = await store.purge_batch(table, max_age_s, pacing.batch_size)
         total += deleted
-        if deleted < batch_size:
+        if deleted < pacing.batch_size:
             return total
+        if pacing.pause_factor > 0:
+            took = time.monotonic() - started
+            await asyncio.sleep(min(took * pacing.pause_factor, MAX_PAUSE_S))

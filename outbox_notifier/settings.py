@@ -137,6 +137,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     maintenance_interval_s: Positive = 60.0  # retention pass and metric snapshot interval
     outbox_retention_s: Positive = 7 * 86400.0  # relayed/rejected outbox rows older are deleted
     records_retention_s: Positive = 30 * 86400.0  # sent/dead/skipped records older are deleted
+    retention_batch_size: AtLeastOne = 1000  # rows per retention statement (and transaction)
+    # after each full retention batch, rest this many times as long as it took (0: no rest)
+    retention_pause_factor: NonNegativeFloat = 1.0
     health_stale_s: Positive = 60.0  # /healthz fails when a loop has not progressed for this long
     # Per-target pacing, shared by all replicas through Postgres (0 = no limit). Feishu bots
     # accept 5 requests/s and 100/min per bot.

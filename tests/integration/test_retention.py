@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -175,6 +177,45 @@ async def test_an_exact_multiple_of_the_batch_size_ends_with_an_empty_batch(
     assert batches(conn, "notification_records") == [3, 3, 0]
 
 
+class _TimedStore(MaintenanceStore):
+    """The real store, noting when each purge batch started and ended."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        super().__init__(pool)
+        self.spans: list[tuple[float, float]] = []
+
+    async def purge_batch(self, table: Any, max_age_s: float, limit: int) -> int:
+        started = time.monotonic()
+        try:
+            return await super().purge_batch(table, max_age_s, limit)
+        finally:
+            self.spans.append((started, time.monotonic()))
+
+
+async def test_retention_rests_after_each_full_batch(
+    conn: psycopg.Connection[Any], pool: AsyncConnectionPool[Any]
+) -> None:
+    """A full batch is followed by a rest of pause_factor times its duration, so a backlog of
+    finished rows never takes the database from the delivery for long."""
+    for i in range(6):
+        add_record(conn, f"old{i}", "sent", 31 * DAY_S)
+    store = _TimedStore(pool)
+    report = await retention.purge_once(
+        store,
+        outbox_max_age_s=OUTBOX_MAX_AGE_S,
+        records_max_age_s=RECORDS_MAX_AGE_S,
+        batch_size=2,
+        pause_factor=3.0,
+    )
+    assert report.records_deleted == 6
+    # outbox: one empty batch; records: 2, 2, 2, then an empty one
+    spans = store.spans[1:]
+    assert len(spans) == 4
+    rests = [after[0] - before[1] for before, after in itertools.pairwise(spans)]
+    for (started, ended), rest in zip(spans, rests, strict=False):
+        assert rest >= min((ended - started) * 3.0, retention.MAX_PAUSE_S) - 0.001
+
+
 async def test_a_row_locked_elsewhere_is_left_for_the_next_pass(
     db: str, conn: psycopg.Connection[Any], pool: AsyncConnectionPool[Any]
 ) -> None:
@@ -213,6 +254,11 @@ async def test_purge_refuses_bad_arguments(db: str, aconn: psycopg.AsyncConnecti
         await retention.purge_once(
             MaintenanceStore(aconn), outbox_max_age_s=1, records_max_age_s=1, batch_size=0
         )
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="pause_factor"):
+            await retention.purge_once(
+                MaintenanceStore(aconn), outbox_max_age_s=1, records_max_age_s=1, pause_factor=bad
+            )
     async with await psycopg.AsyncConnection.connect(db) as in_transaction:
         with pytest.raises(ValueError, match="autocommit"):
             await retention.purge_once(
