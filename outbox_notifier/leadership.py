@@ -32,6 +32,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from outbox_notifier.dbhealth import bounded
 from outbox_notifier.maintenance_store import MaintenanceStore
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,13 @@ async def run_if_leader(
     name: str = MAINTENANCE_LEASE,
     holder: str = PROCESS_HOLDER,
     ttl_s: float = DEFAULT_LEASE_TTL_S,
+    deadline_s: float | None = None,
 ) -> T | None:
     """Runs ``fn`` when ``holder`` holds (or can take) the lease ``name``; else returns None.
 
     The lease is renewed every ``ttl_s / 3`` while ``fn`` runs and kept when it returns. If
-    another holder took it over meanwhile, ``fn`` is cancelled and None returned.
+    another holder took it over meanwhile, ``fn`` is cancelled and None returned. Each lease
+    statement is bounded by ``deadline_s`` (``dbhealth.bounded``); ``fn`` bounds its own.
     """
     if not (math.isfinite(ttl_s) and ttl_s > 0):
         raise ValueError(f"ttl_s must be a finite number > 0, got {ttl_s!r}")
@@ -69,9 +72,9 @@ async def run_if_leader(
         return None
     _running.add(key)
     try:
-        if not await store.take_lease(name, holder, ttl_s, renew=False):
+        if not await bounded(store.take_lease(name, holder, ttl_s, renew=False), deadline_s):
             return None
-        return await _run_renewing(store, fn, name, holder, ttl_s)
+        return await _run_renewing(store, fn, name, holder, ttl_s, deadline_s)
     finally:
         _running.discard(key)
 
@@ -89,6 +92,7 @@ async def _run_renewing(
     name: str,
     holder: str,
     ttl_s: float,
+    deadline_s: float | None,
 ) -> T | None:
     job = asyncio.ensure_future(fn())
     try:
@@ -96,7 +100,7 @@ async def _run_renewing(
             done, _ = await asyncio.wait({job}, timeout=ttl_s / 3)
             if done:
                 return job.result()
-            if not await store.take_lease(name, holder, ttl_s, renew=True):
+            if not await bounded(store.take_lease(name, holder, ttl_s, renew=True), deadline_s):
                 logger.warning("lease %s was taken over by another holder; stopping the pass", name)
                 return None
     finally:

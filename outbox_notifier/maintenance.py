@@ -53,12 +53,15 @@ class Maintenance:
                 records_max_age_s=self.records_retention_s,
                 batch_size=self.retention_batch_size,
                 pause_factor=self.retention_pause_factor,
+                # Each statement is bounded, not the pass: a backlog of finished rows may take
+                # minutes to delete at the paced rate, beating the heartbeat batch by batch.
+                deadline_s=ctx.db_deadline_s,
+                keep_going=lambda: ctx.turn("maintenance"),
             )
 
         try:
-            await bounded(
-                leadership.run_if_leader(self.store, purge, ttl_s=3 * self.interval_s),
-                ctx.db_deadline_s,
+            await leadership.run_if_leader(
+                self.store, purge, ttl_s=3 * self.interval_s, deadline_s=ctx.db_deadline_s
             )
         except OperationalError as exc:
             logger.warning("retention failed, database unavailable: %s", describe(exc))

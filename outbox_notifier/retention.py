@@ -34,10 +34,12 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
 
+from outbox_notifier.dbhealth import bounded
 from outbox_notifier.maintenance_store import MaintenanceStore
 
 logger = logging.getLogger(__name__)
@@ -64,10 +66,17 @@ async def purge_once(
     records_max_age_s: float,
     batch_size: int = DEFAULT_BATCH_SIZE,
     pause_factor: float = DEFAULT_PAUSE_FACTOR,
+    deadline_s: float | None = None,
+    keep_going: Callable[[], bool] = lambda: True,
 ) -> RetentionReport:
     """Deletes the finished rows older than the given ages, batch by batch, until none is left;
     every batch commits on its own, and a full one is followed by a pause of ``pause_factor``
-    times its duration (0: none)."""
+    times its duration (0: none).
+
+    A large backlog takes many batches: ``deadline_s`` bounds each batch's statement (a
+    ``dbhealth.DeadlineExceeded`` ends the pass; the batches before it are kept), not the
+    pass. ``keep_going`` is asked before each batch: the maintenance loop beats its heartbeat
+    there, and says stop when the daemon is stopping."""
     for name, age in (
         ("outbox_max_age_s", outbox_max_age_s),
         ("records_max_age_s", records_max_age_s),
@@ -78,7 +87,7 @@ async def purge_once(
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if not (math.isfinite(pause_factor) and pause_factor >= 0):
         raise ValueError(f"pause_factor must be a finite number >= 0, got {pause_factor!r}")
-    pacing = _Pacing(batch_size, pause_factor)
+    pacing = _Pacing(batch_size, pause_factor, deadline_s, keep_going)
     outbox = await _purge(store, "outbox", outbox_max_age_s, pacing)
     records = await _purge(store, "records", records_max_age_s, pacing)
     if outbox or records:
@@ -89,6 +98,8 @@ async def purge_once(
 class _Pacing(msgspec.Struct, frozen=True):
     batch_size: int
     pause_factor: float
+    deadline_s: float | None
+    keep_going: Callable[[], bool]
 
 
 async def _purge(
@@ -98,12 +109,15 @@ async def _purge(
     pacing: _Pacing,
 ) -> int:
     total = 0
-    while True:
+    while pacing.keep_going():
         started = time.monotonic()
-        deleted = await store.purge_batch(table, max_age_s, pacing.batch_size)
+        deleted = await bounded(
+            store.purge_batch(table, max_age_s, pacing.batch_size), pacing.deadline_s
+        )
         total += deleted
         if deleted < pacing.batch_size:
             return total
         if pacing.pause_factor > 0:
             took = time.monotonic() - started
             await asyncio.sleep(min(took * pacing.pause_factor, MAX_PAUSE_S))
+    return total

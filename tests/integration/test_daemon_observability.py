@@ -19,7 +19,16 @@ from outbox_notifier.delivery import dedupe_key_hash
 from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.logs import JsonFormatter
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
-from tests.support import FLOW_PREFIX, add_channel, enqueue, eventually, payload, running
+from tests.support import (
+    FLOW_PREFIX,
+    add_channel,
+    enqueue,
+    eventually,
+    fill_history,
+    payload,
+    running,
+    scalar,
+)
 from tests.support import settings_for as base_settings
 
 
@@ -248,3 +257,34 @@ async def test_relay_keeps_going_while_record_rows_are_locked(
             assert outbox == (2,)
             locker.rollback()
         assert (await scrape(daemon, "/healthz")).status_code == 200
+
+
+@pytest.mark.timeout(60)
+async def test_a_retention_pass_longer_than_the_database_deadline_runs_to_its_end(
+    db: str, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backlog of finished rows takes many paced batches. The deadline bounds each batch,
+    not the pass (which it used to cut off with 'retention failed'), and the maintenance loop
+    stays alive batch by batch past health_stale_s."""
+    fill_history(conn, 5_000)  # finished records and outbox rows
+    stale_s = 2.0
+    daemon = Daemon(
+        base_settings(
+            db, health_stale_s=stale_s, db_deadline_s=1.0, maintenance_interval_s=60.0,
+            records_retention_s=0.001, outbox_retention_s=0.001,
+            retention_batch_size=50, retention_pause_factor=20.0,
+        )
+    )  # fmt: skip
+    left = "SELECT count(*) FROM outbox_notifier.notification_records"
+    started = asyncio.get_running_loop().time()
+    async with running(daemon):
+        await eventually(lambda: daemon.listener_up, what="listener up")
+        while scalar(conn, left) > 0:
+            assert (await scrape(daemon, "/healthz")).status_code == 200
+            assert asyncio.get_running_loop().time() - started < 45, "retention too slow"
+            await asyncio.sleep(0.2)
+        took = asyncio.get_running_loop().time() - started
+    # one pass (the next is a minute away), longer than the deadline and the staleness bound
+    assert took > stale_s
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.outbox") == 0
+    assert "retention failed" not in caplog.text
