@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -275,6 +277,18 @@ async def test_lease_expiry_on_the_last_attempt_is_dead(
     assert records(conn)[0]["next_retry_at"] is None
 
 
+@contextlib.asynccontextmanager
+async def _relayed_on_one_backend(
+    db: str,
+) -> AsyncIterator[tuple[AsyncConnectionPool[Any], RecordStore]]:
+    """A store on a one-connection pool (every statement on one backend), outbox relayed."""
+    pool = AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1, max_size=1)
+    async with pool:
+        store = RecordStore(pool)
+        await Relay(store, batch_size=500, max_attempts=5, summary_max_runes=180).relay_once()
+        yield pool, store
+
+
 async def test_claim_of_100_records_is_one_statement(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
@@ -282,10 +296,7 @@ async def test_claim_of_100_records_is_one_statement(
         enqueue(conn, payload(f"k-{i}"))
     commits = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
     # One connection, so the claim runs on the backend whose statistics are flushed below.
-    pool = AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1, max_size=1)
-    async with pool:
-        store = RecordStore(pool)
-        await Relay(store, batch_size=500, max_attempts=5, summary_max_runes=180).relay_once()
+    async with _relayed_on_one_backend(db) as (pool, store):
         async with pool.connection() as backend:
             await backend.execute("SELECT pg_stat_force_next_flush()")
         before = scalar(conn, commits)
@@ -309,10 +320,7 @@ async def test_a_claim_commits_without_waiting_for_its_wal_and_nothing_else_does
     """synchronous_commit is off for the claim's own transaction only: the next statement on
     the same connection (an apply, say) commits durably again."""
     enqueue(conn, payload("async-claim"))
-    pool = AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1, max_size=1)
-    async with pool:
-        store = RecordStore(pool)
-        await Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180).relay_once()
+    async with _relayed_on_one_backend(db) as (pool, store):
         async with pool.connection() as backend:
             # the test cluster runs with it off for speed; a production server has it on
             await backend.execute("SET synchronous_commit = on")
