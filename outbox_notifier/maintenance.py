@@ -10,7 +10,7 @@ import logging
 import time
 
 from outbox_notifier import leadership, retention
-from outbox_notifier.dbhealth import bounded, describe
+from outbox_notifier.dbhealth import describe
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.store import DatabaseError, OperationalError

@@ -31,7 +31,7 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final
+from typing import Final, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -55,6 +55,9 @@ SNAPSHOT_STATUSES: Final = ("pending", "sending", "failed")
 LOOPS: Final = ("relay", "delivery", "apply", "rescue", "listener", "maintenance")
 #: Loops whose database calls report to ``database_failing`` (see outbox_notifier.dbhealth).
 DATABASE_LOOPS: Final = ("startup", "relay", "delivery", "apply", "rescue")
+
+# A labelled metric whose children Metrics keeps (see Metrics._child).
+_Labelled = TypeVar("_Labelled", Counter, Histogram)
 
 _OUTCOMES: Final = frozenset(str(o) for o in Outcome)
 _ERROR_CODES: Final = frozenset(str(c) for c in ErrorCode)
@@ -99,6 +102,7 @@ class Metrics:
         # The provider label is bounded by this set; anything else is exported as "other".
         self.providers: tuple[str, ...] = tuple(providers)
         self._provider_set = frozenset(self.providers)
+        self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
         # every collector shares the namespace and this registry
         counter = functools.partial(Counter, namespace=NAMESPACE, registry=registry)
         gauge = functools.partial(Gauge, namespace=NAMESPACE, registry=registry)
@@ -252,6 +256,7 @@ class Metrics:
         """
         by_id = {row.id: row for row in records}
         provider_of: dict[int, str] = {}
+        child = self._child
         for result in results:
             record = by_id.get(result.record_id)
             channel = _bounded(None if record is None else record.channel, self._channel_set)
@@ -259,24 +264,33 @@ class Metrics:
             if record is None or record.status is None:
                 self.late_results.inc()
             outcome = _bounded(result.outcome, _OUTCOMES)
-            self.delivery_attempts.labels(channel, provider, outcome).inc()
+            child(self.delivery_attempts, channel, provider, outcome).inc()
             if result.error_code is not None:
                 code = _bounded(result.error_code, _ERROR_CODES)
-                self.provider_errors.labels(channel, provider, code).inc()
+                child(self.provider_errors, channel, provider, code).inc()
             # A result with no request and no time spent never reached a provider (a missing
             # recipient, a refused URL): it has no call duration to report.
             if result.request_json is not None or result.duration_ms > 0:
-                self.provider_call_duration.labels(channel, provider).observe(
+                child(self.provider_call_duration, channel, provider).observe(
                     result.duration_ms / 1000.0
                 )
         for row in records:
             if row.status == "dead":
-                self.records_dead.labels(row.channel).inc()
+                child(self.records_dead, row.channel).inc()
             elif row.status == "sent" and row.latency_s is not None:
                 provider = provider_of.get(row.id, OTHER)
-                self.end_to_end_latency.labels(row.channel, provider).observe(
+                child(self.end_to_end_latency, row.channel, provider).observe(
                     max(row.latency_s, 0.0)
                 )
+
+    def _child(self, metric: _Labelled, *labels: str) -> _Labelled:
+        """``metric.labels(*labels)``, kept: every label here is from a bounded set, and
+        ``labels()`` validates and locks on each call (a few us per result otherwise)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(_Labelled, found)
 
     def observe_rescued(self, rows: Sequence[Rescued]) -> None:
         """Records taken back from expired leases by one rescue pass."""

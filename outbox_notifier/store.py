@@ -163,6 +163,28 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
     cooloff_s: float = 60.0
 
 
+def _policy_params(policy: ClaimPolicy) -> dict[str, object]:
+    """The claim's parameters from ``policy``. The arrays go as PostgreSQL array literals, cast
+    in the statement: psycopg would otherwise inspect each list on every claim to pick its
+    element type."""
+    paced = sorted(set(policy.per_s) | set(policy.per_min))
+    return {
+        "lease_s": policy.lease_s,
+        "paced": _array_literal(paced),
+        "per_s": _array_literal([policy.per_s.get(p, 0) for p in paced]),
+        "per_min": _array_literal([policy.per_min.get(p, 0) for p in paced]),
+        "margin_s": policy.margin_s,
+        "breaker_failures": policy.breaker_failures,
+        "cooloff_s": policy.cooloff_s,
+    }
+
+
+def _array_literal(values: Sequence[str] | Sequence[int]) -> str:
+    """``values`` as a one-dimensional PostgreSQL array literal, every element quoted."""
+    quoted = ('"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
+    return "{" + ",".join(quoted) + "}"
+
+
 class Result(msgspec.Struct, frozen=True, kw_only=True):
     """What one provider call produced, and the status it leads to, as it will be written.
 
@@ -295,6 +317,7 @@ class RecordStore:
         self.pool = pool
         self.timeouts = timeouts
         self.session = session
+        self._claim_params: tuple[ClaimPolicy, dict[str, object]] | None = None
 
     def _needs_timeouts(self, conn: AsyncConnection) -> StatementTimeouts | None:
         """The timeouts a transaction on ``conn`` must set itself (None: none, or it has them)."""
@@ -351,17 +374,10 @@ class RecordStore:
     # -- delivery --------------------------------------------------------------------------
 
     async def claim_records(self, limit: int, policy: ClaimPolicy) -> list[ClaimedRecord]:
-        paced = sorted(set(policy.per_s) | set(policy.per_min))
-        params = {
-            "limit": limit,
-            "lease_s": policy.lease_s,
-            "paced": paced,
-            "per_s": [policy.per_s.get(p, 0) for p in paced],
-            "per_min": [policy.per_min.get(p, 0) for p in paced],
-            "margin_s": policy.margin_s,
-            "breaker_failures": policy.breaker_failures,
-            "cooloff_s": policy.cooloff_s,
-        }
+        # The policy's part of the parameters is the same on every claim: built once.
+        if self._claim_params is None or self._claim_params[0] is not policy:
+            self._claim_params = (policy, _policy_params(policy))
+        params = {"limit": limit, **self._claim_params[1]}
         async with self._statement() as conn:
             cur = await conn.execute(query("claim_records"), params)
             return [ClaimedRecord(*row) for row in await cur.fetchall()]

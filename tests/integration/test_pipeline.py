@@ -476,3 +476,14 @@ async def test_record_keeps_the_producers_requested_at_and_the_outbox_time(
     [outbox] = outbox_rows(conn)
     assert record["requested_at"].isoformat() == "2020-01-01T19:04:05+00:00"
     assert record["outbox_created_at"] == outbox["created_at"]
+
+
+def test_the_claim_policys_arrays_reach_postgresql_as_given(conn: psycopg.Connection[Any]) -> None:
+    from outbox_notifier.store import _policy_params
+
+    policy = ClaimPolicy(lease_s=30, per_s={'we"ird\\name': 3, "b": 0}, per_min={"a": 100, "b": 7})
+    params = _policy_params(policy)
+    row = conn.execute(
+        "SELECT %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[]", params
+    ).fetchone()
+    assert row == (["a", "b", 'we"ird\\name'], [0, 0, 3], [100, 7, 0])
