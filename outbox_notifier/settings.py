@@ -115,6 +115,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A lease must outlive the HTTP call it guards, or a healthy but slow call would be
     # rescued and delivered twice; checked in __post_init__.
     lease_s: Positive = 60.0
+    # true: a claim waits for its WAL flush, so a database crash never repeats a call
+    durable_claims: bool = False
     shutdown_deadline_s: Positive = 20.0
     max_attempts: AtLeastOne = 5
     retry_base_s: Positive = 300.0

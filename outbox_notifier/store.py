@@ -152,7 +152,8 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     ``per_s``/``per_min`` give, by provider name, the most calls one target may receive in any
     second / minute from all replicas together (0: no limit). ``breaker_failures`` consecutive
-    temporary failures pause a target for ``cooloff_s``.
+    temporary failures pause a target for ``cooloff_s``. ``durable`` makes a claim wait for
+    its WAL flush (the ``durable_claims`` setting).
     """
 
     lease_s: float
@@ -161,6 +162,8 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
     margin_s: float = 0.05
     breaker_failures: int = 5
     cooloff_s: float = 60.0
+    # Whether a claim's commit waits for its WAL flush (see claim_records in the SQL).
+    durable: bool = False
 
 
 def _policy_params(policy: ClaimPolicy) -> dict[str, object]:
@@ -176,6 +179,7 @@ def _policy_params(policy: ClaimPolicy) -> dict[str, object]:
         "margin_s": policy.margin_s,
         "breaker_failures": policy.breaker_failures,
         "cooloff_s": policy.cooloff_s,
+        "durable": policy.durable,
     }
 
 

@@ -48,18 +48,22 @@ SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
 -- Claims due records with pacing and endpoint protection; see outbox_notifier.claim_due_v3.
--- The claim commits without waiting for its WAL to reach disk (synchronous_commit off for this
--- transaction only): a claim that a database crash loses leaves its records due again, which
--- repeats a call, as a crash after a durable claim does too (the lease expires and the record
--- is retried). It never loses one: a result's apply commits durably, and with it every earlier
--- commit in the WAL, this claim included. A tenth of the database side's throughput
--- (bench/README.md).
+-- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
+-- to reach disk: synchronous_commit is off for this transaction only. A database crash (not a
+-- clean restart, which flushes the WAL) may then lose the claims of its last moments: their
+-- records are due again and their calls are made again. Nothing is lost: a result's apply
+-- commits durably, and with it every earlier commit in the WAL. About a quarter of the database
+-- side's throughput (bench/README.md).
 SELECT c.*
 FROM outbox_notifier.claim_due_v3(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
     %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s
 ) AS c,
-    set_config('synchronous_commit', 'off', true) AS async_commit;
+    set_config(
+        'synchronous_commit',
+        CASE WHEN %(durable)s THEN current_setting('synchronous_commit') ELSE 'off' END,
+        true
+    ) AS claim_commit;
 
 -- name: next_due
 -- Seconds until the earliest deferred or failed record becomes due (NULL when none waits).

@@ -127,6 +127,7 @@ def claim_policy(settings: Settings) -> ClaimPolicy:
         margin_s=settings.pacing_margin_s,
         breaker_failures=settings.breaker_failures,
         cooloff_s=settings.breaker_cooloff_s,
+        durable=settings.durable_claims,
     )
 
 

@@ -14,8 +14,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
+from outbox_notifier.providers import claim_policy
 from outbox_notifier.providers.base import ErrorCode, Outcome, SendResult
 from outbox_notifier.relay import Relay
+from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
@@ -314,27 +316,35 @@ async def test_claim_of_100_records_is_one_statement(
     assert len({record.lease_token for record in claimed}) == 1
 
 
+@pytest.mark.parametrize(("durable", "during"), [(False, "off"), (True, "local")])
 async def test_a_claim_commits_without_waiting_for_its_wal_and_nothing_else_does(
-    db: str, conn: psycopg.Connection[Any]
+    db: str, conn: psycopg.Connection[Any], durable: bool, during: str
 ) -> None:
     """synchronous_commit is off for the claim's own transaction only: the next statement on
-    the same connection (an apply, say) commits durably again."""
+    the same connection (an apply, say) commits as the server says again. With durable claims
+    the claim keeps the server's setting."""
     enqueue(conn, payload("async-claim"))
     async with _relayed_on_one_backend(db) as (pool, store):
         async with pool.connection() as backend:
-            # the test cluster runs with it off for speed; a production server has it on
-            await backend.execute("SET synchronous_commit = on")
+            # the test cluster runs with it off for speed; any durable setting will do here
+            await backend.execute("SET synchronous_commit = local")
         async with pool.connection() as backend, backend.transaction():
-            await backend.execute(query("claim_records"), _CLAIM_PARAMS)
+            await backend.execute(query("claim_records"), _CLAIM_PARAMS | {"durable": durable})
             inside = await (await backend.execute("SHOW synchronous_commit")).fetchone()
         async with pool.connection() as backend:
             after = await (await backend.execute("SHOW synchronous_commit")).fetchone()
         again = await store.claim_records(10, ClaimPolicy(lease_s=30))
-    assert inside == ("off",)
-    assert after == ("on",)
+    assert inside == (during,)
+    assert after == ("local",)
     # the claim in that transaction committed and holds the record
     assert again == []
     assert _status_of(conn, "async-claim") == "sending"
+
+
+def test_durable_claims_reach_the_claim_policy() -> None:
+    settings = Settings(dsn="dbname=x", durable_claims=True)
+    assert claim_policy(settings).durable is True
+    assert claim_policy(Settings(dsn="dbname=x")).durable is False
 
 
 @pytest.mark.parametrize("failing", [False, True])
@@ -373,7 +383,7 @@ def test_a_claim_locks_targets_only_when_one_needs_it(
 
 _CLAIM_PARAMS: dict[str, Any] = {
     "limit": 100, "lease_s": 30.0, "paced": [], "per_s": [], "per_min": [],
-    "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
+    "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0, "durable": False,
 }  # fmt: skip
 
 
@@ -418,10 +428,7 @@ def test_claim_queries_use_their_partial_indexes(
     )
     conn.execute("ANALYZE outbox_notifier.notification_records")
     conn.execute("ANALYZE outbox_notifier.outbox")
-    params = {
-        "limit": 100, "lease_s": 30.0, "delays_s": [1.0], "paced": [], "per_s": [],
-        "per_min": [], "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
-    }  # fmt: skip
+    params = _CLAIM_PARAMS | {"delays_s": [1.0]}  # the rescue's
     plans = _plans(conn, query(query_name).encode(), params)
     for index in indexes:
         assert f"Index Scan using {index}" in plans or f"Index Only Scan using {index}" in plans, (
