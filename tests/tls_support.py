@@ -3,6 +3,7 @@ one provider call through the daemon's HTTP stack to it."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +36,14 @@ async def tls_server(ca: trustme.CA, port: int = 0) -> AsyncIterator[str]:
     try:
         yield f"https://127.0.0.1:{port}"
     finally:
+        # Let the peers (the client, or a proxy relaying its close) hang up first: a TLS
+        # connection the server has to shut down itself waits for the peer's close_notify,
+        # and one still waiting when the test's loop closes leaks its socket.
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while runner.server is not None and runner.server.connections:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
         await runner.cleanup()
 
 
