@@ -16,7 +16,7 @@ import httpx
 import msgspec
 import pytest
 
-from outbox_notifier import message
+from outbox_notifier import __version__, message
 from outbox_notifier.providers import base
 from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
@@ -64,6 +64,20 @@ async def send_with(handler: Handler, delivery: Delivery | None = None, **kw: An
     provider, transport = make_provider(handler, **kw)
     async with transport:
         return await provider.send(delivery or make_delivery())
+
+
+async def test_the_request_names_the_daemon_and_carries_the_timeout() -> None:
+    """The request goes to the transport as built: no client adds a User-Agent or a timeout,
+    so the provider sets both (the transport bounds connect, read, write and pool with it)."""
+    seen, handler = recording(200)
+    result = await send_with(handler, timeout_s=2.5)
+    assert result.outcome is Outcome.SUCCESS
+    [request] = seen
+    assert request.headers["user-agent"] == f"outbox-notifier/{__version__}"
+    assert request.headers["accept-encoding"] == "identity"
+    assert request.extensions["timeout"] == {
+        "connect": 2.5, "read": 2.5, "write": 2.5, "pool": 2.5,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
