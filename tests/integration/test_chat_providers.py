@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -54,18 +54,6 @@ SECRET = "SEC0123456789abcdef-dingtalk"
 TEXT = "Two tasks moved."
 LINK = "https://app.example.com/assistant/preview/asp_1"
 Made = Callable[..., HttpProvider]
-
-
-@pytest.fixture
-async def srv() -> AsyncIterator[FeishuServer]:
-    async with FeishuServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def transport() -> AsyncIterator[httpx.AsyncBaseTransport]:
-    async with httpx.AsyncHTTPTransport() as c:
-        yield c
 
 
 def local(cls: type[HttpProvider], transport: httpx.AsyncBaseTransport, **kw: Any) -> HttpProvider:

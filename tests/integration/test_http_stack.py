@@ -32,12 +32,6 @@ OK_BODY = b'{"code":0,"msg":"success","data":{}}'
 LOOPBACK = ("127.0.0.0/8",)
 
 
-@pytest.fixture
-async def srv() -> AsyncIterator[FeishuServer]:
-    async with FeishuServer() as server:
-        yield server
-
-
 class Stack:
     """The daemon's transport and the per-request timeout a provider would give it."""
 

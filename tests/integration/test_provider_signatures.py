@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -30,18 +29,6 @@ BOT_SECRET = "it-bot-secret-0a9b"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"integration webhook key 32 bytes").decode()
 OLD_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the key being rotated out").decode()
 SIGN_FAIL = "sign match fail or timestamp is not within one hour from current time"
-
-
-@pytest.fixture
-async def srv() -> AsyncIterator[FeishuServer]:
-    async with FeishuServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def transport() -> AsyncIterator[httpx.AsyncBaseTransport]:
-    async with httpx.AsyncHTTPTransport() as c:
-        yield c
 
 
 DELIVERY_FIELDS: dict[str, Any] = {

@@ -28,12 +28,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-async def srv() -> AsyncIterator[FeishuServer]:
-    async with FeishuServer() as server:
-        yield server
-
-
-@pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=5.0) as c:
         yield c
