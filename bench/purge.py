@@ -35,22 +35,21 @@ async def run(dsn: str, max_age_s: float, batch_size: int, pause_factor: float) 
         dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
     ) as pool:
         await pool.wait()
+        store = MaintenanceStore(pool)
+
+        async def purge(*, outbox_s: float, records_s: float) -> retention.RetentionReport:
+            return await retention.purge_once(
+                store,
+                outbox_max_age_s=outbox_s,
+                records_max_age_s=records_s,
+                batch_size=batch_size,
+                pause_factor=pause_factor,
+            )
+
         records_started = time.time()
-        records = await retention.purge_once(
-            MaintenanceStore(pool),
-            outbox_max_age_s=_NEVER_S,
-            records_max_age_s=max_age_s,
-            batch_size=batch_size,
-            pause_factor=pause_factor,
-        )
+        records = await purge(outbox_s=_NEVER_S, records_s=max_age_s)
         records_finished = time.time()
-        outbox = await retention.purge_once(
-            MaintenanceStore(pool),
-            outbox_max_age_s=max_age_s,
-            records_max_age_s=_NEVER_S,
-            batch_size=batch_size,
-            pause_factor=pause_factor,
-        )
+        outbox = await purge(outbox_s=max_age_s, records_s=_NEVER_S)
         outbox_finished = time.time()
     return {
         "records_started": records_started,

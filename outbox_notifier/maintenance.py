@@ -28,8 +28,8 @@ class Maintenance:
     interval_s: float
     outbox_retention_s: float
     records_retention_s: float
-    retention_batch_size: int = retention.DEFAULT_BATCH_SIZE
-    retention_pause_factor: float = retention.DEFAULT_PAUSE_FACTOR
+    retention_batch_size: int
+    retention_pause_factor: float
 
     async def run(self, ctx: LoopContext) -> None:
         snapshot_every_s = min(self.interval_s, SNAPSHOT_MAX_INTERVAL_S)
