@@ -20,6 +20,7 @@ import functools
 import math
 import re
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -287,9 +288,10 @@ class HttpReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @functools.lru_cache(maxsize=64)
-def _timeouts(timeout_s: float) -> dict[str, Any]:
-    # The transport's per-phase bounds (connect, read, write, pool), as httpx passes them.
-    return {"timeout": httpx.Timeout(timeout_s).as_dict()}
+def _timeouts(timeout_s: float) -> Mapping[str, float | None]:
+    # The transport's per-phase bounds (connect, read, write, pool), as httpx passes them;
+    # read-only, since every request of this timeout shares it.
+    return types.MappingProxyType(httpx.Timeout(timeout_s).as_dict())
 
 
 async def post_capped(
@@ -319,7 +321,11 @@ async def post_capped(
     status: int | None = None
     try:
         request = httpx.Request(
-            "POST", url, content=content, headers=headers, extensions=_timeouts(timeout_s)
+            "POST",
+            url,
+            content=content,
+            headers=headers,
+            extensions={"timeout": _timeouts(timeout_s)},
         )
         async with asyncio.timeout(timeout_s):
             response = await transport.handle_async_request(request)
