@@ -22,8 +22,8 @@ import httpx
 import msgspec
 import psycopg
 
-from bench import loops
 from bench.clients import TRANSPORTS, make_client, make_transport
+from outbox_notifier import eventloop
 
 SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS bench;
@@ -108,7 +108,7 @@ async def run(dsn: str, *, batch: int, concurrency: int, transport: str, send: s
         post = None
         if transport != "none":
             post = _transport_post(bare) if send == "transport" else _client_post(client)
-        print(f"ready loop={loops.running_name()}", flush=True)
+        print(f"ready loop={eventloop.name()}", flush=True)
         while not stop.is_set():
             rows = await (await conn.execute(CLAIM, {"limit": batch})).fetchall()
             if not rows:
@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--transport", choices=(*TRANSPORTS, "none"), default="aiohttp")
-    parser.add_argument("--loop", choices=loops.LOOPS, default="auto")
+    parser.add_argument("--loop", choices=eventloop.CHOICES, default="auto")
     parser.add_argument("--send", choices=("client", "transport"), default="client")
     args = parser.parse_args(argv)
-    loops.run(
+    eventloop.run(
         run(
             args.dsn,
             batch=args.batch,

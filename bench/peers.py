@@ -32,8 +32,8 @@ import httpx
 import msgspec
 import psycopg
 
-from bench import loops
 from bench.clients import make_client
+from outbox_notifier import eventloop
 
 SYSTEMS = ("pgqueuer", "procrastinate")
 ENTRYPOINT = "deliver"
@@ -165,7 +165,7 @@ async def _run_pgqueuer(dsn: str, concurrency: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, manager.shutdown.set)
-        print(f"ready loop={loops.running_name()}", flush=True)
+        print(f"ready loop={eventloop.name()}", flush=True)
         await manager.run(
             batch_size=_PGQ_BATCH,
             max_concurrent_tasks=concurrency,
@@ -190,7 +190,7 @@ async def _run_procrastinate(dsn: str, concurrency: int) -> None:
             await _post(client, u, p)
 
         async with app.open_async():
-            print(f"ready loop={loops.running_name()}", flush=True)
+            print(f"ready loop={eventloop.name()}", flush=True)
             with contextlib.suppress(asyncio.CancelledError):
                 await app.run_worker_async(
                     concurrency=concurrency, wait=True, install_signal_handlers=True
@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system", choices=SYSTEMS, required=True)
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--loop", choices=loops.LOOPS, default="auto")
+    parser.add_argument("--loop", choices=eventloop.CHOICES, default="auto")
     args = parser.parse_args(argv)
     worker = _run_pgqueuer if args.system == "pgqueuer" else _run_procrastinate
-    loops.run(worker(args.dsn, args.concurrency), args.loop)
+    eventloop.run(worker(args.dsn, args.concurrency), args.loop)
     return 0
 
 

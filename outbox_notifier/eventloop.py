@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+#: The ``event_loop`` choices (settings) and the bench's ``--loop`` choices.
+CHOICES = ("auto", "uvloop", "asyncio")
+
 
 def uvloop_available() -> bool:
     return importlib.util.find_spec("uvloop") is not None
@@ -35,6 +38,8 @@ def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
         return runner.run(main)
 
 
-def name(loop: asyncio.AbstractEventLoop) -> str:
-    """``uvloop`` or ``asyncio``: for the start-up log line."""
+def name(loop: asyncio.AbstractEventLoop | None = None) -> str:
+    """``uvloop`` or ``asyncio``: the loop given, else the running one (start-up log line,
+    the bench's ready lines)."""
+    loop = loop or asyncio.get_running_loop()
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
