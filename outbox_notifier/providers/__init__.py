@@ -1,12 +1,12 @@
 """Delivery channels: each turns one claimed ``Delivery`` into one ``SendResult``.
 
 ``REGISTRY`` is the one description of the providers: the name a channel row selects
-(``notification_channels.provider``), the prefix of its settings and its class. The provider
-factory (``default_providers``), the claim policy's pacing (``claim_policy``) and the bounded
-``provider`` metric label (``PROVIDER_NAMES``) all read it. Adding a provider is one module
-here, one entry below and its five settings (``<prefix>_allowed_schemes``,
-``<prefix>_allowed_hosts``, ``<prefix>_path_prefix``, ``<prefix>_max_per_s``,
-``<prefix>_max_per_min``) in ``Settings``.
+(``notification_channels.provider``, one of ``names.PROVIDER_NAMES``, which bound the
+``provider`` metric label), the prefix of its settings and its class. The provider factory
+(``default_providers``) and the claim policy's pacing (``claim_policy``) read it. Adding a
+provider is one module here, its name in ``names.PROVIDER_NAMES``, one entry below and its
+five settings (``<prefix>_allowed_schemes``, ``<prefix>_allowed_hosts``,
+``<prefix>_path_prefix``, ``<prefix>_max_per_s``, ``<prefix>_max_per_min``) in ``Settings``.
 """
 
 from __future__ import annotations
@@ -105,10 +105,6 @@ REGISTRY: Final = (
     ProviderSpec(name="slack_webhook", settings_prefix="slack", cls=SlackWebhookProvider),
 )
 
-#: Every provider name a channel row may select (``notification_channels.provider``): the one
-#: list the bounded ``provider`` metric label and the provider table agree on.
-PROVIDER_NAMES: Final = tuple(spec.name for spec in REGISTRY)
-
 
 def default_providers(
     settings: Settings, transport: httpx.AsyncBaseTransport
@@ -133,7 +129,6 @@ def claim_policy(settings: Settings) -> ClaimPolicy:
 
 __all__ = [
     "PERMANENT_ERROR_CODES",
-    "PROVIDER_NAMES",
     "REGISTRY",
     "RETRYABLE_ERROR_CODES",
     "Delivery",

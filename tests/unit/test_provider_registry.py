@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 
+from outbox_notifier.names import PROVIDER_NAMES
 from outbox_notifier.providers import (
-    PROVIDER_NAMES,
     REGISTRY,
     ProviderSettings,
     UrlRejected,
