@@ -3,7 +3,7 @@
 ``REGISTRY`` is the one description of the providers: the name a channel row selects
 (``notification_channels.provider``, one of ``names.PROVIDER_NAMES``, which bound the
 ``provider`` metric label), the prefix of its settings and its class. The provider factory
-(``default_providers``) and the claim policy's pacing (``claim_policy``) read it. Adding a
+(``default_providers``) and the claims' pacing (``daemon.claim_policy``) read it. Adding a
 provider is one module here, its name in ``names.PROVIDER_NAMES``, one entry below and its
 five settings (``<prefix>_allowed_schemes``, ``<prefix>_allowed_hosts``,
 ``<prefix>_path_prefix``, ``<prefix>_max_per_s``, ``<prefix>_max_per_min``) in ``Settings``.
@@ -18,7 +18,6 @@ import httpx
 import msgspec
 
 from outbox_notifier.settings import Settings
-from outbox_notifier.store import ClaimPolicy
 
 from .base import (
     PERMANENT_ERROR_CODES,
@@ -113,20 +112,6 @@ def default_providers(
     return {spec.name: spec.build(settings, transport) for spec in REGISTRY}
 
 
-def claim_policy(settings: Settings) -> ClaimPolicy:
-    """The claims' lease, per-target pacing by provider name, and endpoint protection."""
-    own = {spec.name: spec.settings(settings) for spec in REGISTRY}
-    return ClaimPolicy(
-        lease_s=settings.lease_s,
-        per_s={name: s.max_per_s for name, s in own.items()},
-        per_min={name: s.max_per_min for name, s in own.items()},
-        margin_s=settings.pacing_margin_s,
-        breaker_failures=settings.breaker_failures,
-        cooloff_s=settings.breaker_cooloff_s,
-        durable=settings.durable_claims,
-    )
-
-
 __all__ = [
     "PERMANENT_ERROR_CODES",
     "REGISTRY",
@@ -147,7 +132,6 @@ __all__ = [
     "UrlRejected",
     "WeComBotProvider",
     "WebhookProvider",
-    "claim_policy",
     "classify_status",
     "default_providers",
     "parse_retry_after",

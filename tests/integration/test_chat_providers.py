@@ -24,7 +24,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import message
-from outbox_notifier.daemon import Daemon
+from outbox_notifier.daemon import Daemon, claim_policy
 from outbox_notifier.providers import (
     DingTalkBotProvider,
     ErrorCode,
@@ -32,7 +32,6 @@ from outbox_notifier.providers import (
     SlackWebhookProvider,
     Target,
     WeComBotProvider,
-    claim_policy,
 )
 from outbox_notifier.providers.base import HttpProvider
 from outbox_notifier.relay import Relay

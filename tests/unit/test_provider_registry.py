@@ -8,12 +8,12 @@ import json
 import httpx
 import pytest
 
+from outbox_notifier.daemon import claim_policy
 from outbox_notifier.names import PROVIDER_NAMES
 from outbox_notifier.providers import (
     REGISTRY,
     ProviderSettings,
     UrlRejected,
-    claim_policy,
     default_providers,
 )
 from outbox_notifier.providers.base import HttpProvider, Provider, Target
