@@ -27,7 +27,7 @@ from outbox_notifier.maintenance import Maintenance
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.providers import REGISTRY, default_providers
-from outbox_notifier.providers.base import Provider
+from outbox_notifier.providers.model import Provider
 from outbox_notifier.relay import Relay
 from outbox_notifier.rescue import Rescuer
 from outbox_notifier.settings import Settings, parse_host_port

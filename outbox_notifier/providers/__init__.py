@@ -1,5 +1,11 @@
 """Delivery channels: each turns one claimed ``Delivery`` into one ``SendResult``.
 
+The package: ``model`` (the delivery, the result and the request and reply between them),
+``base`` (``HttpProvider``, the prepare + send + classify template), ``sender`` (the one
+place that talks to the transport), ``replies`` (the reply classifiers), ``bodies`` (the
+fields every body carries), ``urls`` (the URL policy), ``chat`` (what the chat robots
+share), and one module per platform.
+
 ``REGISTRY`` is the one description of the providers: the name a channel row selects
 (``notification_channels.provider``, one of ``names.PROVIDER_NAMES``, which bound the
 ``provider`` metric label), the prefix of its settings and its class. The provider factory
@@ -19,25 +25,11 @@ import msgspec
 
 from outbox_notifier.settings import Settings
 
-from .base import (
-    PERMANENT_ERROR_CODES,
-    RETRYABLE_ERROR_CODES,
-    Delivery,
-    ErrorCode,
-    HttpProvider,
-    Outcome,
-    Provider,
-    SendResult,
-    Target,
-    UrlPolicy,
-    UrlRejected,
-    classify_status,
-    parse_retry_after,
-    read_body_capped,
-)
+from .base import HttpProvider
 from .dingtalk_bot import DingTalkBotProvider
 from .feishu_bot import FeishuBotProvider
 from .feishu_flow import FeishuFlowProvider
+from .model import Provider
 from .slack_webhook import SlackWebhookProvider
 from .webhook import WebhookProvider
 from .wecom_bot import WeComBotProvider
@@ -113,27 +105,14 @@ def default_providers(
 
 
 __all__ = [
-    "PERMANENT_ERROR_CODES",
     "REGISTRY",
-    "RETRYABLE_ERROR_CODES",
-    "Delivery",
     "DingTalkBotProvider",
-    "ErrorCode",
     "FeishuBotProvider",
     "FeishuFlowProvider",
-    "Outcome",
-    "Provider",
     "ProviderSettings",
     "ProviderSpec",
-    "SendResult",
     "SlackWebhookProvider",
-    "Target",
-    "UrlPolicy",
-    "UrlRejected",
     "WeComBotProvider",
     "WebhookProvider",
-    "classify_status",
     "default_providers",
-    "parse_retry_after",
-    "read_body_capped",
 ]
