@@ -17,7 +17,7 @@ from bench.fixtures import egress_overrides
 from outbox_notifier import eventloop, logs
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.providers import default_providers
-from outbox_notifier.providers.base import Provider
+from outbox_notifier.providers.model import Provider
 from outbox_notifier.settings import load_settings
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 
 from bench.transport import MinimalTransport
-from outbox_notifier.providers.base import Delivery, Outcome, SendResult
+from outbox_notifier.names import Outcome
+from outbox_notifier.providers.model import Delivery, SendResult
 
 TRANSPORTS = ("default", "aiohttp", "minimal")
 

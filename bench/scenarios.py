@@ -32,8 +32,8 @@ from bench.fixtures import (
     server_total,
     wait_done,
 )
+from outbox_notifier.daemon import claim_policy
 from outbox_notifier.events import EVENT_TYPE
-from outbox_notifier.providers import claim_policy
 from outbox_notifier.settings import Settings
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FLOW_PREFIX, RemoteFeishuServer

@@ -26,12 +26,12 @@ from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance import Maintenance
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
-from outbox_notifier.providers import claim_policy, default_providers
-from outbox_notifier.providers.base import Provider
+from outbox_notifier.providers import REGISTRY, default_providers
+from outbox_notifier.providers.model import Provider
 from outbox_notifier.relay import Relay
 from outbox_notifier.rescue import Rescuer
 from outbox_notifier.settings import Settings, parse_host_port
-from outbox_notifier.store import OperationalError, RecordStore
+from outbox_notifier.store import ClaimPolicy, OperationalError, RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,22 @@ def http_transport(settings: Settings) -> httpclient.EgressTransport:
     proxy settings and one trust store (the system's plus ``ca_bundle``). Call it inside the
     loop."""
     return httpclient.build_transport(httpclient.EgressConfig.from_settings(settings))
+
+
+def claim_policy(settings: Settings) -> ClaimPolicy:
+    """The claims' lease, per-target pacing by provider name (each provider's
+    ``<prefix>_max_per_s`` and ``<prefix>_max_per_min``, as ``providers.REGISTRY`` names
+    them), and endpoint protection."""
+    own = {spec.name: spec.settings(settings) for spec in REGISTRY}
+    return ClaimPolicy(
+        lease_s=settings.lease_s,
+        per_s={name: s.max_per_s for name, s in own.items()},
+        per_min={name: s.max_per_min for name, s in own.items()},
+        margin_s=settings.pacing_margin_s,
+        breaker_failures=settings.breaker_failures,
+        cooloff_s=settings.breaker_cooloff_s,
+        durable=settings.durable_claims,
+    )
 
 
 class Daemon:

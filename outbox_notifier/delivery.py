@@ -28,15 +28,8 @@ import msgspec
 from outbox_notifier import backoff, message
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, first_line
 from outbox_notifier.loops import wait_any
-from outbox_notifier.names import RecordStatus
-from outbox_notifier.providers.base import (
-    Delivery,
-    ErrorCode,
-    Outcome,
-    Provider,
-    SendResult,
-    Target,
-)
+from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
+from outbox_notifier.providers.model import Delivery, Provider, SendResult, Target
 from outbox_notifier.store import (
     Applied,
     ClaimedRecord,

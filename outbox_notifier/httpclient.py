@@ -8,7 +8,7 @@ Usage::
 The stack, top to bottom:
 
 - Providers build an ``httpx.Request`` and hand it to the transport themselves
-  (``providers.base.post_capped``). ``httpx.AsyncClient`` is not in the path: its cookie jar
+  (``providers.sender.post_capped``). ``httpx.AsyncClient`` is not in the path: its cookie jar
   would carry one webhook's ``Set-Cookie`` to the next user's webhook on the same host, its
   redirect and auth layers are off anyway, and together they cost more CPU per call than
   the rest of the pipeline (see ``bench/README.md``).
@@ -34,7 +34,7 @@ Hostile servers: aiohttp (llhttp parser) refuses malformed heads and over-long h
 (8190 bytes), never resends a POST on a connection the server dropped (it retries only
 idempotent methods), and does not pool a connection whose response was not read to its end
 or had bytes after its end (it pools a connection only once its response was framed whole).
-Provider code caps what it reads (``read_body_capped``).
+Provider code caps what it reads (``providers.sender.read_body_capped``).
 """
 
 from __future__ import annotations

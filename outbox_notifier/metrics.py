@@ -39,8 +39,7 @@ from outbox_notifier import __version__
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.events import REASON_CLASSES
 from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow
-from outbox_notifier.names import CHANNEL, ErrorCode, Outcome
-from outbox_notifier.providers import PROVIDER_NAMES
+from outbox_notifier.names import CHANNEL, PROVIDER_NAMES, ErrorCode, Outcome
 from outbox_notifier.reports import RelayReport
 from outbox_notifier.store import Applied, DatabaseError, Rescued, Result
 

@@ -1,6 +1,6 @@
-"""The pipeline's shared vocabulary: channel, record status, call outcome and error code names
-(all contract names). A small module of its own so that every stage, the store and the metrics
-can use them without importing each other.
+"""The pipeline's shared vocabulary: channel, provider, record status, call outcome and error
+code names (all contract names). A small module of its own so that every stage, the store and
+the metrics can use them without importing each other.
 """
 
 from __future__ import annotations
@@ -10,6 +10,18 @@ from typing import Final, Literal
 
 #: The channel every record of the event contract is delivered on.
 CHANNEL: Final = "feishu"
+
+#: Every provider name a channel row may select (``notification_channels.provider``, whose CHECK
+#: constraint lists the same), in registry order: the bounded ``provider`` metric label. Each has
+#: its entry in ``providers.REGISTRY`` (a test holds the two together).
+PROVIDER_NAMES: Final = (
+    "feishu_flow",
+    "feishu_bot",
+    "webhook",
+    "dingtalk_bot",
+    "wecom_bot",
+    "slack_webhook",
+)
 
 RecordStatus = Literal["pending", "sending", "sent", "failed", "dead", "skipped"]
 """A notification record's status."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from outbox_notifier.providers.base import Delivery, Target
+from outbox_notifier.providers.model import Delivery, Target
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 

@@ -13,7 +13,8 @@ import trustme
 from aiohttp import web
 
 from outbox_notifier.httpclient import EgressConfig, build_transport
-from outbox_notifier.providers.base import HttpReply, SendResult, post_capped
+from outbox_notifier.providers.model import HttpReply, SendResult
+from outbox_notifier.providers.sender import post_capped
 
 
 @asynccontextmanager

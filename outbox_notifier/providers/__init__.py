@@ -1,12 +1,18 @@
 """Delivery channels: each turns one claimed ``Delivery`` into one ``SendResult``.
 
+The package: ``model`` (the delivery, the result and the request and reply between them),
+``base`` (``HttpProvider``, the prepare + send + classify template), ``sender`` (the one
+place that talks to the transport), ``replies`` (the reply classifiers), ``bodies`` (the
+fields every body carries), ``urls`` (the URL policy), ``chat`` (what the chat robots
+share), and one module per platform.
+
 ``REGISTRY`` is the one description of the providers: the name a channel row selects
-(``notification_channels.provider``), the prefix of its settings and its class. The provider
-factory (``default_providers``), the claim policy's pacing (``claim_policy``) and the bounded
-``provider`` metric label (``PROVIDER_NAMES``) all read it. Adding a provider is one module
-here, one entry below and its five settings (``<prefix>_allowed_schemes``,
-``<prefix>_allowed_hosts``, ``<prefix>_path_prefix``, ``<prefix>_max_per_s``,
-``<prefix>_max_per_min``) in ``Settings``.
+(``notification_channels.provider``, one of ``names.PROVIDER_NAMES``, which bound the
+``provider`` metric label), the prefix of its settings and its class. The provider factory
+(``default_providers``) and the claims' pacing (``daemon.claim_policy``) read it. Adding a
+provider is one module here, its name in ``names.PROVIDER_NAMES``, one entry below and its
+five settings (``<prefix>_allowed_schemes``, ``<prefix>_allowed_hosts``,
+``<prefix>_path_prefix``, ``<prefix>_max_per_s``, ``<prefix>_max_per_min``) in ``Settings``.
 """
 
 from __future__ import annotations
@@ -18,27 +24,12 @@ import httpx
 import msgspec
 
 from outbox_notifier.settings import Settings
-from outbox_notifier.store import ClaimPolicy
 
-from .base import (
-    PERMANENT_ERROR_CODES,
-    RETRYABLE_ERROR_CODES,
-    Delivery,
-    ErrorCode,
-    HttpProvider,
-    Outcome,
-    Provider,
-    SendResult,
-    Target,
-    UrlPolicy,
-    UrlRejected,
-    classify_status,
-    parse_retry_after,
-    read_body_capped,
-)
+from .base import HttpProvider
 from .dingtalk_bot import DingTalkBotProvider
 from .feishu_bot import FeishuBotProvider
 from .feishu_flow import FeishuFlowProvider
+from .model import Provider
 from .slack_webhook import SlackWebhookProvider
 from .webhook import WebhookProvider
 from .wecom_bot import WeComBotProvider
@@ -105,10 +96,6 @@ REGISTRY: Final = (
     ProviderSpec(name="slack_webhook", settings_prefix="slack", cls=SlackWebhookProvider),
 )
 
-#: Every provider name a channel row may select (``notification_channels.provider``): the one
-#: list the bounded ``provider`` metric label and the provider table agree on.
-PROVIDER_NAMES: Final = tuple(spec.name for spec in REGISTRY)
-
 
 def default_providers(
     settings: Settings, transport: httpx.AsyncBaseTransport
@@ -117,44 +104,15 @@ def default_providers(
     return {spec.name: spec.build(settings, transport) for spec in REGISTRY}
 
 
-def claim_policy(settings: Settings) -> ClaimPolicy:
-    """The claims' lease, per-target pacing by provider name, and endpoint protection."""
-    own = {spec.name: spec.settings(settings) for spec in REGISTRY}
-    return ClaimPolicy(
-        lease_s=settings.lease_s,
-        per_s={name: s.max_per_s for name, s in own.items()},
-        per_min={name: s.max_per_min for name, s in own.items()},
-        margin_s=settings.pacing_margin_s,
-        breaker_failures=settings.breaker_failures,
-        cooloff_s=settings.breaker_cooloff_s,
-        durable=settings.durable_claims,
-    )
-
-
 __all__ = [
-    "PERMANENT_ERROR_CODES",
-    "PROVIDER_NAMES",
     "REGISTRY",
-    "RETRYABLE_ERROR_CODES",
-    "Delivery",
     "DingTalkBotProvider",
-    "ErrorCode",
     "FeishuBotProvider",
     "FeishuFlowProvider",
-    "Outcome",
-    "Provider",
     "ProviderSettings",
     "ProviderSpec",
-    "SendResult",
     "SlackWebhookProvider",
-    "Target",
-    "UrlPolicy",
-    "UrlRejected",
     "WeComBotProvider",
     "WebhookProvider",
-    "claim_policy",
-    "classify_status",
     "default_providers",
-    "parse_retry_after",
-    "read_body_capped",
 ]

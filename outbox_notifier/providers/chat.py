@@ -10,8 +10,9 @@ from typing import ClassVar
 import httpx
 import msgspec
 
-from . import base
-from .base import ErrorCode, Outcome
+from outbox_notifier.names import ErrorCode, Outcome
+
+from . import base, bodies, model, replies, sender
 
 
 class ChatBotProvider(base.HttpProvider):
@@ -30,17 +31,17 @@ class ChatBotProvider(base.HttpProvider):
         """The body with a button (or card action) to ``link``, an absolute URL."""
         raise NotImplementedError
 
-    def build_message(self, delivery: base.Delivery) -> dict[str, object]:
+    def build_message(self, delivery: model.Delivery) -> dict[str, object]:
         """The body for ``delivery``: a card when its link is absolute, else text."""
-        text = base.message_text(delivery)
+        text = bodies.message_text(delivery)
         link = self.button_link(delivery)
         return self.text_message(text) if link is None else self.card_message(text, link)
 
     def prepare(
-        self, delivery: base.Delivery, target: base.Target, url: httpx.URL
-    ) -> base.PreparedRequest:
+        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+    ) -> model.PreparedRequest:
         body = msgspec.json.encode(self.build_message(delivery))
-        return base.PreparedRequest(url=url, body=body, headers=base.json_headers(), stored=body)
+        return model.PreparedRequest(url=url, body=body, headers=sender.json_headers(), stored=body)
 
-    def classify(self, reply: base.HttpReply) -> base.Verdict:
-        return base.coded_verdict(reply, self.code_label, self.codes, *self.code_fields)
+    def classify(self, reply: model.HttpReply) -> model.Verdict:
+        return replies.coded_verdict(reply, self.code_label, self.codes, *self.code_fields)

@@ -34,7 +34,7 @@ reply                                          result
 310000 (keyword, sign or IP check failed)      permanent ``provider_auth_failed``
 300001 (token is not exist / invalid token)    permanent ``provider_auth_failed``
 400xxx (parameter errors) and any other code   permanent ``payload_invalid``
-HTTP 429 / 5xx / 401, 403 / other              as ``base.status_verdict``
+HTTP 429 / 5xx / 401, 403 / other              as ``replies.status_verdict``
 =============================================  =========================================
 """
 
@@ -48,9 +48,9 @@ import httpx
 import msgspec
 
 from outbox_notifier import message
+from outbox_notifier.names import ErrorCode, Outcome
 
-from . import base, chat
-from .base import ErrorCode, Outcome
+from . import chat, model
 
 __all__ = ["DINGTALK_CODES", "DingTalkBotProvider", "dingtalk_sign"]
 
@@ -90,14 +90,14 @@ class DingTalkBotProvider(chat.ChatBotProvider):
         return {"msgtype": "actionCard", "actionCard": card}
 
     def prepare(
-        self, delivery: base.Delivery, target: base.Target, url: httpx.URL
-    ) -> base.PreparedRequest:
+        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+    ) -> model.PreparedRequest:
         request = super().prepare(delivery, target, url)
         if target.auth_kind != "bot_secret":
             return request
         secret = (target.auth_secret or "").strip()
         if not secret:
-            raise base.NotSent(
+            raise model.NotSent(
                 ErrorCode.PROVIDER_AUTH_FAILED,
                 "dingtalk bot channel wants signing but has no secret",
             )

@@ -71,9 +71,9 @@ import httpx
 import msgspec
 
 from outbox_notifier import message
+from outbox_notifier.names import ErrorCode, Outcome
 
-from . import base
-from .base import ErrorCode, Outcome
+from . import base, bodies, model, replies, sender
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -203,10 +203,10 @@ class FeishuBotProvider(base.HttpProvider):
         self._request_max_bytes = request_body_max_bytes
         self._format: MessageFormat = message_format
 
-    def build_message(self, delivery: base.Delivery, text: str | None = None) -> BotMessage:
+    def build_message(self, delivery: model.Delivery, text: str | None = None) -> BotMessage:
         """The unsigned body for ``delivery``; ``text`` overrides its (summary) text."""
         if text is None:
-            text = base.message_text(delivery)
+            text = bodies.message_text(delivery)
         if self._format == "text":
             return BotMessage(msg_type="text", content=TextContent(text=text))
         elements: list[CardDiv | CardAction] = [
@@ -227,12 +227,12 @@ class FeishuBotProvider(base.HttpProvider):
         )
         return BotMessage(msg_type="interactive", card=card)
 
-    def _fit(self, delivery: base.Delivery, signed: BotMessage) -> BotMessage | None:
+    def _fit(self, delivery: model.Delivery, signed: BotMessage) -> BotMessage | None:
         """``signed``, its text cut if it must be for the encoded body to fit the size cap;
         None when even an empty text does not fit."""
         if len(_encoder.encode(signed)) <= self._request_max_bytes:
             return signed
-        text = base.message_text(delivery)
+        text = bodies.message_text(delivery)
 
         def cut(n: int) -> BotMessage:
             message = self.build_message(delivery, text[:n] + _ELLIPSIS)
@@ -255,15 +255,15 @@ class FeishuBotProvider(base.HttpProvider):
         return cut(low)
 
     def prepare(
-        self, delivery: base.Delivery, target: base.Target, url: httpx.URL
-    ) -> base.PreparedRequest:
+        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+    ) -> model.PreparedRequest:
         secret = ""
         unsigned = self.build_message(delivery)
         signed = unsigned
         if target.auth_kind == "bot_secret":
             secret = (target.auth_secret or "").strip()
             if not secret:
-                raise base.NotSent(
+                raise model.NotSent(
                     ErrorCode.PROVIDER_AUTH_FAILED,
                     "feishu bot channel wants signing but has no secret",
                 )
@@ -274,7 +274,7 @@ class FeishuBotProvider(base.HttpProvider):
             )
         fitted = self._fit(delivery, signed)
         if fitted is None:
-            raise base.NotSent(
+            raise model.NotSent(
                 ErrorCode.PAYLOAD_INVALID,
                 f"feishu bot message exceeds {self._request_max_bytes} bytes "
                 "even with its text cut",
@@ -282,14 +282,14 @@ class FeishuBotProvider(base.HttpProvider):
         body = _encoder.encode(fitted)
         # What the record keeps: the body as sent, but never a usable signature.
         stored = _encoder.encode(msgspec.structs.replace(fitted, sign=_MASK)) if secret else body
-        return base.PreparedRequest(
-            url=url, body=body, headers=base.json_headers(), stored=stored, secrets=(secret,)
+        return model.PreparedRequest(
+            url=url, body=body, headers=sender.json_headers(), stored=stored, secrets=(secret,)
         )
 
-    def classify(self, reply: base.HttpReply) -> base.Verdict:
+    def classify(self, reply: model.HttpReply) -> model.Verdict:
         """2xx (Feishu's usual way) or a 4xx carrying a Feishu code: the code decides; 429 and
         5xx stay as the status says, whatever the body."""
-        verdict, coded = base.status_and_code(reply, "feishu bot webhook", *_CODE_FIELDS)
+        verdict, coded = replies.status_and_code(reply, "feishu bot webhook", *_CODE_FIELDS)
         if coded is None:
             return verdict
         said = (
@@ -302,4 +302,4 @@ class FeishuBotProvider(base.HttpProvider):
         outcome, code = classify_feishu_code(coded.code, coded.msg)
         if not 200 <= reply.status < 300:
             said += f" (HTTP {reply.status})"
-        return base.Verdict(outcome=outcome, error_code=code, error_message=said)
+        return model.Verdict(outcome=outcome, error_code=code, error_message=said)

@@ -30,8 +30,8 @@ Differences from the seed, each on purpose:
 
 Reply mapping (seed): 2xx whose JSON body carries an integer ``code`` other than 0 is a
 permanent ``payload_invalid``; any other 2xx (empty body, non-JSON, no ``code``, a body cut
-at the cap) is a success. Other statuses go through ``base.classify_status``. Transport
-failures are the shared sender's (``base.HttpProvider``).
+at the cap) is a success. Other statuses go through ``replies.classify_status``. Transport
+failures are the shared sender's (``sender.post_capped``).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ import httpx
 import msgspec
 
 from outbox_notifier import message
+from outbox_notifier.names import ErrorCode, Outcome
 
-from . import base
-from .base import UrlRejected
+from . import base, bodies, model, replies, sender
 
-__all__ = ["FeishuFlowProvider", "FlowMessage", "FlowPayload", "UrlRejected"]
+__all__ = ["FeishuFlowProvider", "FlowMessage", "FlowPayload"]
 
 EVENT = message.EVENT
 VERSION = message.EVENT_VERSION
@@ -60,14 +60,14 @@ class FlowMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 #: The seed's ``FeishuWebhookPayload``. Its field order is the seed's: the ids of
-#: ``base.NotificationFields`` sit between ``version`` and ``message``, where no subclass can put
+#: ``bodies.NotificationFields`` sit between ``version`` and ``message``, where no subclass can put
 #: them, so the struct is built around that struct's fields rather than repeating them.
 FlowPayload = msgspec.defstruct(
     "FlowPayload",
     [
         ("event", str),
         ("version", str),
-        *((field.name, field.type) for field in msgspec.structs.fields(base.NotificationFields)),
+        *((field.name, field.type) for field in msgspec.structs.fields(bodies.NotificationFields)),
         ("message", FlowMessage),
         ("trace_id", str, ""),  # the only default, so the only field omitted (seed: omitempty)
         ("sent_at", str),
@@ -93,35 +93,35 @@ class FeishuFlowProvider(base.HttpProvider):
     default_hosts = ("feishu.cn", "larksuite.com", "feishu-boe.cn")
     default_path_prefix = "/flow/api/trigger-webhook/"
 
-    def build_payload(self, delivery: base.Delivery) -> msgspec.Struct:
+    def build_payload(self, delivery: model.Delivery) -> msgspec.Struct:
         """The seed's body for ``delivery``, stamped with the current time."""
         return FlowPayload(
             event=EVENT,
             version=VERSION,
-            **base.notification_fields(delivery),
+            **bodies.notification_fields(delivery),
             message=FlowMessage(
-                summary=base.message_text(delivery), **self.message_fields(delivery)
+                summary=bodies.message_text(delivery), **self.message_fields(delivery)
             ),
             trace_id=delivery.trace_id.strip(),
-            sent_at=base.rfc3339(self._clock()),
+            sent_at=bodies.rfc3339(self._clock()),
         )
 
     def prepare(
-        self, delivery: base.Delivery, target: base.Target, url: httpx.URL
-    ) -> base.PreparedRequest:
+        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+    ) -> model.PreparedRequest:
         body = _encoder.encode(self.build_payload(delivery))
-        headers = base.json_headers(**base.bearer_auth(target))
-        return base.PreparedRequest(url=url, body=body, headers=headers, stored=body)
+        headers = sender.json_headers(**base.bearer_auth(target))
+        return model.PreparedRequest(url=url, body=body, headers=headers, stored=body)
 
-    def classify(self, reply: base.HttpReply) -> base.Verdict:
+    def classify(self, reply: model.HttpReply) -> model.Verdict:
         """As in the seed: after a 2xx status, only a JSON object whose ``code`` is an integer
         other than 0 rejects; anything unreadable counts as accepted."""
-        verdict, rejected = base.status_and_code(reply, "feishu flow webhook")
-        if rejected is None or verdict.outcome is not base.Outcome.SUCCESS:
+        verdict, rejected = replies.status_and_code(reply, "feishu flow webhook")
+        if rejected is None or verdict.outcome is not Outcome.SUCCESS:
             return verdict
         text = f"feishu flow webhook rejected the request: code={rejected.code}"
-        return base.Verdict(
-            outcome=base.Outcome.PERMANENT_FAIL,
-            error_code=base.ErrorCode.PAYLOAD_INVALID,
+        return model.Verdict(
+            outcome=Outcome.PERMANENT_FAIL,
+            error_code=ErrorCode.PAYLOAD_INVALID,
             error_message=f"{text} msg={rejected.msg}" if rejected.msg else text,
         )

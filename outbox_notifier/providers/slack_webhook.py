@@ -42,14 +42,14 @@ import re
 import msgspec
 
 from outbox_notifier import message
+from outbox_notifier.names import ErrorCode, Outcome
 
-from . import base, chat
-from .base import ErrorCode, Outcome
+from . import chat, model, replies
 
 __all__ = ["SLACK_STATUSES", "SlackWebhookProvider"]
 
 _GONE = (Outcome.PERMANENT_FAIL, ErrorCode.ENDPOINT_GONE)
-#: Statuses that differ from ``base.classify_status``, from the page cited above.
+#: Statuses that differ from ``replies.classify_status``, from the page cited above.
 SLACK_STATUSES = {404: _GONE, 410: _GONE}
 # Slack's error bodies are short snake_case codes; anything else is not quoted.
 _ERROR_TOKEN = re.compile(rb"[a-z0-9_]{1,64}")
@@ -75,8 +75,8 @@ class SlackWebhookProvider(chat.ChatBotProvider):
         actions = {"type": "actions", "elements": [{"type": "button", "text": label, "url": link}]}
         return {"text": text, "blocks": [_section(text), actions]}
 
-    def classify(self, reply: base.HttpReply) -> base.Verdict:
-        verdict = base.status_verdict(reply.status, "slack webhook", SLACK_STATUSES)
+    def classify(self, reply: model.HttpReply) -> model.Verdict:
+        verdict = replies.status_verdict(reply.status, "slack webhook", SLACK_STATUSES)
         said = reply.body.strip()
         if verdict.error_message is None or not _ERROR_TOKEN.fullmatch(said):
             return verdict

@@ -60,8 +60,9 @@ import httpx
 import msgspec
 
 from outbox_notifier import message
+from outbox_notifier.names import ErrorCode, Outcome
 
-from . import base
+from . import base, bodies, model, replies, sender
 
 __all__ = [
     "SecretInvalid",
@@ -77,7 +78,7 @@ __all__ = [
 SECRET_PREFIX = "whsec_"
 
 
-class WebhookData(base.NotificationFields, frozen=True, kw_only=True, omit_defaults=True):
+class WebhookData(bodies.NotificationFields, frozen=True, kw_only=True, omit_defaults=True):
     """The notification itself; ``trace_id`` is the only field left out when empty."""
 
     title: str
@@ -139,15 +140,15 @@ def sign(keys: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str
 
 
 _SPECIAL_STATUSES = {
-    408: (base.Outcome.TEMPORARY_FAIL, base.ErrorCode.PROVIDER_TIMEOUT),
-    425: (base.Outcome.TEMPORARY_FAIL, base.ErrorCode.PROVIDER_RATE_LIMITED),
-    410: (base.Outcome.PERMANENT_FAIL, base.ErrorCode.ENDPOINT_GONE),
+    408: (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_TIMEOUT),
+    425: (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_RATE_LIMITED),
+    410: (Outcome.PERMANENT_FAIL, ErrorCode.ENDPOINT_GONE),
 }
 
 
-def classify_webhook_status(status: int) -> tuple[base.Outcome, base.ErrorCode | None]:
+def classify_webhook_status(status: int) -> tuple[Outcome, ErrorCode | None]:
     """Map a receiver's HTTP status to an outcome (see the module docstring)."""
-    verdict = base.status_verdict(status, "webhook", _SPECIAL_STATUSES)
+    verdict = replies.status_verdict(status, "webhook", _SPECIAL_STATUSES)
     return verdict.outcome, verdict.error_code
 
 
@@ -172,23 +173,23 @@ class WebhookProvider(base.HttpProvider):
         super().__init__(transport, **options)
         self._event_type = event_type
 
-    def build_event(self, delivery: base.Delivery, now: datetime) -> WebhookEvent:
+    def build_event(self, delivery: model.Delivery, now: datetime) -> WebhookEvent:
         """The event for ``delivery``, stamped with ``now``."""
         return WebhookEvent(
             id=webhook_id(delivery.record_id),
             type=self._event_type,
-            timestamp=base.rfc3339(now),
+            timestamp=bodies.rfc3339(now),
             data=WebhookData(
-                **base.notification_fields(delivery),
-                message_text=base.message_text(delivery),
+                **bodies.notification_fields(delivery),
+                message_text=bodies.message_text(delivery),
                 **self.message_fields(delivery),
                 trace_id=delivery.trace_id.strip(),
             ),
         )
 
     def prepare(
-        self, delivery: base.Delivery, target: base.Target, url: httpx.URL
-    ) -> base.PreparedRequest:
+        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+    ) -> model.PreparedRequest:
         now = self._clock()
         event = self.build_event(delivery, now)
         body = _encoder.encode(event)
@@ -201,15 +202,15 @@ class WebhookProvider(base.HttpProvider):
                 keys = parse_secrets(raw_secret)
             except SecretInvalid as exc:
                 # A broken secret is a configuration fault, not worth retrying.
-                raise base.NotSent(base.ErrorCode.PROVIDER_AUTH_FAILED, str(exc)) from None
+                raise model.NotSent(ErrorCode.PROVIDER_AUTH_FAILED, str(exc)) from None
             headers["webhook-signature"] = sign(keys, event.id, timestamp, body)
             secrets = tuple(raw_secret.split())
         else:
             headers |= base.bearer_auth(target)
         # The body holds no secret and headers are not stored: what was sent is kept.
-        return base.PreparedRequest(
-            url=url, body=body, headers=base.json_headers(**headers), stored=body, secrets=secrets
+        return model.PreparedRequest(
+            url=url, body=body, headers=sender.json_headers(**headers), stored=body, secrets=secrets
         )
 
-    def classify(self, reply: base.HttpReply) -> base.Verdict:
-        return base.status_verdict(reply.status, "webhook", _SPECIAL_STATUSES)
+    def classify(self, reply: model.HttpReply) -> model.Verdict:
+        return replies.status_verdict(reply.status, "webhook", _SPECIAL_STATUSES)

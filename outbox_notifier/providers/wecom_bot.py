@@ -30,16 +30,16 @@ reply                                            result
 93000 (invalid webhook URL / key)                permanent ``provider_auth_failed``
 40008, 44004, 40058 ... (invalid message) and    permanent ``payload_invalid``
 any other code
-HTTP 429 / 5xx / 401, 403 / other                as ``base.status_verdict``
+HTTP 429 / 5xx / 401, 403 / other                as ``replies.status_verdict``
 ===============================================  =======================================
 """
 
 from __future__ import annotations
 
 from outbox_notifier import message
+from outbox_notifier.names import ErrorCode, Outcome
 
 from . import chat
-from .base import ErrorCode, Outcome
 
 __all__ = ["WECOM_CODES", "WeComBotProvider"]
 

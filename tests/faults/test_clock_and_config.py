@@ -23,7 +23,8 @@ from outbox_notifier import delivery as delivery_module
 from outbox_notifier import events
 from outbox_notifier import store as store_module
 from outbox_notifier.delivery import Deliverer, RetryPolicy
-from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult
+from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.providers.model import Delivery, SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from tests.faults.harness import add_channels, env_without_settings, event_payload

@@ -19,7 +19,8 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier import migrations
 from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.metrics import Metrics
-from outbox_notifier.providers.base import Delivery, Outcome, SendResult
+from outbox_notifier.names import Outcome
+from outbox_notifier.providers.model import Delivery, SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.store import AppliedBatch, ClaimPolicy, RecordStore, Result
 from outbox_notifier.testing.feishu_server import FeishuServer

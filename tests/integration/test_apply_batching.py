@@ -14,7 +14,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.metrics import Metrics
-from outbox_notifier.providers.base import Delivery, Outcome, SendResult
+from outbox_notifier.names import Outcome
+from outbox_notifier.providers.model import Delivery, SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.store import Applied, ClaimPolicy, RecordStore, Result
 from tests.support import enqueue, payload, scalar

@@ -8,9 +8,9 @@ from typing import Any, ClassVar, LiteralString
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.daemon import http_transport
+from outbox_notifier.daemon import claim_policy, http_transport
 from outbox_notifier.delivery import Deliverer, RetryPolicy
-from outbox_notifier.providers import claim_policy, default_providers
+from outbox_notifier.providers import default_providers
 from outbox_notifier.relay import Relay
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import RecordStore

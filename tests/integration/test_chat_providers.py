@@ -24,17 +24,11 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import message
-from outbox_notifier.daemon import Daemon
-from outbox_notifier.providers import (
-    DingTalkBotProvider,
-    ErrorCode,
-    Outcome,
-    SlackWebhookProvider,
-    Target,
-    WeComBotProvider,
-    claim_policy,
-)
+from outbox_notifier.daemon import Daemon, claim_policy
+from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.providers import DingTalkBotProvider, SlackWebhookProvider, WeComBotProvider
 from outbox_notifier.providers.base import HttpProvider
+from outbox_notifier.providers.model import Target
 from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings
 from outbox_notifier.store import RecordStore

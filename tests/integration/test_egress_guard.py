@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from outbox_notifier.daemon import Daemon
-from outbox_notifier.providers import PROVIDER_NAMES, REGISTRY
+from outbox_notifier.names import PROVIDER_NAMES
+from outbox_notifier.providers import REGISTRY
 from outbox_notifier.testing.feishu_server import (
     BOT_PREFIX,
     DINGTALK_PREFIX,

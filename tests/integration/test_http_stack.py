@@ -19,13 +19,9 @@ import httpx
 import pytest
 
 from outbox_notifier.httpclient import EgressConfig, EgressTransport, build_transport
-from outbox_notifier.providers.base import (
-    ErrorCode,
-    HttpReply,
-    Outcome,
-    post_capped,
-    read_body_capped,
-)
+from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.providers.model import HttpReply
+from outbox_notifier.providers.sender import post_capped, read_body_capped
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 
 OK_BODY = b'{"code":0,"msg":"success","data":{}}'

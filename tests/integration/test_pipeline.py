@@ -12,10 +12,10 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.daemon import Daemon
+from outbox_notifier.daemon import Daemon, claim_policy
 from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
-from outbox_notifier.providers import claim_policy
-from outbox_notifier.providers.base import ErrorCode, Outcome, SendResult
+from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.providers.model import SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query

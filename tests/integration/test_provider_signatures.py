@@ -18,8 +18,9 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from outbox_notifier.providers import Delivery, ErrorCode, Outcome, Target
+from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider
+from outbox_notifier.providers.model import Delivery, Target
 from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.testing.feishu_server import FeishuServer, Recorded, Reply
 from tests import provider_support

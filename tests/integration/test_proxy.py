@@ -18,7 +18,8 @@ import pytest
 import trustme
 
 from outbox_notifier.httpclient import EgressConfig
-from outbox_notifier.providers.base import ErrorCode, HttpReply, SendResult
+from outbox_notifier.names import ErrorCode
+from outbox_notifier.providers.model import HttpReply, SendResult
 from tests.tls_support import post_once, tls_server
 
 LOOPBACK = ("127.0.0.0/8",)

@@ -16,7 +16,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.connections import connection_kwargs, session_timeouts, statement_timeouts
 from outbox_notifier.delivery import RetryPolicy, to_result
-from outbox_notifier.providers.base import Outcome, SendResult
+from outbox_notifier.names import Outcome
+from outbox_notifier.providers.model import SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from tests.support import enqueue, payload, settings_for

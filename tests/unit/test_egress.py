@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from outbox_notifier.egress import DestinationForbidden, EgressGuard, parse_cidrs
-from outbox_notifier.providers.base import PERMANENT_ERROR_CODES, ErrorCode
+from outbox_notifier.names import PERMANENT_ERROR_CODES, ErrorCode
 
 GUARD = EgressGuard()
 

@@ -19,9 +19,10 @@ import msgspec
 import pytest
 
 from outbox_notifier import message
+from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers import feishu_bot
-from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider, MessageFormat
+from outbox_notifier.providers.model import Delivery, SendResult, Target
 from tests import provider_support
 from tests.provider_support import Handler, mock_transport, raising, recording, reply
 

@@ -16,10 +16,11 @@ import httpx
 import msgspec
 import pytest
 
-from outbox_notifier import __version__, message
-from outbox_notifier.providers import base
-from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
+from outbox_notifier import __version__, message, names
+from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.providers import replies
 from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
+from outbox_notifier.providers.model import Delivery, SendResult, Target
 from tests import provider_support
 from tests.provider_support import Handler, mock_transport, raising, recording, reply
 
@@ -420,11 +421,11 @@ async def test_transport_error_quoting_the_url_is_scrubbed() -> None:
 
 
 def test_classify_status() -> None:
-    assert base.classify_status(200) == (Outcome.SUCCESS, None)
-    assert base.classify_status(429) == (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_RATE_LIMITED)
-    assert base.classify_status(599) == (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_5XX)
-    assert base.classify_status(401) == (Outcome.PERMANENT_FAIL, ErrorCode.PROVIDER_AUTH_FAILED)
-    assert base.classify_status(418) == (Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID)
+    assert replies.classify_status(200) == (Outcome.SUCCESS, None)
+    assert replies.classify_status(429) == (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_RATE_LIMITED)
+    assert replies.classify_status(599) == (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_5XX)
+    assert replies.classify_status(401) == (Outcome.PERMANENT_FAIL, ErrorCode.PROVIDER_AUTH_FAILED)
+    assert replies.classify_status(418) == (Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID)
 
 
 @pytest.mark.parametrize(
@@ -432,13 +433,13 @@ def test_classify_status() -> None:
     [("120", 120.0), ("1.5", 1.5), (" 7 ", 7.0), ("-1", None), ("inf", None), ("1_000", None)],
 )
 def test_parse_retry_after_seconds(value: str, expected: float | None) -> None:
-    assert base.parse_retry_after(value, now=NOW) == expected
+    assert replies.parse_retry_after(value, now=NOW) == expected
 
 
 def test_error_code_partition() -> None:
-    assert set(ErrorCode) == base.RETRYABLE_ERROR_CODES | base.PERMANENT_ERROR_CODES
-    assert not base.RETRYABLE_ERROR_CODES & base.PERMANENT_ERROR_CODES
-    assert ErrorCode.SENDING_LEASE_EXPIRED in base.RETRYABLE_ERROR_CODES
+    assert set(ErrorCode) == names.RETRYABLE_ERROR_CODES | names.PERMANENT_ERROR_CODES
+    assert not names.RETRYABLE_ERROR_CODES & names.PERMANENT_ERROR_CODES
+    assert ErrorCode.SENDING_LEASE_EXPIRED in names.RETRYABLE_ERROR_CODES
 
 
 async def test_bad_bearer_token_is_rejected_without_a_call() -> None:

@@ -5,6 +5,9 @@ a pure sink. Read from the source with ``ast``, so an import inside a function o
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import outbox_notifier
@@ -85,3 +88,41 @@ def test_a_nested_type_checking_import_is_found() -> None:
     )
     assert roots(imported_by(source)) == {"psycopg_pool"}
     assert "outbox_notifier.relay" in imported_by("from outbox_notifier import relay\n")
+
+
+def loaded_by(modules: Iterable[str]) -> set[str]:
+    """Every module a fresh interpreter holds after importing ``modules``: what they reach
+    through other modules counts too (a relative import as well)."""
+    code = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+        "print('\\n'.join(sys.modules))"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", code, *modules], capture_output=True, text=True, check=True
+    )
+    return set(ran.stdout.split())
+
+
+def within(names: Iterable[str], package: str) -> set[str]:
+    return {n for n in names if n == package or n.startswith(package + ".")}
+
+
+def test_the_providers_do_not_import_the_store() -> None:
+    # A provider turns a delivery into a result; what the database makes of it is the
+    # delivery loop's business (the claim policy is built in the composition root).
+    paths = sorted((PACKAGE / "providers").glob("*.py"))
+    for path in paths:
+        assert not within(imported_by(path.read_text()), "outbox_notifier.store"), path.name
+    modules = [f"outbox_notifier.providers.{p.stem}" for p in paths if p.stem != "__init__"]
+    assert not within(loaded_by(["outbox_notifier.providers", *modules]), "outbox_notifier.store")
+
+
+def test_metrics_import_neither_the_providers_nor_httpx() -> None:
+    # The metrics are a sink: they know provider names (outbox_notifier.names), not providers.
+    names = imported("metrics")
+    assert not within(names, "outbox_notifier.providers")
+    assert "httpx" not in roots(names)
+    loaded = loaded_by(["outbox_notifier.metrics"])
+    assert not within(loaded, "outbox_notifier.providers")
+    assert "httpx" not in roots(loaded)

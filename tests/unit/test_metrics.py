@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from outbox_notifier.http import HeartbeatMonitor
 from outbox_notifier.metrics import Metrics
-from outbox_notifier.names import RecordStatus
-from outbox_notifier.providers import PROVIDER_NAMES, default_providers
+from outbox_notifier.names import PROVIDER_NAMES, RecordStatus
+from outbox_notifier.providers import default_providers
 from outbox_notifier.relay import RelayReport
 from outbox_notifier.settings import Settings
 from outbox_notifier.store import Applied, Rescued, Result

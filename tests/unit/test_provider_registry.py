@@ -8,15 +8,12 @@ import json
 import httpx
 import pytest
 
-from outbox_notifier.providers import (
-    PROVIDER_NAMES,
-    REGISTRY,
-    ProviderSettings,
-    UrlRejected,
-    claim_policy,
-    default_providers,
-)
-from outbox_notifier.providers.base import HttpProvider, Provider, Target
+from outbox_notifier.daemon import claim_policy
+from outbox_notifier.names import PROVIDER_NAMES
+from outbox_notifier.providers import REGISTRY, ProviderSettings, default_providers
+from outbox_notifier.providers.base import HttpProvider
+from outbox_notifier.providers.model import Provider, Target
+from outbox_notifier.providers.urls import UrlRejected
 from outbox_notifier.settings import Settings, SettingsError
 from tests.provider_support import make_delivery, mock_transport
 

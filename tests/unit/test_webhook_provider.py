@@ -17,8 +17,9 @@ import msgspec
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from outbox_notifier.names import PERMANENT_ERROR_CODES, ErrorCode, Outcome
 from outbox_notifier.providers import webhook
-from outbox_notifier.providers.base import Delivery, ErrorCode, Outcome, SendResult, Target
+from outbox_notifier.providers.model import Delivery, SendResult, Target
 from outbox_notifier.providers.webhook import WebhookProvider
 from tests import provider_support
 from tests.provider_support import Handler, mock_transport, raising, recording, reply
@@ -253,9 +254,7 @@ async def test_status_mapping(
 
 
 def test_endpoint_gone_is_a_permanent_code() -> None:
-    from outbox_notifier.providers import base
-
-    assert ErrorCode.ENDPOINT_GONE in base.PERMANENT_ERROR_CODES
+    assert ErrorCode.ENDPOINT_GONE in PERMANENT_ERROR_CODES
     assert webhook.classify_webhook_status(410) == (
         Outcome.PERMANENT_FAIL,
         ErrorCode.ENDPOINT_GONE,

@@ -1,0 +1,144 @@
+"""What a provider is handed, what it returns, and the request and reply in between.
+
+A provider turns one claimed ``Delivery`` into one ``SendResult``. It never raises for a
+delivery problem (bad URL, refused connection, hostile response): every such failure is a
+result with an ``Outcome`` and an ``ErrorCode``, so the delivery loop has one code path.
+Only ``asyncio.CancelledError`` (shutdown) escapes.
+
+Outcome -> record status, applied by the delivery loop (seed semantics):
+
+- ``SUCCESS`` -> ``sent``
+- ``SKIPPED`` -> ``skipped``
+- ``PERMANENT_FAIL`` -> ``dead``
+- ``TEMPORARY_FAIL`` -> ``failed`` with a backoff, or ``dead`` once attempts run out
+
+An HTTP provider (``base.HttpProvider``) gets there in three steps, each with its type here:
+``prepare`` gives a ``PreparedRequest`` (or raises ``NotSent``), the shared sender
+(``sender.post_capped``) brings back an ``HttpReply``, and ``classify`` gives its ``Verdict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import httpx
+import msgspec
+
+from outbox_notifier.names import ErrorCode, Outcome
+
+
+class Target(msgspec.Struct, frozen=True, kw_only=True):
+    """The user's row in ``notification_channels`` for the delivery's channel.
+
+    ``auth_kind`` is ``'none'``, ``'bearer'`` or ``'bot_secret'``; ``auth_secret`` is the
+    token or signing secret and must never reach a log line or an error message.
+    """
+
+    enabled: bool
+    webhook_url: str
+    auth_kind: str
+    auth_secret: str | None
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """One claimed notification record, as the delivery loop hands it to a provider.
+
+    ``message_text`` is final (fallback and target URL already applied); ``attempt`` is the
+    attempt being made (1 for the first call); ``target`` is None when the user has no
+    channel row.
+    """
+
+    record_id: int
+    channel: str
+    user_id: int
+    trigger_id: str
+    preview_id: str
+    trigger_type: str
+    target_type: str
+    target_id: int
+    target_url: str
+    message_text: str
+    fallback_used: bool
+    trace_id: str
+    attempt: int
+    dedupe_key: str
+    target: Target | None
+
+
+class SendResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The result of one provider call.
+
+    ``request_json`` is the body that was sent with any secret masked (None when nothing was
+    sent); ``response_body`` holds at most the provider's cap of raw response bytes, with
+    ``response_truncated`` set when more were left unread. ``retry_after_s`` carries the
+    provider's ``Retry-After`` so the retry can honour it. ``disable_target`` asks the daemon
+    to disable the user's channel: the receiver said the endpoint is gone for good (HTTP 410),
+    so every later delivery to it would fail the same way.
+    """
+
+    outcome: Outcome
+    error_code: ErrorCode | None = None
+    error_message: str | None = None
+    provider_message_id: str | None = None
+    http_status: int | None = None
+    request_json: bytes | None = None
+    response_body: bytes | None = None
+    response_truncated: bool = False
+    retry_after_s: float | None = None
+    duration_s: float = 0.0
+    disable_target: bool = False
+
+
+class Provider(Protocol):
+    """A delivery channel. ``send`` must never raise for a delivery problem."""
+
+    async def send(self, delivery: Delivery) -> SendResult: ...
+
+
+class PreparedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One provider call, ready to send: what ``HttpProvider.prepare`` returns.
+
+    ``url`` is the final URL, query parameters included (a provider may sign into them);
+    ``stored`` is the request as the record keeps it (``provider_request_json``), with every
+    secret masked; ``secrets`` are masked in any error message the call produces.
+    """
+
+    url: httpx.URL
+    body: bytes
+    headers: Mapping[str, str]
+    stored: bytes
+    secrets: tuple[str, ...] = ()
+
+
+class NotSent(Exception):
+    """Raised by ``prepare`` when the call must not be made (a configuration fault, a body
+    that cannot fit): a ``PERMANENT_FAIL`` with ``code`` unless ``outcome`` says otherwise."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, outcome: Outcome = Outcome.PERMANENT_FAIL
+    ) -> None:
+        super().__init__(message)
+        self.result = SendResult(outcome=outcome, error_code=code, error_message=message)
+
+
+class HttpReply(msgspec.Struct, frozen=True, kw_only=True):
+    """What came back from one ``post_capped`` call."""
+
+    status: int
+    headers: Mapping[str, str]  # httpx's, so names match whatever their case
+    body: bytes
+    truncated: bool
+    duration_s: float
+
+
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``HttpProvider.classify`` makes of a reply. ``HttpProvider.send`` adds the rest of
+    the ``SendResult``: status, bodies, timing, ``Retry-After`` for a temporary failure, and
+    ``disable_target`` for ``endpoint_gone``; it truncates ``error_message`` and scrubs it of
+    the URL's key and the request's secrets."""
+
+    outcome: Outcome
+    error_code: ErrorCode | None = None
+    error_message: str | None = None
+    provider_message_id: str | None = None
