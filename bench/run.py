@@ -20,13 +20,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bench import peers, scenarios
+from bench import footprint, peers, scenarios
 from bench.fixtures import Databases, feishu_server
 from outbox_notifier.testing.feishu_server import RemoteFeishuServer
 from outbox_notifier.testing.postgres import throwaway_server
 
-SECTIONS = ("throughput", "peers", "database", "latency", "purge", "scale", "transports", "http")
-DEFAULT_SECTIONS = SECTIONS[:6]  # the last two compare HTTP stacks; run them by name
+SECTIONS = (
+    "throughput", "peers", "database", "latency", "purge", "scale", "footprint", "snapshot",
+    "transports", "http",
+)  # fmt: skip
+DEFAULT_SECTIONS = SECTIONS[:8]  # the last two compare HTTP stacks; run them by name
 # The yardstick posting as the daemon's providers do (a built request straight to the
 # transport): the like-for-like comparison for the pipeline's own cost.
 BARE_TRANSPORT = "bare loop, requests built for the transport (as the daemon sends)"
@@ -179,6 +182,24 @@ def peers_table(contenders: list[Contender], yardstick: Contender | None) -> str
     return _table(header, cells, {0, 6})
 
 
+def footprint_table(contenders: list[Contender]) -> str:
+    header = ["system (same N jobs, enqueue included)", "jobs/s", "WAL B/job", "min", "max"]
+    header += ["PG statement us/job", "min", "max", "runs"]
+    cells = []
+    for c in contenders:
+        if not c.runs:
+            continue
+        wal = [r.wal_b for r in c.runs]
+        spent = [r.statement_us for r in c.runs]
+        cells.append(
+            [c.name, _fmt(c.rate())]
+            + [_fmt(f(wal)) for f in (statistics.median, min, max)]
+            + [_fmt(f(spent)) for f in (statistics.median, min, max)]
+            + [str(len(c.runs))]
+        )
+    return _table(header, cells, {0})
+
+
 def _versions(dbs: Databases) -> str:
     def v(name: str) -> str:
         try:
@@ -209,7 +230,7 @@ def _server(dsn: str | None) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    with throwaway_server(fsync=True) as found:
+    with throwaway_server(fsync=True, settings=footprint.SERVER_SETTINGS) as found:
         yield found
 
 
@@ -246,6 +267,7 @@ class Bench:
         self.rows: list[Row] = []
         self.contenders: list[Contender] = []
         self.yardstick: Contender | None = None
+        self.footprints: list[Contender] = []
         self.notes: list[str] = []
 
     def throughput(self) -> None:
@@ -426,6 +448,65 @@ class Bench:
             ),
         ]
 
+    def footprint(self) -> None:
+        dbs, srv, n = self.dbs, self.srv, self.mode.jobs
+        meter = footprint.Meter.probe(dbs.server_dsn)
+        if not meter.statements:
+            self.notes.append(f"PostgreSQL statement time not measured: {meter.why}")
+        if not meter.checkpoint:
+            self.notes.append("footprint runs without a CHECKPOINT before each (not permitted)")
+        drains: list[tuple[str, Callable[[], scenarios.Throughput]]] = [
+            (
+                "daemon: CLI, default settings",
+                lambda: scenarios.daemon_throughput(dbs, srv, n, "cli", meter=meter),
+            ),
+            (
+                "daemon: CLI, durable_claims = true",
+                lambda: scenarios.daemon_throughput(
+                    dbs, srv, n, "cli", meter=meter, settings={"durable_claims": "true"}
+                ),
+            ),
+            (
+                "yardstick: bare loop, psycopg + httpx over aiohttp",
+                lambda: scenarios.baseline_throughput(dbs, srv, n, meter=meter),
+            ),
+        ]
+        absent = peers.missing()
+        drains += [
+            (
+                f"{system} + httpx over aiohttp",
+                lambda s=system: scenarios.peer_throughput(dbs, srv, n, s, meter),  # type: ignore[misc]
+            )
+            for system in peers.SYSTEMS
+            if system not in absent
+        ]
+        self.footprints = [Contender(name) for name, _ in drains]
+        for _ in range(self.mode.runs):  # interleaved, so drift hits all alike
+            for contender, (_, drain) in zip(self.footprints, drains, strict=True):
+                result = drain()
+                contender.runs.append(result)
+                _log(
+                    f"footprint {contender.name} run {len(contender.runs)}: {result.rate:,.1f}/s,"
+                    f" {result.wal_b:,.0f} B WAL/job, {result.statement_us:,.1f} us statements/job"
+                )
+        daemon = self.footprints[0].runs
+        self.rows += [
+            Row(
+                "WAL per delivered record, daemon (CLI, enqueue included)",
+                "B",
+                [r.wal_b for r in daemon],
+                target="<= 2,500",
+                check=("<=", 2_500.0),
+            ),
+            Row(
+                "PostgreSQL statement time per delivered record, daemon (CLI)",
+                "us",
+                [r.statement_us for r in daemon],
+                target="<= 110",
+                check=("<=", 110.0),
+            ),
+        ]
+
     def transports(self) -> None:
         dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
         for transport in ("aiohttp", "minimal", "default"):
@@ -506,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     if bench.contenders:
         print()
         print(peers_table(bench.contenders, bench.yardstick))
+    if bench.footprints:
+        print()
+        print(footprint_table(bench.footprints))
     for note in bench.notes:
         print(f"\nnote: {note}")
     return 0
