@@ -259,7 +259,7 @@ def http_alone(server: RemoteFeishuServer, n: int, transport: str, build: str) -
     return float(out.stdout.strip().splitlines()[-1])
 
 
-async def _offer(
+async def offer(
     dsn: str,
     run: str,
     rate: float,
@@ -325,7 +325,7 @@ def latency(
         proc.wait_line("outbox-notifier running")
         time.sleep(1.0)  # listener connected, pool warm
         started = time.monotonic()
-        committed = asyncio.run(_offer(dsn, run, rate, duration_s))
+        committed = asyncio.run(offer(dsn, run, rate, duration_s))
         achieved = len(committed) / (time.monotonic() - started)
         wait_done(dsn, len(committed))
     finally:
@@ -374,7 +374,7 @@ def purge_under_load(
 
         started = time.monotonic()
         # At most an hour of load; the purge ends it long before.
-        committed = asyncio.run(_offer(dsn, run, rate, 3600.0, until=purge_done))
+        committed = asyncio.run(offer(dsn, run, rate, 3600.0, until=purge_done))
         achieved = len(committed) / (time.monotonic() - started)
         purge = state["p"]
         if purge.popen.wait() != 0:
