@@ -1,9 +1,10 @@
 """``python -m bench``: every figure of the performance targets in one run, printed as tables.
 
-Options: ``--quick`` (a smoke run of every section in about a minute), ``--dsn`` (an existing
-server instead of a private fsync-on cluster), ``--runs``, ``--jobs``, ``--profile DIR`` (one
-extra profiled throughput run per daemon variant, if py-spy is installed), ``--only`` (a subset
-of sections; ``transports`` and ``http`` run only when named).
+Options: ``--quick`` (a smoke run of every section in a few minutes), ``--dsn`` (an existing
+server instead of a private fsync-on cluster), ``--runs``, ``--jobs``, ``--hold-s`` (how long the
+snapshot section holds its snapshot), ``--profile DIR`` (one extra profiled throughput run per
+daemon variant, if py-spy is installed), ``--only`` (a subset of sections; ``transports`` and
+``http`` run only when named).
 """
 
 from __future__ import annotations
