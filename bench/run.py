@@ -1,9 +1,10 @@
 """``python -m bench``: every figure of the performance targets in one run, printed as tables.
 
-Options: ``--quick`` (a smoke run of every section in about a minute), ``--dsn`` (an existing
-server instead of a private fsync-on cluster), ``--runs``, ``--jobs``, ``--profile DIR`` (one
-extra profiled throughput run per daemon variant, if py-spy is installed), ``--only`` (a subset
-of sections; ``transports`` and ``http`` run only when named).
+Options: ``--quick`` (a smoke run of every section in a few minutes), ``--dsn`` (an existing
+server instead of a private fsync-on cluster), ``--runs``, ``--jobs``, ``--hold-s`` (how long the
+snapshot section holds its snapshot), ``--profile DIR`` (one extra profiled throughput run per
+daemon variant, if py-spy is installed), ``--only`` (a subset of sections; ``transports`` and
+``http`` run only when named).
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bench import peers, scenarios
+from bench import footprint, peers, scenarios, snapshot
 from bench.fixtures import Databases, feishu_server
 from outbox_notifier.testing.feishu_server import RemoteFeishuServer
 from outbox_notifier.testing.postgres import throwaway_server
 
-SECTIONS = ("throughput", "peers", "database", "latency", "purge", "scale", "transports", "http")
-DEFAULT_SECTIONS = SECTIONS[:6]  # the last two compare HTTP stacks; run them by name
+SECTIONS = (
+    "throughput", "peers", "database", "latency", "purge", "scale", "footprint", "snapshot",
+    "transports", "http",
+)  # fmt: skip
+DEFAULT_SECTIONS = SECTIONS[:8]  # the last two compare HTTP stacks; run them by name
 # The yardstick posting as the daemon's providers do (a built request straight to the
 # transport): the like-for-like comparison for the pipeline's own cost.
 BARE_TRANSPORT = "bare loop, requests built for the transport (as the daemon sends)"
@@ -42,6 +46,7 @@ class Mode:
     duration_s: float
     history: int
     claim_reps: int
+    snapshot: snapshot.Plan
 
 
 FULL = Mode(
@@ -53,6 +58,7 @@ FULL = Mode(
     duration_s=30.0,
     history=1_000_000,
     claim_reps=50,
+    snapshot=snapshot.Plan(rate=300.0, window_s=60.0, before_s=60.0, hold_s=600.0, after_s=180.0),
 )
 QUICK = Mode(
     name="quick",
@@ -63,6 +69,7 @@ QUICK = Mode(
     duration_s=3.0,
     history=20_000,
     claim_reps=10,
+    snapshot=snapshot.Plan(rate=300.0, window_s=10.0, before_s=10.0, hold_s=30.0, after_s=20.0),
 )
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -179,6 +186,60 @@ def peers_table(contenders: list[Contender], yardstick: Contender | None) -> str
     return _table(header, cells, {0, 6})
 
 
+def footprint_table(contenders: list[Contender]) -> str:
+    header = ["system (same N jobs, enqueue included)", "jobs/s", "WAL B/job", "min", "max"]
+    header += ["PG statement us/job", "min", "max", "runs"]
+    cells = []
+    for c in contenders:
+        if not c.runs:
+            continue
+        wal = [r.wal_b for r in c.runs]
+        spent = [r.statement_us for r in c.runs]
+        cells.append(
+            [c.name, _fmt(c.rate())]
+            + [_fmt(f(wal)) for f in (statistics.median, min, max)]
+            + [_fmt(f(spent)) for f in (statistics.median, min, max)]
+            + [str(len(c.runs))]
+        )
+    return _table(header, cells, {0})
+
+
+def snapshot_table(plan: snapshot.Plan, windows: list[snapshot.Window]) -> str:
+    header = [f"window (s), {plan.rate:.0f} events/s", "snapshot", "events", "p50 ms", "p99 ms"]
+    header += [f"{loop} claim ms" for loop in snapshot.CLAIM_LOOPS]
+    header += ["dead tuples: records", "outbox"]
+    cells = [
+        [
+            f"{w.start_s:.0f}-{w.start_s + plan.window_s:.0f}",
+            w.phase,
+            f"{len(w.latencies_s):,}",
+            _fmt(_quantile(w.latencies_s, 50) * 1000),
+            _fmt(_quantile(w.latencies_s, 99) * 1000),
+            *(_fmt(w.claim_ms[loop]) for loop in snapshot.CLAIM_LOOPS),
+            f"{w.dead.get('notification_records', 0):,}",
+            f"{w.dead.get('outbox', 0):,}",
+        ]
+        for w in windows
+    ]
+    return _table(header, cells, {0, 1})
+
+
+# Commit-to-delivery p99 the held-snapshot run is held to, in every window.
+SNAPSHOT_P99_MS = 100.0
+
+
+def _recovery_s(plan: snapshot.Plan, windows: list[snapshot.Window]) -> float:
+    """Seconds from the release to the end of the last window after it whose p99 is over
+    target (0: none was); infinite when the run's last window still was."""
+    after = [w for w in windows if w.phase == "after"]
+    slow = [w for w in after if _quantile(w.latencies_s, 99) * 1000 > SNAPSHOT_P99_MS]
+    if not slow:
+        return 0.0
+    if slow[-1] is after[-1]:
+        return float("inf")
+    return slow[-1].start_s + plan.window_s - (plan.before_s + plan.hold_s)
+
+
 def _versions(dbs: Databases) -> str:
     def v(name: str) -> str:
         try:
@@ -209,7 +270,7 @@ def _server(dsn: str | None) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    with throwaway_server(fsync=True) as found:
+    with throwaway_server(fsync=True, settings=footprint.SERVER_SETTINGS) as found:
         yield found
 
 
@@ -246,6 +307,8 @@ class Bench:
         self.rows: list[Row] = []
         self.contenders: list[Contender] = []
         self.yardstick: Contender | None = None
+        self.footprints: list[Contender] = []
+        self.tables: list[str] = []  # sections' own tables, printed after the others
         self.notes: list[str] = []
 
     def throughput(self) -> None:
@@ -426,6 +489,110 @@ class Bench:
             ),
         ]
 
+    def footprint(self) -> None:
+        dbs, srv, n = self.dbs, self.srv, self.mode.jobs
+        meter = footprint.Meter.probe(dbs.server_dsn)
+        if not meter.statements:
+            self.notes.append(f"PostgreSQL statement time not measured: {meter.why}")
+        if not meter.checkpoint:
+            self.notes.append("footprint runs without a CHECKPOINT before each (not permitted)")
+        drains: list[tuple[str, Callable[[], scenarios.Throughput]]] = [
+            (
+                "daemon: CLI, default settings",
+                lambda: scenarios.daemon_throughput(dbs, srv, n, "cli", meter=meter),
+            ),
+            (
+                "daemon: CLI, durable_claims = true",
+                lambda: scenarios.daemon_throughput(
+                    dbs, srv, n, "cli", meter=meter, settings={"durable_claims": "true"}
+                ),
+            ),
+            (
+                "yardstick: bare loop, psycopg + httpx over aiohttp",
+                lambda: scenarios.baseline_throughput(dbs, srv, n, meter=meter),
+            ),
+        ]
+        absent = peers.missing()
+        drains += [
+            (
+                f"{system} + httpx over aiohttp",
+                lambda s=system: scenarios.peer_throughput(dbs, srv, n, s, meter),  # type: ignore[misc]
+            )
+            for system in peers.SYSTEMS
+            if system not in absent
+        ]
+        self.footprints = [Contender(name) for name, _ in drains]
+        for _ in range(self.mode.runs):  # interleaved, so drift hits all alike
+            for contender, (_, drain) in zip(self.footprints, drains, strict=True):
+                result = drain()
+                contender.runs.append(result)
+                _log(
+                    f"footprint {contender.name} run {len(contender.runs)}: {result.rate:,.1f}/s,"
+                    f" {result.wal_b:,.0f} B WAL/job, {result.statement_us:,.1f} us statements/job"
+                )
+        daemon = self.footprints[0].runs
+        self.rows += [
+            Row(
+                "WAL per delivered record, daemon (CLI, enqueue included)",
+                "B",
+                [r.wal_b for r in daemon],
+                target="<= 2,500",
+                check=("<=", 2_500.0),
+            ),
+            Row(
+                "PostgreSQL statement time per delivered record, daemon (CLI)",
+                "us",
+                [r.statement_us for r in daemon],
+                target="<= 110",
+                check=("<=", 110.0),
+            ),
+        ]
+
+    def snapshot(self) -> None:
+        plan = self.mode.snapshot
+        _log(
+            f"snapshot: {plan.rate:.0f} events/s for "
+            f"{plan.before_s + plan.hold_s + plan.after_s:.0f} s, snapshot held from "
+            f"{plan.before_s:.0f} s to {plan.before_s + plan.hold_s:.0f} s"
+        )
+        windows, achieved = snapshot.held_snapshot(self.dbs, self.srv, plan)
+        self.tables.append(snapshot_table(plan, windows))
+        held = f"REPEATABLE READ held {plan.hold_s:.0f} s at {plan.rate:.0f}/s"
+        before = [w for w in windows if w.phase == "before"]
+        until_release = [w for w in windows if w.phase != "after"]
+        rows = [
+            Row(
+                f"held snapshot ({held}): worst p99 of a {plan.window_s:.0f} s window",
+                "ms",
+                [max(_quantile(w.latencies_s, 99) * 1000 for w in until_release)],
+                target=f"<= {SNAPSHOT_P99_MS:.0f}, every window",
+                check=("<=", SNAPSHOT_P99_MS),
+            )
+        ]
+        last_held = [w for w in windows if w.phase == "held"][-1]
+        for loop in snapshot.CLAIM_LOOPS:
+            flat = last_held.claim_ms[loop] / statistics.median(w.claim_ms[loop] for w in before)
+            rows.append(
+                Row(
+                    f"held snapshot: {loop} claim, last held window / before",
+                    "x",
+                    [flat],
+                    target="flat: <= 2x",
+                    check=("<=", 2.0),
+                )
+            )
+        rows.append(
+            Row(
+                f"held snapshot: after release, until p99 <= {SNAPSHOT_P99_MS:.0f} ms",
+                "s",
+                [_recovery_s(plan, windows)],
+                target="<= 60",
+                check=("<=", 60.0),
+            )
+        )
+        rows.append(Row("held snapshot run: offered rate achieved", "events/s", [achieved]))
+        self.rows += rows
+
     def transports(self) -> None:
         dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
         for transport in ("aiohttp", "minimal", "default"):
@@ -480,12 +647,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="write a sampled profile of one throughput run per daemon variant",
     )
+    parser.add_argument(
+        "--hold-s",
+        type=float,
+        help="seconds the snapshot section holds its snapshot (default 600, quick 30)",
+    )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
     for name in ("runs", "jobs", "history"):
         if getattr(args, name):
             mode = replace(mode, **{name: getattr(args, name)})
+    if args.hold_s:  # whole windows, so that every window has one phase
+        windows = max(round(args.hold_s / mode.snapshot.window_s), 1)
+        mode = replace(
+            mode, snapshot=replace(mode.snapshot, hold_s=windows * mode.snapshot.window_s)
+        )
     started = time.monotonic()
     with _server(args.dsn) as server_dsn, feishu_server() as srv:
         dbs = Databases(server_dsn)
@@ -506,6 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     if bench.contenders:
         print()
         print(peers_table(bench.contenders, bench.yardstick))
+    if bench.footprints:
+        print()
+        print(footprint_table(bench.footprints))
+    for table in bench.tables:
+        print()
+        print(table)
     for note in bench.notes:
         print(f"\nnote: {note}")
     return 0

@@ -32,6 +32,7 @@ from bench.fixtures import (
     server_total,
     wait_done,
 )
+from bench.footprint import Meter
 from outbox_notifier.daemon import claim_policy
 from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.settings import Settings
@@ -83,22 +84,35 @@ class Throughput:
     cpu_us: float  # CPU (user + system) of that process per job, from enqueue to done
     rss_mb: float  # its peak RSS (VmHWM)
     loop: str  # "uvloop" or "asyncio", as seen in the process's memory map
+    # With a meter (bench.footprint): per job, enqueue included; NaN without one.
+    wal_b: float = float("nan")  # WAL bytes
+    statement_us: float = float("nan")  # PostgreSQL statement execution time
 
 
 def _measure(
-    proc: Process, n: int, start: Callable[[], float], done: Callable[[], float]
+    proc: Process,
+    n: int,
+    start: Callable[[], float],
+    done: Callable[[str], float],
+    dsn: str,
+    meter: Meter | None = None,
 ) -> Throughput:
-    """Times ``start`` (returns the commit time) to ``done`` (returns the last success time) and
-    charges the process's CPU over the same window to the N jobs."""
+    """Times ``start`` (returns the commit time) to ``done`` (polls the run's database at the
+    DSN it is given; returns the last success time) and charges the process's CPU over the same
+    window to the N jobs; with ``meter``, the database's WAL and statement time too."""
+    window = meter.begin(dsn) if meter is not None else None
     cpu_before = proc.cpu_s()
     committed_at = start()
-    last_at = done()
+    last_at = done(window.poll_dsn if window is not None else dsn)
     cpu = proc.cpu_s() - cpu_before
+    usage = window.end() if window is not None else None
     return Throughput(
         rate=n / (last_at - committed_at),
         cpu_us=cpu / n * 1e6,
         rss_mb=proc.peak_rss_mb(),
         loop=proc.loop_name(),
+        wal_b=usage.wal_bytes / n if usage else float("nan"),
+        statement_us=usage.exec_ms * 1000 / n if usage else float("nan"),
     )
 
 
@@ -114,12 +128,15 @@ def daemon_throughput(
     n: int,
     variant: str,
     profile: Path | None = None,
+    meter: Meter | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Throughput:
-    """Records/s from the enqueue commit until the last record is sent, CPU/record, peak RSS."""
+    """Records/s from the enqueue commit until the last record is sent, CPU/record, peak RSS;
+    ``settings`` are passed to the CLI daemon (``--set``)."""
     dsn = dbs.new()
     add_channels(dsn, server)
     server.reset()
-    proc = Process.start(daemon_args(dsn, variant))
+    proc = Process.start(daemon_args(dsn, variant, settings))
     profiler = None
     try:
         proc.wait_line("outbox-notifier running")
@@ -127,7 +144,12 @@ def daemon_throughput(
             profiler = _start_profiler(proc.pid, profile)
             time.sleep(0.5)  # let the profiler attach before the work arrives
         result = _measure(
-            proc, n, lambda: enqueue(dsn, uuid.uuid4().hex[:8], n), lambda: _last_at(dsn, n)
+            proc,
+            n,
+            lambda: enqueue(dsn, uuid.uuid4().hex[:8], n),
+            lambda poll: _last_at(poll, n),
+            dsn,
+            meter,
         )
         _stop_profiler(profiler)
     finally:
@@ -149,6 +171,7 @@ def baseline_throughput(
     loop: str = "auto",
     profile: Path | None = None,
     send: str = "client",
+    meter: Meter | None = None,
 ) -> Throughput:
     """Jobs/s of the plain claim + httpx POST + update loop, timed like the daemon."""
     dsn = dbs.new()
@@ -164,7 +187,12 @@ def baseline_throughput(
             profiler = _start_profiler(proc.pid, profile)
             time.sleep(0.5)  # let the profiler attach before the work arrives
         result = _measure(
-            proc, n, lambda: add_jobs(dsn, server, n), lambda: _last_at(dsn, n, jobs=True)
+            proc,
+            n,
+            lambda: add_jobs(dsn, server, n),
+            lambda poll: _last_at(poll, n, jobs=True),
+            dsn,
+            meter,
         )
     finally:
         _stop_profiler(profiler)
@@ -175,7 +203,9 @@ def baseline_throughput(
     return result
 
 
-def peer_throughput(dbs: Databases, server: RemoteFeishuServer, n: int, system: str) -> Throughput:
+def peer_throughput(
+    dbs: Databases, server: RemoteFeishuServer, n: int, system: str, meter: Meter | None = None
+) -> Throughput:
     """Jobs/s of another PostgreSQL queue (``bench.peers``) doing the bare loop's job."""
     from bench import peers
 
@@ -191,7 +221,9 @@ def peer_throughput(dbs: Databases, server: RemoteFeishuServer, n: int, system: 
             proc,
             n,
             lambda: peers.enqueue(system, dsn, jobs),
-            lambda: _last_at(dsn, n, query=peers.progress_query(system)),
+            lambda poll: _last_at(poll, n, query=peers.progress_query(system)),
+            dsn,
+            meter,
         )
     except Exception as exc:
         raise RuntimeError(f"{system}: {exc}\n" + "\n".join(proc.lines[-20:])) from exc
@@ -227,7 +259,7 @@ def http_alone(server: RemoteFeishuServer, n: int, transport: str, build: str) -
     return float(out.stdout.strip().splitlines()[-1])
 
 
-async def _offer(
+async def offer(
     dsn: str,
     run: str,
     rate: float,
@@ -293,7 +325,7 @@ def latency(
         proc.wait_line("outbox-notifier running")
         time.sleep(1.0)  # listener connected, pool warm
         started = time.monotonic()
-        committed = asyncio.run(_offer(dsn, run, rate, duration_s))
+        committed = asyncio.run(offer(dsn, run, rate, duration_s))
         achieved = len(committed) / (time.monotonic() - started)
         wait_done(dsn, len(committed))
     finally:
@@ -342,7 +374,7 @@ def purge_under_load(
 
         started = time.monotonic()
         # At most an hour of load; the purge ends it long before.
-        committed = asyncio.run(_offer(dsn, run, rate, 3600.0, until=purge_done))
+        committed = asyncio.run(offer(dsn, run, rate, 3600.0, until=purge_done))
         achieved = len(committed) / (time.monotonic() - started)
         purge = state["p"]
         if purge.popen.wait() != 0:

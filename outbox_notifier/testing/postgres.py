@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import psycopg
@@ -63,10 +63,12 @@ def _free_port() -> int:
 class LocalCluster:
     """A private PostgreSQL cluster in a temporary directory, on a free loopback port."""
 
-    def __init__(self, *, fsync: bool = False) -> None:
+    def __init__(self, *, fsync: bool = False, settings: Mapping[str, str] | None = None) -> None:
         self.bindir = _pg_bindir()
         self.port = _free_port()
         self.fsync = fsync
+        # Extra server settings (``-c name=value``), e.g. a preloaded library for a benchmark.
+        self.settings = dict(settings or {})
         self.root = Path(tempfile.mkdtemp(prefix="outbox-notifier-pg-"))
         self.datadir = self.root / "data"
         self.logfile = self.root / "postgres.log"
@@ -104,9 +106,10 @@ class LocalCluster:
                 "-E", "UTF8", "--no-sync", "--no-instructions",
             )  # fmt: skip
         durability = "" if self.fsync else " -c fsync=off -c synchronous_commit=off"
+        extra = "".join(f" -c {name}={value}" for name, value in self.settings.items())
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root}"
-            f" -c max_connections=200{durability}"
+            f" -c max_connections=200{durability}{extra}"
         )
         self._run("pg_ctl", "start", "-w", "-D", str(self.datadir), "-l", str(self.logfile),
                   "-o", options)  # fmt: skip
@@ -148,8 +151,14 @@ def _docker_answers() -> bool:
 
 
 @contextlib.contextmanager
-def throwaway_server(*, fsync: bool = False) -> Iterator[str]:
-    """Yields the DSN of a PostgreSQL server (see the module docstring for how it is found)."""
+def throwaway_server(
+    *, fsync: bool = False, settings: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """Yields the DSN of a PostgreSQL server (see the module docstring for how it is found).
+
+    ``fsync`` and ``settings`` (extra ``-c name=value`` server settings) apply to the private
+    cluster only: an existing server or a container keeps its own configuration, so a caller
+    that needs a setting checks the server it got."""
     existing = os.environ.get(TEST_DSN_ENV)
     if existing:
         yield existing
@@ -160,7 +169,7 @@ def throwaway_server(*, fsync: bool = False) -> Iterator[str]:
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url()
         return
-    cluster = LocalCluster(fsync=fsync)
+    cluster = LocalCluster(fsync=fsync, settings=settings)
     try:
         cluster.start()
         yield cluster.dsn

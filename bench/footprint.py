@@ -1,0 +1,128 @@
+"""What a drain costs the database it runs in: WAL bytes and PostgreSQL statement time.
+
+Around one drain (enqueue included)::
+
+    meter = Meter.probe(server_dsn)      # once: can this server count statements?
+    window = meter.begin(run_dsn)        # CHECKPOINT, reset the run's statement stats, WAL LSN
+    ...enqueue, wait for the last success (polling on ``window.poll_dsn``)...
+    usage = window.end()                 # WAL bytes since begin, statement ms of the run's db
+
+WAL is the ``pg_wal_lsn_diff`` of ``pg_current_wal_lsn()`` before and after: server-wide, so
+it counts whatever else the server writes meanwhile (autovacuum included; on a shared ``--dsn``
+server, other users' work too). The CHECKPOINT before each drain makes every contender pay the
+full-page image of each page it first touches, rather than whichever contender a checkpoint
+happened to fall on.
+
+Statement time is the sum of ``pg_stat_statements.total_exec_time`` of the run's database
+(each run has its own clone: filtered by ``dbid``), top-level statements only, so a function's
+inner statements are not counted twice; planning is not counted (``track_planning`` is off by
+default). The bench's own polls run on a connection that sets ``pg_stat_statements.track =
+none``, so only the contender's statements and the enqueue are counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, LiteralString
+
+import psycopg
+
+from outbox_notifier.dbhealth import first_line
+
+# Server settings the bench's private cluster starts with; top-level tracking is the default,
+# said here so that it is a decision, not an accident (see the module docstring).
+SERVER_SETTINGS = {
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track": "top",
+}
+# For the bench's own connections to a run's database: their statements are not counted.
+_UNTRACKED = "-c pg_stat_statements.track=none"
+
+
+@dataclass(frozen=True)
+class Usage:
+    wal_bytes: float
+    exec_ms: float  # NaN when the server cannot count statements
+
+
+class Meter:
+    """Measures drains on one server; ``statements`` is False when it cannot count statement
+    time, and ``why`` then says why (WAL is still measured)."""
+
+    def __init__(self, server_dsn: str, why: str, checkpoint: bool) -> None:
+        self.server_dsn = server_dsn
+        self.why = why
+        self.statements = not why
+        self.checkpoint = checkpoint
+
+    @classmethod
+    def probe(cls, server_dsn: str) -> Meter:
+        """Installs ``pg_stat_statements`` in the server DSN's database if it can, and checks
+        that this session may reset it and switch its tracking off."""
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            checkpoint = _tries(conn, "CHECKPOINT") == ""
+            row = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
+            if row is None or "pg_stat_statements" not in str(row[0]):
+                why = "pg_stat_statements is not in the server's shared_preload_libraries"
+            else:
+                why = (
+                    _tries(conn, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                    or _tries(conn, "SET pg_stat_statements.track = none")
+                    or _tries(conn, "SELECT pg_stat_statements_reset(0, 0, 0)")
+                )
+        return cls(server_dsn, why, checkpoint)
+
+    def begin(self, dsn: str) -> Window:
+        with psycopg.connect(self.server_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT oid FROM pg_database WHERE datname = %s",
+                (psycopg.conninfo.conninfo_to_dict(dsn)["dbname"],),
+            ).fetchone()
+            assert row is not None, dsn
+            dbid = int(row[0])
+            if self.checkpoint:
+                conn.execute("CHECKPOINT")
+            if self.statements:
+                conn.execute("SELECT pg_stat_statements_reset(0, %s, 0)", (dbid,))
+            lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert lsn is not None
+        if not self.statements:
+            return Window(self, dbid, str(lsn[0]), dsn)
+        return Window(
+            self, dbid, str(lsn[0]), psycopg.conninfo.make_conninfo(dsn, options=_UNTRACKED)
+        )
+
+
+@dataclass(frozen=True)
+class Window:
+    meter: Meter
+    dbid: int
+    lsn: str
+    poll_dsn: str  # the run's database, for the bench's own (uncounted) queries
+
+    def end(self) -> Usage:
+        with psycopg.connect(self.meter.server_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)::float8", (self.lsn,)
+            ).fetchone()
+            assert row is not None
+            wal = float(row[0])
+            exec_ms = float("nan")
+            if self.meter.statements:
+                row = conn.execute(
+                    "SELECT coalesce(sum(total_exec_time), 0)::float8 FROM pg_stat_statements"
+                    " WHERE dbid = %s AND toplevel",
+                    (self.dbid,),
+                ).fetchone()
+                assert row is not None
+                exec_ms = float(row[0])
+        return Usage(wal_bytes=wal, exec_ms=exec_ms)
+
+
+def _tries(conn: psycopg.Connection[Any], statement: LiteralString) -> str:
+    """Runs ``statement``; returns "" or why it failed, in one line."""
+    try:
+        conn.execute(statement)
+    except psycopg.Error as exc:
+        return f"{statement.split()[0]} failed: {first_line(exc)}"
+    return ""

@@ -1,0 +1,190 @@
+"""The daemon under a long-open snapshot: steady load, a REPEATABLE READ transaction held open.
+
+An analytics query, a forgotten ``BEGIN`` or a lagging logical slot on the primary keeps every
+row version deleted or updated since its snapshot from being vacuumed; a queue whose hot path
+walks those versions slows down with the snapshot's age. The run::
+
+    |-- before --|------------- held -------------|-- after --|
+    load at a steady rate throughout; the snapshot opens and closes at the marks
+
+The load is the latency section's (one event per transaction, ``scenarios.offer``) into the CLI
+daemon. The snapshot is taken on its own connection to the run's database (its horizon holds
+back vacuum there) by reading one outbox row in a REPEATABLE READ transaction, which stays open
+until the release. At the end of each window the bench reads the daemon's
+``outbox_notifier_claim_duration_seconds`` (sum and count, so a window's mean claim) and
+``n_dead_tup`` of the records and outbox tables. After the run, each event's commit-to-delivery
+time is ``sent_at - created_at`` of its record and outbox row (both stamped by the database), and
+events are put into the window their outbox row was created in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.fixtures import Databases, Process, add_channels, daemon_args, wait_done
+from bench.scenarios import offer
+from outbox_notifier.testing.feishu_server import RemoteFeishuServer
+
+CLAIM_METRIC = "outbox_notifier_claim_duration_seconds"
+CLAIM_LOOPS = ("delivery", "relay")
+
+_DEAD_TUPLES = """
+SELECT relname, n_dead_tup FROM pg_stat_user_tables
+WHERE schemaname = 'outbox_notifier' AND relname IN ('notification_records', 'outbox')
+"""
+_LATENCIES = """
+SELECT extract(epoch FROM o.created_at)::float8,
+       extract(epoch FROM r.sent_at - o.created_at)::float8
+FROM outbox_notifier.notification_records r JOIN outbox_notifier.outbox o ON o.id = r.outbox_id
+"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    rate: float  # events/s offered throughout
+    window_s: float  # figures are per window; the phases are whole windows
+    before_s: float
+    hold_s: float
+    after_s: float
+
+    def phase(self, start_s: float) -> str:
+        """The phase of the window starting ``start_s`` after the load began."""
+        if start_s < self.before_s:
+            return "before"
+        return "held" if start_s < self.before_s + self.hold_s else "after"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The daemon's cumulative claim figures and the tables' dead tuples at one instant."""
+
+    claim_s: dict[str, tuple[float, float]]  # loop -> (sum of seconds, count)
+    dead: dict[str, int]  # table -> n_dead_tup
+
+
+@dataclass
+class Window:
+    start_s: float
+    phase: str
+    latencies_s: list[float] = field(default_factory=list)
+    claim_ms: dict[str, float] = field(default_factory=dict)  # loop -> mean claim in the window
+    dead: dict[str, int] = field(default_factory=dict)  # at the window's end
+
+
+def _scrape(client: httpx.Client, metrics_url: str) -> dict[str, tuple[float, float]]:
+    found: dict[str, list[float]] = {loop: [0.0, 0.0] for loop in CLAIM_LOOPS}
+    text = client.get(metrics_url).text
+    for family in text_string_to_metric_families(text):
+        if family.name != CLAIM_METRIC:
+            continue
+        for sample in family.samples:
+            loop = sample.labels.get("loop", "")
+            if loop in found and sample.name.endswith("_sum"):
+                found[loop][0] = sample.value
+            elif loop in found and sample.name.endswith("_count"):
+                found[loop][1] = sample.value
+    return {loop: (v[0], v[1]) for loop, v in found.items()}
+
+
+def _sample(conn: psycopg.Connection, client: httpx.Client, metrics_url: str) -> Sample:
+    dead = {str(name): int(n) for name, n in conn.execute(_DEAD_TUPLES).fetchall()}
+    return Sample(claim_s=_scrape(client, metrics_url), dead=dead)
+
+
+def _hold(conn: psycopg.Connection) -> None:
+    """Takes a snapshot that stays until ``conn`` ends its transaction: REPEATABLE READ takes
+    it at the first statement, so one row is read."""
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    conn.execute("SELECT id FROM outbox_notifier.outbox LIMIT 1").fetchall()
+
+
+async def _watch(dsn: str, metrics_url: str, plan: Plan, started: float) -> list[Sample]:
+    """Opens the snapshot at the end of ``before`` and releases it after ``hold``; samples the
+    daemon and the tables at the load's start and at the end of every window."""
+    windows = round((plan.before_s + plan.hold_s + plan.after_s) / plan.window_s)
+    samples: list[Sample] = []
+    with (
+        psycopg.connect(dsn, autocommit=True) as stats,
+        psycopg.connect(dsn, autocommit=True) as holder,
+        httpx.Client(timeout=10.0) as client,
+    ):
+        steps = [(started + i * plan.window_s, "sample") for i in range(windows + 1)]
+        steps += [
+            (started + plan.before_s, "hold"),
+            (started + plan.before_s + plan.hold_s, "release"),
+        ]
+        for at, step in sorted(steps):  # at one instant: "hold"/"release" before "sample"
+            await asyncio.sleep(max(at - time.time(), 0.0))
+            if step == "hold":
+                await asyncio.to_thread(_hold, holder)
+            elif step == "release":
+                await asyncio.to_thread(holder.execute, "ROLLBACK")
+            else:
+                samples.append(await asyncio.to_thread(_sample, stats, client, metrics_url))
+    return samples
+
+
+def held_snapshot(
+    dbs: Databases, server: RemoteFeishuServer, plan: Plan
+) -> tuple[list[Window], float]:
+    """Runs the scenario (module docstring) once: one ``Window`` per window of the run, and the
+    offered rate the load achieved (events/s)."""
+    dsn = dbs.new()
+    add_channels(dsn, server)
+    server.reset()
+    proc = Process.start(daemon_args(dsn, "cli"))
+    run = uuid.uuid4().hex[:8]
+    duration_s = plan.before_s + plan.hold_s + plan.after_s
+    try:
+        proc.wait_line("outbox-notifier running")
+        port = re.search(r"127\.0\.0\.1:(\d+)", proc.wait_line("serving /metrics"))
+        assert port is not None
+        metrics_url = f"http://127.0.0.1:{port.group(1)}/metrics"
+        time.sleep(1.0)  # listener connected, pool warm
+
+        started = time.time()
+
+        async def load() -> tuple[int, list[Sample]]:
+            committed, samples = await asyncio.gather(
+                offer(dsn, run, plan.rate, duration_s),
+                _watch(dsn, metrics_url, plan, started),
+            )
+            return len(committed), samples
+
+        offered, samples = asyncio.run(load())
+        achieved = offered / (time.time() - started)
+        wait_done(dsn, offered)
+        with psycopg.connect(dsn) as conn:
+            delivered = conn.execute(_LATENCIES).fetchall()
+    finally:
+        proc.stop()
+    dbs.drop(dsn)
+    return _windows(plan, started, samples, delivered), achieved
+
+
+def _windows(
+    plan: Plan, started: float, samples: list[Sample], delivered: list[tuple[float, float]]
+) -> list[Window]:
+    windows = [
+        Window(start_s=i * plan.window_s, phase=plan.phase(i * plan.window_s))
+        for i in range(len(samples) - 1)
+    ]
+    for created_at, latency_s in delivered:
+        i = int((created_at - started) // plan.window_s)
+        if 0 <= i < len(windows):
+            windows[i].latencies_s.append(latency_s)
+    for window, first, last in zip(windows, samples, samples[1:], strict=False):
+        window.dead = last.dead
+        for loop in CLAIM_LOOPS:
+            spent = last.claim_s[loop][0] - first.claim_s[loop][0]
+            count = last.claim_s[loop][1] - first.claim_s[loop][1]
+            window.claim_ms[loop] = spent / count * 1000 if count else float("nan")
+    return windows
