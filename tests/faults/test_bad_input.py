@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import events
-from outbox_notifier.relay import Relay
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Recorded, Reply
 from tests.faults.harness import (
@@ -38,6 +37,7 @@ from tests.faults.harness import (
     report,
     wait_settled,
 )
+from tests.support import relay_for
 
 pytestmark = pytest.mark.faults
 
@@ -148,8 +148,7 @@ class RelayHarness:
             dsn, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
         )
         self.loop.run_until_complete(self.pool.open())
-        self.relay = Relay(RecordStore(self.pool), batch_size=50, max_attempts=5,
-                           summary_max_runes=180)  # fmt: skip
+        self.relay = relay_for(RecordStore(self.pool), relay_batch_size=50)
         self.passes = 0
 
     def drain(self) -> None:

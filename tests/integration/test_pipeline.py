@@ -16,7 +16,6 @@ from outbox_notifier.daemon import Daemon
 from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
 from outbox_notifier.providers import claim_policy
 from outbox_notifier.providers.base import ErrorCode, Outcome, SendResult
-from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import ClaimPolicy, RecordStore
@@ -31,6 +30,7 @@ from tests.support import (
     outbox_rows,
     payload,
     records,
+    relay_for,
     running,
     scalar,
     settings_for,
@@ -225,7 +225,7 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
     policy = RetryPolicy(max_attempts=5, base_s=0.1, max_s=0.1)
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         store = RecordStore(pool)
-        relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
+        relay = relay_for(store, relay_batch_size=10)
         assert (await relay.relay_once()).created == 1
         # Worker A claims with a lease that expires at once, then "dies" mid-call.
         [claimed] = await store.claim_records(10, ClaimPolicy(lease_s=0.01))
@@ -271,7 +271,7 @@ async def test_lease_expiry_on_the_last_attempt_is_dead(
     policy = RetryPolicy(max_attempts=1)
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         store = RecordStore(pool)
-        await Relay(store, batch_size=10, max_attempts=1, summary_max_runes=180).relay_once()
+        await relay_for(store, relay_batch_size=10, max_attempts=1).relay_once()
         await store.claim_records(10, ClaimPolicy(lease_s=0.01))
         await asyncio.sleep(0.05)
         [rescued] = await rescue_expired_leases(store, policy)
@@ -287,7 +287,7 @@ async def _relayed_on_one_backend(
     pool = AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1, max_size=1)
     async with pool:
         store = RecordStore(pool)
-        await Relay(store, batch_size=500, max_attempts=5, summary_max_runes=180).relay_once()
+        await relay_for(store, relay_batch_size=500).relay_once()
         yield pool, store
 
 
@@ -384,6 +384,8 @@ def test_a_claim_locks_targets_only_when_one_needs_it(
 _CLAIM_PARAMS: dict[str, Any] = {
     "limit": 100, "lease_s": 30.0, "paced": [], "per_s": [], "per_min": [],
     "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0, "durable": False,
+    "max_batch_bytes": Settings().relay_batch_bytes,
+    "max_payload_bytes": Settings().max_payload_bytes,
 }  # fmt: skip
 
 
@@ -477,7 +479,7 @@ async def test_record_keeps_the_producers_requested_at_and_the_outbox_time(
         db, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
     )
     async with pool:
-        relay = Relay(RecordStore(pool), batch_size=10, max_attempts=5, summary_max_runes=180)
+        relay = relay_for(RecordStore(pool), relay_batch_size=10)
         assert (await relay.relay_once()).created == 1
     [record] = records(conn)
     [outbox] = outbox_rows(conn)
