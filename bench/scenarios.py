@@ -465,7 +465,12 @@ async def _claim_latency(dsn: str, reps: int) -> tuple[float, float]:
                 )
                 async with store.transaction() as tx:
                     started = time.perf_counter()
-                    rows = await store.claim_outbox(tx, 100)
+                    defaults = Settings()
+                    rows = await store.claim_outbox(
+                        tx, 100,
+                        max_batch_bytes=defaults.relay_batch_bytes,
+                        max_payload_bytes=defaults.max_payload_bytes,
+                    )  # fmt: skip
                     outbox_ms.append((time.perf_counter() - started) * 1000)
                     await tx.execute(
                         "UPDATE outbox_notifier.outbox SET status = 'relayed', relayed_at = now()"

@@ -228,6 +228,8 @@ class Daemon:
         relay = Relay(
             store,
             batch_size=settings.relay_batch_size,
+            batch_bytes=settings.relay_batch_bytes,
+            max_payload_bytes=settings.max_payload_bytes,
             max_attempts=settings.max_attempts,
             summary_max_runes=settings.summary_max_runes,
         )

@@ -24,12 +24,13 @@ from outbox_notifier.message import trim_space
 EVENT_TYPE: Final = "notification.feishu.requested"
 EVENT_VERSION: Final = "1"
 
-ReasonClass = Literal["unknown_type", "unsupported_version", "malformed", "invalid"]
+ReasonClass = Literal["unknown_type", "unsupported_version", "malformed", "invalid", "too_large"]
 REASON_CLASSES: Final[tuple[ReasonClass, ...]] = (
     "unknown_type",
     "unsupported_version",
     "malformed",
     "invalid",
+    "too_large",
 )
 """Every ``EventRejected.reason_class``: label values a metric can pre-create."""
 
@@ -148,7 +149,8 @@ class EventRejected(Exception):
     - ``unknown_type``: no consumer for the event type;
     - ``unsupported_version``: known type, unknown version;
     - ``malformed``: the payload is not JSON, or not a JSON object;
-    - ``invalid``: a JSON object that breaks the contract (missing field, wrong type, a rule).
+    - ``invalid``: a JSON object that breaks the contract (missing field, wrong type, a rule);
+    - ``too_large``: a payload over ``max_payload_bytes``, never read (see :func:`too_large`).
     """
 
     def __init__(self, reason: str, reason_class: ReasonClass) -> None:
@@ -165,6 +167,14 @@ def _quote(value: str) -> str:
     if len(value) > _ECHO_MAX_CHARS:
         return repr(value[:_ECHO_MAX_CHARS]) + "..."
     return repr(value)
+
+
+def too_large(payload_bytes: int, max_payload_bytes: int) -> EventRejected:
+    """The rejection of a payload the claim left in the database for its size."""
+    return EventRejected(
+        f"payload is {payload_bytes:,} bytes; max_payload_bytes is {max_payload_bytes:,}",
+        "too_large",
+    )
 
 
 def decode_event(

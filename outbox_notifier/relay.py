@@ -4,6 +4,11 @@ One relay pass is one transaction: claim a batch of pending outbox rows (``FOR U
 LOCKED``, so replicas take disjoint batches), decode and validate every payload in Python, then
 write all records, relayed marks and rejected marks in a single statement. A row that fails to
 decode or validate is rejected with its reason; it never stops the loop and is never dropped.
+
+A batch is bounded by bytes as well as rows: the claim stops before its payloads pass
+``batch_bytes`` (one row at least), and leaves a payload over ``max_payload_bytes`` in the
+database, so the relay rejects it by its size without ever reading it. A payload is held once,
+as the UTF-8 bytes msgspec decodes.
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ class _Sorted:
 
 
 class Relay:
-    def __init__(self, store: RecordStore, *, batch_size: int, max_attempts: int,
+    def __init__(self, store: RecordStore, *, batch_size: int, batch_bytes: int,
+                 max_payload_bytes: int, max_attempts: int,
                  summary_max_runes: int) -> None:  # fmt: skip
         self.store = store
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
+        self.max_payload_bytes = max_payload_bytes
         self.max_attempts = max_attempts
         self.summary_max_runes = summary_max_runes
 
@@ -65,7 +73,7 @@ class Relay:
             ctx.metrics.observe_relay(report)
             if report.created:
                 created.set()
-            if report.claimed < self.batch_size:
+            if not report.full:
                 await ctx.wait("relay", wake, poll_interval_s)
 
     async def relay_once(self) -> RelayReport:
@@ -79,7 +87,10 @@ class Relay:
 
     async def _relay(self, *, isolate_rows: bool) -> RelayReport:
         async with self.store.transaction() as conn:
-            rows = await self.store.claim_outbox(conn, self.batch_size)
+            rows = await self.store.claim_outbox(
+                conn, self.batch_size,
+                max_batch_bytes=self.batch_bytes, max_payload_bytes=self.max_payload_bytes,
+            )  # fmt: skip
             if not rows:
                 return RelayReport(0, 0, 0, 0, {})
             batch = self._sort(rows)
@@ -103,7 +114,15 @@ class Relay:
             deduplicated=len(batch.records) - len(created),
             fallback_used=sum(1 for r in batch.records if r.fallback_used),
             rejected=batch.reason_classes,
+            full=len(rows) >= self.batch_size or self._may_have_hit_budget(rows),
         )
+
+    def _may_have_hit_budget(self, rows: Sequence[OutboxRow]) -> bool:
+        """Whether the claim may have stopped at the byte budget rather than for want of rows.
+        It stopped there only before a row of at most max_payload_bytes that did not fit, so a
+        batch further than that from the budget did not; when in doubt, one more claim."""
+        read_bytes = sum(row.payload_bytes for row in rows if row.payload is not None)
+        return read_bytes + self.max_payload_bytes > self.batch_bytes
 
     async def _write_one_by_one(self, conn: Connection, batch: _Sorted) -> list[tuple[int, int]]:
         created: list[tuple[int, int]] = []
@@ -128,7 +147,9 @@ class Relay:
         classes: dict[str, int] = {}
         for row in rows:
             try:
-                event = events.decode_event(row.event_type, row.event_version, row.payload.encode())
+                if row.payload is None:  # over max_payload_bytes: the claim left it behind
+                    raise events.too_large(row.payload_bytes, self.max_payload_bytes)
+                event = events.decode_event(row.event_type, row.event_version, row.payload)
             except events.EventRejected as exc:
                 rejected.append((row.id, exc.reason))
                 classes[exc.reason_class] = classes.get(exc.reason_class, 0) + 1

@@ -14,6 +14,8 @@ class RelayReport:
     deduplicated: int
     fallback_used: int
     rejected: dict[str, int]  # by reason class
+    # the claim took all it could (rows or bytes): more may be pending, claim again at once
+    full: bool = False
 
     @property
     def relayed(self) -> int:

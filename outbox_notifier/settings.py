@@ -109,6 +109,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     pool_max_size: AtLeastOne = 10
     poll_interval_s: Positive = 5.0  # fallback poll when no NOTIFY arrives
     relay_batch_size: AtLeastOne = 500
+    # A relay batch also stops before its payloads (JSON text) pass this many bytes.
+    relay_batch_bytes: AtLeastOne = 8 * 1024 * 1024
+    # A larger payload is rejected without being read. One the event contract accepts is at
+    # most about 140 KB of JSON (its strings are capped), and what a chat robot takes is far
+    # smaller (a Feishu bot 20 KB a request): the margin is for fields a newer producer adds.
+    max_payload_bytes: AtLeastOne = 1024 * 1024
     delivery_batch_size: AtLeastOne = 100
     delivery_concurrency: AtLeastOne = 50
     retry_interval_s: Positive = 5.0  # lease rescue / retry scan interval
@@ -252,6 +258,13 @@ def _check_values(s: Settings) -> None:
             "must be greater than db_deadline_s (a loop waiting on a bounded database call is "
             f"alive), got {s.health_stale_s} while db_deadline_s = {s.db_deadline_s}",
             related="db_deadline_s",
+        )
+    if s.relay_batch_bytes < s.max_payload_bytes:
+        raise _invalid(
+            "relay_batch_bytes",
+            "must be >= max_payload_bytes (a batch must hold the largest payload allowed), "
+            f"got {s.relay_batch_bytes} while max_payload_bytes = {s.max_payload_bytes}",
+            related="max_payload_bytes",
         )
     if s.retry_max_s < s.retry_base_s:
         raise _invalid(

@@ -61,10 +61,14 @@ async def set_timeouts(conn: AsyncConnection, timeouts: StatementTimeouts) -> No
 
 
 class OutboxRow(msgspec.Struct, frozen=True):
+    """A claimed outbox row; ``payload`` is its JSON text as UTF-8, None when it is larger
+    than the claim's ``max_payload_bytes`` (left in the database, ``payload_bytes`` says why)."""
+
     id: int
     event_type: str
     event_version: str
-    payload: str
+    payload: bytes | None
+    payload_bytes: int
     created_at: datetime
 
 
@@ -352,8 +356,18 @@ class RecordStore:
 
     # -- relay -----------------------------------------------------------------------------
 
-    async def claim_outbox(self, conn: AsyncConnection, limit: int) -> list[OutboxRow]:
-        cur = await conn.execute(query("claim_outbox"), {"limit": limit})
+    async def claim_outbox(
+        self, conn: AsyncConnection, limit: int, *, max_batch_bytes: int, max_payload_bytes: int
+    ) -> list[OutboxRow]:
+        """Up to ``limit`` pending rows whose payloads total at most ``max_batch_bytes`` (at
+        least one row), a payload over ``max_payload_bytes`` left out."""
+        params = {
+            "limit": limit,
+            "max_batch_bytes": max_batch_bytes,
+            "max_payload_bytes": max_payload_bytes,
+        }
+        # binary: the payload's bytea arrives as bytes, not as hex text to decode
+        cur = await conn.execute(query("claim_outbox"), params, binary=True)
         return [OutboxRow(*row) for row in await cur.fetchall()]
 
     async def relay(

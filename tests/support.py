@@ -13,7 +13,9 @@ import psycopg
 
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.events import EVENT_TYPE
+from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings
+from outbox_notifier.store import RecordStore
 
 FLOW_PREFIX = "/flow/api/trigger-webhook/"
 
@@ -40,6 +42,20 @@ def settings_for(dsn: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def relay_for(store: RecordStore, **overrides: Any) -> Relay:
+    """The relay as the daemon builds it from its settings: the defaults with ``overrides``
+    (setting names, e.g. ``relay_batch_size=10``)."""
+    s = Settings(**overrides)
+    return Relay(
+        store,
+        batch_size=s.relay_batch_size,
+        batch_bytes=s.relay_batch_bytes,
+        max_payload_bytes=s.max_payload_bytes,
+        max_attempts=s.max_attempts,
+        summary_max_runes=s.summary_max_runes,
+    )
 
 
 def payload(dedupe_key: str, user_id: int = 1, **fields: Any) -> dict[str, Any]:

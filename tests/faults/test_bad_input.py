@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import events
-from outbox_notifier.relay import Relay
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Recorded, Reply
 from tests.faults.harness import (
@@ -38,6 +37,7 @@ from tests.faults.harness import (
     report,
     wait_settled,
 )
+from tests.support import relay_for
 
 pytestmark = pytest.mark.faults
 
@@ -148,8 +148,7 @@ class RelayHarness:
             dsn, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
         )
         self.loop.run_until_complete(self.pool.open())
-        self.relay = Relay(RecordStore(self.pool), batch_size=50, max_attempts=5,
-                           summary_max_runes=180)  # fmt: skip
+        self.relay = relay_for(RecordStore(self.pool), relay_batch_size=50)
         self.passes = 0
 
     def drain(self) -> None:
@@ -415,3 +414,61 @@ def test_hostile_provider_responses_settle_and_the_daemon_stays_healthy(
     assert figures.rejected == 4
     assert biggest <= 70_000 * 2  # the cap (65536 bytes), as JSON
     assert growth_mb < 40, f"peak RSS grew {growth_mb:.0f} MB"
+
+
+# -- huge payloads: the relay is bounded by bytes -----------------------------------------------
+
+HUGE_ROWS = 30
+HUGE_PAYLOAD_CHARS = 8 * 1024 * 1024
+
+
+@pytest.mark.timeout(60)
+def test_thirty_payloads_of_8_mb_in_one_transaction_are_rejected_unread(
+    db: str, server: FeishuServer, record_property: Callable[[str, object], None]
+) -> None:
+    """The issue's scenario: 30 rows of 8 MB between small ones, in one transaction. The
+    daemon rejects the large ones by their size without reading them (its peak RSS stays under
+    150 MiB; the relay claiming them whole took it from 57 to 553 MiB) and delivers the rest."""
+    add_channels(db, {1: server.flow_url("user-1")})
+    small = [msgspec.json.encode(event_payload(f"small-{i}", 1, i)).decode() for i in range(10)]
+    started = time.monotonic()
+    with Fleet(db, 1, env=env_without_settings()) as fleet:
+        fleet.wait_ready()
+        daemon = fleet.replicas[0]
+        rss_ready = daemon.peak_rss_bytes()
+        with psycopg.connect(db) as conn, conn.transaction():
+            enqueue = "SELECT outbox_notifier.enqueue(%s, %s::jsonb)"
+            for body in small[:5]:
+                conn.execute(enqueue, (events.EVENT_TYPE, body))
+            for i in range(HUGE_ROWS):  # built by the server: nothing that large crosses the wire
+                body = msgspec.json.encode(event_payload(f"huge-{i}", 1, 100 + i)).decode()
+                conn.execute(
+                    "SELECT outbox_notifier.enqueue(%s, jsonb_set(%s::jsonb, '{summary_text}',"
+                    " to_jsonb(repeat('x', %s))))",
+                    (events.EVENT_TYPE, body, HUGE_PAYLOAD_CHARS),
+                )
+            for body in small[5:]:
+                conn.execute(enqueue, (events.EVENT_TYPE, body))
+        settle_s = wait_settled(db, timeout_s=40)
+        peak_rss = daemon.peak_rss_bytes()
+        codes = fleet.stop()
+    assert codes == [0], fleet.logs()[-3000:]
+    figures = check_invariants(db, server.requests)
+    with psycopg.connect(db, autocommit=True) as conn:
+        rejected = conn.execute(
+            "SELECT octet_length(payload::text), error FROM outbox_notifier.outbox"
+            " WHERE status = 'rejected'"
+        ).fetchall()
+    figures.extra.update(
+        peak_rss_mb=round(peak_rss / 2**20, 1),
+        ready_rss_mb=round(rss_ready / 2**20, 1),
+        settle_s=round(settle_s, 1),
+        run_s=round(time.monotonic() - started, 1),
+    )
+    report("huge_payloads", figures, record_property)
+    assert len(rejected) == HUGE_ROWS
+    for size, error in rejected:
+        assert size > HUGE_PAYLOAD_CHARS
+        assert error == f"payload is {size:,} bytes; max_payload_bytes is 1,048,576"
+    assert (figures.relayed, figures.by_status) == (len(small), {"sent": len(small)})
+    assert peak_rss < 150 * 2**20, f"peak RSS {peak_rss / 2**20:.0f} MiB"

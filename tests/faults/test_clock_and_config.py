@@ -25,9 +25,9 @@ from outbox_notifier import store as store_module
 from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
-from outbox_notifier.relay import Relay
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from tests.faults.harness import add_channels, env_without_settings, event_payload
+from tests.support import relay_for
 
 pytestmark = pytest.mark.faults
 
@@ -82,7 +82,7 @@ async def test_retry_times_follow_the_database_clock_whatever_the_host_clock(
     monkeypatch.setattr(store_module, "datetime", _skewed(timedelta(hours=skew_h)))
     add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
     store = RecordStore(pool)
-    relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
+    relay = relay_for(store, relay_batch_size=10)
 
     async def produce(key: str) -> None:
         with psycopg.connect(db, autocommit=True) as conn:

@@ -21,7 +21,6 @@ from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
-from outbox_notifier.relay import Relay
 from outbox_notifier.store import AppliedBatch, ClaimPolicy, RecordStore, Result
 from outbox_notifier.testing.feishu_server import FeishuServer
 from outbox_notifier.testing.postgres import LocalCluster, create_database
@@ -37,6 +36,7 @@ from tests.faults.harness import (
     wait_settled,
     wait_until,
 )
+from tests.support import relay_for
 
 pytestmark = pytest.mark.faults
 
@@ -174,7 +174,7 @@ async def test_an_apply_that_loses_its_connection_is_retried_and_stored_once(
     await pool.open()
     try:
         store = _ApplyFailsOnce(pool)
-        await Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180).relay_once()
+        await relay_for(store, relay_batch_size=10).relay_once()
         provider = _AlwaysOk()
         metrics = Metrics(CollectorRegistry())
         deliverer = Deliverer(

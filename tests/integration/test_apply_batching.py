@@ -16,9 +16,8 @@ from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
-from outbox_notifier.relay import Relay
 from outbox_notifier.store import Applied, ClaimPolicy, RecordStore, Result
-from tests.support import enqueue, payload, scalar
+from tests.support import enqueue, payload, relay_for, scalar
 
 RECORDS = 20
 
@@ -54,7 +53,7 @@ async def test_results_landing_together_are_applied_in_few_batches(
 
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=2) as pool:
         store = RecordStore(pool)
-        await Relay(store, batch_size=100, max_attempts=5, summary_max_runes=180).relay_once()
+        await relay_for(store, relay_batch_size=100).relay_once()
         first_id = scalar(conn, "SELECT min(id) FROM outbox_notifier.notification_records")
         deliverer = Deliverer(
             store, {"feishu_flow": _Staggered(first_id)}, RetryPolicy(), ClaimPolicy(lease_s=30),

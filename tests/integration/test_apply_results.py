@@ -11,11 +11,10 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier.daemon import claim_policy, http_transport
 from outbox_notifier.delivery import Deliverer, RetryPolicy
 from outbox_notifier.providers import default_providers
-from outbox_notifier.relay import Relay
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
-from tests.support import add_channel, enqueue, payload, records, scalar, settings_for
+from tests.support import add_channel, enqueue, payload, records, relay_for, scalar, settings_for
 
 
 class _CountingConnection(psycopg.AsyncConnection[Any]):
@@ -44,7 +43,7 @@ async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection
         )
         async with pool:
             store = RecordStore(pool)
-            relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
+            relay = relay_for(store, relay_batch_size=10)
             assert (await relay.relay_once()).created == 3
             transport = http_transport(settings)
             try:

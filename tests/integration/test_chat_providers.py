@@ -29,7 +29,6 @@ from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers import DingTalkBotProvider, SlackWebhookProvider, WeComBotProvider
 from outbox_notifier.providers.base import HttpProvider
 from outbox_notifier.providers.model import Target
-from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
@@ -40,6 +39,7 @@ from tests.support import (
     eventually,
     payload,
     records,
+    relay_for,
     running,
     settings_for,
 )
@@ -284,9 +284,7 @@ async def test_two_replicas_share_the_default_budget(
     policy = claim_policy(Settings())  # the defaults: 20/min, 20/min, 1/s
     pools = [AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) for _ in range(2)]
     async with pools[0] as one, pools[1] as two:
-        await Relay(
-            RecordStore(one), batch_size=500, max_attempts=5, summary_max_runes=180
-        ).relay_once()
+        await relay_for(RecordStore(one), relay_batch_size=500).relay_once()
         replicas = [RecordStore(one), RecordStore(two)]
         # Both replicas claim at once, twice: together they stay within the window's budget.
         rounds = [

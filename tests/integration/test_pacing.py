@@ -8,14 +8,13 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.relay import Relay
 from outbox_notifier.store import ClaimPolicy, RecordStore
-from tests.support import add_channel, enqueue, payload
+from tests.support import add_channel, enqueue, payload, relay_for
 
 
 async def _relayed_store(pool: AsyncConnectionPool[Any]) -> RecordStore:
     store = RecordStore(pool)
-    await Relay(store, batch_size=500, max_attempts=5, summary_max_runes=180).relay_once()
+    await relay_for(store, relay_batch_size=500).relay_once()
     return store
 
 

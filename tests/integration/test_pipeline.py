@@ -16,7 +16,6 @@ from outbox_notifier.daemon import Daemon, claim_policy
 from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.model import SendResult
-from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import ClaimPolicy, RecordStore
@@ -31,6 +30,7 @@ from tests.support import (
     outbox_rows,
     payload,
     records,
+    relay_for,
     running,
     scalar,
     settings_for,
@@ -225,7 +225,7 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
     policy = RetryPolicy(max_attempts=5, base_s=0.1, max_s=0.1)
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         store = RecordStore(pool)
-        relay = Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180)
+        relay = relay_for(store, relay_batch_size=10)
         assert (await relay.relay_once()).created == 1
         # Worker A claims with a lease that expires at once, then "dies" mid-call.
         [claimed] = await store.claim_records(10, ClaimPolicy(lease_s=0.01))
@@ -271,7 +271,7 @@ async def test_lease_expiry_on_the_last_attempt_is_dead(
     policy = RetryPolicy(max_attempts=1)
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         store = RecordStore(pool)
-        await Relay(store, batch_size=10, max_attempts=1, summary_max_runes=180).relay_once()
+        await relay_for(store, relay_batch_size=10, max_attempts=1).relay_once()
         await store.claim_records(10, ClaimPolicy(lease_s=0.01))
         await asyncio.sleep(0.05)
         [rescued] = await rescue_expired_leases(store, policy)
@@ -287,7 +287,7 @@ async def _relayed_on_one_backend(
     pool = AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1, max_size=1)
     async with pool:
         store = RecordStore(pool)
-        await Relay(store, batch_size=500, max_attempts=5, summary_max_runes=180).relay_once()
+        await relay_for(store, relay_batch_size=500).relay_once()
         yield pool, store
 
 
@@ -384,6 +384,8 @@ def test_a_claim_locks_targets_only_when_one_needs_it(
 _CLAIM_PARAMS: dict[str, Any] = {
     "limit": 100, "lease_s": 30.0, "paced": [], "per_s": [], "per_min": [],
     "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0, "durable": False,
+    "max_batch_bytes": Settings().relay_batch_bytes,
+    "max_payload_bytes": Settings().max_payload_bytes,
 }  # fmt: skip
 
 
@@ -477,7 +479,7 @@ async def test_record_keeps_the_producers_requested_at_and_the_outbox_time(
         db, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
     )
     async with pool:
-        relay = Relay(RecordStore(pool), batch_size=10, max_attempts=5, summary_max_runes=180)
+        relay = relay_for(RecordStore(pool), relay_batch_size=10)
         assert (await relay.relay_once()).created == 1
     [record] = records(conn)
     [outbox] = outbox_rows(conn)
@@ -494,3 +496,69 @@ def test_the_claim_policys_arrays_reach_postgresql_as_given(conn: psycopg.Connec
         "SELECT %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[]", params
     ).fetchone()
     assert row == (["a", "b", 'we"ird\\name'], [0, 0, 3], [100, 7, 0])
+
+
+def _payload_bytes(conn: psycopg.Connection[Any], outbox_id: int) -> int:
+    """The size the claim measures: the payload's JSON text as PostgreSQL renders it."""
+    query = "SELECT octet_length(payload::text) FROM outbox_notifier.outbox WHERE id = %s"
+    return int(scalar(conn, query, (outbox_id,)))
+
+
+async def test_a_relay_claim_stops_at_its_byte_budget_and_locks_only_what_it_returns(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    # five rows of one size (padding in a field the contract ignores), one much larger
+    ids = [enqueue(conn, payload(f"k-{i}", padding="x" * 1000)) for i in range(5)]
+    big = enqueue(conn, payload("k-big", padding="x" * 50_000))
+    size = _payload_bytes(conn, ids[0])
+    assert {_payload_bytes(conn, i) for i in ids} == {size}
+    async with (
+        AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=2) as pool,
+        RecordStore(pool).transaction() as one,
+        RecordStore(pool).transaction() as two,
+    ):
+        store = RecordStore(pool)
+        # room for two and a half rows: two, the third would pass the budget
+        first = await store.claim_outbox(
+            one, 100, max_batch_bytes=size * 5 // 2, max_payload_bytes=1 << 20
+        )
+        assert [(r.id, r.payload_bytes) for r in first] == [(ids[0], size), (ids[1], size)]
+        assert all(r.payload is not None and len(r.payload) == size for r in first)
+        # the third row was read but not locked: the next relay takes it
+        second = await store.claim_outbox(
+            two, 100, max_batch_bytes=size * 3, max_payload_bytes=1 << 20
+        )
+        assert [r.id for r in second] == ids[2:5]
+    async with (
+        AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool,
+        RecordStore(pool).transaction() as tx,
+    ):
+        store = RecordStore(pool)
+        await tx.execute(
+            "UPDATE outbox_notifier.outbox SET status = 'relayed' WHERE id = ANY(%s)", (ids,)
+        )
+        # a row larger than the whole budget but allowed still moves, alone
+        [alone] = await store.claim_outbox(tx, 100, max_batch_bytes=size, max_payload_bytes=1 << 20)
+        assert (alone.id, alone.payload_bytes) == (big, _payload_bytes(conn, big))
+
+
+async def test_an_oversized_payload_is_rejected_with_its_size_and_its_neighbours_delivered(
+    db: str, conn: psycopg.Connection[Any], server: FeishuServer
+) -> None:
+    add_channel(conn, 1, server.flow_url())
+    before = enqueue(conn, payload("k-before"))
+    big = enqueue(conn, payload("k-big", padding="x" * 20_000))
+    after = enqueue(conn, payload("k-after"))
+    size = _payload_bytes(conn, big)
+    settings = settings_for(db, max_payload_bytes=16_384, relay_batch_bytes=65_536)
+    async with running(Daemon(settings)):
+        await eventually(
+            lambda: {_status_of(conn, "k-before"), _status_of(conn, "k-after")} == {"sent"},
+            what="the neighbours sent",
+        )
+    rows = {row["id"]: row for row in outbox_rows(conn)}
+    assert (rows[before]["status"], rows[after]["status"]) == ("relayed", "relayed")
+    assert rows[big]["status"] == "rejected"
+    assert rows[big]["error"] == f"payload is {size:,} bytes; max_payload_bytes is 16,384"
+    assert _status_of(conn, "k-big") is None
+    assert server.count(FLOW_PREFIX) == 2

@@ -18,9 +18,8 @@ from outbox_notifier.connections import connection_kwargs, session_timeouts, sta
 from outbox_notifier.delivery import RetryPolicy, to_result
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import SendResult
-from outbox_notifier.relay import Relay
 from outbox_notifier.store import ClaimPolicy, RecordStore
-from tests.support import enqueue, payload, settings_for
+from tests.support import enqueue, payload, relay_for, settings_for
 
 
 @pytest.mark.parametrize("options_dropped", [False, True], ids=["direct", "options-dropped"])
@@ -39,7 +38,7 @@ async def test_a_lock_wait_is_bounded_with_or_without_startup_options(
         db, kwargs=kwargs, configure=session.configure, min_size=1, max_size=1
     ) as pool:
         store = RecordStore(pool, timeouts=statement_timeouts(settings), session=session)
-        await Relay(store, batch_size=10, max_attempts=5, summary_max_runes=180).relay_once()
+        await relay_for(store, relay_batch_size=10).relay_once()
         policy = ClaimPolicy(lease_s=30)
         [claimed] = await store.claim_records(10, policy)
         async with pool.connection() as pooled:

@@ -396,6 +396,8 @@ def test_roundtrip_through_msgspec_encode() -> None:
 
 
 def test_reason_classes_are_bounded() -> None:
-    assert set(REASON_CLASSES) == {"unknown_type", "unsupported_version", "malformed", "invalid"}
+    assert set(REASON_CLASSES) == {
+        "unknown_type", "unsupported_version", "malformed", "invalid", "too_large"
+    }  # fmt: skip
     assert events.EVENT_TYPE == "notification.feishu.requested"
     assert events.EVENT_VERSION == "1"
