@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,11 +13,12 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.daemon import Daemon
-from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
 from outbox_notifier.providers import claim_policy
 from outbox_notifier.providers.base import ErrorCode, Outcome, SendResult
 from outbox_notifier.relay import Relay
+from outbox_notifier.rescue import rescue_expired_leases
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import ClaimPolicy, RecordStore
@@ -244,12 +246,15 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
         from outbox_notifier.delivery import to_result
 
         refused = SendResult(outcome=Outcome.PERMANENT_FAIL, error_code=ErrorCode.PAYLOAD_INVALID)
-        late = to_result(claimed, refused, policy, record["updated_at"])
+        rng = random.Random(0)
+        late = to_result(claimed, refused, policy, record["updated_at"], rng)
         fenced = await store.apply_results([late], ClaimPolicy(lease_s=30))
         assert [(a.id, a.status) for a in fenced.records] == [(claimed.id, None)]
         assert fenced.applied == []
         assert _status_of(conn, "k-lease") == "sending"
-        ok = to_result(claimed_b, SendResult(outcome=Outcome.SUCCESS), policy, record["updated_at"])
+        ok = to_result(
+            claimed_b, SendResult(outcome=Outcome.SUCCESS), policy, record["updated_at"], rng
+        )
         stored = await store.apply_results([ok], ClaimPolicy(lease_s=30))
         assert [(a.status, a.channel, a.dedupe_key) for a in stored.applied] == [
             ("sent", "feishu", "k-lease")
@@ -428,7 +433,7 @@ def test_claim_queries_use_their_partial_indexes(
     )
     conn.execute("ANALYZE outbox_notifier.notification_records")
     conn.execute("ANALYZE outbox_notifier.outbox")
-    params = _CLAIM_PARAMS | {"delays_s": [1.0]}  # the rescue's
+    params = _CLAIM_PARAMS | {"delays_s": [1.0], "jitter": 0.2}  # the rescue's
     plans = _plans(conn, query(query_name).encode(), params)
     for index in indexes:
         assert f"Index Scan using {index}" in plans or f"Index Only Scan using {index}" in plans, (
