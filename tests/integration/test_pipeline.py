@@ -269,6 +269,29 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
     ]
 
 
+async def test_rescued_leases_get_the_jittered_backoff(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    for i in range(20):
+        enqueue(conn, payload(f"k-{i}"))
+    policy = RetryPolicy(base_s=100.0, max_s=100.0)
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        store = RecordStore(pool)
+        await Relay(store, batch_size=100, max_attempts=5, summary_max_runes=180).relay_once()
+        await store.claim_records(20, ClaimPolicy(lease_s=0.01))  # a worker that then died
+        await asyncio.sleep(0.05)
+        assert len(await rescue_expired_leases(store, policy)) == 20
+    delays = [
+        float(row[0])
+        for row in conn.execute(
+            "SELECT extract(epoch FROM next_retry_at - updated_at)"
+            " FROM outbox_notifier.notification_records"
+        )
+    ]
+    assert all(80.0 <= d <= 120.0 for d in delays), delays
+    assert len(set(delays)) == 20  # one dead worker's records do not come due together
+
+
 async def test_lease_expiry_on_the_last_attempt_is_dead(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
