@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
 from outbox_notifier import connections, eventloop, httpclient, migrations, sdnotify
+from outbox_notifier.backoff import RetryPolicy
+from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, describe
-from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.delivery import Deliverer
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
 from outbox_notifier.listener import Listener
 from outbox_notifier.loops import LoopContext
@@ -242,18 +244,16 @@ class Daemon:
             retention_batch_size=settings.retention_batch_size,
             retention_pause_factor=settings.retention_pause_factor,
         )
+        claims = claim_policy(settings)
         self.deliverer = Deliverer(
             store,
             providers,
             self.policy,
-            claim_policy(settings),
+            claims,
+            ResultCompleter(store, claims),
             batch_size=settings.delivery_batch_size,
             concurrency=settings.delivery_concurrency,
-            metrics=self.metrics,
-            db_deadline_s=settings.db_deadline_s,
-            db_health=self.db_health,
         )
-        self.monitor.watch("delivery", lambda: self.deliverer.last_progress)
         self.metrics.track(
             listener_up=lambda: self.listener.up, in_flight=lambda: self.deliverer.in_flight
         )
@@ -266,9 +266,7 @@ class Daemon:
             self._start("rescue", lambda: rescuer.run(ctx, delivery_wake)),
             self._start("maintenance", lambda: maintenance.run(ctx)),
         ]
-        delivery = self._start(
-            "delivery", lambda: self.deliverer.run(self._stop, delivery_wake, poll_s)
-        )
+        delivery = self._start("delivery", lambda: self.deliverer.run(ctx, delivery_wake, poll_s))
         logger.info("outbox-notifier running on %s", eventloop.name(asyncio.get_running_loop()))
         # Ready only now: HTTP is up, the schema is checked and every loop has started.
         self.notifier.ready(status="running")

@@ -1,90 +1,45 @@
-"""Claim -> provider calls -> apply results; and the rescue of expired leases.
+"""The delivery loop: claim -> provider calls -> results to the completer.
 
 The delivery loop keeps up to ``concurrency`` provider calls in flight. It claims only as many
 records as it has free slots, so a claimed record's lease starts ticking when its call starts,
 not while it waits in a queue. Claims are one statement (row locks and advisory try-locks are
-taken and released inside it); calls run with no transaction and no lock held; results are
-applied in batches by a separate task, each guarded by its fencing token.
+taken and released inside it); calls run with no transaction and no lock held; each call's
+result goes to the `ResultCompleter` (``outbox_notifier.completer``), which applies results in
+batches, each guarded by its fencing token. While the completer is behind (its backlog over its
+bound), the loop claims nothing new.
 
 Invariant: ``lease_s`` must exceed the provider timeout plus the time a result waits to be
 applied, or a slow-but-alive call would be rescued and sent a second time. The settings enforce
-``lease_s > http_timeout_s``; results wait milliseconds, and at most ``apply_retry_s`` per retry
-while the database is away.
+``lease_s > http_timeout_s``; results wait milliseconds, and at most the completer's
+``retry_s`` per retry while the database is away.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import random
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import msgspec
 
 from outbox_notifier import backoff, message
-from outbox_notifier.dbhealth import DatabaseHealth, bounded, first_line
-from outbox_notifier.loops import wait_any
-from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
+from outbox_notifier.completer import ResultCompleter
+from outbox_notifier.dbhealth import bounded, first_line
+from outbox_notifier.loops import LoopContext
+from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.model import Delivery, Provider, SendResult, Target
 from outbox_notifier.store import (
-    Applied,
     ClaimedRecord,
     ClaimPolicy,
-    DatabaseError,
     OperationalError,
     RecordStore,
-    Rescued,
     Result,
-    ValueRefused,
 )
 
-if TYPE_CHECKING:
-    from outbox_notifier.metrics import Metrics
-
 logger = logging.getLogger(__name__)
-
-
-_STATUS_BY_OUTCOME: dict[Outcome, RecordStatus] = {
-    Outcome.SUCCESS: "sent",
-    Outcome.SKIPPED: "skipped",
-    Outcome.PERMANENT_FAIL: "dead",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """When to try again after a temporary failure (the seed's defaults)."""
-
-    max_attempts: int = 5
-    base_s: float = 300.0
-    max_s: float = 1800.0
-    retry_after_max_s: float = 3600.0
-
-    def delays_s(self, attempts: int) -> list[float]:
-        """Backoff delay after attempt 1..attempts, for statements that schedule in SQL."""
-        return [backoff.retry_delay_s(n, self.base_s, self.max_s) for n in range(1, attempts + 1)]
-
-
-def decide(
-    record: ClaimedRecord, result: SendResult, policy: RetryPolicy
-) -> tuple[RecordStatus, float | None]:
-    """The record's next status after a call, and the delay before a retry (seed semantics)."""
-    status = _STATUS_BY_OUTCOME.get(result.outcome)
-    if status is not None:
-        return status, None
-    if backoff.after_temporary_failure(
-        record.attempt_count, record.max_attempts, policy.max_attempts
-    ):
-        return "dead", None
-    delay = backoff.next_delay_s(
-        record.attempt_count, policy.base_s, policy.max_s,
-        result.retry_after_s, policy.retry_after_max_s,
-    )  # fmt: skip
-    return "failed", delay
 
 
 def to_delivery(record: ClaimedRecord) -> Delivery:
@@ -117,32 +72,6 @@ def to_delivery(record: ClaimedRecord) -> Delivery:
     )
 
 
-# A late result whose record was purged meanwhile: nothing is known about it any more.
-_GONE = Applied(id=0, channel="", status=None)
-
-_LOG_LEVEL_BY_STATUS: dict[RecordStatus, int] = {
-    "sent": logging.DEBUG,
-    "failed": logging.INFO,
-    "skipped": logging.INFO,
-    "dead": logging.WARNING,
-}
-
-
-def dedupe_key_hash(dedupe_key: str) -> str:
-    """A short, stable stand-in for a dedupe key in logs (keys may carry business data)."""
-    return hashlib.sha256(dedupe_key.encode()).hexdigest()[:12]
-
-
-def _log_fields(result: Result, record: Applied) -> dict[str, object]:
-    return {
-        "record_id": result.record_id,
-        "trace_id": record.trace_id,
-        "dedupe_key_hash": dedupe_key_hash(record.dedupe_key),
-        "attempt": result.attempt,
-        "error_code": result.error_code,
-    }
-
-
 def _pg_text(value: str) -> str:
     # Postgres text cannot hold NUL; a hostile response must not make the whole batch fail.
     return value.replace("\x00", "\ufffd")
@@ -164,9 +93,22 @@ def _response_json(result: SendResult) -> str | None:
 
 
 def to_result(
-    record: ClaimedRecord, sent: SendResult, policy: RetryPolicy, started_at: datetime
+    record: ClaimedRecord,
+    sent: SendResult,
+    policy: backoff.RetryPolicy,
+    started_at: datetime,
+    rng: random.Random,
 ) -> Result:
-    status, delay_s = decide(record, sent, policy)
+    """The call's result as it will be stored, with the record's transition decided."""
+    transition = backoff.decide(
+        sent.outcome,
+        attempt_count=record.attempt_count,
+        max_attempts=record.max_attempts,
+        retry_after_s=sent.retry_after_s,
+        policy=policy,
+        rng=rng,
+    )
+    status = transition.status
     error = None
     if sent.error_message and status != "sent":
         error = _pg_text(message.truncate_runes(sent.error_message, message.ERROR_TEXT_MAX_RUNES))
@@ -181,7 +123,7 @@ def to_result(
         outcome=sent.outcome,
         error_code=None if status == "sent" else sent.error_code,
         error=error,
-        delay_s=delay_s,
+        delay_s=transition.delay_s if isinstance(transition, backoff.Retry) else None,
         provider_message_id=(
             None if sent.provider_message_id is None else _pg_text(sent.provider_message_id)
         ),
@@ -217,107 +159,94 @@ async def call_provider(provider: Provider | None, delivery: Delivery) -> SendRe
 
 
 class Deliverer:
-    """The delivery loop. ``run()`` until ``stop`` is set; ``wake`` cuts an idle wait short."""
+    """The delivery loop. ``run(ctx, wake, poll_interval_s)`` until ``ctx.stop`` is set;
+    ``wake`` cuts an idle wait short. Results go to ``completer``, which ``run`` runs beside the
+    loop and drains at the end.
+
+    ``rng`` draws the backoff jitter (`backoff.decide`); tests seed it.
+    """
 
     def __init__(
         self,
         store: RecordStore,
         providers: Mapping[str, Provider],
-        policy: RetryPolicy,
+        policy: backoff.RetryPolicy,
         claim_policy: ClaimPolicy,
+        completer: ResultCompleter,
         *,
         batch_size: int,
         concurrency: int,
-        apply_batch_size: int = 500,
-        apply_linger_s: float = 0.005,
-        apply_retry_s: float = 1.0,
-        metrics: Metrics | None = None,
-        db_deadline_s: float | None = None,
-        db_health: DatabaseHealth | None = None,
+        claim_retry_s: float = 1.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.providers = providers
         self.policy = policy
         self.claim_policy = claim_policy
+        self.completer = completer
         self.batch_size = batch_size
         self.concurrency = concurrency
-        self.apply_batch_size = apply_batch_size
-        self.apply_linger_s = apply_linger_s
-        self.apply_retry_s = apply_retry_s
-        self.metrics = metrics
-        # Each database call is abandoned after db_deadline_s (see outbox_notifier.dbhealth).
-        self.db_deadline_s = db_deadline_s
-        self.db_health = db_health or DatabaseHealth()
-        self.last_progress = time.monotonic()
+        self.claim_retry_s = claim_retry_s
+        self.rng = rng or random.Random()
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
-        # None is the end-of-work marker _drain() sends the applier.
-        self._results: asyncio.Queue[Result | None] = asyncio.Queue()
 
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
 
-    async def run(self, stop: asyncio.Event, wake: asyncio.Event, poll_interval_s: float) -> None:
-        applier = asyncio.create_task(self._apply_forever(), name="apply-results")
+    async def run(self, ctx: LoopContext, wake: asyncio.Event, poll_interval_s: float) -> None:
+        completer = self._start_completer(ctx)
         try:
-            while not stop.is_set():
-                self.last_progress = time.monotonic()
-                if applier.done():  # only a bug ends it; results must keep landing
-                    logger.error("result applier stopped (%r); restarting it", applier)
-                    applier = asyncio.create_task(self._apply_forever(), name="apply-results")
+            while ctx.turn("delivery"):
+                if completer.done():  # only a bug ends it; results must keep landing
+                    logger.error("result completer stopped (%r); restarting it", completer)
+                    completer = self._start_completer(ctx)
+                if not self.completer.has_room.is_set():
+                    # The database takes results slower than the calls make them: claim nothing
+                    # new until the completer catches up (the calls in flight go on).
+                    await ctx.wait("delivery", self.completer.has_room, poll_interval_s)
+                    continue
                 free = self.concurrency - len(self._inflight)
                 # Claim in chunks rather than one record per freed slot: fewer, larger claims.
                 if free < max(1, self.concurrency // 4) and self._inflight:
                     self._slot_freed.clear()
-                    self.last_progress = time.monotonic() + poll_interval_s
-                    await wait_any(stop, self._slot_freed, timeout_s=poll_interval_s)
+                    await ctx.wait("delivery", self._slot_freed, poll_interval_s)
                     continue
                 wanted = min(self.batch_size, free)
                 wake.clear()
-                claimed = await self._claim(wanted)
+                claimed = await self._claim(ctx, wanted)
                 if claimed is None:
-                    await wait_any(stop, timeout_s=self.apply_retry_s)
+                    await ctx.sleep("delivery", self.claim_retry_s)
                     continue
                 for record in claimed:
                     self._start(record)
                 if len(claimed) < wanted:
-                    idle_s = await self._idle_s(poll_interval_s)
-                    self.last_progress = time.monotonic() + idle_s  # waiting on purpose
-                    await wait_any(stop, wake, timeout_s=idle_s)
+                    await ctx.wait("delivery", wake, await self._idle_s(ctx, poll_interval_s))
         finally:
-            await self._drain(applier)
+            await self._drain(ctx, completer)
 
-    async def deliver_once(self) -> int:
-        """Claims one batch, delivers it and applies the results (tests and tools)."""
-        claimed = await self.store.claim_records(self.batch_size, self.claim_policy)
-        results = await asyncio.gather(*(self._call(r) for r in claimed))
-        if results:
-            await self._apply(results)
-        return len(claimed)
+    def _start_completer(self, ctx: LoopContext) -> asyncio.Task[None]:
+        return asyncio.create_task(self.completer.run(ctx), name="complete-results")
 
-    async def _claim(self, limit: int) -> list[ClaimedRecord] | None:
-        started = time.perf_counter()
+    async def _claim(self, ctx: LoopContext, limit: int) -> list[ClaimedRecord] | None:
         try:
-            claimed = await bounded(
-                self.store.claim_records(limit, self.claim_policy), self.db_deadline_s
-            )
+            with ctx.metrics.claim_timer("delivery"):
+                claimed = await bounded(
+                    self.store.claim_records(limit, self.claim_policy), ctx.db_deadline_s
+                )
         except OperationalError as exc:
             logger.warning("claim failed, database unavailable: %s", first_line(exc))
-            self.db_health.failed("delivery", exc)
-            if self.metrics is not None:
-                self.metrics.database_error("delivery")
+            ctx.database_failed("delivery", exc)
             return None
-        self.db_health.ok("delivery")
-        if self.metrics is not None:
-            self.metrics.observe_claim("delivery", time.perf_counter() - started)
+        ctx.db_health.ok("delivery")
         return claimed
 
-    async def _idle_s(self, poll_interval_s: float) -> float:
+    async def _idle_s(self, ctx: LoopContext, poll_interval_s: float) -> float:
         """How long to wait after a short claim: the poll interval, or less when a deferred or
         failed record falls due sooner (pacing and retries then run on time)."""
         try:
-            due_in = await bounded(self.store.seconds_until_next_due(), self.db_deadline_s)
+            due_in = await bounded(self.store.seconds_until_next_due(), ctx.db_deadline_s)
         except OperationalError:
             return poll_interval_s
         if due_in is None:
@@ -334,139 +263,24 @@ class Deliverer:
         self._slot_freed.set()
 
     async def _deliver(self, record: ClaimedRecord) -> None:
-        self._results.put_nowait(await self._call(record))
-
-    async def _call(self, record: ClaimedRecord) -> Result:
         started_at = datetime.now(UTC)
         sent = await call_provider(self.providers.get(record.provider), to_delivery(record))
-        return to_result(record, sent, self.policy, started_at)
+        result = to_result(record, sent, self.policy, started_at, self.rng)
+        # This call is still in the in-flight set: more are due if any other is.
+        self.completer.put(result, more_due=len(self._inflight) > 1)
 
-    async def _apply_forever(self) -> None:
-        """Applies results in batches until it takes the end-of-work marker."""
-        done = False
-        while not done:
-            batch, done = await self._next_batch()
-            if batch:
-                await self._apply_until_stored(batch)
-
-    async def _next_batch(self) -> tuple[list[Result], bool]:
-        """The next results to apply, and whether the end-of-work marker came with them.
-
-        Each apply is a commit, and so a WAL flush: applying every result as it lands made
-        about one commit per few records under load. While other calls are in flight, more
-        results are due within milliseconds, so the batch waits up to ``apply_linger_s`` for
-        them (bounded added latency); with nothing in flight it goes at once.
-        """
-        batch: list[Result] = []
-        item = await self._results.get()
-        deadline: float | None = None
-        while item is not None:
-            batch.append(item)
-            if len(batch) >= self.apply_batch_size:
-                return batch, False
-            if not self._results.empty():
-                item = self._results.get_nowait()
-                continue
-            if not self._inflight or self.apply_linger_s <= 0:
-                return batch, False
-            loop = asyncio.get_running_loop()
-            if deadline is None:
-                deadline = loop.time() + self.apply_linger_s
-            try:
-                # Queue.get leaves the item queued when cancelled, so a timeout loses nothing.
-                async with asyncio.timeout_at(deadline):
-                    item = await self._results.get()
-            except TimeoutError:
-                return batch, False
-        return batch, True
-
-    async def _apply_until_stored(self, batch: list[Result]) -> None:
-        # A result is kept and retried while the database is away; if the daemon stops first,
-        # the lease expires and the rescue counts the call as a temporary failure. An apply
-        # abandoned at db_deadline_s may still commit; its retry is then fenced off (the
-        # lease token is gone) and logged as a late result, never applied twice.
-        while True:
-            try:
-                await self._apply(batch)
-                self.db_health.ok("apply")
-                return
-            except DatabaseError as exc:
-                # Any database error, not only a lost connection: dropping the batch would let
-                # the leases expire and send every record in it a second time.
-                logger.warning("applying results failed, retrying: %s", first_line(exc))
-                self.db_health.failed("apply", exc)
-                if self.metrics is not None:
-                    self.metrics.database_error("apply")
-                await asyncio.sleep(self.apply_retry_s)
-
-    async def _apply(self, batch: Sequence[Result]) -> None:
-        # One statement stores the results, their 410 disables and the pacing bookkeeping:
-        # they commit together or are retried together.
-        try:
-            stored = await bounded(
-                self.store.apply_results(batch, self.claim_policy), self.db_deadline_s
-            )
-            records, paused = stored.records, stored.paused
-        except ValueRefused:
-            # Should not happen (text is sanitised), but one bad value must not block the rest.
-            records, paused = [], []
-            for result in batch:
-                try:
-                    one = await self.store.apply_results([result], self.claim_policy)
-                except ValueRefused:
-                    logger.exception("result refused", extra={"record_id": result.record_id})
-                else:
-                    records += one.records
-                    paused += one.paused
-        self._account(batch, records)
-        for key in paused:
-            logger.warning("target paused after repeated failures", extra={"target": key[:12]})
-
-    def _account(self, batch: Sequence[Result], records: Sequence[Applied]) -> None:
-        if self.metrics is not None:
-            self.metrics.observe_results(batch, records)
-        by_id = {row.id: row for row in records}
-        for result in batch:
-            record = by_id.get(result.record_id)
-            if record is None or record.status is None:
-                logger.warning(
-                    "late result discarded: the record's lease was taken over",
-                    extra=_log_fields(result, record or _GONE),
-                )
-            else:
-                # Sent is the hot path: DEBUG, so a busy daemon is not slowed by its own logs.
-                level = _LOG_LEVEL_BY_STATUS.get(record.status, logging.INFO)
-                if logger.isEnabledFor(level):
-                    logger.log(
-                        level, "record %s: %s", record.status, result.error_code or "ok",
-                        extra=_log_fields(result, record),
-                    )  # fmt: skip
-
-    async def _drain(self, applier: asyncio.Task[None]) -> None:
+    async def _drain(self, ctx: LoopContext, completer: asyncio.Task[None]) -> None:
         """Lets in-flight calls finish and their results land; the caller bounds the time."""
         try:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
-            # The applier may be in the middle of a batch: let it finish everything queued,
+            # The completer may be in the middle of a batch: let it apply everything queued,
             # then stop at the marker (cancelling it here would lose results it holds).
-            if applier.done():  # it crashed on a bug: a fresh one drains the queue
-                applier = asyncio.create_task(self._apply_forever(), name="apply-results")
-            self._results.put_nowait(None)
-            await applier
+            if completer.done():  # it crashed on a bug: a fresh one drains the queue
+                completer = self._start_completer(ctx)
+            self.completer.finish()
+            await completer
         finally:
-            applier.cancel()
+            completer.cancel()
             for task in self._inflight:
                 task.cancel()
-
-
-async def rescue_expired_leases(
-    store: RecordStore, policy: RetryPolicy, *, limit: int = 500
-) -> list[Rescued]:
-    """Takes back records stuck in 'sending' past their lease (their worker died)."""
-    rescued = await store.rescue_expired_leases(limit, policy.delays_s(policy.max_attempts))
-    for row in rescued:
-        logger.warning(
-            "lease expired while sending; record is now %s", row.status,
-            extra={"record_id": row.id},
-        )  # fmt: skip
-    return rescued

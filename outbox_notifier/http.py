@@ -57,8 +57,8 @@ READINESS_TIMEOUT_S: Final = 1.0
 class HeartbeatMonitor:
     """When each loop last showed it is alive, on a monotonic clock.
 
-    A loop calls ``beat(name)`` on every turn; ``watch(name, read)`` instead reads a
-    last-progress time the loop already keeps. ``names`` given at construction are expected
+    A loop calls ``beat(name)`` on every turn, and ``sleeping(name, seconds)`` before a wait
+    on purpose (a wait is not a wedge). ``names`` given at construction are expected
     from the start: each counts as having beaten then, which gives a loop ``max_age_s`` to
     start. The clock is injectable for tests.
     """
@@ -69,7 +69,6 @@ class HeartbeatMonitor:
         self._clock = clock
         now = clock()
         self._beats: dict[str, float] = dict.fromkeys(names, now)
-        self._watched: dict[str, Callable[[], float]] = {}
 
     def beat(self, name: str) -> None:
         self._beats[name] = self._clock()
@@ -78,22 +77,14 @@ class HeartbeatMonitor:
         """``name`` waits on purpose for ``seconds``: it counts as beating until it is due back."""
         self._beats[name] = self._clock() + seconds
 
-    def watch(self, name: str, last_progress: Callable[[], float]) -> None:
-        """Takes ``name``'s last beat from ``last_progress()`` (same clock) at each check."""
-        self._watched[name] = last_progress
-
     def forget(self, name: str) -> None:
         """Stops expecting ``name`` (a loop that ended on purpose)."""
         self._beats.pop(name, None)
-        self._watched.pop(name, None)
 
     def ages(self) -> dict[str, float]:
         """Seconds since each loop's last beat."""
         now = self._clock()
-        last = dict(self._beats)
-        for name, read in self._watched.items():
-            last[name] = read()
-        return {name: max(0.0, now - at) for name, at in sorted(last.items())}
+        return {name: max(0.0, now - at) for name, at in sorted(self._beats.items())}
 
     def healthy(self, max_age_s: float) -> tuple[bool, dict[str, float]]:
         """Whether every loop beat within ``max_age_s``, and each loop's age in seconds."""

@@ -1,17 +1,33 @@
 """The rescue loop: records left in 'sending' past their lease (their worker died) go back to
-'failed' with backoff, or 'dead' once their attempts are spent (`rescue_expired_leases`)."""
+'failed' with backoff (jittered as the policy says, per record, in SQL), or 'dead' once their
+attempts are spent (`rescue_expired_leases`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.dbhealth import bounded, describe
-from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.store import OperationalError, RecordStore, Rescued
 
 logger = logging.getLogger(__name__)
+
+
+async def rescue_expired_leases(
+    store: RecordStore, policy: RetryPolicy, *, limit: int = 500
+) -> list[Rescued]:
+    """Takes back records stuck in 'sending' past their lease (their worker died)."""
+    rescued = await store.rescue_expired_leases(
+        limit, policy.delays_s(policy.max_attempts), policy.jitter
+    )
+    for row in rescued:
+        logger.warning(
+            "lease expired while sending; record is now %s", row.status,
+            extra={"record_id": row.id},
+        )  # fmt: skip
+    return rescued
 
 
 class Rescuer:

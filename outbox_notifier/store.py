@@ -434,11 +434,14 @@ class RecordStore:
             paused=paused,
         )
 
-    async def rescue_expired_leases(self, limit: int, delays_s: Sequence[float]) -> list[Rescued]:
+    async def rescue_expired_leases(
+        self, limit: int, delays_s: Sequence[float], jitter: float
+    ) -> list[Rescued]:
+        """Rescues up to ``limit`` expired leases; the delay after attempt n is ``delays_s[n]``
+        times a factor drawn per record from ``[1 - jitter, 1 + jitter)``."""
+        params = {"limit": limit, "delays_s": list(delays_s), "jitter": jitter}
         async with self._statement() as conn:
-            cur = await conn.execute(
-                query("rescue_expired_leases"), {"limit": limit, "delays_s": list(delays_s)}
-            )
+            cur = await conn.execute(query("rescue_expired_leases"), params)
             return [Rescued(*row) for row in await cur.fetchall()]
 
     async def schema_compatibility(

@@ -172,7 +172,9 @@ FROM known LEFT JOIN applied ON applied.id = known.record_id CROSS JOIN paused;
 -- name: rescue_expired_leases
 -- Takes back records whose worker died or stalled in 'sending': a temporary failure with code
 -- sending_lease_expired (dead once attempts are spent), logged as an attempt of its own. The
--- backoff delay for attempt n is %(delays_s)s[n], computed by outbox_notifier.backoff.
+-- backoff delay for attempt n is %(delays_s)s[n], computed by outbox_notifier.backoff, times a
+-- jitter factor in [1 - %(jitter)s, 1 + %(jitter)s) drawn per record (random() is evaluated per
+-- row), so records of one dead worker do not all come due at the same instant.
 WITH expired AS (
     SELECT id, channel, dedupe_key, lease_token
     FROM outbox_notifier.notification_records
@@ -188,7 +190,8 @@ WITH expired AS (
     SET status = CASE WHEN r.attempt_count >= r.max_attempts THEN 'dead' ELSE 'failed' END,
         next_retry_at = CASE WHEN r.attempt_count < r.max_attempts
             THEN now() + make_interval(secs => (%(delays_s)s::float8[])[
-                least(greatest(r.attempt_count, 1), cardinality(%(delays_s)s::float8[]))])
+                least(greatest(r.attempt_count, 1), cardinality(%(delays_s)s::float8[]))]
+                * (1 + %(jitter)s::float8 * (2 * random() - 1)))
             END,
         last_error_code = 'sending_lease_expired',
         last_error = 'lease expired while sending: the worker stopped or stalled mid-call',

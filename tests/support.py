@@ -10,9 +10,15 @@ from typing import Any
 
 import msgspec
 import psycopg
+from prometheus_client import CollectorRegistry
 
 from outbox_notifier.daemon import Daemon
+from outbox_notifier.dbhealth import DatabaseHealth
+from outbox_notifier.delivery import Deliverer
 from outbox_notifier.events import EVENT_TYPE
+from outbox_notifier.http import HeartbeatMonitor
+from outbox_notifier.loops import LoopContext
+from outbox_notifier.metrics import Metrics
 from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings
 from outbox_notifier.store import RecordStore
@@ -147,6 +153,27 @@ def scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = 
     row = conn.execute(query, params).fetchone()
     assert row is not None
     return row[0]
+
+
+def loop_context(metrics: Metrics | None = None, *, db_deadline_s: float = 10.0) -> LoopContext:
+    """What the daemon hands its loops, for one loop (or the completer) run alone."""
+    return LoopContext(
+        asyncio.Event(), HeartbeatMonitor(), DatabaseHealth(),
+        metrics or Metrics(CollectorRegistry()), db_deadline_s=db_deadline_s,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def delivering(
+    deliverer: Deliverer, ctx: LoopContext, poll_interval_s: float = 0.1
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Runs the delivery loop alone for the block; then stops it, which drains it."""
+    task = asyncio.create_task(deliverer.run(ctx, asyncio.Event(), poll_interval_s))
+    try:
+        yield task
+    finally:
+        ctx.stop.set()
+        await asyncio.wait_for(task, timeout=10)
 
 
 @contextlib.asynccontextmanager

@@ -7,6 +7,7 @@ the delivery module's ``datetime`` is replaced by one that runs a day fast or sl
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import time
@@ -22,12 +23,14 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier import delivery as delivery_module
 from outbox_notifier import events
 from outbox_notifier import store as store_module
-from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.backoff import RetryPolicy
+from outbox_notifier.completer import ResultCompleter
+from outbox_notifier.delivery import Deliverer
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from tests.faults.harness import add_channels, env_without_settings, event_payload
-from tests.support import relay_for
+from tests.support import delivering, eventually, loop_context, relay_for
 
 pytestmark = pytest.mark.faults
 
@@ -39,8 +42,10 @@ class _Failing:
 
     def __init__(self, retry_after_s: float | None = None) -> None:
         self.retry_after_s = retry_after_s
+        self.calls = 0
 
     async def send(self, delivery: Delivery) -> SendResult:
+        self.calls += 1
         return SendResult(
             outcome=Outcome.TEMPORARY_FAIL,
             error_code=ErrorCode.PROVIDER_5XX,
@@ -95,15 +100,22 @@ async def test_retry_times_follow_the_database_clock_whatever_the_host_clock(
     policy = RetryPolicy(max_attempts=5, base_s=60, max_s=600)
     claim = ClaimPolicy(lease_s=30)
 
-    def deliverer(provider: _Failing) -> Deliverer:
-        return Deliverer(store, {"feishu_flow": provider}, policy, claim,
-                         batch_size=1, concurrency=1)  # fmt: skip
+    async def deliver_one(provider: _Failing, seed: int) -> None:
+        """One pass of the delivery loop: one record claimed, called, its result applied."""
+        deliverer = Deliverer(store, {"feishu_flow": provider}, policy, claim,
+                              ResultCompleter(store, claim), batch_size=1, concurrency=1,
+                              rng=random.Random(seed))  # fmt: skip
+        ctx = loop_context()
+        async with delivering(deliverer, ctx):  # stopping drains: the result is applied
+            await eventually(lambda: provider.calls == 1)
 
     rows: list[tuple[Any, ...]] = []
     with psycopg.connect(db, autocommit=True) as conn:
         gaps = []
-        for attempt, expected in ((1, 60.0), (2, 120.0), (3, 240.0)):
-            assert await deliverer(_Failing()).deliver_once() == 1
+        for attempt, backoff_s in ((1, 60.0), (2, 120.0), (3, 240.0)):
+            await deliver_one(_Failing(), seed=attempt)
+            # The jitter of a loop seeded alike: exactly the delay the loop decided.
+            expected = backoff_s * random.Random(attempt).uniform(0.8, 1.2)
             row = conn.execute(
                 "SELECT extract(epoch FROM next_retry_at - updated_at),"
                 " extract(epoch FROM next_retry_at - now()), attempt_count"
@@ -113,6 +125,7 @@ async def test_retry_times_follow_the_database_clock_whatever_the_host_clock(
             gap, ahead, attempts = float(row[0]), float(row[1]), row[2]
             assert attempts == attempt
             assert gap == pytest.approx(expected, abs=1e-3)  # exactly the backoff, DB clock
+            assert 0.8 * backoff_s <= gap <= 1.2 * backoff_s
             assert expected - 5 < ahead <= expected  # in the DB's future, not the host's
             gaps.append(gap)
             # make it due again on the database clock
@@ -125,7 +138,7 @@ async def test_retry_times_follow_the_database_clock_whatever_the_host_clock(
             " '1 day' WHERE dedupe_key = 'clock-a'"
         )
         await produce("clock-b")
-        assert await deliverer(_Failing(retry_after_s=7)).deliver_once() == 1
+        await deliver_one(_Failing(retry_after_s=7), seed=4)
         retry_after_gap = conn.execute(
             "SELECT extract(epoch FROM next_retry_at - updated_at)"
             " FROM outbox_notifier.notification_records WHERE dedupe_key = 'clock-b'"

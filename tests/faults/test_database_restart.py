@@ -17,7 +17,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations
-from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.backoff import RetryPolicy
+from outbox_notifier.completer import ResultCompleter
+from outbox_notifier.delivery import Deliverer
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
@@ -36,7 +38,7 @@ from tests.faults.harness import (
     wait_settled,
     wait_until,
 )
-from tests.support import relay_for
+from tests.support import loop_context, relay_for
 
 pytestmark = pytest.mark.faults
 
@@ -177,12 +179,13 @@ async def test_an_apply_that_loses_its_connection_is_retried_and_stored_once(
         await relay_for(store, relay_batch_size=10).relay_once()
         provider = _AlwaysOk()
         metrics = Metrics(CollectorRegistry())
+        claims = ClaimPolicy(lease_s=30)
         deliverer = Deliverer(
-            store, {"feishu_flow": provider}, RetryPolicy(), ClaimPolicy(lease_s=30),
-            batch_size=10, concurrency=10, apply_retry_s=0.05, metrics=metrics,
+            store, {"feishu_flow": provider}, RetryPolicy(), claims,
+            ResultCompleter(store, claims, retry_s=0.05), batch_size=10, concurrency=10,
         )  # fmt: skip
-        stop, wake = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(deliverer.run(stop, wake, 0.1))
+        ctx = loop_context(metrics)
+        task = asyncio.create_task(deliverer.run(ctx, asyncio.Event(), 0.1))
 
         async def all_sent() -> bool:
             async with pool.connection() as conn:
@@ -198,7 +201,7 @@ async def test_an_apply_that_loses_its_connection_is_retried_and_stored_once(
             assert time.monotonic() < deadline, "records were not sent"
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)  # let the retried batch land
-        stop.set()
+        ctx.stop.set()
         await asyncio.wait_for(task, 10)
     finally:
         await pool.close()

@@ -12,12 +12,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.backoff import RetryPolicy
+from outbox_notifier.completer import ResultCompleter
+from outbox_notifier.delivery import Deliverer
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
 from outbox_notifier.store import Applied, ClaimPolicy, RecordStore, Result
-from tests.support import enqueue, payload, relay_for, scalar
+from tests.support import delivering, enqueue, loop_context, payload, relay_for, scalar
 
 RECORDS = 20
 
@@ -55,19 +57,17 @@ async def test_results_landing_together_are_applied_in_few_batches(
         store = RecordStore(pool)
         await relay_for(store, relay_batch_size=100).relay_once()
         first_id = scalar(conn, "SELECT min(id) FROM outbox_notifier.notification_records")
+        claims = ClaimPolicy(lease_s=30)
         deliverer = Deliverer(
-            store, {"feishu_flow": _Staggered(first_id)}, RetryPolicy(), ClaimPolicy(lease_s=30),
-            batch_size=RECORDS, concurrency=RECORDS, apply_linger_s=linger_s,
-            metrics=BatchMetrics(CollectorRegistry()),
+            store, {"feishu_flow": _Staggered(first_id)}, RetryPolicy(), claims,
+            ResultCompleter(store, claims, linger_s=linger_s),
+            batch_size=RECORDS, concurrency=RECORDS,
         )  # fmt: skip
-        stop, wake = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(deliverer.run(stop, wake, 0.1))
-        deadline = time.monotonic() + 10
-        while sum(batches) < RECORDS:
-            assert time.monotonic() < deadline, batches
-            await asyncio.sleep(0.01)
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        async with delivering(deliverer, loop_context(BatchMetrics(CollectorRegistry()))):
+            deadline = time.monotonic() + 10
+            while sum(batches) < RECORDS:
+                assert time.monotonic() < deadline, batches
+                await asyncio.sleep(0.01)
     sent = "SELECT count(*) FROM outbox_notifier.notification_records WHERE status = 'sent'"
     assert scalar(conn, sent) == RECORDS
     if linger_s:

@@ -3,18 +3,31 @@ log, a 410's channel disable and the endpoint-protection bookkeeping commit toge
 
 from __future__ import annotations
 
+import random
+from datetime import UTC, datetime
 from typing import Any, ClassVar, LiteralString
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from outbox_notifier.backoff import RetryPolicy
+from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.daemon import claim_policy, http_transport
-from outbox_notifier.delivery import Deliverer, RetryPolicy
+from outbox_notifier.delivery import call_provider, to_delivery, to_result
 from outbox_notifier.providers import default_providers
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
-from tests.support import add_channel, enqueue, payload, records, relay_for, scalar, settings_for
+from tests.support import (
+    add_channel,
+    enqueue,
+    loop_context,
+    payload,
+    records,
+    relay_for,
+    scalar,
+    settings_for,
+)
 
 
 class _CountingConnection(psycopg.AsyncConnection[Any]):
@@ -46,17 +59,20 @@ async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection
             relay = relay_for(store, relay_batch_size=10)
             assert (await relay.relay_once()).created == 3
             transport = http_transport(settings)
+            claims = claim_policy(settings)
+            completer = ResultCompleter(store, claims)
             try:
-                deliverer = Deliverer(
-                    store,
-                    default_providers(settings, transport),
-                    RetryPolicy(),
-                    claim_policy(settings),
-                    batch_size=10,
-                    concurrency=10,
-                )
+                providers = default_providers(settings, transport)
                 _CountingConnection.sent.clear()
-                assert await deliverer.deliver_once() == 3
+                claimed = await store.claim_records(10, claims)
+                assert len(claimed) == 3
+                for record in claimed:
+                    sent = await call_provider(providers[record.provider], to_delivery(record))
+                    started_at = datetime.now(UTC)
+                    rng = random.Random(record.id)
+                    completer.put(to_result(record, sent, RetryPolicy(), started_at, rng))
+                completer.finish()
+                await completer.run(loop_context())
             finally:
                 await transport.aclose()
 

@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.types.json import Jsonb
 
+from outbox_notifier.completer import dedupe_key_hash
 from outbox_notifier.daemon import Daemon
-from outbox_notifier.delivery import dedupe_key_hash
 from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.logs import JsonFormatter
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply

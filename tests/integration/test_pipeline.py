@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,10 +13,11 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.daemon import Daemon, claim_policy
-from outbox_notifier.delivery import RetryPolicy, rescue_expired_leases
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.model import SendResult
+from outbox_notifier.rescue import rescue_expired_leases
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import ClaimPolicy, RecordStore
@@ -244,12 +246,15 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
         from outbox_notifier.delivery import to_result
 
         refused = SendResult(outcome=Outcome.PERMANENT_FAIL, error_code=ErrorCode.PAYLOAD_INVALID)
-        late = to_result(claimed, refused, policy, record["updated_at"])
+        rng = random.Random(0)
+        late = to_result(claimed, refused, policy, record["updated_at"], rng)
         fenced = await store.apply_results([late], ClaimPolicy(lease_s=30))
         assert [(a.id, a.status) for a in fenced.records] == [(claimed.id, None)]
         assert fenced.applied == []
         assert _status_of(conn, "k-lease") == "sending"
-        ok = to_result(claimed_b, SendResult(outcome=Outcome.SUCCESS), policy, record["updated_at"])
+        ok = to_result(
+            claimed_b, SendResult(outcome=Outcome.SUCCESS), policy, record["updated_at"], rng
+        )
         stored = await store.apply_results([ok], ClaimPolicy(lease_s=30))
         assert [(a.status, a.channel, a.dedupe_key) for a in stored.applied] == [
             ("sent", "feishu", "k-lease")
@@ -262,6 +267,29 @@ async def test_expired_lease_is_rescued_and_the_late_result_is_fenced(
         (1, "payload_invalid", False),
         (2, None, True),
     ]
+
+
+async def test_rescued_leases_get_the_jittered_backoff(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    for i in range(20):
+        enqueue(conn, payload(f"k-{i}"))
+    policy = RetryPolicy(base_s=100.0, max_s=100.0)
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        store = RecordStore(pool)
+        await relay_for(store, relay_batch_size=100).relay_once()
+        await store.claim_records(20, ClaimPolicy(lease_s=0.01))  # a worker that then died
+        await asyncio.sleep(0.05)
+        assert len(await rescue_expired_leases(store, policy)) == 20
+    delays = [
+        float(row[0])
+        for row in conn.execute(
+            "SELECT extract(epoch FROM next_retry_at - updated_at)"
+            " FROM outbox_notifier.notification_records"
+        )
+    ]
+    assert all(80.0 <= d <= 120.0 for d in delays), delays
+    assert len(set(delays)) == 20  # one dead worker's records do not come due together
 
 
 async def test_lease_expiry_on_the_last_attempt_is_dead(
@@ -430,7 +458,7 @@ def test_claim_queries_use_their_partial_indexes(
     )
     conn.execute("ANALYZE outbox_notifier.notification_records")
     conn.execute("ANALYZE outbox_notifier.outbox")
-    params = _CLAIM_PARAMS | {"delays_s": [1.0]}  # the rescue's
+    params = _CLAIM_PARAMS | {"delays_s": [1.0], "jitter": 0.2}  # the rescue's
     plans = _plans(conn, query(query_name).encode(), params)
     for index in indexes:
         assert f"Index Scan using {index}" in plans or f"Index Only Scan using {index}" in plans, (

@@ -6,6 +6,7 @@ every statement; the per-transaction form is what a pooler that drops startup op
 
 from __future__ import annotations
 
+import random
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -14,8 +15,9 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.connections import connection_kwargs, session_timeouts, statement_timeouts
-from outbox_notifier.delivery import RetryPolicy, to_result
+from outbox_notifier.delivery import to_result
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import SendResult
 from outbox_notifier.store import ClaimPolicy, RecordStore
@@ -44,7 +46,7 @@ async def test_a_lock_wait_is_bounded_with_or_without_startup_options(
         async with pool.connection() as pooled:
             assert session.holds(pooled) is not options_dropped
         ok = to_result(claimed, SendResult(outcome=Outcome.SUCCESS), RetryPolicy(),
-                       datetime.now(UTC))  # fmt: skip
+                       datetime.now(UTC), random.Random(0))  # fmt: skip
         with psycopg.connect(db) as holder:
             holder.execute(
                 "SELECT 1 FROM outbox_notifier.notification_records WHERE id = %s FOR UPDATE",

@@ -21,6 +21,7 @@ STORE_MODULES = {"store", "maintenance_store", "connections", "dbhealth"}
 PIPELINE_MODULES = {
     "relay",
     "delivery",
+    "completer",
     "metrics",
     "retention",
     "leadership",

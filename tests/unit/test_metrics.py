@@ -369,10 +369,10 @@ def test_heartbeat_monitor_with_a_clock_we_control() -> None:
     monitor = HeartbeatMonitor(("relay", "delivery"), clock=lambda: now[0])
     assert monitor.healthy(10.0) == (True, {"delivery": 0.0, "relay": 0.0})
 
+    now[0] = 103.0
+    monitor.sleeping("delivery", 2.0)  # a wait on purpose, due back at 105
     now[0] = 108.0
     monitor.beat("relay")
-    progress = [105.0]
-    monitor.watch("delivery", lambda: progress[0])
     assert monitor.healthy(10.0) == (True, {"delivery": 3.0, "relay": 0.0})
 
     now[0] = 116.0
