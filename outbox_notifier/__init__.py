@@ -1,3 +1,3 @@
 """Relays a Postgres transactional outbox into Feishu notifications."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
