@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "Relays a PostgreSQL transactional outbox into Feishu notifications: "
-            "relay, deliver, retry, and export metrics."
+            "Relays a PostgreSQL transactional outbox into notifications: chat bots on "
+            "Feishu, DingTalk, WeCom and Slack, the Feishu Flow webhook, and signed webhooks. "
+            "Relays, delivers, retries, and exports metrics."
         ),
         epilog=(
             "Settings come from defaults < the TOML file < OUTBOX_NOTIFIER_* environment "
