@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         "validate and print the effective settings",
         "Load the settings from defaults, the config file, the environment and flags; print "
-        "them with secrets masked. Exit 2 with one line naming the problem if any is invalid.",
+        "them with secrets masked. Exit 2 with one line naming the problem if any is invalid "
+        "or no DSN is given.",
     )
     check.add_argument("--json", action="store_true", help="print a JSON object")
     return parser
@@ -372,14 +373,15 @@ def _cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
 
 Handler = Callable[[argparse.Namespace, settings.Settings], int]
 
-# command -> (handler, needs a database)
+# command -> (handler, needs a DSN). check-config needs one because every command but the
+# demo (which starts its own database) does: a configuration without it would not run.
 _HANDLERS: dict[str, tuple[Handler, bool]] = {
     "migrate": (_cmd_migrate, True),
     "run": (_cmd_run, True),
     "status": (_cmd_status, True),
     "requeue": (_cmd_requeue, True),
     "demo": (_cmd_demo, False),
-    "check-config": (_cmd_check_config, False),
+    "check-config": (_cmd_check_config, True),
 }
 
 

@@ -17,7 +17,6 @@ more than ``outbox_notifier_daemon``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -26,8 +25,6 @@ import psycopg
 
 from outbox_notifier import sqlfiles
 from outbox_notifier.sqlfiles import query
-
-logger = logging.getLogger(__name__)
 
 # Arbitrary constant: the advisory-lock key that serialises migrations.
 MIGRATION_LOCK_KEY = 7_244_001
@@ -217,6 +214,5 @@ def migrate(dsn: str, available: Sequence[sqlfiles.Migration] | None = None) -> 
                     " VALUES (%s, %s, %s, %s)",
                     (migration.version, migration.name, migration.checksum, migration.kind),
                 )
-                logger.info("applied migration %s (%s)", migration.name, migration.kind)
                 applied.append(migration.name)
     return applied
