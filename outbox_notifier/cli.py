@@ -231,7 +231,7 @@ def _merged_globals(args: argparse.Namespace) -> None:
             setattr(args, dest, later)
 
 
-def _load(args: argparse.Namespace) -> settings.Settings:
+def _load(args: argparse.Namespace, warn: Callable[[str], object]) -> settings.Settings:
     overrides: dict[str, object] = {}
     sources: dict[str, str] = {}
     for name, value in args.set:
@@ -248,6 +248,7 @@ def _load(args: argparse.Namespace) -> settings.Settings:
         env=os.environ,
         overrides=overrides,
         override_sources=sources,
+        warn=warn,
     )
 
 
@@ -406,12 +407,16 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"requeue: {problem}")
             return EXIT_USAGE
 
+    # The settings' warnings wait for the log format the settings choose.
+    warnings: list[str] = []
     try:
-        cfg = _load(args)
+        cfg = _load(args, warnings.append)
     except settings.SettingsError as exc:
         _fail(str(exc))
         return EXIT_USAGE
     logs.configure_logging(cfg.log_format, cfg.log_level)
+    for line in warnings:
+        settings.logger.warning("%s", line)
 
     handler, needs_database = _HANDLERS[args.command]
     if needs_database and not cfg.dsn:
