@@ -110,7 +110,8 @@ def assess(applied: Sequence[Applied] | None, daemon_version: int) -> Compatibil
             False,
             f"database schema is at version {db_version}, newer than this daemon's "
             f"{daemon_version}, and migration {blocking.name} is {kind}: "
-            f"run a daemon built for version {blocking.version} or later",
+            f"run a daemon built for version {blocking.version} or later, or restore the "
+            "database from its dump taken before that migrate to run this one",
             db_version,
         )
     if newer:
