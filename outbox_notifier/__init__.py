@@ -1,3 +1,4 @@
-"""Relays a Postgres transactional outbox into Feishu notifications."""
+"""Relays a PostgreSQL transactional outbox into notifications: chat bots on Feishu, DingTalk,
+WeCom and Slack, the Feishu Flow webhook, and signed webhooks."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "Relays a PostgreSQL transactional outbox into Feishu notifications: "
-            "relay, deliver, retry, and export metrics."
+            "Relays a PostgreSQL transactional outbox into notifications: chat bots on "
+            "Feishu, DingTalk, WeCom and Slack, the Feishu Flow webhook, and signed webhooks. "
+            "Relays, delivers, retries, and exports metrics."
         ),
         epilog=(
             "Settings come from defaults < the TOML file < OUTBOX_NOTIFIER_* environment "
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         "validate and print the effective settings",
         "Load the settings from defaults, the config file, the environment and flags; print "
-        "them with secrets masked. Exit 2 with one line naming the problem if any is invalid.",
+        "them with secrets masked. Exit 2 with one line naming the problem if any is invalid "
+        "or no DSN is given.",
     )
     check.add_argument("--json", action="store_true", help="print a JSON object")
     return parser
@@ -229,7 +231,7 @@ def _merged_globals(args: argparse.Namespace) -> None:
             setattr(args, dest, later)
 
 
-def _load(args: argparse.Namespace) -> settings.Settings:
+def _load(args: argparse.Namespace, warn: Callable[[str], object]) -> settings.Settings:
     overrides: dict[str, object] = {}
     sources: dict[str, str] = {}
     for name, value in args.set:
@@ -246,6 +248,7 @@ def _load(args: argparse.Namespace) -> settings.Settings:
         env=os.environ,
         overrides=overrides,
         override_sources=sources,
+        warn=warn,
     )
 
 
@@ -371,14 +374,15 @@ def _cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
 
 Handler = Callable[[argparse.Namespace, settings.Settings], int]
 
-# command -> (handler, needs a database)
+# command -> (handler, needs a DSN). check-config needs one because every command but the
+# demo (which starts its own database) does: a configuration without it would not run.
 _HANDLERS: dict[str, tuple[Handler, bool]] = {
     "migrate": (_cmd_migrate, True),
     "run": (_cmd_run, True),
     "status": (_cmd_status, True),
     "requeue": (_cmd_requeue, True),
     "demo": (_cmd_demo, False),
-    "check-config": (_cmd_check_config, False),
+    "check-config": (_cmd_check_config, True),
 }
 
 
@@ -403,12 +407,16 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"requeue: {problem}")
             return EXIT_USAGE
 
+    # The settings' warnings wait for the log format the settings choose.
+    warnings: list[str] = []
     try:
-        cfg = _load(args)
+        cfg = _load(args, warnings.append)
     except settings.SettingsError as exc:
         _fail(str(exc))
         return EXIT_USAGE
     logs.configure_logging(cfg.log_format, cfg.log_level)
+    for line in warnings:
+        settings.logger.warning("%s", line)
 
     handler, needs_database = _HANDLERS[args.command]
     if needs_database and not cfg.dsn:

@@ -1,11 +1,11 @@
 """``outbox-notifier demo``: the whole pipeline on a throwaway database, in under a minute.
 
 Starts PostgreSQL the way the test suite does (or uses a fresh database on ``--dsn``'s server),
-migrates, starts the local Feishu look-alike, registers two users' Flow webhooks and one user
-for each other provider (Feishu bot, webhook, DingTalk signed, WeCom, Slack), writes a handful
-of events inside one business transaction (one malformed, one duplicate, one whose webhook
-fails once, one per provider), runs the daemon until everything settles, prints what happened, and
-removes everything it created.
+migrates, starts the local look-alike of the platforms, registers two users' Flow webhooks and
+one user for each other provider (Feishu bot, webhook, DingTalk signed, WeCom, Slack), writes a
+handful of events inside one business transaction (one malformed, one duplicate, one whose
+webhook fails once, one per provider), runs the daemon until everything settles, prints what
+happened, and removes everything it created.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def _report(dsn: str, server: FeishuServer) -> str:
                 records,
             ),
             _table("outbox", ["id", "status", "error"], outbox),
-            f"webhook calls received by the local Feishu server: {server.count()}",
+            f"calls received by the local look-alike of the platforms: {server.count()}",
         ]
     )
 

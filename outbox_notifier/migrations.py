@@ -17,7 +17,6 @@ more than ``outbox_notifier_daemon``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -26,8 +25,6 @@ import psycopg
 
 from outbox_notifier import sqlfiles
 from outbox_notifier.sqlfiles import query
-
-logger = logging.getLogger(__name__)
 
 # Arbitrary constant: the advisory-lock key that serialises migrations.
 MIGRATION_LOCK_KEY = 7_244_001
@@ -113,7 +110,8 @@ def assess(applied: Sequence[Applied] | None, daemon_version: int) -> Compatibil
             False,
             f"database schema is at version {db_version}, newer than this daemon's "
             f"{daemon_version}, and migration {blocking.name} is {kind}: "
-            f"run a daemon built for version {blocking.version} or later",
+            f"run a daemon built for version {blocking.version} or later, or restore the "
+            "database from its dump taken before that migrate to run this one",
             db_version,
         )
     if newer:
@@ -217,6 +215,5 @@ def migrate(dsn: str, available: Sequence[sqlfiles.Migration] | None = None) -> 
                     " VALUES (%s, %s, %s, %s)",
                     (migration.version, migration.name, migration.checksum, migration.kind),
                 )
-                logger.info("applied migration %s (%s)", migration.name, migration.kind)
                 applied.append(migration.name)
     return applied

@@ -8,6 +8,16 @@ The TOML file is ``config_path`` (``--config``) or ``OUTBOX_NOTIFIER_CONFIG``; i
 field names below, at top level. The variable for field ``x_y`` is ``OUTBOX_NOTIFIER_X_Y``; its
 string value is converted to the field's type, and tuple fields are comma-separated.
 
+Upgrades must not stop a daemon whose settings were valid for the previous release, so:
+
+* a setting the user did not set adapts to those they did (`derived`: ``db_deadline_s``
+  follows ``health_stale_s``); only explicit contradictory values are an error;
+* a removed setting (`REMOVED`) is accepted, ignored, and named in one warning saying what
+  replaced it, from the file and the environment alike, for at least one release;
+* an ``OUTBOX_NOTIFIER_*`` variable that names no setting gets a warning, not silence.
+
+Warnings go to ``warn`` (one line each); the CLI logs them once logging is configured.
+
 Every problem raises `SettingsError`, whose message is one line naming the setting, where the
 value came from and what is wrong, e.g.::
 
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
 import math
 import os
 import tomllib
@@ -35,10 +46,21 @@ from psycopg import conninfo
 
 from outbox_notifier import egress, eventloop
 
+logger = logging.getLogger(__name__)
+
 ENV_PREFIX = "OUTBOX_NOTIFIER_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-# Variables with the prefix that are not settings: the config file path and the test fixture's DSN.
-NON_SETTING_ENV = frozenset({CONFIG_ENV, ENV_PREFIX + "TEST_DSN"})
+# Variables with the prefix that are not settings: the config file path, and the test suite's
+# own (OUTBOX_NOTIFIER_TEST_DSN, ...).
+NON_SETTING_ENV = frozenset({CONFIG_ENV})
+TEST_ENV_PREFIX = ENV_PREFIX + "TEST_"
+
+# Settings of earlier releases that are gone: name -> what replaced it. Accepted with a warning
+# (never an error) for at least one release after the removal, so an upgrade keeps starting.
+REMOVED: Mapping[str, str] = {
+    "http_transport": "provider calls always go through httpx over aiohttp since 0.2.0; "
+    "delete the setting",
+}
 
 LogFormat = Literal["plain", "json"]
 EventLoop = Literal["auto", "uvloop", "asyncio"]  # auto: uvloop when installed
@@ -50,6 +72,12 @@ ALLOWED_FLOW_SCHEMES = frozenset({"http", "https"})
 _MASK = "***"
 _SECRET_FIELDS = frozenset({"dsn", "listen_dsn"})
 _SECRET_WORDS = ("secret", "token", "password")
+
+# db_deadline_s when unset: this default, or this share of a lower health_stale_s (the share
+# the default takes of health_stale_s's default, 35 s of 60), so a loop's bounded wait stays
+# well inside the staleness that would fail liveness.
+DB_DEADLINE_MAX_S = 35.0
+DB_DEADLINE_SHARE = 35.0 / 60.0
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
@@ -204,8 +232,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     keepalives_idle_s: AtLeastOne = 10
     keepalives_interval_s: AtLeastOne = 5
     keepalives_count: AtLeastOne = 3
-    # Must be below health_stale_s: a loop waiting on a bounded call is alive (checked).
-    db_deadline_s: Positive = 35.0
+    # Must be below health_stale_s: a loop waiting on a bounded call is alive (checked). Left
+    # unset, it follows health_stale_s (see `derived`).
+    db_deadline_s: Positive = DB_DEADLINE_MAX_S
     # How long `run` waits for the database at start; 0 waits for ever.
     startup_timeout_s: NonNegativeFloat = 0.0
 
@@ -431,6 +460,34 @@ def _unknown(name: str, source: str) -> SettingsError:
     return SettingsError(f"unknown setting {name!r} (from {source}){hint}", setting=name)
 
 
+def derived(given: Mapping[str, object]) -> dict[str, object]:
+    """Values for settings not in ``given`` that follow from those that are.
+
+    ``db_deadline_s`` must stay below ``health_stale_s``: a file that lowered ``health_stale_s``
+    (to 30, say, valid before ``db_deadline_s`` existed) gets a deadline that fits it, and a
+    deadline raised past the default staleness raises the staleness with it.
+    """
+    stale, deadline = given.get("health_stale_s"), given.get("db_deadline_s")
+    if isinstance(stale, float) and deadline is None:
+        return {"db_deadline_s": round(min(DB_DEADLINE_MAX_S, stale * DB_DEADLINE_SHARE), 3)}
+    if isinstance(deadline, float) and stale is None:
+        default_stale: float = Settings.__struct_defaults__[
+            Settings.__struct_fields__.index("health_stale_s")
+        ]
+        return {"health_stale_s": round(max(default_stale, deadline / DB_DEADLINE_SHARE), 3)}
+    return {}
+
+
+def _removed(name: str, sources: list[str]) -> str:
+    return f"setting {name} (from {', '.join(sources)}) was removed and is ignored: {REMOVED[name]}"
+
+
+def _stranger(var: str) -> str:
+    close = difflib.get_close_matches(var[len(ENV_PREFIX) :].lower(), setting_names(), n=1)
+    hint = f"; did you mean {env_var(close[0])}?" if close else ""
+    return f"environment variable {var} names no setting and is ignored{hint}"
+
+
 def _read_toml(path: str, source: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -451,17 +508,21 @@ def load_settings(
     env: Mapping[str, str],
     overrides: Mapping[str, object],
     override_sources: Mapping[str, str] | None = None,
+    warn: Callable[[str], object] | None = None,
 ) -> Settings:
     """Builds the settings from defaults, the TOML file, ``env`` and ``overrides``.
 
     ``overrides`` maps setting names to values from flags; string values are parsed like
     environment values. ``override_sources`` optionally names the flag behind each override
-    for error messages (default ``--set NAME``).
+    for error messages (default ``--set NAME``). ``warn`` receives each warning, one line
+    (default: this module's logger).
 
     Raises SettingsError, with a one-line message, for anything invalid.
     """
+    warn = warn or _log_warning
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
+    removed: dict[str, list[str]] = {}
     known = set(setting_names())
 
     if config_path is not None:
@@ -471,6 +532,9 @@ def load_settings(
     if path:
         file_source = f"config file {path}"
         for key, raw in _read_toml(path, path_source).items():
+            if key in REMOVED:
+                removed.setdefault(key, []).append(file_source)
+                continue
             if key not in known:
                 raise _unknown(key, file_source)
             values[key] = _convert(key, raw, file_source, from_text=False)
@@ -479,18 +543,34 @@ def load_settings(
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX) or var in NON_SETTING_ENV:
             continue
+        if var.startswith(TEST_ENV_PREFIX):
+            continue
         key = var[len(ENV_PREFIX) :].lower()
+        if key in REMOVED:
+            removed.setdefault(key, []).append(var)
+            continue
         if key not in known:
-            continue  # the prefix is not reserved for us alone; ignore strangers
+            # not an error: a variable of another release or tool must not stop the daemon
+            warn(_stranger(var))
+            continue
         values[key] = _convert(key, env[var], var, from_text=True)
         sources[key] = var
 
     for key, raw in overrides.items():
         flag = (override_sources or {}).get(key, f"--set {key}")
+        if key in REMOVED:
+            removed.setdefault(key, []).append(flag)
+            continue
         if key not in known:
             raise _unknown(key, flag)
         values[key] = _convert(key, raw, flag, from_text=isinstance(raw, str))
         sources[key] = flag
+
+    for key, found_in in removed.items():
+        warn(_removed(key, found_in))
+    for key, value in derived(values).items():
+        values[key] = value
+        sources[key] = "derived"
 
     try:
         settings = Settings(**values)  # type: ignore[arg-type]
@@ -510,6 +590,10 @@ def load_settings(
             source=sources.get("ca_bundle", "default"),
         )
     return settings
+
+
+def _log_warning(line: str) -> None:
+    logger.warning("%s", line)
 
 
 def mask_dsn(dsn: str) -> str:

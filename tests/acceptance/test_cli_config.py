@@ -105,6 +105,7 @@ def test_flag_wins_over_env_and_config(tmp_path: Path) -> None:
         "--json",
         "--set",
         "max_attempts=9",
+        OUTBOX_NOTIFIER_DSN="host=db",
         OUTBOX_NOTIFIER_CONFIG=str(config),
         OUTBOX_NOTIFIER_MAX_ATTEMPTS="8",
     )
@@ -113,12 +114,12 @@ def test_flag_wins_over_env_and_config(tmp_path: Path) -> None:
     assert (shown["max_attempts"], shown["retry_base_s"]) == (9, 10.0)
 
 
-def test_migrate_without_dsn_exits_2() -> None:
-    result = cli("migrate")
+@pytest.mark.parametrize("command", ["migrate", "check-config"])
+def test_no_dsn_is_one_line_exit_2(command: str) -> None:
+    result = cli(command, OUTBOX_NOTIFIER_DSN="")
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "outbox-notifier: no database: pass --dsn or set OUTBOX_NOTIFIER_DSN"
-    )
+    assert result.stdout == ""
+    assert result.stderr == "outbox-notifier: no database: pass --dsn or set OUTBOX_NOTIFIER_DSN\n"
 
 
 def test_migrate_unreachable_database_is_one_line_exit_1(tmp_path: Path) -> None:

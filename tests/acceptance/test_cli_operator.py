@@ -41,6 +41,18 @@ def add_record(
     return int(row[0])
 
 
+def test_migrate_names_each_migration_once(empty_db: str) -> None:
+    from outbox_notifier import sqlfiles
+
+    first = cli("migrate", "--dsn", empty_db)
+    assert first.returncode == 0, first.stderr
+    names = [m.name for m in sqlfiles.migrations()]
+    assert first.stdout.splitlines() == [f"applied {name}" for name in names]
+    assert not any(name in first.stderr for name in names), first.stderr
+    again = cli("migrate", "--dsn", empty_db)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "schema is up to date\n", "")
+
+
 def test_status_json(db: str, conn: psycopg.Connection[Any]) -> None:
     add_channel(
         conn,

@@ -143,7 +143,8 @@ def test_breaking_future_migration_makes_run_exit_2_with_one_line(db: str) -> No
     assert proc.stderr.strip().splitlines()[-1] == (
         f"outbox-notifier: database schema is at version {NEXT + 1}, newer than this daemon's "
         f"{own}, and migration {BREAKING.name} is breaking: run a daemon built for version "
-        f"{NEXT + 1} or later"
+        f"{NEXT + 1} or later, or restore the database from its dump taken before that migrate "
+        "to run this one"
     )
 
 

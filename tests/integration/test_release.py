@@ -11,10 +11,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import yaml
 
 import outbox_notifier
+from outbox_notifier import settings
+from tests import release_surface
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example.com/outbox-notifier"
@@ -37,6 +40,35 @@ def test_the_version_has_one_source() -> None:
     cli = subprocess.run([sys.executable, "-m", "outbox_notifier", "--version"],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert cli.stdout.strip() == f"outbox-notifier {version}"
+
+
+def test_a_changed_surface_ships_as_a_new_version_with_its_changelog(
+    conn: psycopg.Connection[Any],
+) -> None:
+    released = release_surface.releases()[-1]
+    now = release_surface.current(conn)
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert release_surface.problems(released, now, changelog) == []
+    assert release_surface.unaccepted_removed_settings(released, now, settings.REMOVED) == []
+
+
+def test_every_description_names_every_platform() -> None:
+    help_text = subprocess.run([sys.executable, "-m", "outbox_notifier", "--help"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    label = re.search(r'org\.opencontainers\.image\.description="([^"]+)"',
+                      (ROOT / "Containerfile").read_text())  # fmt: skip
+    assert label is not None
+    readme_opening = (ROOT / "README.md").read_text().split("\n## ")[0]
+    for where, text in {
+        "pyproject": _pyproject()["project"]["description"],
+        "docstring": outbox_notifier.__doc__ or "",
+        "--help": help_text,
+        "image label": label.group(1),
+        "README": readme_opening,
+    }.items():
+        flat = " ".join(text.split())
+        for platform in ("Feishu", "DingTalk", "WeCom", "Slack", "Flow", "signed webhooks"):
+            assert platform in flat, (where, platform)
 
 
 def test_manifests_name_the_image_of_this_version() -> None:

@@ -103,13 +103,49 @@ def test_env_values_are_converted() -> None:
     assert s.dsn == "host=db dbname=app"
 
 
-def test_unrelated_env_vars_are_ignored() -> None:
+def test_unknown_prefixed_env_vars_warn_and_are_ignored() -> None:
+    warned: list[str] = []
     env = {
         "OUTBOX_NOTIFIER_TEST_DSN": "dbname=test",
+        "OUTBOX_NOTIFIER_TEST_REQUIRE_IMAGE": "1",
+        "OUTBOX_NOTIFIER_CONFIG": "",
         "OUTBOX_NOTIFIER_SOMETHING_ELSE": "x",
+        "OUTBOX_NOTIFIER_POLL_INTERVAL": "2",
         "PATH": "/bin",
     }
-    assert load(env=env) == Settings()
+    assert load_settings(config_path=None, env=env, overrides={}, warn=warned.append) == Settings()
+    assert warned == [
+        "environment variable OUTBOX_NOTIFIER_POLL_INTERVAL names no setting and is ignored; "
+        "did you mean OUTBOX_NOTIFIER_POLL_INTERVAL_S?",
+        "environment variable OUTBOX_NOTIFIER_SOMETHING_ELSE names no setting and is ignored",
+    ]
+
+
+def test_a_removed_setting_warns_once_naming_every_source_and_its_replacement(
+    tmp_path: Path,
+) -> None:
+    warned: list[str] = []
+    path = write_toml(tmp_path, 'http_transport = "httpx"\n')
+    s = load_settings(
+        config_path=path,
+        env={"OUTBOX_NOTIFIER_HTTP_TRANSPORT": "keepalive"},
+        overrides={"http_transport": "httpx"},
+        warn=warned.append,
+    )
+    assert s == Settings()
+    assert warned == [
+        f"setting http_transport (from config file {path}, OUTBOX_NOTIFIER_HTTP_TRANSPORT, "
+        "--set http_transport) was removed and is ignored: " + settings.REMOVED["http_transport"]
+    ]
+    assert "httpx over aiohttp" in warned[0]
+
+
+def test_settings_load_without_warnings_when_all_is_current(tmp_path: Path) -> None:
+    warned: list[str] = []
+    path = write_toml(tmp_path, "health_stale_s = 90\n")
+    env = {"OUTBOX_NOTIFIER_DSN": "host=db", "OUTBOX_NOTIFIER_CONFIG": path}
+    load_settings(config_path=None, env=env, overrides={}, warn=warned.append)
+    assert warned == []
 
 
 def test_string_overrides_are_parsed_like_env() -> None:
@@ -374,8 +410,10 @@ def test_bad_egress_settings_are_one_line_naming_the_setting(
 
 
 def test_http_transport_is_gone() -> None:
-    # Only one maintained stack carries the egress guard; the old switch is refused loudly.
-    assert "unknown setting 'http_transport'" in error_of(overrides={"http_transport": "httpx"})
+    # Only one maintained stack carries the egress guard; the old switch is accepted with a
+    # warning (above) for upgrades, and changes nothing.
+    assert "http_transport" not in settings.setting_names()
+    assert "http_transport" not in masked(load(overrides={"http_transport": "httpx"}))
 
 
 def test_ipv6_literal_hosts_are_allowed_in_url_policies() -> None:
@@ -386,6 +424,19 @@ def test_ipv6_literal_hosts_are_allowed_in_url_policies() -> None:
 def test_proxy_password_is_masked() -> None:
     shown = masked(load(overrides={"http_proxy": "http://user:hunter2@proxy:3128"}))
     assert shown["http_proxy"] == "http://user:***@proxy:3128"
+
+
+def test_a_lowered_health_stale_brings_the_unset_deadline_down(tmp_path: Path) -> None:
+    # health_stale_s = 30 was valid in 0.1.0, before db_deadline_s existed
+    s = load(config_path=write_toml(tmp_path, "health_stale_s = 30\n"))
+    assert (s.health_stale_s, s.db_deadline_s) == (30.0, 17.5)
+    assert load(overrides={"health_stale_s": "600"}).db_deadline_s == settings.DB_DEADLINE_MAX_S
+
+
+def test_a_raised_deadline_brings_the_unset_health_stale_up() -> None:
+    s = load(env={"OUTBOX_NOTIFIER_DB_DEADLINE_S": "70"})
+    assert (s.db_deadline_s, s.health_stale_s) == (70.0, 120.0)
+    assert load(overrides={"db_deadline_s": "10"}).health_stale_s == Settings().health_stale_s
 
 
 def test_health_stale_must_exceed_the_database_deadline() -> None:
