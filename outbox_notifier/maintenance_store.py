@@ -15,7 +15,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import StatementTimeouts, set_timeouts
+from outbox_notifier.timeouts import StatementTimeouts, set_timeouts
 
 #: One row of ``metrics_snapshot`` (sql/metrics.sql): kind, channel, status, count, age in s.
 SnapshotRow = tuple[str, str | None, str | None, int, float | None]
