@@ -3,6 +3,7 @@
 A store module, like ``store``: ``retention``, ``leadership`` and ``metrics`` ask it and never
 touch a connection themselves. It works over a pool (a connection per statement, returned in
 between) or over one connection in autocommit mode, so that every statement commits on its own.
+Its statements are those of ``sql/maintenance.sql``.
 
 Every statement runs under the same ``StatementTimeouts`` as the pipeline's, applied the same
 way (``timeouts.Bounds``): a purge blocked by a table lock, or a lease row held by a stalled
@@ -26,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.timeouts import Bounds, SessionTimeouts, StatementTimeouts
 
-#: One row of ``metrics_snapshot`` (sql/metrics.sql): kind, channel, status, count, age in s.
+#: One row of ``metrics_snapshot`` (sql/maintenance.sql): kind, channel, status, count, age in s.
 SnapshotRow = tuple[str, str | None, str | None, int, float | None]
 
 _PURGES = {"outbox": "purge_outbox_batch", "records": "purge_records_batch"}
