@@ -1,8 +1,7 @@
 """Statement timeouts: set once per session on a direct connection, per transaction otherwise.
 
-Both forms must bound a lock wait, the pipeline's and the maintenance loop's alike. The session
-form saves BEGIN, set_config and COMMIT around every statement; the per-transaction form is what
-a pooler that drops startup options gets.
+Both forms must bound a lock wait. The session form saves BEGIN, set_config and COMMIT around
+every statement; the per-transaction form is what a pooler that drops startup options gets.
 """
 
 from __future__ import annotations
@@ -17,12 +16,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.connections import connection_kwargs, session_timeouts, statement_timeouts
 from outbox_notifier.delivery import RetryPolicy, to_result
-from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.providers.base import Outcome, SendResult
 from outbox_notifier.relay import Relay
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from tests.support import enqueue, payload, settings_for
-from tests.timeout_support import BLOCKED_MAINTENANCE, assert_fails_at_lock_timeout
 
 
 @pytest.mark.parametrize("options_dropped", [False, True], ids=["direct", "options-dropped"])
@@ -73,31 +70,3 @@ def test_no_startup_options_behind_a_transaction_pooler(db: str) -> None:
     settings = settings_for(db, prepared_statements=False)
     assert "options" not in connection_kwargs(settings)
     assert session_timeouts(settings) is None
-
-
-@pytest.mark.parametrize("statement", sorted(BLOCKED_MAINTENANCE))
-@pytest.mark.parametrize("mode", ["direct", "options-dropped", "one-connection"])
-async def test_a_maintenance_statement_fails_at_lock_timeout(
-    db: str, mode: str, statement: str
-) -> None:
-    """The maintenance statements are bounded as the pipeline's are: through the session's
-    startup options, per transaction where a pooler dropped them, and on a connection of their
-    own (which carries no options at all)."""
-    settings = settings_for(db, lock_timeout_s=0.3)
-    session = session_timeouts(settings)
-    assert session is not None
-    kwargs = connection_kwargs(settings)
-    if mode == "one-connection":
-        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as aconn:
-            store = MaintenanceStore(aconn, timeouts=statement_timeouts(settings))
-            await assert_fails_at_lock_timeout(db, store, statement)
-        return
-    if mode == "options-dropped":
-        del kwargs["options"]
-    async with AsyncConnectionPool(
-        db, kwargs=kwargs, configure=session.configure, min_size=1, max_size=1
-    ) as pool:
-        async with pool.connection() as pooled:
-            assert session.holds(pooled) is (mode == "direct")
-        store = MaintenanceStore(pool, timeouts=statement_timeouts(settings), session=session)
-        await assert_fails_at_lock_timeout(db, store, statement)
