@@ -90,10 +90,14 @@ def test_metrics_is_a_pure_sink() -> None:
     assert not any(n.startswith("outbox_notifier.sqlfiles") for n in names)
 
 
+def test_a_submodule_import_counts_as_the_driver() -> None:
+    assert roots(imported_by("import psycopg.errors\n")) == {"psycopg"}
+    assert roots(imported_by("from psycopg_pool.pool import X\n")) == {"psycopg_pool"}
+
+
 def test_a_nested_type_checking_import_is_found() -> None:
     source = (
         "if TYPE_CHECKING:\n    def f():\n        from psycopg_pool import AsyncConnectionPool\n"
     )
     assert roots(imported_by(source)) == {"psycopg_pool"}
     assert "outbox_notifier.relay" in imported_by("from outbox_notifier import relay\n")
-    assert roots(imported_by("import psycopg.errors\n")) == {"psycopg"}
