@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import SessionTimeouts, StatementTimeouts
+from outbox_notifier.timeouts import SessionTimeouts, StatementTimeouts
 
 #: The NOTIFY channel an outbox insert signals (sql/0001_schema.sql).
 OUTBOX_CHANNEL = "outbox_notifier_outbox"

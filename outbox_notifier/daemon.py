@@ -237,7 +237,7 @@ class Daemon:
         )
         rescuer = Rescuer(store, self.policy, interval_s=settings.retry_interval_s)
         maintenance = Maintenance(
-            MaintenanceStore(store.pool, timeouts=store.timeouts),
+            MaintenanceStore(store.pool, timeouts=store.timeouts, session=store.session),
             interval_s=settings.maintenance_interval_s,
             outbox_retention_s=settings.outbox_retention_s,
             records_retention_s=settings.records_retention_s,

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 NAMESPACE: Final = "outbox_notifier"
 OTHER: Final = "other"
 
-#: Statuses the snapshot counts: live work, each on its partial index (see sql/metrics.sql).
+#: Statuses the snapshot counts: live work, each on its partial index (see sql/maintenance.sql).
 SNAPSHOT_STATUSES: Final = ("pending", "sending", "failed")
 #: Loop names for ``database_errors_total`` and ``claim_duration_seconds``.
 LOOPS: Final = ("relay", "delivery", "apply", "rescue", "listener", "maintenance")
@@ -351,7 +351,7 @@ class Metrics:
         return True
 
     def apply_snapshot(self, rows: Iterable[SnapshotRow]) -> None:
-        """Sets the gauges from the rows of ``metrics_snapshot`` (see sql/metrics.sql)."""
+        """Sets the gauges from the rows of ``metrics_snapshot`` (see sql/maintenance.sql)."""
         counts: dict[tuple[str, str], int] = {}
         oldest: dict[str, float] = {}
         outbox_pending, outbox_age = 0, 0.0

@@ -1,8 +1,9 @@
 """The pipeline's records: claims, transitions, the attempt log and the schema check.
 
-One of the three store modules, the only modules of the pipeline that import the driver and
-run SQL (``maintenance_store``: purges, the leader lease, the metrics snapshot;
-``connections``: the pool, the start-up probe, the outbox listener). A test reads the imports.
+One of the store modules, the only modules of the daemon that run SQL (``maintenance_store``:
+purges, the leader lease, the metrics snapshot; ``connections``: the pool, the start-up probe,
+the outbox listener; ``timeouts``: the bounds every statement runs under). Only they, and the
+few modules named in tests/unit/test_import_rules.py with their reasons, import the driver.
 
 Every statement comes from ``sql/queries.sql`` and works on whole batches: a claim of N rows, or
 the results of N calls, is one statement whatever N is. Arrays go to Postgres as parameters and
@@ -11,8 +12,6 @@ are unpacked there with ``unnest``, so there are no per-row round trips.
 
 from __future__ import annotations
 
-import logging
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -26,8 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier import migrations
 from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
 from outbox_notifier.sqlfiles import query
-
-logger = logging.getLogger(__name__)
+from outbox_notifier.timeouts import Bounds, SessionTimeouts, StatementTimeouts
 
 _encoder = msgspec.json.Encoder()
 
@@ -47,17 +45,6 @@ def _json(value: object) -> str:
     """A batch as one JSON document, unpacked in SQL by ``jsonb_to_recordset``: one parameter
     instead of one array per column, and far cheaper for the driver to send."""
     return _encoder.encode(value).decode()
-
-
-async def set_timeouts(conn: AsyncConnection, timeouts: StatementTimeouts) -> None:
-    """Sets ``lock_timeout`` and ``statement_timeout`` for the current transaction only."""
-    await conn.execute(
-        query("set_timeouts"),
-        {
-            "lock_timeout": f"{timeouts.lock_ms}ms",
-            "statement_timeout": f"{timeouts.statement_ms}ms",
-        },
-    )
 
 
 class OutboxRow(msgspec.Struct, frozen=True):
@@ -254,65 +241,13 @@ class Rescued(msgspec.Struct, frozen=True):
     status: str
 
 
-class StatementTimeouts(msgspec.Struct, frozen=True, kw_only=True):
-    """Server-side bounds for the daemon's statements (Postgres ``lock_timeout`` and
-    ``statement_timeout``), so a lock held elsewhere costs a loop seconds, not its liveness."""
-
-    lock_s: float
-    statement_s: float
-
-    @property
-    def lock_ms(self) -> int:
-        return max(1, round(self.lock_s * 1000))
-
-    @property
-    def statement_ms(self) -> int:
-        return max(1, round(self.statement_s * 1000))
-
-    def startup_options(self) -> str:
-        """The bounds as libpq ``options``: set by the server for the whole session."""
-        return f"-c lock_timeout={self.lock_ms} -c statement_timeout={self.statement_ms}"
-
-
-class SessionTimeouts:
-    """Tells which pool connections carry the timeouts for their whole session.
-
-    On a direct connection the bounds go in the startup ``options`` once, and each statement
-    is then one autocommit round trip. A pooler may drop startup options (PgBouncer's
-    ``ignore_startup_parameters``), so the pool's ``configure`` callback reads the settings
-    back; a connection where they did not take is not marked, and its statements set the
-    bounds per transaction, which holds behind a transaction-mode pooler too.
-    """
-
-    def __init__(self, timeouts: StatementTimeouts) -> None:
-        self.timeouts = timeouts
-        self._bounded: weakref.WeakSet[AsyncConnection] = weakref.WeakSet()
-
-    async def configure(self, conn: AsyncConnection) -> None:
-        cur = await conn.execute(query("session_timeouts"))
-        row = await cur.fetchone()
-        if row == (self.timeouts.lock_ms, self.timeouts.statement_ms):
-            self._bounded.add(conn)
-        else:
-            logger.info(
-                "database session did not keep its startup timeouts (a pooler?): "
-                "setting them per transaction"
-            )
-
-    def holds(self, conn: AsyncConnection) -> bool:
-        return conn in self._bounded
-
-
 class RecordStore:
     """Batch statements over a connection pool whose connections are in autocommit mode.
 
-    Every statement is bounded by the ``timeouts``. On a connection that carries them for its
-    session (``session``, see ``SessionTimeouts``) a statement is one autocommit round trip.
-    Otherwise it runs in a short transaction of its own that first sets them with
-    ``set_config(..., true)``: transaction-local, so they hold behind a transaction-mode pooler
-    (which drops startup options and hands each transaction any server connection) and never
-    leak to another client; that costs BEGIN, set_config and COMMIT on top of the statement.
-    The relay, which must claim and write in one transaction, runs inside ``transaction()``.
+    Every statement is bounded by the ``timeouts``: one autocommit round trip on a connection
+    that carries them for its session (``session``), else a short transaction of its own that
+    sets them first (see ``outbox_notifier.timeouts``). The relay, which must claim and write in
+    one transaction, runs inside ``transaction()``.
     """
 
     def __init__(
@@ -325,34 +260,19 @@ class RecordStore:
         self.pool = pool
         self.timeouts = timeouts
         self.session = session
+        self._bounds = Bounds(timeouts, session)
         self._claim_params: tuple[ClaimPolicy, dict[str, object]] | None = None
-
-    def _needs_timeouts(self, conn: AsyncConnection) -> StatementTimeouts | None:
-        """The timeouts a transaction on ``conn`` must set itself (None: none, or it has them)."""
-        if self.timeouts is None or (self.session is not None and self.session.holds(conn)):
-            return None
-        return self.timeouts
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        async with self.pool.connection() as conn, conn.transaction():
-            timeouts = self._needs_timeouts(conn)
-            if timeouts is not None:
-                await set_timeouts(conn, timeouts)
+        async with self.pool.connection() as conn, self._bounds.transaction(conn):
             yield conn
 
     @asynccontextmanager
     async def _statement(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for one statement: a bare autocommit statement (one round trip) when
-        the connection needs no timeouts set, else bounded in a transaction of its own."""
-        async with self.pool.connection() as conn:
-            timeouts = self._needs_timeouts(conn)
-            if timeouts is None:
-                yield conn
-            else:
-                async with conn.transaction():
-                    await set_timeouts(conn, timeouts)
-                    yield conn
+        """A connection for one bounded statement (``timeouts.Bounds.statement``)."""
+        async with self.pool.connection() as conn, self._bounds.statement(conn):
+            yield conn
 
     # -- relay -----------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
--- Every statement the daemon runs, by name. Loaded by outbox_notifier.sqlfiles.
+-- The pipeline's statements (outbox_notifier.store, with the timeouts and the probe of
+-- outbox_notifier.timeouts and .connections), by name; the maintenance loop's are in
+-- maintenance.sql, the operator commands' in operator.sql. Loaded by outbox_notifier.sqlfiles.
 --
 -- Locking discipline, written once:
 -- * claims take row locks with FOR UPDATE SKIP LOCKED inside one short transaction, so replicas

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
+from outbox_notifier.connections import connection_kwargs, session_timeouts, statement_timeouts
+from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.testing.feishu_server import FLOW_PREFIX, FeishuServer, Reply
 from tests.faults.harness import (
     Fleet,
@@ -33,6 +36,8 @@ from tests.faults.harness import (
     wait_settled,
     wait_until,
 )
+from tests.support import settings_for
+from tests.timeout_support import BLOCKED_MAINTENANCE, assert_fails_at_lock_timeout
 
 pytestmark = pytest.mark.faults
 
@@ -191,3 +196,19 @@ def test_lock_timeout_holds_behind_pgbouncer(db: str, pgbouncer: str) -> None:
         blocker.rollback()
         wait_until(lambda: replica.get("/readyz")[0] == 200, 10, "ready again")
         assert fleet.stop() == [0]
+
+
+@pytest.mark.timeout(60)
+async def test_maintenance_statements_fail_at_lock_timeout_behind_pgbouncer(
+    db: str, pgbouncer: str
+) -> None:
+    """Purges, the lease and the snapshot set their timeouts per transaction through the pooler
+    too: each, blocked by a lock held on a direct connection, fails at lock_timeout."""
+    settings = settings_for(pgbouncer, prepared_statements=False, lock_timeout_s=0.3)
+    assert session_timeouts(settings) is None  # nothing to rely on but set_config
+    async with AsyncConnectionPool(
+        pgbouncer, kwargs=connection_kwargs(settings), min_size=1, max_size=2
+    ) as pool:
+        store = MaintenanceStore(pool, timeouts=statement_timeouts(settings))
+        for statement in sorted(BLOCKED_MAINTENANCE):
+            await assert_fails_at_lock_timeout(db, store, statement)

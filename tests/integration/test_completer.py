@@ -28,8 +28,8 @@ from outbox_notifier.store import (
     ClaimPolicy,
     RecordStore,
     Result,
-    StatementTimeouts,
 )
+from outbox_notifier.timeouts import StatementTimeouts
 from tests.support import attempts, enqueue, eventually, loop_context, payload, relay_for, scalar
 
 CLAIMS = ClaimPolicy(lease_s=30)

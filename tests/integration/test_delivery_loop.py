@@ -15,7 +15,8 @@ from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.delivery import Deliverer
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
-from outbox_notifier.store import ClaimPolicy, RecordStore, StatementTimeouts
+from outbox_notifier.store import ClaimPolicy, RecordStore
+from outbox_notifier.timeouts import StatementTimeouts
 from tests.support import delivering, enqueue, eventually, loop_context, payload, relay_for, scalar
 
 CLAIMS = ClaimPolicy(lease_s=30)

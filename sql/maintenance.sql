@@ -1,0 +1,97 @@
+-- The maintenance loop's statements, run by outbox_notifier.maintenance_store: retention purges,
+-- the leader lease, the metrics snapshot. Loaded by outbox_notifier.sqlfiles.
+--
+-- Each runs under the daemon's lock_timeout and statement_timeout, as the pipeline's statements
+-- do (outbox_notifier.timeouts), so a lock held elsewhere costs the maintenance loop one failed
+-- statement, not its liveness. None of them needs a longer bound: a purge is one batch of at
+-- most retention_batch_size rows, and the snapshot reads only live work.
+--
+-- The snapshot runs every few seconds, so it reads only live work: each status is counted on
+-- its own arm so that each arm can use the partial index that holds exactly its rows, and its
+-- cost follows the backlog, not the history. 'sent', 'skipped' and 'dead' are history: no
+-- partial index separates them, so counting them would scan every retained record; their rates
+-- come from the delivery counters (records_dead_total), and the dead_letters view lists them.
+
+-- name: purge_outbox_batch
+-- Deletes one batch of finished (relayed or rejected) outbox rows created before the cutoff,
+-- oldest first, on outbox_finished_idx; rows locked elsewhere are left for the next pass.
+DELETE FROM outbox_notifier.outbox
+WHERE id IN (
+    SELECT id
+    FROM outbox_notifier.outbox
+    WHERE status <> 'pending'
+      AND created_at < now() - make_interval(secs => %(max_age_s)s)
+    ORDER BY created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: purge_records_batch
+-- Deletes one batch of terminal (sent, dead, skipped) records last changed before the cutoff,
+-- oldest first, on records_terminal_idx; their delivery_attempts go with them (ON DELETE
+-- CASCADE). The row lock re-checks the status, so a record requeued meanwhile is kept.
+DELETE FROM outbox_notifier.notification_records
+WHERE id IN (
+    SELECT id
+    FROM outbox_notifier.notification_records
+    WHERE status IN ('sent', 'dead', 'skipped')
+      AND updated_at < now() - make_interval(secs => %(max_age_s)s)
+    ORDER BY updated_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: acquire_lease
+-- Takes the named lease when it is free or expired, or renews it for its holder; returns a row
+-- only when the caller holds it afterwards. Concurrent callers serialise on the row: one wins.
+INSERT INTO outbox_notifier.maintenance_leases AS l (name, holder, expires_at)
+VALUES (%(name)s, %(holder)s, now() + make_interval(secs => %(ttl_s)s))
+ON CONFLICT (name) DO UPDATE
+SET holder = excluded.holder,
+    expires_at = excluded.expires_at,
+    acquired_at = CASE WHEN l.holder = excluded.holder THEN l.acquired_at ELSE now() END
+WHERE l.holder = excluded.holder OR l.expires_at <= now()
+RETURNING l.holder;
+
+-- name: renew_lease
+-- Extends the lease while the caller still holds it; no row when it was taken over.
+UPDATE outbox_notifier.maintenance_leases
+SET expires_at = now() + make_interval(secs => %(ttl_s)s)
+WHERE name = %(name)s AND holder = %(holder)s
+RETURNING holder;
+
+-- name: release_lease
+-- Gives the lease up at once (on shutdown) so another replica can take it without waiting.
+UPDATE outbox_notifier.maintenance_leases
+SET expires_at = now()
+WHERE name = %(name)s AND holder = %(holder)s;
+
+-- name: metrics_snapshot
+-- Live records per channel and status with the age of the oldest due one ('pending' since it
+-- last became pending, 'failed' since its retry came due), then one 'outbox' row: pending rows
+-- and the oldest one's age, then the number of paused targets. Ages are in seconds on the
+-- database clock.
+WITH live AS (
+    SELECT channel, status, updated_at AS due_at
+    FROM outbox_notifier.notification_records WHERE status = 'pending'
+    UNION ALL
+    SELECT channel, status, CASE WHEN next_retry_at <= now() THEN next_retry_at END
+    FROM outbox_notifier.notification_records WHERE status = 'failed'
+    UNION ALL
+    SELECT channel, status, NULL::timestamptz
+    FROM outbox_notifier.notification_records WHERE status = 'sending'
+)
+SELECT 'records' AS kind, channel, status, count(*)::bigint AS n,
+       greatest(extract(epoch FROM now() - min(due_at)), 0)::float8 AS oldest_age_s
+FROM live
+GROUP BY channel, status
+UNION ALL
+SELECT 'outbox', NULL, NULL, count(*)::bigint,
+       greatest(extract(epoch FROM now() - min(created_at)), 0)::float8
+FROM outbox_notifier.outbox
+WHERE status = 'pending'
+UNION ALL
+-- targets paused by endpoint protection (the table has one row per webhook: small)
+SELECT 'paused_targets', NULL, NULL, count(*)::bigint, NULL
+FROM outbox_notifier.targets
+WHERE paused_until > now();
