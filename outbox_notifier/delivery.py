@@ -189,6 +189,9 @@ def to_result(
         error_code=None if status == "sent" else sent.error_code,
         error=error,
         delay_s=delay_s,
+        # an HTTP-date Retry-After with no Date to read it against: timed by the database
+        retry_at=sent.retry_at,
+        retry_after_s=sent.retry_after_s,
         provider_message_id=(
             None if sent.provider_message_id is None else _pg_text(sent.provider_message_id)
         ),

@@ -90,9 +90,11 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     ``request_json`` is the body that was sent with any secret masked (None when nothing was
     sent); ``response_body`` holds at most the provider's cap of raw response bytes, with
     ``response_truncated`` set when more were left unread. ``retry_after_s`` carries the
-    provider's ``Retry-After`` so the retry can honour it. ``disable_target`` asks the daemon
-    to disable the user's channel: the receiver said the endpoint is gone for good (HTTP 410),
-    so every later delivery to it would fail the same way.
+    provider's ``Retry-After`` so the retry can honour it; ``retry_at`` carries it instead when
+    it is an HTTP date the reply gave no ``Date`` to read against (the database's clock then
+    turns it into a delay: the host's clock is never the reference). ``disable_target`` asks
+    the daemon to disable the user's channel: the receiver said the endpoint is gone for good
+    (HTTP 410), so every later delivery to it would fail the same way.
     """
 
     outcome: Outcome
@@ -104,6 +106,7 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     response_body: bytes | None = None
     response_truncated: bool = False
     retry_after_s: float | None = None
+    retry_at: datetime | None = None
     duration_s: float = 0.0
     disable_target: bool = False
 
@@ -135,25 +138,41 @@ def classify_status(status: int) -> tuple[Outcome, ErrorCode | None]:
 _DELTA_SECONDS = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
 
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
+def _http_date(value: str | None) -> datetime | None:
+    """An HTTP date (RFC 9110: IMF-fixdate, or the obsolete forms) as an aware datetime."""
+    if not value or not value.strip():
+        return None
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
-    Returns None when the header is absent or unreadable; a date in the past gives 0.0.
+
+def parse_retry_after(value: str | None, *, date: str | None = None) -> float | datetime | None:
+    """What a ``Retry-After`` header asks for: seconds to wait, or the time to come back.
+
+    Delta-seconds are returned as they are. An HTTP date is read against the reply's own
+    ``Date`` header (``date``), the sender's clock against the sender's clock, so neither
+    clock's error moves the wait; a date in the past gives 0.0. Without a readable ``Date`` the
+    date itself is returned: the caller must measure it against a clock it trusts (the daemon
+    hands it to the database), never the host's. None when the header is absent or unreadable.
     """
     if value is None:
         return None
     value = value.strip()
-    if not value:
-        return None
     if _DELTA_SECONDS.fullmatch(value):
         return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
+    when = _http_date(value)
+    if when is None:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    delta = (when - (now or datetime.now(UTC))).total_seconds()
+    sent = _http_date(date)
+    if sent is None:
+        return when
+    try:
+        delta = (when - sent).total_seconds()
+    except OverflowError:
+        return None
     return max(0.0, delta) if math.isfinite(delta) else None
 
 
@@ -600,8 +619,8 @@ class HttpProvider:
     ``transport`` is shared and owned by the caller (the daemon's is
     ``httpclient.EgressTransport``; a test may hand in ``httpx.MockTransport``).
     ``allowed_hosts`` match exactly or as a parent domain; an empty tuple allows any host
-    only where ``any_host`` is set. ``clock`` gives timestamps and the reference for
-    ``Retry-After`` dates.
+    only where ``any_host`` is set. ``clock`` gives timestamps (a ``Retry-After`` date is read
+    against the reply's ``Date``, never against it).
     """
 
     label: ClassVar[str]
@@ -700,7 +719,11 @@ class HttpProvider:
         verdict = self.classify(reply)
         text = verdict.error_message
         # A temporary failure honours Retry-After, 429 and 5xx alike: a 503 may say it too.
-        temporary = verdict.outcome is Outcome.TEMPORARY_FAIL
+        wait = (
+            parse_retry_after(reply.headers.get("Retry-After"), date=reply.headers.get("Date"))
+            if verdict.outcome is Outcome.TEMPORARY_FAIL
+            else None
+        )
         return SendResult(
             outcome=verdict.outcome,
             error_code=verdict.error_code,
@@ -710,9 +733,8 @@ class HttpProvider:
             request_json=request.stored,
             response_body=reply.body,
             response_truncated=reply.truncated,
-            retry_after_s=parse_retry_after(reply.headers.get("Retry-After"), now=self._clock())
-            if temporary
-            else None,
+            retry_after_s=wait if isinstance(wait, float) else None,
+            retry_at=wait if isinstance(wait, datetime) else None,
             duration_s=reply.duration_s,
             disable_target=verdict.error_code is ErrorCode.ENDPOINT_GONE,
         )
