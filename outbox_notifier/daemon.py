@@ -65,7 +65,7 @@ def http_transport(settings: Settings) -> httpclient.EgressTransport:
 def claim_policy(settings: Settings) -> ClaimPolicy:
     """The claims' lease, per-target pacing by provider name (each provider's
     ``<prefix>_max_per_s`` and ``<prefix>_max_per_min``, as ``providers.REGISTRY`` names
-    them), and endpoint protection."""
+    them), throttling and endpoint protection."""
     own = {spec.name: spec.settings(settings) for spec in REGISTRY}
     return ClaimPolicy(
         lease_s=settings.lease_s,
@@ -74,6 +74,12 @@ def claim_policy(settings: Settings) -> ClaimPolicy:
         margin_s=settings.pacing_margin_s,
         breaker_failures=settings.breaker_failures,
         cooloff_s=settings.breaker_cooloff_s,
+        window_s=settings.breaker_window_s,
+        min_calls=settings.breaker_min_calls,
+        failure_ratio=settings.breaker_failure_ratio,
+        slowdown_s=settings.throttle_slowdown_s,
+        slow_per_s=settings.throttle_max_per_s,
+        retry_after_max_s=settings.retry_after_max_s,
         durable=settings.durable_claims,
     )
 

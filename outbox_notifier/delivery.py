@@ -124,6 +124,9 @@ def to_result(
         error_code=None if status == "sent" else sent.error_code,
         error=error,
         delay_s=transition.delay_s if isinstance(transition, backoff.Retry) else None,
+        # an HTTP-date Retry-After with no Date to read it against: timed by the database
+        retry_at=sent.retry_at,
+        retry_after_s=sent.retry_after_s,
         provider_message_id=(
             None if sent.provider_message_id is None else _pg_text(sent.provider_message_id)
         ),

@@ -201,6 +201,10 @@ class Metrics:
         self.paused_targets = gauge(
             "paused_targets", "Delivery targets paused by endpoint protection (snapshot)."
         )
+        self.throttled_targets = gauge(
+            "throttled_targets",
+            "Delivery targets slowed down after answering 429 (snapshot); not failures.",
+        )
         self.build_info = Info(
             "build",
             "Version of outbox-notifier and of Python.",
@@ -360,6 +364,8 @@ class Metrics:
                 outbox_pending, outbox_age = n, age_s or 0.0
             elif kind == "paused_targets":
                 self.paused_targets.set(n)
+            elif kind == "throttled_targets":
+                self.throttled_targets.set(n)
             elif channel is not None and status is not None:
                 counts[(channel, status)] = n
                 if age_s is not None:

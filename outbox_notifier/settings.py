@@ -193,9 +193,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     slack_max_per_s: NonNegativeInt = 1
     slack_max_per_min: NonNegativeInt = 0
     pacing_margin_s: Positive = 0.05  # widens pacing windows for network jitter
-    # Endpoint protection: this many consecutive temporary failures pause a target.
+    # Endpoint protection: a target pauses for breaker_cooloff_s when, over the calls that
+    # started in the last breaker_window_s, at least breaker_min_calls were made, at least
+    # breaker_failures of them failed and the failures reach breaker_failure_ratio. A 429 is
+    # not a failure: it throttles the target until its Retry-After, then halves its budget
+    # for throttle_slowdown_s (throttle_max_per_s calls a second for a target with none).
     breaker_failures: AtLeastOne = 5
     breaker_cooloff_s: Positive = 60.0
+    breaker_window_s: Positive = 30.0
+    breaker_min_calls: AtLeastOne = 20
+    breaker_failure_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    throttle_slowdown_s: NonNegativeFloat = 60.0
+    throttle_max_per_s: NonNegativeInt = 5
     bot_message_format: BotMessageFormat = "text"
     bot_allowed_schemes: tuple[str, ...] = ("https",)
     bot_allowed_hosts: tuple[str, ...] = ("open.feishu.cn", "open.larksuite.com")

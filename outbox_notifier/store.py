@@ -142,8 +142,12 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """Per-target pacing and endpoint protection applied by every claim.
 
     ``per_s``/``per_min`` give, by provider name, the most calls one target may receive in any
-    second / minute from all replicas together (0: no limit). ``breaker_failures`` consecutive
-    temporary failures pause a target for ``cooloff_s``. ``durable`` makes a claim wait for
+    second / minute from all replicas together (0: no limit). A target pauses for
+    ``cooloff_s`` when, over the calls that started in the last ``window_s``, at least
+    ``min_calls`` were made, at least ``breaker_failures`` failed and the failures reach
+    ``failure_ratio`` (429s are not counted). A 429 throttles its target until its
+    Retry-After (at most ``retry_after_max_s``), then halves its budget for ``slowdown_s``
+    (``slow_per_s`` calls a second for a target with none). ``durable`` makes a claim wait for
     its WAL flush (the ``durable_claims`` setting).
     """
 
@@ -153,6 +157,12 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
     margin_s: float = 0.05
     breaker_failures: int = 5
     cooloff_s: float = 60.0
+    window_s: float = 30.0
+    min_calls: int = 20
+    failure_ratio: float = 0.5
+    slowdown_s: float = 60.0
+    slow_per_s: int = 5
+    retry_after_max_s: float = 3600.0
     # Whether a claim's commit waits for its WAL flush (see claim_records in the SQL).
     durable: bool = False
 
@@ -170,6 +180,7 @@ def _policy_params(policy: ClaimPolicy) -> dict[str, object]:
         "margin_s": policy.margin_s,
         "breaker_failures": policy.breaker_failures,
         "cooloff_s": policy.cooloff_s,
+        "slow_per_s": policy.slow_per_s,
         "durable": policy.durable,
     }
 
@@ -196,6 +207,11 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     error_code: ErrorCode | None
     error: str | None
     delay_s: float | None
+    # A Retry-After date that could not be read against the reply's Date header: the delay
+    # is taken from the database clock instead (apply_results), so the host's clock moves
+    # nothing. retry_after_s: the provider's Retry-After in seconds, for the target's throttle.
+    retry_at: datetime | None = None
+    retry_after_s: float | None = None
     disable_channel: bool = False  # the target answered 410 Gone: switch the channel off
     provider_message_id: str | None
     request_json: str | None
@@ -228,7 +244,7 @@ class AppliedBatch(msgspec.Struct, frozen=True, kw_only=True):
     """What one ``apply_results`` statement returned."""
 
     records: list[Applied]  # one per result whose record still exists
-    paused: list[str]  # target keys paused now by endpoint protection
+    paused: list[str]  # target keys this batch paused (endpoint protection)
 
     @property
     def applied(self) -> list[Applied]:
@@ -334,6 +350,11 @@ class RecordStore:
             "host_now": datetime.now(UTC),
             "breaker_failures": policy.breaker_failures,
             "cooloff_s": policy.cooloff_s,
+            "window_s": policy.window_s,
+            "min_calls": policy.min_calls,
+            "failure_ratio": policy.failure_ratio,
+            "slowdown_s": policy.slowdown_s,
+            "retry_after_max_s": policy.retry_after_max_s,
         }
         async with self._statement() as conn:
             cur = await conn.execute(query("apply_results"), params)

@@ -69,8 +69,8 @@ WHERE name = %(name)s AND holder = %(holder)s;
 -- name: metrics_snapshot
 -- Live records per channel and status with the age of the oldest due one ('pending' since it
 -- last became pending, 'failed' since its retry came due), then one 'outbox' row: pending rows
--- and the oldest one's age, then the number of paused targets. Ages are in seconds on the
--- database clock.
+-- and the oldest one's age, then the number of paused and of throttled targets. Ages are in
+-- seconds on the database clock.
 WITH live AS (
     SELECT channel, status, updated_at AS due_at
     FROM outbox_notifier.notification_records WHERE status = 'pending'
@@ -91,7 +91,12 @@ SELECT 'outbox', NULL, NULL, count(*)::bigint,
 FROM outbox_notifier.outbox
 WHERE status = 'pending'
 UNION ALL
--- targets paused by endpoint protection (the table has one row per webhook: small)
+-- targets paused by endpoint protection (the table has one row per webhook: small), and
+-- targets slowed down by their own 429s (pacing, not failure)
 SELECT 'paused_targets', NULL, NULL, count(*)::bigint, NULL
 FROM outbox_notifier.targets
-WHERE paused_until > now();
+WHERE paused_until > now()
+UNION ALL
+SELECT 'throttled_targets', NULL, NULL, count(*)::bigint, NULL
+FROM outbox_notifier.targets
+WHERE throttled_until > now() OR slowed_until > now();

@@ -53,7 +53,8 @@ WITH input AS (
 SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
--- Claims due records with pacing and endpoint protection; see outbox_notifier.claim_due_v3.
+-- Claims due records with pacing, throttling and endpoint protection; see
+-- outbox_notifier.claim_due_v4.
 -- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
 -- to reach disk: synchronous_commit is off for this transaction only. A database crash (not a
 -- clean restart, which flushes the WAL) may then lose the claims of its last moments: their
@@ -61,9 +62,9 @@ SELECT outbox_id, id FROM inserted;
 -- commits durably, and with it every earlier commit in the WAL. About a quarter of the database
 -- side's throughput (bench/README.md).
 SELECT c.*
-FROM outbox_notifier.claim_due_v3(
+FROM outbox_notifier.claim_due_v4(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
-    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s
+    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s
 ) AS c,
     set_config(
         'synchronous_commit',
@@ -86,13 +87,17 @@ SELECT extract(epoch FROM least(
 -- sent to, are derived here from record_id instead of travelling through the daemon.
 -- * a result is applied only while the record still holds the worker's fencing token
 --   (applied = false in delivery_attempts for a late result that lost its lease);
--- * every call is logged in delivery_attempts; next_retry_at is computed on the database clock;
+-- * every call is logged in delivery_attempts; next_retry_at is computed on the database clock,
+--   from a Retry-After date too when the reply had no Date header to read it against (retry_at,
+--   bounded as backoff.next_delay_s bounds a Retry-After: at least 1 s, at most
+--   %(retry_after_max_s)s);
 -- * a target that answered 410 Gone has its user's channel switched off (reason kept);
--- * endpoint protection counts the batch's successes and temporary failures per target
---   (outbox_notifier.record_target_results_v1, which locks the targets in key order).
+-- * endpoint protection counts each call in the second it started, a 429 throttles its target
+--   until its Retry-After (outbox_notifier.record_target_results_v2, which locks the targets in
+--   key order).
 -- All of it commits together or is retried together. Returns one row per result whose record
 -- exists, with what logging and metrics need (status NULL: a late result, not applied), and on
--- each row the keys of the targets paused now. The target is the channel's current webhook
+-- each row the keys of the targets this batch paused. The target is the channel's current webhook
 -- URL: a URL edited during the call is tallied against its new target, the one the next claim
 -- paces.
 WITH input AS (
@@ -101,7 +106,7 @@ WITH input AS (
         record_id bigint, lease_token bigint, attempt integer, status text, outcome text,
         error_code text, error text, delay_s float8, provider_message_id text,
         request_json text, response_json text, http_status integer, started_at timestamptz,
-        duration_ms float8, disable_channel boolean
+        duration_ms float8, disable_channel boolean, retry_at timestamptz, retry_after_s float8
     )
 ), known AS MATERIALIZED (
     SELECT input.record_id, r.channel, r.user_id, r.trace_id, r.dedupe_key,
@@ -122,8 +127,12 @@ WITH input AS (
     SET status = input.status,
         last_error_code = input.error_code,
         last_error = input.error,
-        next_retry_at = CASE WHEN input.status = 'failed'
-                             THEN now() + make_interval(secs => input.delay_s) END,
+        next_retry_at = CASE
+            WHEN input.status <> 'failed' THEN NULL
+            WHEN input.retry_at IS NOT NULL
+                THEN now() + least(greatest(input.retry_at - now(), interval '1 second'),
+                                   make_interval(secs => %(retry_after_max_s)s))
+            ELSE now() + make_interval(secs => input.delay_s) END,
         sent_at = CASE WHEN input.status = 'sent' THEN now() ELSE r.sent_at END,
         provider_message_id = input.provider_message_id,
         provider_request_json = coalesce(input.request_json::jsonb, r.provider_request_json),
@@ -148,23 +157,34 @@ WITH input AS (
            input.outcome, input.error_code, input.http_status,
            left(input.response_json, 2000), applied.id IS NOT NULL
     FROM input LEFT JOIN applied ON applied.id = input.record_id
-), tally AS (
-    SELECT known.target_key,
-           count(*) FILTER (WHERE input.outcome = 'success')::integer AS successes,
-           count(*) FILTER (WHERE input.outcome = 'temporary_fail')::integer AS failures,
-           (array_agg(input.error_code ORDER BY input.record_id DESC)
-               FILTER (WHERE input.outcome = 'temporary_fail'))[1] AS code
+), calls AS MATERIALIZED (
+    -- the calls that reached a target: when each started (database clock), what the reply
+    -- means to the breaker, and for a 429 until when the target asked to be left alone
+    SELECT input.record_id, input.lease_token, known.target_key,
+           now() - (%(host_now)s::timestamptz - input.started_at) AS started,
+           CASE
+               WHEN input.outcome = 'success' THEN 'success'
+               WHEN input.error_code = 'provider_rate_limited' THEN 'throttled'
+               WHEN input.outcome = 'temporary_fail' THEN 'failure'
+               ELSE 'answered'
+           END AS kind,
+           input.error_code,
+           CASE WHEN input.error_code = 'provider_rate_limited' THEN now() + least(greatest(
+               coalesce(input.retry_at - now(), make_interval(secs => input.retry_after_s)),
+               interval '1 second'), make_interval(secs => %(retry_after_max_s)s)) END AS until
     FROM input JOIN known USING (record_id)
     WHERE known.target_key IS NOT NULL
-    GROUP BY known.target_key
+      AND (input.outcome IN ('success', 'temporary_fail') OR input.http_status IS NOT NULL)
 ), paused AS MATERIALIZED (
     SELECT array_agg(p.key) FILTER (WHERE p.key IS NOT NULL) AS keys
-    FROM outbox_notifier.record_target_results_v1(
-        ARRAY(SELECT target_key FROM tally ORDER BY target_key),
-        ARRAY(SELECT successes FROM tally ORDER BY target_key),
-        ARRAY(SELECT failures FROM tally ORDER BY target_key),
-        ARRAY(SELECT code FROM tally ORDER BY target_key),
-        %(breaker_failures)s, %(cooloff_s)s
+    FROM outbox_notifier.record_target_results_v2(
+        ARRAY(SELECT target_key FROM calls ORDER BY record_id, lease_token),
+        ARRAY(SELECT started FROM calls ORDER BY record_id, lease_token),
+        ARRAY(SELECT kind FROM calls ORDER BY record_id, lease_token),
+        ARRAY(SELECT error_code FROM calls ORDER BY record_id, lease_token),
+        ARRAY(SELECT until FROM calls ORDER BY record_id, lease_token),
+        %(window_s)s, %(min_calls)s, %(breaker_failures)s, %(failure_ratio)s, %(cooloff_s)s,
+        %(slowdown_s)s
     ) AS p(key)
 )
 SELECT known.record_id, known.channel, applied.status, applied.latency_s, known.trace_id,

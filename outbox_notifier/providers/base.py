@@ -130,8 +130,8 @@ class HttpProvider:
     ``transport`` is shared and owned by the caller (the daemon's is
     ``httpclient.EgressTransport``; a test may hand in ``httpx.MockTransport``).
     ``allowed_hosts`` match exactly or as a parent domain; an empty tuple allows any host
-    only where ``any_host`` is set. ``clock`` gives timestamps and the reference for
-    ``Retry-After`` dates.
+    only where ``any_host`` is set. ``clock`` gives timestamps (a ``Retry-After`` date is read
+    against the reply's ``Date``, never against it).
     """
 
     label: ClassVar[str]
@@ -230,7 +230,11 @@ class HttpProvider:
         verdict = self.classify(reply)
         text = verdict.error_message
         # A temporary failure honours Retry-After, 429 and 5xx alike: a 503 may say it too.
-        temporary = verdict.outcome is Outcome.TEMPORARY_FAIL
+        wait = (
+            parse_retry_after(reply.headers.get("Retry-After"), date=reply.headers.get("Date"))
+            if verdict.outcome is Outcome.TEMPORARY_FAIL
+            else None
+        )
         return SendResult(
             outcome=verdict.outcome,
             error_code=verdict.error_code,
@@ -240,9 +244,8 @@ class HttpProvider:
             request_json=request.stored,
             response_body=reply.body,
             response_truncated=reply.truncated,
-            retry_after_s=parse_retry_after(reply.headers.get("Retry-After"), now=self._clock())
-            if temporary
-            else None,
+            retry_after_s=wait if isinstance(wait, float) else None,
+            retry_at=wait if isinstance(wait, datetime) else None,
             duration_s=reply.duration_s,
             disable_target=verdict.error_code is ErrorCode.ENDPOINT_GONE,
         )

@@ -20,6 +20,7 @@ An HTTP provider (``base.HttpProvider``) gets there in three steps, each with it
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Protocol
 
 import httpx
@@ -72,7 +73,10 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     ``request_json`` is the body that was sent with any secret masked (None when nothing was
     sent); ``response_body`` holds at most the provider's cap of raw response bytes, with
     ``response_truncated`` set when more were left unread. ``retry_after_s`` carries the
-    provider's ``Retry-After`` so the retry can honour it. ``disable_target`` asks the daemon
+    provider's ``Retry-After`` so the retry can honour it; ``retry_at`` carries it instead when
+    it is an HTTP date the reply gave no ``Date`` to read against (the database's clock then
+    turns it into a delay: the host's clock is never the reference). ``disable_target`` asks
+    the daemon
     to disable the user's channel: the receiver said the endpoint is gone for good (HTTP 410),
     so every later delivery to it would fail the same way.
     """
@@ -86,6 +90,7 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     response_body: bytes | None = None
     response_truncated: bool = False
     retry_after_s: float | None = None
+    retry_at: datetime | None = None
     duration_s: float = 0.0
     disable_target: bool = False
 

@@ -43,25 +43,41 @@ def classify_status(status: int) -> tuple[Outcome, ErrorCode | None]:
 _DELTA_SECONDS = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
 
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
+def _http_date(value: str | None) -> datetime | None:
+    """An HTTP date (RFC 9110: IMF-fixdate, or the obsolete forms) as an aware datetime."""
+    if not value or not value.strip():
+        return None
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
-    Returns None when the header is absent or unreadable; a date in the past gives 0.0.
+
+def parse_retry_after(value: str | None, *, date: str | None = None) -> float | datetime | None:
+    """What a ``Retry-After`` header asks for: seconds to wait, or the time to come back.
+
+    Delta-seconds are returned as they are. An HTTP date is read against the reply's own
+    ``Date`` header (``date``), the sender's clock against the sender's clock, so neither
+    clock's error moves the wait; a date in the past gives 0.0. Without a readable ``Date`` the
+    date itself is returned: the caller must measure it against a clock it trusts (the daemon
+    hands it to the database), never the host's. None when the header is absent or unreadable.
     """
     if value is None:
         return None
     value = value.strip()
-    if not value:
-        return None
     if _DELTA_SECONDS.fullmatch(value):
         return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
+    when = _http_date(value)
+    if when is None:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    delta = (when - (now or datetime.now(UTC))).total_seconds()
+    sent = _http_date(date)
+    if sent is None:
+        return when
+    try:
+        delta = (when - sent).total_seconds()
+    except OverflowError:
+        return None
     return max(0.0, delta) if math.isfinite(delta) else None
 
 

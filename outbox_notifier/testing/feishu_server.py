@@ -586,9 +586,11 @@ class FeishuServer(_EndpointUrls):
         *,
         timeout_s: float = 30.0,
         prefix: str = "/",
+        ok_delay_s: float = 0.0,
     ) -> None:
         """Answer requests under ``prefix`` with a seeded random mix: 500, a ``timeout_s``
-        delay, a dropped connection, 429 with ``Retry-After``, else the endpoint default."""
+        delay, a dropped connection, 429 with ``Retry-After``, else the endpoint default
+        after ``ok_delay_s`` (a target slower to succeed than to fail)."""
         total = p_500 + p_timeout + p_drop + p_429
         if total > 1.0 + 1e-9 or min(p_500, p_timeout, p_drop, p_429) < 0:
             raise ValueError("chaos probabilities must be >= 0 and sum to <= 1")
@@ -597,6 +599,7 @@ class FeishuServer(_EndpointUrls):
         rtimeout = Reply(delay_s=timeout_s)
         rdrop = Reply(drop=True)
         r429 = Reply.rate_limited(retry_after_s)
+        rok = Reply(delay_s=ok_delay_s) if ok_delay_s else None
 
         def pick() -> Reply | None:
             x = rng.random()
@@ -604,7 +607,7 @@ class FeishuServer(_EndpointUrls):
                 if x < p:
                     return reply
                 x -= p
-            return None
+            return rok
 
         rule = _Rule(_rule_prefixes(prefix), deque(), None, pick)
         with self._lock:

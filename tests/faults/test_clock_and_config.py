@@ -1,4 +1,5 @@
-"""Scenario 6: a skewed host clock does not move retries; bad settings fail fast with exit 2.
+"""Scenario 6: a skewed host clock does not move retries, nor a provider's Retry-After date;
+bad settings fail fast with exit 2.
 
 Retry times are computed by Postgres (``now() + delay`` in the apply statement), so the
 backoff holds on the database clock whatever the daemon's host clock says. Shown in-process:
@@ -12,7 +13,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import msgspec
@@ -25,12 +27,15 @@ from outbox_notifier import events
 from outbox_notifier import store as store_module
 from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.completer import ResultCompleter
+from outbox_notifier.daemon import claim_policy, http_transport
 from outbox_notifier.delivery import Deliverer
 from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.providers import FeishuFlowProvider
 from outbox_notifier.providers.model import Delivery, SendResult
 from outbox_notifier.store import ClaimPolicy, RecordStore
+from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.faults.harness import add_channels, env_without_settings, event_payload
-from tests.support import delivering, eventually, loop_context, relay_for
+from tests.support import delivering, eventually, loop_context, relay_for, settings_for
 
 pytestmark = pytest.mark.faults
 
@@ -202,5 +207,68 @@ def test_invalid_settings_fail_fast_with_exit_2_and_one_line(
         assert setting in lines[0], (setting, out)
         assert "Traceback" not in out
     line = f"[faults:bad_settings] cases={len(bad_runs)} exit=2 slowest_exit_s={slowest:.2f}"
+    print("\n" + line)
+    record_property("faults_figures", line)
+
+
+@pytest.mark.parametrize("with_date", [True, False])
+@pytest.mark.parametrize("skew_h", [-1, 1])
+async def test_retry_after_date_waits_as_asked_whatever_the_host_clock(
+    db: str,
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    record_property: Callable[[str, object], None],
+    skew_h: int,
+    with_date: bool,
+) -> None:
+    # A provider asks for 30 s as an HTTP date, on its own correct clock; this replica's host
+    # clock is an hour off. Read against the reply's Date, or on the database clock when the
+    # reply has none, the wait is 30 s either way (the host clock used to make it 3600 s, the
+    # cap, or 0).
+    monkeypatch.setattr(delivery_module, "datetime", _skewed(timedelta(hours=skew_h)))
+    monkeypatch.setattr(store_module, "datetime", _skewed(timedelta(hours=skew_h)))
+    now = datetime.now(UTC)
+    headers = {"Retry-After": format_datetime(now + timedelta(seconds=30), usegmt=True)}
+    if with_date:
+        headers["Date"] = format_datetime(now, usegmt=True)
+    settings = settings_for(db)
+    async with FeishuServer() as server:
+        server.script("/flow/api/trigger-webhook/", [Reply(status=429, headers=headers)])
+        add_channels(db, {1: server.flow_url("skewed")})
+        relay = relay_for(RecordStore(pool), relay_batch_size=10)
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
+                         (events.EVENT_TYPE,
+                          msgspec.json.encode(event_payload("skew", 1, 1)).decode()))  # fmt: skip
+            await relay.relay_once()
+            transport = http_transport(settings)
+            try:
+                # the provider's own clock (signing times, sent_at) is the skewed host's too
+                provider = FeishuFlowProvider(
+                    transport, allowed_schemes=("http",), allowed_hosts=("127.0.0.1",),
+                    clock=lambda: datetime.now(UTC) + timedelta(hours=skew_h),
+                )  # fmt: skip
+                store = RecordStore(pool)
+                claims = claim_policy(settings)
+                deliverer = Deliverer(
+                    store, {"feishu_flow": provider}, RetryPolicy(), claims,
+                    ResultCompleter(store, claims), batch_size=1, concurrency=1,
+                )  # fmt: skip
+                async with delivering(deliverer, loop_context()):  # stopping applies the result
+                    await eventually(lambda: server.count() == 1)
+            finally:
+                await transport.aclose()
+            row = conn.execute(
+                "SELECT status, last_error_code, extract(epoch FROM next_retry_at - updated_at)"
+                " FROM outbox_notifier.notification_records WHERE dedupe_key = 'skew'"
+            ).fetchone()
+    assert row is not None
+    status, code, wait_s = row[0], row[1], float(row[2])
+    assert (status, code) == ("failed", "provider_rate_limited")
+    # +/- 1 s: the header has whole seconds, and without a Date the call's own time counts
+    assert 29.0 <= wait_s <= 31.0, wait_s
+    line = (
+        f"[faults:retry_after_date skew={skew_h:+d}h date_header={with_date}] wait_s={wait_s:.3f}"
+    )
     print("\n" + line)
     record_property("faults_figures", line)

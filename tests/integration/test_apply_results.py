@@ -50,7 +50,7 @@ async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection
         add_channel(conn, 3, server.flow_url("busy"))
         for user, token in ((1, "ok"), (2, "gone"), (3, "busy")):
             enqueue(conn, payload(f"k-{token}", user))
-        settings = settings_for(db, breaker_failures=1)
+        settings = settings_for(db, breaker_failures=1, breaker_min_calls=1)
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             db, connection_class=_CountingConnection, kwargs={"autocommit": True}, min_size=1
         )
@@ -91,20 +91,10 @@ async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection
         )
         is False
     )
-    assert (
-        scalar(
-            conn,
-            "SELECT consecutive_failures FROM outbox_notifier.targets"
-            " WHERE target_key = outbox_notifier.target_key(%s)",
-            (server.flow_url("busy"),),
-        )
-        == 1
-    )
-    assert (
-        scalar(
-            conn,
-            "SELECT count(*) FROM outbox_notifier.targets WHERE paused_until > now()",
-        )
-        == 1
-    )  # breaker_failures = 1: the busy target is paused
+    # breaker_failures = breaker_min_calls = 1: the busy target's one failure paused it
+    assert conn.execute(
+        "SELECT paused, breaker_open, last_error_code FROM outbox_notifier.target_health"
+        " WHERE target_key = outbox_notifier.target_key(%s)",
+        (server.flow_url("busy"),),
+    ).fetchall() == [(True, True, "provider_5xx")]
     assert scalar(conn, "SELECT count(*) FROM outbox_notifier.delivery_attempts") == 3

@@ -69,7 +69,8 @@ def test_versioned_functions_keep_the_bodies_of_the_unversioned_ones(
 
 def test_the_daemons_statements_call_only_versioned_functions() -> None:
     text = "\n".join(sqlfiles.queries().values())
-    assert "outbox_notifier.claim_due_v3(" in text
+    assert "outbox_notifier.claim_due_v4(" in text
+    assert "outbox_notifier.record_target_results_v2(" in text
     assert "outbox_notifier.claim_outbox_v2(" in text
     assert "outbox_notifier.claim_outbox_v1(" not in text
     assert "outbox_notifier.claim_due(" not in text

@@ -7,7 +7,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 import pytest
@@ -375,12 +375,22 @@ def test_durable_claims_reach_the_claim_policy() -> None:
     assert claim_policy(Settings(dsn="dbname=x")).durable is False
 
 
-@pytest.mark.parametrize("failing", [False, True])
+# What puts a target in trouble, each enough for a claim to lock it.
+_TROUBLE: dict[str, LiteralString] = {
+    "failing": "consecutive_failures = 1",  # as a daemon of the previous release counts
+    "open": "breaker_open = true",
+    "throttled": "throttled_until = now() + interval '1 minute'",
+    "slowed": "slowed_until = now() + interval '1 minute'",
+}
+
+
+@pytest.mark.parametrize("trouble", [None, *_TROUBLE])
 def test_a_claim_locks_targets_only_when_one_needs_it(
-    conn: psycopg.Connection[Any], failing: bool
+    conn: psycopg.Connection[Any], trouble: str | None
 ) -> None:
     """A batch whose providers are unpaced and whose targets are healthy takes no target lock
-    (it is answered from targets_attention_idx); a failing target is locked, as before."""
+    (it is answered from targets_trouble_idx); a failing, open, throttled or slowed target is
+    locked, as before."""
     conn.execute(
         "INSERT INTO outbox_notifier.notification_channels (user_id, webhook_url)"
         " VALUES (1, 'https://example.com/flow/api/trigger-webhook/a')"
@@ -391,11 +401,12 @@ def test_a_claim_locks_targets_only_when_one_needs_it(
         " SELECT 'feishu', 1, 'p', 't' || g, '/x' FROM generate_series(1, 3) g"
     )
     conn.execute(
-        "INSERT INTO outbox_notifier.targets (target_key, provider, host, consecutive_failures)"
+        "INSERT INTO outbox_notifier.targets (target_key, provider, host)"
         " VALUES (outbox_notifier.target_key('https://example.com/flow/api/trigger-webhook/a'),"
-        " 'feishu_flow', 'example.com', %s)",
-        (1 if failing else 0,),
+        " 'feishu_flow', 'example.com')"
     )
+    if trouble is not None:
+        conn.execute("UPDATE outbox_notifier.targets SET " + _TROUBLE[trouble])
     # and a thousand other healthy targets, analysed, as a real installation has
     conn.execute(
         "INSERT INTO outbox_notifier.targets (target_key, provider, host)"
@@ -404,14 +415,15 @@ def test_a_claim_locks_targets_only_when_one_needs_it(
     conn.execute("ANALYZE outbox_notifier.targets")
     plans = _plans(conn, query("claim_records").encode(), _CLAIM_PARAMS)
     check = plans.split("v_providers && v_paced", 1)[1]
-    assert "targets_attention_idx" in check, plans
+    assert "targets_trouble_idx" in check, plans
     # the lock statement (LockRows) comes right after the check, and only when needed
-    assert ("LockRows" in check) is failing, plans
+    assert ("LockRows" in check) is (trouble is not None), plans
 
 
 _CLAIM_PARAMS: dict[str, Any] = {
     "limit": 100, "lease_s": 30.0, "paced": [], "per_s": [], "per_min": [],
-    "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0, "durable": False,
+    "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0, "slow_per_s": 5,
+    "durable": False,
     "max_batch_bytes": Settings().relay_batch_bytes,
     "max_payload_bytes": Settings().max_payload_bytes,
 }  # fmt: skip

@@ -116,20 +116,18 @@ async def test_failing_target_is_paused_while_others_flow_then_probed(
     for i in range(10):
         enqueue(conn, payload(f"down-{i}", user_id=1))
     settings = settings_for(
-        db, breaker_failures=3, breaker_cooloff_s=2.0, retry_base_s=0.2, retry_max_s=0.2,
-        max_attempts=50,
+        db, breaker_failures=3, breaker_min_calls=3, breaker_cooloff_s=2.0, retry_base_s=0.2,
+        retry_max_s=0.2, max_attempts=50,
     )  # fmt: skip
     async with running(Daemon(settings)):
         await eventually(lambda: server.count("/hooks/down") >= 3, what="three failures")
         await asyncio.sleep(0.5)
         paused_at = server.count("/hooks/down")
         health = conn.execute(
-            "SELECT paused, consecutive_failures, host FROM outbox_notifier.target_health"
-            " WHERE paused"
+            "SELECT paused, breaker_open, host, last_error_code, throttled"
+            " FROM outbox_notifier.target_health WHERE paused"
         ).fetchall()
-        assert len(health) == 1
-        assert health[0][1] >= 3
-        assert health[0][2] == "127.0.0.1"
+        assert health == [(True, True, "127.0.0.1", "provider_5xx", False)]
         # While paused, the failing target gets nothing and another target flows.
         for i in range(5):
             enqueue(conn, payload(f"up-{i}", user_id=2))

@@ -30,6 +30,7 @@ TOKEN = "b0t-hook-token-0123456789abcdef"
 SECRET = "bot-signing-secret-XYZ"
 WEBHOOK = f"https://open.feishu.cn/open-apis/bot/v2/hook/{TOKEN}"
 NOW = datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC)
+NOW_HTTP = "Mon, 01 Jan 2024 00:00:00 GMT"
 NOW_TS = "1704067200"
 DELIVERY_FIELDS: dict[str, Any] = {
     "record_id": 321,
@@ -434,7 +435,8 @@ async def test_provider_message_id_from_reply() -> None:
 async def test_retry_after(
     status: int, content: bytes, header: str | None, expected: float | None
 ) -> None:
-    headers = {"Retry-After": header} if header is not None else None
+    # the reply's own Date is the reference for an HTTP-date Retry-After
+    headers = {"Retry-After": header, "Date": NOW_HTTP} if header is not None else None
     result = await send_with(reply(status, content, headers))
     assert result.retry_after_s == expected
 

@@ -27,6 +27,7 @@ from tests.provider_support import Handler, mock_transport, raising, recording, 
 TOKEN = "s3cr3t-trigger-key-0123456789"
 WEBHOOK = f"https://www.feishu.cn/flow/api/trigger-webhook/{TOKEN}"
 NOW = datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC)
+NOW_HTTP = "Mon, 01 Jan 2024 00:00:00 GMT"
 DELIVERY_FIELDS: dict[str, Any] = {
     "record_id": 123,
     "channel": "feishu",
@@ -147,7 +148,8 @@ async def test_provider_message_id_from_reply() -> None:
     ],
 )
 async def test_rate_limited_retry_after(header: str | None, expected: float | None) -> None:
-    headers = {"Retry-After": header} if header is not None else None
+    # the reply's own Date is the reference for an HTTP-date Retry-After
+    headers = {"Retry-After": header, "Date": NOW_HTTP} if header is not None else None
     result = await send_with(reply(429, b"", headers))
     assert result.outcome is Outcome.TEMPORARY_FAIL
     assert result.error_code == ErrorCode.PROVIDER_RATE_LIMITED
@@ -433,7 +435,44 @@ def test_classify_status() -> None:
     [("120", 120.0), ("1.5", 1.5), (" 7 ", 7.0), ("-1", None), ("inf", None), ("1_000", None)],
 )
 def test_parse_retry_after_seconds(value: str, expected: float | None) -> None:
-    assert replies.parse_retry_after(value, now=NOW) == expected
+    assert replies.parse_retry_after(value, date=NOW_HTTP) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "date", "expected"),
+    [
+        # 30 s after the reply's own Date, whatever time it is here
+        ("Mon, 01 Jan 2024 00:00:30 GMT", "Mon, 01 Jan 2024 00:00:00 GMT", 30.0),
+        ("Mon, 01 Jan 2024 01:00:30 GMT", "Mon, 01 Jan 2024 01:00:00 GMT", 30.0),
+        # the obsolete RFC 850 and asctime forms, on either header
+        ("Monday, 01-Jan-24 00:00:30 GMT", "Mon Jan  1 00:00:00 2024", 30.0),
+        ("Mon, 01 Jan 2024 00:00:00 GMT", "Mon, 01 Jan 2024 00:00:30 GMT", 0.0),  # past
+        ("Mon, 01 Jan 2024 00:00:30 GMT", " Mon, 01 Jan 2024 00:00:29 GMT ", 1.0),
+    ],
+)
+def test_retry_after_date_is_read_against_the_replys_date(
+    value: str, date: str, expected: float
+) -> None:
+    assert replies.parse_retry_after(value, date=date) == expected
+
+
+@pytest.mark.parametrize("date", [None, "", "yesterday", "Mon, 99 Jan 2024 00:00:00 GMT"])
+def test_retry_after_date_without_a_readable_date_is_returned_as_the_time_itself(
+    date: str | None,
+) -> None:
+    # No reference on the reply: the time goes to the database, whose clock the retries use.
+    when = replies.parse_retry_after("Mon, 01 Jan 2024 00:00:30 GMT", date=date)
+    assert when == datetime(2024, 1, 1, 0, 0, 30, tzinfo=UTC)
+
+
+async def test_retry_after_date_travels_as_retry_at_without_a_date_header() -> None:
+    result = await send_with(reply(429, b"", {"Retry-After": "Mon, 01 Jan 2024 00:00:30 GMT"}))
+    assert result.retry_after_s is None
+    assert result.retry_at == datetime(2024, 1, 1, 0, 0, 30, tzinfo=UTC)
+    dated = await send_with(
+        reply(429, b"", {"Retry-After": "Mon, 01 Jan 2024 00:00:30 GMT", "Date": NOW_HTTP})
+    )
+    assert (dated.retry_after_s, dated.retry_at) == (30.0, None)
 
 
 def test_error_code_partition() -> None:

@@ -27,6 +27,7 @@ from tests.provider_support import Handler, mock_transport, raising, recording, 
 URL_KEY = "url-path-key-0123456789"
 URL = f"https://hooks.example.com/in/{URL_KEY}?sig=q-s3cr3t"
 NOW = datetime(2024, 1, 1, 0, 0, 0, tzinfo=UTC)
+NOW_HTTP = "Mon, 01 Jan 2024 00:00:00 GMT"
 SECRET_A = "whsec_" + base64.b64encode(b"first signing key, 32 bytes long").decode()
 SECRET_B = "whsec_" + base64.b64encode(b"second key for the rotation....").decode()
 DELIVERY_FIELDS: dict[str, Any] = {"record_id": 555, "channel": "webhook"}
@@ -287,7 +288,8 @@ async def test_redirect_is_not_followed() -> None:
     ],
 )
 async def test_retry_after(status: int, header: str | None, expected: float | None) -> None:
-    headers = {"Retry-After": header} if header is not None else None
+    # the reply's own Date is the reference for an HTTP-date Retry-After
+    headers = {"Retry-After": header, "Date": NOW_HTTP} if header is not None else None
     result = await send_with(reply(status, b"", headers))
     assert result.retry_after_s == expected
 
