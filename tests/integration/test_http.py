@@ -89,7 +89,7 @@ async def test_metrics_endpoint_serves_parsable_prometheus_text(
             if s.name.endswith("_total")
         }
         assert rejected == {"malformed": 1, "invalid": 0, "unknown_type": 0,
-                            "unsupported_version": 0}  # fmt: skip
+                            "unsupported_version": 0, "too_large": 0}  # fmt: skip
         assert families["outbox_notifier_end_to_end_latency_seconds"].type == "histogram"
         assert families["outbox_notifier_records"].type == "gauge"
 
