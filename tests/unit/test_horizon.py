@@ -59,9 +59,7 @@ def test_readiness_detail_names_the_holder_only_past_the_threshold() -> None:
     watch.observe(held(59.0))
     assert watch.readiness_detail() == {}
     watch.observe(held(312.4))
-    assert watch.readiness_detail() == {
-        "horizon": {"held_s": 312, "held_xids": 1234, "by": HOLDER}
-    }
+    assert watch.readiness_detail() == {"horizon": {"held_s": 312, "held_xids": 1234, "by": HOLDER}}
     watch.observe(Horizon(sees_all=False, age_s=0.0, age_xids=0, holder=None))
     assert watch.readiness_detail() == {
         "horizon": f"unknown: other roles' sessions are not visible: {GRANT_HINT}"
