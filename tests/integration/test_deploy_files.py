@@ -472,6 +472,8 @@ def test_expressions_use_only_exported_metrics() -> None:
         "outbox_notifier_end_to_end_latency_seconds_bucket",
         "outbox_notifier_provider_call_duration_seconds_bucket",
         "outbox_notifier_build_info",
+        "outbox_notifier_xmin_horizon_age_seconds",
+        "outbox_notifier_dead_tuples",
     } <= referenced
 
 
@@ -572,6 +574,7 @@ def test_database_wide_gauges_count_once_per_job() -> None:
     database_wide = (
         "paused_targets", "database_failing", "outbox_pending", "records{",
         "oldest_due_record_age_seconds", "outbox_oldest_pending_age_seconds",
+        "xmin_horizon_age_seconds", "xmin_horizon_age_xids", "dead_tuples",
     )  # fmt: skip
     for expr in all_expressions():
         for gauge in database_wide:
