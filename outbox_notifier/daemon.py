@@ -22,6 +22,7 @@ from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, describe
 from outbox_notifier.delivery import Deliverer
+from outbox_notifier.horizon import HorizonWatch
 from outbox_notifier.http import HealthServer, HeartbeatMonitor, readiness
 from outbox_notifier.listener import Listener
 from outbox_notifier.loops import LoopContext
@@ -111,6 +112,7 @@ class Daemon:
         self.metrics = Metrics(registry)
         self.monitor = HeartbeatMonitor()
         self.db_health = DatabaseHealth(on_change=self.metrics.database_failing_changed)
+        self.horizon = HorizonWatch(warn_s=settings.horizon_warn_s)
         self.loops = LoopContext(
             self._stop, self.monitor, self.db_health, self.metrics,
             db_deadline_s=settings.db_deadline_s,
@@ -152,6 +154,7 @@ class Daemon:
                 lambda: self.listener_up,
                 migrations.latest_version(),
                 loop_problems=self.db_health.problems,
+                notes=self.horizon.readiness_detail,
             ),
         )
         try:
@@ -249,6 +252,7 @@ class Daemon:
             records_retention_s=settings.records_retention_s,
             retention_batch_size=settings.retention_batch_size,
             retention_pause_factor=settings.retention_pause_factor,
+            horizon=self.horizon,
         )
         claims = claim_policy(settings)
         self.deliverer = Deliverer(

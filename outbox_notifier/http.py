@@ -5,7 +5,8 @@
 - ``/healthz``: liveness. 200 while every loop has beaten recently (`HeartbeatMonitor`), else
   503; restarting the process is the cure for a stale loop.
 - ``/readyz``: readiness. 200 while the database answers within a second, its schema is one
-  this daemon can run on and the LISTEN connection is up (`readiness`), else 503.
+  this daemon can run on and the LISTEN connection is up (`readiness`), else 503. A held
+  database horizon is named in the answer but never makes it 503.
 
 Both health answers are JSON: ``{"status": "ok" | "unavailable", ...details}``. Anything else
 is 404; a method other than GET or HEAD is 405. Connections are capped (``max_connections``)
@@ -106,6 +107,7 @@ async def readiness(
     expected_version: int,
     *,
     loop_problems: Callable[[], dict[str, str]] | None = None,
+    notes: Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Database reachable within a second, schema compatible with a daemon whose latest
     migration is ``expected_version`` (`migrations.compatibility`), listener up, and no loop
@@ -113,6 +115,8 @@ async def readiness(
     trip would not notice).
 
     Every check is reported, failed or not, so one answer shows everything that is wrong.
+    ``notes`` adds details that never decide readiness (a held database horizon, see
+    outbox_notifier.horizon).
     """
     checks: dict[str, str] = {}
 
@@ -138,7 +142,8 @@ async def readiness(
         database = checks["database"]
         checks["database"] = seen if database == "ok" else f"{database}; {seen}"
     checks["listener"] = "ok" if listener_up() else "down"
-    return all(value == "ok" for value in checks.values()), checks
+    ready = all(value == "ok" for value in checks.values())
+    return ready, {**checks, **(notes() if notes is not None else {})}
 
 
 class HealthServer:

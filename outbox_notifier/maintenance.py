@@ -1,6 +1,7 @@
 """The maintenance loop: metric snapshots on every replica (one cheap query on the partial
-indexes; see the outbox_notifier.metrics docstring for how they are aggregated), and retention
-on one replica at a time (the holder of the maintenance lease, outbox_notifier.leadership)."""
+indexes; see the outbox_notifier.metrics docstring for how they are aggregated) with the
+horizon check beside them (outbox_notifier.horizon), and retention on one replica at a time
+(the holder of the maintenance lease, outbox_notifier.leadership)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 from outbox_notifier import leadership, retention
 from outbox_notifier.dbhealth import describe
+from outbox_notifier.horizon import DEFAULT_WARN_S, HorizonWatch
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.store import DatabaseError, OperationalError
@@ -30,6 +32,10 @@ class Maintenance:
     records_retention_s: float
     retention_batch_size: int
     retention_pause_factor: float
+    # Read each turn, so the horizon gauges and /readyz lag a hold by one snapshot interval.
+    horizon: HorizonWatch = dataclasses.field(
+        default_factory=lambda: HorizonWatch(warn_s=DEFAULT_WARN_S)
+    )
 
     async def run(self, ctx: LoopContext) -> None:
         snapshot_every_s = min(self.interval_s, SNAPSHOT_MAX_INTERVAL_S)
@@ -37,6 +43,7 @@ class Maintenance:
         try:
             while ctx.turn("maintenance"):
                 await ctx.metrics.snapshot(self.store, timeout_s=ctx.db_deadline_s)
+                await self.horizon.check(self.store, ctx.metrics, timeout_s=ctx.db_deadline_s)
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self.interval_s
                     await self._purge(ctx)

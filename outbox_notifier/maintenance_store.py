@@ -1,4 +1,5 @@
-"""The maintenance loop's statements: retention purges, the leader lease, the metrics snapshot.
+"""The maintenance loop's statements: retention purges, the leader lease, the metrics snapshot,
+and what holds the database back (the xmin horizon, dead tuples).
 
 A store module, like ``store``: ``retention``, ``leadership`` and ``metrics`` ask it and never
 touch a connection themselves. It works over a pool (a connection per statement, returned in
@@ -29,6 +30,10 @@ from outbox_notifier.timeouts import Bounds, SessionTimeouts, StatementTimeouts
 
 #: One row of ``metrics_snapshot`` (sql/maintenance.sql): kind, channel, status, count, age in s.
 SnapshotRow = tuple[str, str | None, str | None, int, float | None]
+#: The row of ``xmin_horizon``: sees every session, age in s, age in xids, the oldest holder.
+HorizonRow = tuple[bool, float, int, str | None]
+#: One row of ``table_tuples``: table, live tuples, dead tuples.
+TuplesRow = tuple[str, int, int]
 
 _PURGES = {"outbox": "purge_outbox_batch", "records": "purge_records_batch"}
 
@@ -86,3 +91,18 @@ class MaintenanceStore:
         async with self._statement() as conn:
             cur = await conn.execute(query("metrics_snapshot"))
             return await cur.fetchall()
+
+    async def xmin_horizon(self) -> HorizonRow:
+        """What holds back vacuum of this database (see ``xmin_horizon`` in sql/maintenance.sql)."""
+        async with self._statement() as conn:
+            cur = await conn.execute(query("xmin_horizon"))
+            row = await cur.fetchone()
+            assert row is not None  # an aggregate: always one row
+            sees_all, age_s, age_xids, holder = row
+            return bool(sees_all), float(age_s), int(age_xids), holder
+
+    async def table_tuples(self) -> list[TuplesRow]:
+        """Live and dead tuples of each table of the schema."""
+        async with self._statement() as conn:
+            cur = await conn.execute(query("table_tuples"))
+            return [(str(t), int(live), int(dead)) for t, live, dead in await cur.fetchall()]

@@ -19,7 +19,9 @@ indexes, and no gap when a replica goes away). So queries must count each fact o
 never sum across replicas or alert per instance: the backlog gauges are read from the replica
 with the freshest ``snapshot_timestamp_seconds`` (a replica whose snapshot fails keeps stale
 values), the others with ``max by (job)``. deploy/prometheus/alerts.yml and the Grafana
-dashboard do so, and a test checks it.
+dashboard do so, and a test checks it. The horizon and tuple gauges (outbox_notifier.horizon)
+are among the others: a replica whose read fails sets them to NaN rather than keeping stale
+values, and ``max`` passes over NaN.
 """
 
 from __future__ import annotations
@@ -31,17 +33,20 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final, TypeVar, cast
+from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from outbox_notifier import __version__
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.events import REASON_CLASSES
-from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow
+from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow, TuplesRow
 from outbox_notifier.names import CHANNEL, PROVIDER_NAMES, ErrorCode, Outcome
 from outbox_notifier.reports import RelayReport
 from outbox_notifier.store import Applied, DatabaseError, Rescued, Result
+
+if TYPE_CHECKING:
+    from outbox_notifier.horizon import Horizon
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,8 @@ OTHER: Final = "other"
 
 #: Statuses the snapshot counts: live work, each on its partial index (see sql/maintenance.sql).
 SNAPSHOT_STATUSES: Final = ("pending", "sending", "failed")
+#: The daemon's tables whose tuples are exported from the start (others once seen).
+TUPLE_TABLES: Final = ("outbox", "notification_records", "delivery_attempts", "targets")
 #: Loop names for ``database_errors_total`` and ``claim_duration_seconds``.
 LOOPS: Final = ("relay", "delivery", "apply", "rescue", "listener", "maintenance")
 #: Loops whose database calls report to ``database_failing`` (see outbox_notifier.dbhealth).
@@ -205,6 +212,28 @@ class Metrics:
             "throttled_targets",
             "Delivery targets slowed down after answering 429 (snapshot); not failures.",
         )
+        # What holds the database back (outbox_notifier.horizon): NaN while unknown.
+        self.xmin_horizon_age = gauge(
+            "xmin_horizon_age_seconds",
+            "How long the oldest transaction holding back vacuum in this database has been "
+            "open (snapshot); NaN: unknown (the role cannot see other roles' sessions).",
+        )
+        self.xmin_horizon_age_xids = gauge(
+            "xmin_horizon_age_xids",
+            "How many transactions vacuum's horizon lags in this database, replication slots "
+            "included (snapshot); NaN: unknown.",
+        )
+        self.dead_tuples = gauge(
+            "dead_tuples",
+            "Dead row versions of the daemon's tables, as PostgreSQL's statistics count them "
+            "(snapshot).",
+            ["table"],
+        )
+        self.live_tuples = gauge(
+            "live_tuples",
+            "Live rows of the daemon's tables, as PostgreSQL's statistics count them (snapshot).",
+            ["table"],
+        )
         self.build_info = Info(
             "build",
             "Version of outbox-notifier and of Python.",
@@ -214,6 +243,7 @@ class Metrics:
         self.build_info.info({"version": __version__, "python": platform.python_version()})
 
         self._snapshot_channels: set[str] = set(self.channels)
+        self._tuple_tables: set[str] = set(TUPLE_TABLES)
         self._zero_initialise()
 
     def _zero_initialise(self) -> None:
@@ -238,6 +268,9 @@ class Metrics:
             self.database_failing.labels(loop).set(0)
         for loop in ("relay", "delivery", "rescue"):
             self.claim_duration.labels(loop)
+        # Unknown until the first snapshot: NaN, not a reassuring 0.
+        self.apply_horizon(None)
+        self.apply_table_tuples(None)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -379,6 +412,25 @@ class Metrics:
         self.outbox_pending.set(outbox_pending)
         self.outbox_oldest_pending_age.set(outbox_age)
         self.snapshot_timestamp.set(time.time())
+
+    def apply_horizon(self, horizon: Horizon | None) -> None:
+        """Sets the horizon gauges; NaN when unknown (no reading, or not every session seen)."""
+        if horizon is None or not horizon.sees_all:
+            self.xmin_horizon_age.set(math.nan)
+            self.xmin_horizon_age_xids.set(math.nan)
+            return
+        self.xmin_horizon_age.set(max(horizon.age_s, 0.0))
+        self.xmin_horizon_age_xids.set(horizon.age_xids)
+
+    def apply_table_tuples(self, rows: Iterable[TuplesRow] | None) -> None:
+        """Sets the tuple gauges from ``table_tuples`` rows; NaN for every table when the read
+        failed (None) and for a table missing from the rows."""
+        found = {table: (live, dead) for table, live, dead in rows or ()}
+        self._tuple_tables.update(found)
+        for table in self._tuple_tables:
+            live, dead = found.get(table, (math.nan, math.nan))
+            self.live_tuples.labels(table).set(live)
+            self.dead_tuples.labels(table).set(dead)
 
 
 def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:

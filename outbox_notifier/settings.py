@@ -171,6 +171,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     event_loop: EventLoop = "auto"
     log_level: str = "INFO"
     maintenance_interval_s: Positive = 60.0  # retention pass and metric snapshot interval
+    # A snapshot older than this that holds back vacuum (the xmin horizon) is named in the log
+    # and on /readyz, which stays ready (outbox_notifier.horizon).
+    horizon_warn_s: Positive = 30.0
     outbox_retention_s: Positive = 7 * 86400.0  # relayed/rejected outbox rows older are deleted
     records_retention_s: Positive = 30 * 86400.0  # sent/dead/skipped records older are deleted
     retention_batch_size: AtLeastOne = 1000  # rows per retention statement (and transaction)

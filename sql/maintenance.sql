@@ -100,3 +100,65 @@ UNION ALL
 SELECT 'throttled_targets', NULL, NULL, count(*)::bigint, NULL
 FROM outbox_notifier.targets
 WHERE throttled_until > now() OR slowed_until > now();
+
+-- name: xmin_horizon
+-- What holds back vacuum of this database's tables, oldest first: sessions with a snapshot or a
+-- transaction id (backend_xmin, backend_xid), replication slots' data xmin, prepared
+-- transactions; with the age in seconds where there is a clock (a slot has none) and in xids.
+--
+-- Vacuum keeps every row version a snapshot might still need, so while one holder stays, the
+-- daemon's tables grow dead tuples and its claims walk over them. Left out, because they hold
+-- nothing back for these tables: this statement's own session; autovacuum workers (vacuum
+-- ignores other vacuums' snapshots); sessions of other databases (their snapshots bind only
+-- their own database, PostgreSQL >= 14 for data, and the shared catalogs); and a slot's
+-- catalog_xmin (it holds back the system catalogs only: a logical slot that falls behind keeps
+-- WAL and catalog rows, not the daemon's). A walsender for a standby with hot_standby_feedback
+-- and no slot shows as a session of no database. A session's age in seconds counts from its
+-- transaction's start (xact_start), an upper bound of its snapshot's age.
+--
+-- Other roles' sessions show backend_xmin only to superusers and members of
+-- pg_read_all_stats: sees_all says whether this role sees them all (else the answer is a
+-- lower bound and the daemon reports the horizon as unknown). The holder is described without
+-- its query text, which may hold secrets.
+WITH holders AS (
+    SELECT extract(epoch FROM now() - a.xact_start)::float8 AS age_s,
+           greatest(age(a.backend_xmin), age(a.backend_xid))::bigint AS age_xids,
+           format('pid %s (user %s, state %s, application_name %s, %s)',
+                  a.pid, coalesce(a.usename, '?'), coalesce(a.state, '?'),
+                  coalesce(nullif(a.application_name, ''), '-'),
+                  CASE WHEN a.xact_start IS NULL THEN a.backend_type
+                       ELSE 'transaction started ' || to_char(a.xact_start AT TIME ZONE 'UTC',
+                                                              'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                  END) AS holder
+    FROM pg_stat_activity a
+    WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+      AND a.pid <> pg_backend_pid()
+      AND a.backend_type <> 'autovacuum worker'
+      AND (a.datid IS NULL OR a.datname = current_database())
+    UNION ALL
+    SELECT NULL, age(s.xmin)::bigint,
+           format('replication slot %s (%s, %s)', s.slot_name, s.slot_type,
+                  CASE WHEN s.active THEN 'active pid ' || s.active_pid ELSE 'inactive' END)
+    FROM pg_replication_slots s
+    WHERE s.xmin IS NOT NULL
+    UNION ALL
+    SELECT extract(epoch FROM now() - p.prepared)::float8, age(p.transaction)::bigint,
+           format('prepared transaction %L (owner %s, prepared %s)', p.gid, p.owner,
+                  to_char(p.prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'))
+    FROM pg_prepared_xacts p
+    WHERE p.database = current_database()
+)
+SELECT pg_has_role('pg_read_all_stats', 'USAGE') AS sees_all,
+       coalesce((SELECT max(age_s) FROM holders), 0)::float8 AS age_s,
+       coalesce((SELECT max(age_xids) FROM holders), 0)::bigint AS age_xids,
+       (SELECT holder FROM holders
+        ORDER BY age_xids DESC NULLS LAST, age_s DESC NULLS LAST LIMIT 1) AS holder;
+
+-- name: table_tuples
+-- Live and dead row versions of each table of the schema, as the statistics system last
+-- counted them (pg_stat_user_tables: updated within a second or so of each change, and by
+-- vacuum and analyze). Dead tuples that keep growing while vacuum runs mean a held horizon.
+SELECT relname::text, n_live_tup::bigint, n_dead_tup::bigint
+FROM pg_stat_user_tables
+WHERE schemaname = 'outbox_notifier'
+ORDER BY relname;

@@ -2,7 +2,8 @@
 
 - systemd units: ``systemd-analyze verify`` and ``systemd-analyze security --offline``;
 - Kubernetes manifests: the API's JSON schemas (``kubernetes-validate``, strict: unknown fields
-  fail); the Prometheus Operator's kinds are CRDs it has no schema for, checked here by hand;
+  fail); the Prometheus Operator's and KEDA's kinds are CRDs it has no schema for, checked here
+  by hand (KEDA's backlog query runs against a migrated database as the daemon's role);
 - alert rules: ``promtool check rules`` and ``promtool test rules``;
 - every PromQL expression of the rules and the dashboard: syntax (promtool) and only metric
   and label names that ``outbox_notifier.metrics`` exports.
@@ -17,16 +18,20 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
 import kubernetes_validate  # type: ignore[import-untyped]
+import psycopg
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from outbox_notifier import settings
 from outbox_notifier.metrics import Metrics
@@ -211,7 +216,16 @@ def by_kind() -> dict[str, dict[str, Any]]:
     return found
 
 
-CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
+#: Custom resources, which kubernetes-validate has no schema for, and their API group.
+CRD_KINDS = {
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
+    "TriggerAuthentication": "keda.sh/v1alpha1",
+}
+#: Shipped beside the manifests but not applied with them: an example Secret, the migration
+#: (its own step of an upgrade), and the autoscaler (needs KEDA's CRDs).
+NOT_APPLIED = frozenset({"secret.example.yaml", "migrate-job.yaml", "keda-scaledobject.yaml"})
 
 
 @pytest.mark.parametrize(
@@ -220,8 +234,8 @@ CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
 def test_manifest_matches_the_kubernetes_schema(name: str, doc: dict[str, Any]) -> None:
     if doc["kind"] in CRD_KINDS:
         # Custom resources have no schema in kubernetes-validate;
-        # test_prometheus_operator_resources checks them.
-        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        # test_prometheus_operator_resources and test_keda_* check them.
+        assert doc["apiVersion"] == CRD_KINDS[doc["kind"]]
         return
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
@@ -256,12 +270,13 @@ def test_every_kind_is_there_and_kustomization_lists_the_applied_ones() -> None:
         "Secret",
         "Service",
         "ServiceMonitor",
+        "ScaledObject",
+        "TriggerAuthentication",
     }
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
     resources = set(kustomization["resources"])
     on_disk = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
-    # Not applied with the rest: an example Secret, and the migration run as its own step.
-    assert resources == on_disk - {"secret.example.yaml", "migrate-job.yaml"}
+    assert resources == on_disk - NOT_APPLIED
 
 
 def loaded_config(tmp_path: Path) -> settings.Settings:
@@ -365,6 +380,60 @@ def test_prometheus_operator_resources() -> None:
     assert 'up{job="outbox-notifier"}' in (PROMETHEUS / "alerts.yml").read_text()
     # The operator's copy of the rules is the rules file, exactly.
     assert rule["spec"] == yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+
+
+def test_keda_scaled_object_scales_the_deployment() -> None:
+    kinds = by_kind()
+    scaled, auth = kinds["ScaledObject"], kinds["TriggerAuthentication"]
+    deployment, secret = kinds["Deployment"], kinds["Secret"]
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
+    assert target["name"] == deployment["metadata"]["name"]
+    spec = scaled["spec"]
+    # Never below what the PodDisruptionBudget and the shipped Deployment expect; bounded.
+    assert 2 <= spec["minReplicaCount"] == deployment["spec"]["replicas"]
+    assert spec["minReplicaCount"] < spec["maxReplicaCount"] <= 10
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "postgresql"
+    assert float(trigger["metadata"]["targetQueryValue"]) > 0
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "connection"
+    assert ref["name"] == secret["metadata"]["name"]
+    assert ref["key"] in secret["stringData"]
+    # The same Secret key the daemon connects with: the role that may read the backlog.
+    (container,) = pod_spec("Deployment")["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OUTBOX_NOTIFIER_DSN"]["valueFrom"]["secretKeyRef"]["key"] == ref["key"]
+
+
+def test_keda_backlog_query_counts_due_work_as_the_daemon_role(db: str) -> None:
+    """The trigger's query runs as a login role with outbox_notifier_daemon only, returns one
+    integer, and counts pending outbox rows plus due records, not history or future retries."""
+    (trigger,) = by_kind()["ScaledObject"]["spec"]["triggers"]
+    backlog: LiteralString = trigger["metadata"]["query"]
+    role = f"on_keda_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(db, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE outbox_notifier_daemon").format(
+                sql.Identifier(role)
+            )
+        )
+        try:
+            for i in range(3):
+                admin.execute(
+                    "SELECT outbox_notifier.enqueue('notification.feishu.requested', %s)",
+                    (Jsonb({"n": i}),),
+                )
+            admin.execute(
+                "UPDATE outbox_notifier.outbox SET status = 'relayed'"
+                " WHERE id = (SELECT min(id) FROM outbox_notifier.outbox)"
+            )
+            with psycopg.connect(psycopg.conninfo.make_conninfo(db, user=role)) as keda:
+                rows = keda.execute(backlog).fetchall()
+        finally:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    assert rows == [(2,)]  # one row, one integer: the two pending outbox rows
 
 
 # -- Prometheus rules --------------------------------------------------------------------------
@@ -472,6 +541,8 @@ def test_expressions_use_only_exported_metrics() -> None:
         "outbox_notifier_end_to_end_latency_seconds_bucket",
         "outbox_notifier_provider_call_duration_seconds_bucket",
         "outbox_notifier_build_info",
+        "outbox_notifier_xmin_horizon_age_seconds",
+        "outbox_notifier_dead_tuples",
     } <= referenced
 
 
@@ -572,6 +643,7 @@ def test_database_wide_gauges_count_once_per_job() -> None:
     database_wide = (
         "paused_targets", "database_failing", "outbox_pending", "records{",
         "oldest_due_record_age_seconds", "outbox_oldest_pending_age_seconds",
+        "xmin_horizon_age_seconds", "xmin_horizon_age_xids", "dead_tuples",
     )  # fmt: skip
     for expr in all_expressions():
         for gauge in database_wide:

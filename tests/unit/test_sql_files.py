@@ -53,5 +53,7 @@ def test_the_maintenance_statements_are_all_in_maintenance_sql() -> None:
         "renew_lease",
         "release_lease",
         "metrics_snapshot",
+        "xmin_horizon",
+        "table_tuples",
     }
     assert queries_named_by("maintenance_store") == names_in("maintenance.sql")
