@@ -30,7 +30,7 @@ from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import ErrorCode, Outcome
-from outbox_notifier.providers.model import Delivery, Provider, SendResult, Target
+from outbox_notifier.providers.model import Delivery, Provider, Recipient, SendResult
 from outbox_notifier.store import (
     ClaimedRecord,
     ClaimPolicy,
@@ -43,10 +43,10 @@ logger = logging.getLogger(__name__)
 
 
 def to_delivery(record: ClaimedRecord) -> Delivery:
-    target = None
+    recipient = None
     if record.webhook_url is not None:
-        target = Target(
-            enabled=bool(record.channel_enabled),
+        recipient = Recipient(
+            enabled=bool(record.recipient_enabled),
             webhook_url=record.webhook_url,
             auth_kind=record.auth_kind or "none",
             auth_secret=record.auth_secret,
@@ -68,7 +68,7 @@ def to_delivery(record: ClaimedRecord) -> Delivery:
         trace_id=record.trace_id,
         attempt=record.attempt_count,
         dedupe_key=record.dedupe_key,
-        target=target,
+        recipient=recipient,
     )
 
 

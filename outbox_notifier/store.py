@@ -111,7 +111,8 @@ RELAY_OUTBOX = sql.SQL(query("relay_outbox")).format(
 
 
 class ClaimedRecord(msgspec.Struct, frozen=True):
-    """A record claimed for delivery, with its user's channel row (None fields when missing)."""
+    """A record claimed for delivery, with its recipient: the user's row in
+    ``notification_channels`` (None fields when there is none)."""
 
     id: int
     channel: str
@@ -130,7 +131,7 @@ class ClaimedRecord(msgspec.Struct, frozen=True):
     attempt_count: int
     max_attempts: int
     lease_token: int
-    channel_enabled: bool | None
+    recipient_enabled: bool | None
     webhook_url: str | None
     auth_kind: str | None
     auth_secret: str | None

@@ -255,13 +255,13 @@ class FeishuBotProvider(base.HttpProvider):
         return cut(low)
 
     def prepare(
-        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+        self, delivery: model.Delivery, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
         secret = ""
         unsigned = self.build_message(delivery)
         signed = unsigned
-        if target.auth_kind == "bot_secret":
-            secret = (target.auth_secret or "").strip()
+        if recipient.auth_kind == "bot_secret":
+            secret = (recipient.auth_secret or "").strip()
             if not secret:
                 raise model.NotSent(
                     ErrorCode.PROVIDER_AUTH_FAILED,

@@ -29,8 +29,9 @@ import msgspec
 from outbox_notifier.names import ErrorCode, Outcome
 
 
-class Target(msgspec.Struct, frozen=True, kw_only=True):
-    """The user's row in ``notification_channels`` for the delivery's channel.
+class Recipient(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the user wants the notification: their row in ``notification_channels`` for the
+    record's channel (the provider it names is the one making the call).
 
     ``auth_kind`` is ``'none'``, ``'bearer'`` or ``'bot_secret'``; ``auth_secret`` is the
     token or signing secret and must never reach a log line or an error message.
@@ -46,8 +47,8 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     """One claimed notification record, as the delivery loop hands it to a provider.
 
     ``message_text`` is final (fallback and target URL already applied); ``attempt`` is the
-    attempt being made (1 for the first call); ``target`` is None when the user has no
-    channel row.
+    attempt being made (1 for the first call); ``recipient`` is None when the user has no
+    row in ``notification_channels`` for the channel.
     """
 
     record_id: int
@@ -64,7 +65,7 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     trace_id: str
     attempt: int
     dedupe_key: str
-    target: Target | None
+    recipient: Recipient | None
 
 
 class SendResult(msgspec.Struct, frozen=True, kw_only=True):

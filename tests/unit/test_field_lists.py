@@ -88,7 +88,7 @@ def test_the_result_recordset_reads_only_result_fields() -> None:
 
 def test_claimed_records_follow_the_claim_functions_columns_in_order() -> None:
     # ClaimedRecord(*row): the order is the contract. One name differs on purpose.
-    renamed = {"enabled": "channel_enabled"}
+    renamed = {"enabled": "recipient_enabled"}
     # older daemons call v1 to v3; this one v4
     for function in ("claim_due_v1", "claim_due_v2", "claim_due_v3", "claim_due_v4"):
         columns = [renamed.get(c, c) for c in function_columns(function)]
