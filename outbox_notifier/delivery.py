@@ -117,7 +117,7 @@ def to_result(
         record_id=record.id,
         lease_token=record.lease_token,
         attempt=record.attempt_count,
-        disable_channel=sent.disable_target,
+        disable_channel=sent.disable_channel,
         provider=record.provider,
         status=status,
         outcome=sent.outcome,

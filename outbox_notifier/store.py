@@ -213,7 +213,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     # nothing. retry_after_s: the provider's Retry-After in seconds, for the target's throttle.
     retry_at: datetime | None = None
     retry_after_s: float | None = None
-    disable_channel: bool = False  # the target answered 410 Gone: switch the channel off
+    disable_channel: bool = False  # the target answered 410 Gone: switch the recipient off
     provider_message_id: str | None
     request_json: str | None
     response_json: str | None

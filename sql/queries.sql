@@ -91,7 +91,8 @@ SELECT extract(epoch FROM least(
 --   from a Retry-After date too when the reply had no Date header to read it against (retry_at,
 --   bounded as backoff.next_delay_s bounds a Retry-After: at least 1 s, at most
 --   %(retry_after_max_s)s);
--- * a target that answered 410 Gone has its user's channel switched off (reason kept);
+-- * a result with disable_channel (the target answered 410 Gone) switches its user's channel
+--   row off (enabled = false, the reason kept);
 -- * endpoint protection counts each call in the second it started, a 429 throttles its target
 --   until its Retry-After (outbox_notifier.record_target_results_v2, which locks the targets in
 --   key order).
@@ -116,7 +117,7 @@ WITH input AS (
     JOIN outbox_notifier.notification_records r ON r.id = input.record_id
     LEFT JOIN outbox_notifier.notification_channels ch
            ON ch.user_id = r.user_id AND ch.channel = r.channel
-), disabled AS (
+), disabled_channels AS (
     UPDATE outbox_notifier.notification_channels ch
     SET enabled = false, disabled_reason = coalesce(input.error, 'target gone'),
         updated_at = now()

@@ -250,5 +250,5 @@ class HttpProvider:
             retry_after_s=wait if isinstance(wait, float) else None,
             retry_at=wait if isinstance(wait, datetime) else None,
             duration_s=reply.duration_s,
-            disable_target=verdict.error_code is ErrorCode.ENDPOINT_GONE,
+            disable_channel=verdict.error_code is ErrorCode.ENDPOINT_GONE,
         )

@@ -76,10 +76,9 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     ``response_truncated`` set when more were left unread. ``retry_after_s`` carries the
     provider's ``Retry-After`` so the retry can honour it; ``retry_at`` carries it instead when
     it is an HTTP date the reply gave no ``Date`` to read against (the database's clock then
-    turns it into a delay: the host's clock is never the reference). ``disable_target`` asks
-    the daemon
-    to disable the user's channel: the receiver said the endpoint is gone for good (HTTP 410),
-    so every later delivery to it would fail the same way.
+    turns it into a delay: the host's clock is never the reference). ``disable_channel`` asks
+    the daemon to switch the recipient (the user's channel row) off: the receiver said the
+    endpoint is gone for good (HTTP 410), so every later delivery to it would fail the same way.
     """
 
     outcome: Outcome
@@ -93,7 +92,7 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_s: float | None = None
     retry_at: datetime | None = None
     duration_s: float = 0.0
-    disable_target: bool = False
+    disable_channel: bool = False
 
 
 class Provider(Protocol):
@@ -141,7 +140,7 @@ class HttpReply(msgspec.Struct, frozen=True, kw_only=True):
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     """What ``HttpProvider.classify`` makes of a reply. ``HttpProvider.send`` adds the rest of
     the ``SendResult``: status, bodies, timing, ``Retry-After`` for a temporary failure, and
-    ``disable_target`` for ``endpoint_gone``; it truncates ``error_message`` and scrubs it of
+    ``disable_channel`` for ``endpoint_gone``; it truncates ``error_message`` and scrubs it of
     the URL's key and the request's secrets."""
 
     outcome: Outcome

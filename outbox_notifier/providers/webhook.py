@@ -38,7 +38,7 @@ status               result
 425, 429             temporary ``provider_rate_limited``
 5xx                  temporary ``provider_5xx``
 401, 403             permanent ``provider_auth_failed``
-410                  permanent ``endpoint_gone`` with ``disable_target``
+410                  permanent ``endpoint_gone`` with ``disable_channel``
 other                permanent ``payload_invalid``
 timeout / transport  temporary ``provider_timeout`` / ``network_error``
 ===================  ==============================================================

@@ -239,7 +239,7 @@ async def test_each_documented_error_maps_to_its_code(
     )
     assert (result.outcome, result.error_code) == (outcome, code)
     assert said in (result.error_message or ""), result.error_message
-    assert result.disable_target is (code is ErrorCode.ENDPOINT_GONE)
+    assert result.disable_channel is (code is ErrorCode.ENDPOINT_GONE)
     assert result.retry_after_s == (7.0 if reply.headers.get("Retry-After") else None)
     # The credential in the URL never reaches the message.
     assert url.removeprefix(srv.url).rpartition("/")[2].split("=")[-1] not in (

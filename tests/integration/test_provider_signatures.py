@@ -197,7 +197,7 @@ async def test_webhook_gone_disables_the_target(
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.ENDPOINT_GONE
     assert result.http_status == 410
-    assert result.disable_target is True
+    assert result.disable_channel is True
 
 
 async def test_webhook_429_honours_retry_after(
@@ -208,7 +208,7 @@ async def test_webhook_429_honours_retry_after(
     assert result.outcome is Outcome.TEMPORARY_FAIL
     assert result.error_code == ErrorCode.PROVIDER_RATE_LIMITED
     assert result.retry_after_s == 7
-    assert result.disable_target is False
+    assert result.disable_channel is False
 
 
 async def test_webhook_redirect_is_not_followed(

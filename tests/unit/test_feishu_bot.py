@@ -399,7 +399,7 @@ async def test_reply_mapping(
     assert result.http_status == status
     assert result.response_body == content
     assert result.request_json is not None
-    assert result.disable_target is False
+    assert result.disable_channel is False
     if message is None:
         assert result.error_message is None
     else:

@@ -245,7 +245,7 @@ async def test_status_mapping(
     assert result.http_status == status
     assert result.response_body == b'{"ok":false}'
     assert result.request_json is not None
-    assert result.disable_target is (status == 410)
+    assert result.disable_channel is (status == 410)
     if message is None:
         assert result.error_message is None
     else:
