@@ -174,16 +174,16 @@ class ResultCompleter:
                 await asyncio.sleep(self.retry_s)
 
     async def _apply(self, ctx: LoopContext, batch: Sequence[Result]) -> None:
-        # One statement stores the results, their 410 disables and the pacing bookkeeping:
-        # they commit together or are retried together.
+        # One statement stores the results, their 410 disables and the pacing and breaker
+        # bookkeeping: they commit together or are retried together.
         try:
             stored = await bounded(
                 self.store.apply_results(batch, self.claim_policy), ctx.db_deadline_s
             )
-            records, paused = stored.records, stored.paused
+            records, tripped = stored.records, stored.tripped
         except ValueRefused:
             # Should not happen (text is sanitised), but one bad value must not block the rest.
-            records, paused = [], []
+            records, tripped = [], []
             for result in batch:
                 try:
                     one = await bounded(
@@ -193,10 +193,15 @@ class ResultCompleter:
                     logger.exception("result refused", extra={"record_id": result.record_id})
                 else:
                     records += one.records
-                    paused += one.paused
+                    tripped += one.tripped
         self._account(ctx, batch, records)
-        for key in paused:
-            logger.warning("target paused after repeated failures", extra={"target": key[:12]})
+        for key in tripped:
+            # "paused" is the word an operator searches for (the TargetPaused alert, the
+            # targets.paused_until column); in code the state is the breaker's, "tripped".
+            logger.warning(
+                "breaker tripped: target paused after repeated failures",
+                extra={"target": key[:12]},
+            )
 
     def _account(
         self, ctx: LoopContext, batch: Sequence[Result], records: Sequence[Applied]

@@ -139,32 +139,49 @@ class ClaimedRecord(msgspec.Struct, frozen=True):
     target_key: str | None
 
 
-class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
-    """Per-target pacing and endpoint protection applied by every claim.
+class Pacing(msgspec.Struct, frozen=True, kw_only=True):
+    """How often one target may be called, by all replicas together (claims wait for it).
 
     ``per_s``/``per_min`` give, by provider name, the most calls one target may receive in any
-    second / minute from all replicas together (0: no limit). A target pauses for
-    ``cooloff_s`` when, over the calls that started in the last ``window_s``, at least
-    ``min_calls`` were made, at least ``breaker_failures`` failed and the failures reach
-    ``failure_ratio`` (429s are not counted). A 429 throttles its target until its
-    Retry-After (at most ``retry_after_max_s``), then halves its budget for ``slowdown_s``
-    (``slow_per_s`` calls a second for a target with none). ``durable`` makes a claim wait for
-    its WAL flush (the ``durable_claims`` setting).
+    second / minute (0: no limit); ``margin_s`` widens those windows for network jitter. A 429
+    throttles its target until its Retry-After (at most ``retry_after_max_s``, which bounds a
+    record's Retry-After as well), then halves its budget for ``slowdown_s`` (``slow_per_s``
+    calls a second for a target with none). A 429 is pacing, never a failure of the breaker.
     """
 
-    lease_s: float
     per_s: dict[str, int] = msgspec.field(default_factory=dict)
     per_min: dict[str, int] = msgspec.field(default_factory=dict)
     margin_s: float = 0.05
-    breaker_failures: int = 5
+    slowdown_s: float = 60.0
+    slow_per_s: int = 5
+    retry_after_max_s: float = 3600.0
+
+
+class Breaker(msgspec.Struct, frozen=True, kw_only=True):
+    """When a failing target is left alone: its breaker opens (the target is *tripped*: no claim
+    calls it) for ``cooloff_s`` when, over the calls that started in the last ``window_s``, at
+    least ``min_calls`` were made, at least ``min_failures`` failed and the failures reach
+    ``failure_ratio``. The database keeps the state in ``targets.paused_until`` (the contract's
+    name); in code it is the breaker's, so an operator's pause is never confused with it.
+    """
+
+    min_failures: int = 5
     cooloff_s: float = 60.0
     window_s: float = 30.0
     min_calls: int = 20
     failure_ratio: float = 0.5
-    slowdown_s: float = 60.0
-    slow_per_s: int = 5
-    retry_after_max_s: float = 3600.0
-    # Whether a claim's commit waits for its WAL flush (see claim_records in the SQL).
+
+
+class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """What every claim applies: the lease, per-target ``pacing`` and the ``breaker``.
+
+    ``durable`` makes a claim wait for its WAL flush (the ``durable_claims`` setting; see
+    claim_records in the SQL).
+    """
+
+    lease_s: float
+    pacing: Pacing = msgspec.field(default_factory=Pacing)
+    breaker: Breaker = msgspec.field(default_factory=Breaker)
     durable: bool = False
 
 
@@ -172,16 +189,17 @@ def _policy_params(policy: ClaimPolicy) -> dict[str, object]:
     """The claim's parameters from ``policy``. The arrays go as PostgreSQL array literals, cast
     in the statement: psycopg would otherwise inspect each list on every claim to pick its
     element type."""
-    paced = sorted(set(policy.per_s) | set(policy.per_min))
+    pacing, breaker = policy.pacing, policy.breaker
+    paced = sorted(set(pacing.per_s) | set(pacing.per_min))
     return {
         "lease_s": policy.lease_s,
         "paced": _array_literal(paced),
-        "per_s": _array_literal([policy.per_s.get(p, 0) for p in paced]),
-        "per_min": _array_literal([policy.per_min.get(p, 0) for p in paced]),
-        "margin_s": policy.margin_s,
-        "breaker_failures": policy.breaker_failures,
-        "cooloff_s": policy.cooloff_s,
-        "slow_per_s": policy.slow_per_s,
+        "per_s": _array_literal([pacing.per_s.get(p, 0) for p in paced]),
+        "per_min": _array_literal([pacing.per_min.get(p, 0) for p in paced]),
+        "margin_s": pacing.margin_s,
+        "breaker_failures": breaker.min_failures,
+        "cooloff_s": breaker.cooloff_s,
+        "slow_per_s": pacing.slow_per_s,
         "durable": policy.durable,
     }
 
@@ -245,7 +263,7 @@ class AppliedBatch(msgspec.Struct, frozen=True, kw_only=True):
     """What one ``apply_results`` statement returned."""
 
     records: list[Applied]  # one per result whose record still exists
-    paused: list[str]  # target keys this batch paused (endpoint protection)
+    tripped: list[str]  # keys of the targets whose breaker this batch opened
 
     @property
     def applied(self) -> list[Applied]:
@@ -344,23 +362,24 @@ class RecordStore:
         return None if row is None or row[0] is None else float(row[0])
 
     async def apply_results(self, results: Sequence[Result], policy: ClaimPolicy) -> AppliedBatch:
-        """Applies a batch of results, their 410 disables and the endpoint-protection
+        """Applies a batch of results, their 410 disables and the pacing and breaker
         bookkeeping in one statement (see ``apply_results`` in the SQL)."""
+        pacing, breaker = policy.pacing, policy.breaker
         params = {
             "results": _json(results),
             "host_now": datetime.now(UTC),
-            "breaker_failures": policy.breaker_failures,
-            "cooloff_s": policy.cooloff_s,
-            "window_s": policy.window_s,
-            "min_calls": policy.min_calls,
-            "failure_ratio": policy.failure_ratio,
-            "slowdown_s": policy.slowdown_s,
-            "retry_after_max_s": policy.retry_after_max_s,
+            "breaker_failures": breaker.min_failures,
+            "cooloff_s": breaker.cooloff_s,
+            "window_s": breaker.window_s,
+            "min_calls": breaker.min_calls,
+            "failure_ratio": breaker.failure_ratio,
+            "slowdown_s": pacing.slowdown_s,
+            "retry_after_max_s": pacing.retry_after_max_s,
         }
         async with self._statement() as conn:
             cur = await conn.execute(query("apply_results"), params)
             rows = await cur.fetchall()
-        paused: list[str] = (rows[0][6] or []) if rows else []
+        tripped: list[str] = (rows[0][6] or []) if rows else []
         return AppliedBatch(
             records=[
                 Applied(
@@ -373,7 +392,7 @@ class RecordStore:
                 )
                 for row in rows
             ],
-            paused=paused,
+            tripped=tripped,
         )
 
     async def rescue_expired_leases(

@@ -76,7 +76,7 @@ async def test_the_factory_passes_a_providers_own_options() -> None:
 
 def test_the_claim_policy_paces_by_the_same_settings() -> None:
     policy = claim_policy(Settings(flow_max_per_s=3, webhook_max_per_min=7, lease_s=42))
-    assert policy.per_s == {
+    assert policy.pacing.per_s == {
         "feishu_flow": 3,
         "feishu_bot": 5,
         "webhook": 0,
@@ -84,7 +84,7 @@ def test_the_claim_policy_paces_by_the_same_settings() -> None:
         "wecom_bot": 0,
         "slack_webhook": 1,
     }
-    assert policy.per_min == {
+    assert policy.pacing.per_min == {
         "feishu_flow": 0,
         "feishu_bot": 100,
         "webhook": 7,
