@@ -32,11 +32,11 @@ from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.model import Delivery, Provider, Recipient, SendResult
 from outbox_notifier.store import (
+    AttemptResult,
     ClaimedRecord,
     ClaimPolicy,
     OperationalError,
     RecordStore,
-    Result,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def to_result(
     policy: backoff.RetryPolicy,
     started_at: datetime,
     rng: random.Random,
-) -> Result:
+) -> AttemptResult:
     """The call's result as it will be stored, with the record's transition decided."""
     transition = backoff.decide(
         sent.outcome,
@@ -113,7 +113,7 @@ def to_result(
     if sent.error_message and status != "sent":
         error = _pg_text(message.truncate_runes(sent.error_message, message.ERROR_TEXT_MAX_RUNES))
     response = _response_json(sent)
-    return Result(
+    return AttemptResult(
         record_id=record.id,
         lease_token=record.lease_token,
         attempt=record.attempt_count,

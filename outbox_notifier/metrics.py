@@ -41,7 +41,7 @@ from outbox_notifier.events import REASON_CLASSES
 from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow
 from outbox_notifier.names import CHANNEL, PROVIDER_NAMES, ErrorCode, Outcome
 from outbox_notifier.reports import RelayReport
-from outbox_notifier.store import Applied, DatabaseError, Rescued, Result
+from outbox_notifier.store import AppliedRecord, AttemptResult, DatabaseError, RescuedRecord
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,9 @@ class Metrics:
         for reason_class, count in report.rejected.items():
             self.outbox_rejected.labels(_bounded(reason_class, _REASON_CLASSES)).inc(count)
 
-    def observe_results(self, results: Sequence[Result], records: Sequence[Applied]) -> None:
+    def observe_results(
+        self, results: Sequence[AttemptResult], records: Sequence[AppliedRecord]
+    ) -> None:
         """One batch of provider results and their records as ``apply_results`` returned them
         (the delivery loop's result applier).
 
@@ -295,7 +297,7 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return cast(_Labelled, found)
 
-    def observe_rescued(self, rows: Sequence[Rescued]) -> None:
+    def observe_rescued(self, rows: Sequence[RescuedRecord]) -> None:
         """Records taken back from expired leases by one rescue pass."""
         for row in rows:
             self.leases_expired.labels(row.channel).inc()

@@ -210,8 +210,9 @@ def _array_literal(values: Sequence[str] | Sequence[int]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
-class Result(msgspec.Struct, frozen=True, kw_only=True):
-    """What one provider call produced, and the status it leads to, as it will be written.
+class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt's result: what the provider call produced, and the status it leads to, as
+    ``apply_results`` will write it (one ``delivery_attempts`` row, one record transition).
 
     The record's channel, user, trace id and dedupe key, and the target the call went to, are
     not carried: ``apply_results`` derives them from ``record_id`` in the database.
@@ -240,8 +241,8 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float
 
 
-class Applied(msgspec.Struct, frozen=True, kw_only=True):
-    """One result's record after ``apply_results``: what logging and metrics need.
+class AppliedRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt result's record after ``apply_results``: what logging and metrics need.
 
     ``status`` is None for a late result (its worker had lost the lease): it was logged as an
     attempt but not applied.
@@ -259,18 +260,20 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
         return self.status is not None
 
 
-class AppliedBatch(msgspec.Struct, frozen=True, kw_only=True):
-    """What one ``apply_results`` statement returned."""
+class AppliedResults(msgspec.Struct, frozen=True, kw_only=True):
+    """What one ``apply_results`` statement returned for a batch of attempt results."""
 
-    records: list[Applied]  # one per result whose record still exists
+    records: list[AppliedRecord]  # one per result whose record still exists
     tripped: list[str]  # keys of the targets whose breaker this batch opened
 
     @property
-    def applied(self) -> list[Applied]:
+    def applied(self) -> list[AppliedRecord]:
         return [row for row in self.records if row.applied]
 
 
-class Rescued(msgspec.Struct, frozen=True):
+class RescuedRecord(msgspec.Struct, frozen=True):
+    """A record whose lease expired, as ``rescue_expired_leases`` left it (failed or dead)."""
+
     id: int
     channel: str
     status: str
@@ -361,7 +364,9 @@ class RecordStore:
             row = await (await conn.execute(query("next_due"))).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    async def apply_results(self, results: Sequence[Result], policy: ClaimPolicy) -> AppliedBatch:
+    async def apply_results(
+        self, results: Sequence[AttemptResult], policy: ClaimPolicy
+    ) -> AppliedResults:
         """Applies a batch of results, their 410 disables and the pacing and breaker
         bookkeeping in one statement (see ``apply_results`` in the SQL)."""
         pacing, breaker = policy.pacing, policy.breaker
@@ -380,9 +385,9 @@ class RecordStore:
             cur = await conn.execute(query("apply_results"), params)
             rows = await cur.fetchall()
         tripped: list[str] = (rows[0][6] or []) if rows else []
-        return AppliedBatch(
+        return AppliedResults(
             records=[
-                Applied(
+                AppliedRecord(
                     id=row[0],
                     channel=row[1],
                     status=row[2],
@@ -397,13 +402,13 @@ class RecordStore:
 
     async def rescue_expired_leases(
         self, limit: int, delays_s: Sequence[float], jitter: float
-    ) -> list[Rescued]:
+    ) -> list[RescuedRecord]:
         """Rescues up to ``limit`` expired leases; the delay after attempt n is ``delays_s[n]``
         times a factor drawn per record from ``[1 - jitter, 1 + jitter)``."""
         params = {"limit": limit, "delays_s": list(delays_s), "jitter": jitter}
         async with self._statement() as conn:
             cur = await conn.execute(query("rescue_expired_leases"), params)
-            return [Rescued(*row) for row in await cur.fetchall()]
+            return [RescuedRecord(*row) for row in await cur.fetchall()]
 
     async def schema_compatibility(
         self, daemon_version: int | None = None

@@ -13,7 +13,7 @@ import pytest
 
 from outbox_notifier import sqlfiles
 from outbox_notifier.events import FeishuNotificationRequested
-from outbox_notifier.store import RELAY_OUTBOX, ClaimedRecord, NewRecord, Result
+from outbox_notifier.store import RELAY_OUTBOX, AttemptResult, ClaimedRecord, NewRecord
 from outbox_notifier.store import recordset_columns as recordset_definition
 
 EVENT_FIELDS = set(FeishuNotificationRequested.__struct_fields__)
@@ -77,13 +77,13 @@ def test_a_field_without_a_postgres_type_is_refused_when_the_statement_is_built(
 
 
 def test_the_result_recordset_reads_only_result_fields() -> None:
-    # Result may carry more (the provider label is for the metrics), never less.
+    # AttemptResult may carry more (the provider label is for the metrics), never less.
     columns = recordset_columns("apply_results", "results")
-    assert set(columns) <= set(Result.__struct_fields__), set(columns) - set(
-        Result.__struct_fields__
+    assert set(columns) <= set(AttemptResult.__struct_fields__), set(columns) - set(
+        AttemptResult.__struct_fields__
     )
     # and every field it carries that the statement does not read is on purpose
-    assert set(Result.__struct_fields__) - set(columns) == {"provider"}
+    assert set(AttemptResult.__struct_fields__) - set(columns) == {"provider"}
 
 
 def test_claimed_records_follow_the_claim_functions_columns_in_order() -> None:
@@ -105,6 +105,6 @@ def test_a_claimed_record_carries_every_event_field_a_delivery_needs() -> None:
 
 def test_the_structs_encode_their_fields_by_name() -> None:
     # the recordsets match JSON keys to columns by name: no rename on the structs
-    for struct in (NewRecord, Result):
+    for struct in (NewRecord, AttemptResult):
         assert msgspec.structs.fields(struct)
         assert all(f.encode_name == f.name for f in msgspec.structs.fields(struct))
