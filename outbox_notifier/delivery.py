@@ -138,13 +138,17 @@ def to_result(
     )
 
 
-async def call_provider(provider: Provider | None, delivery: Delivery) -> SendResult:
-    """One provider call; whatever goes wrong becomes a SendResult (the seed's fallback)."""
+async def call_provider(
+    providers: Mapping[str, Provider], name: str, delivery: Delivery
+) -> SendResult:
+    """One call by the provider ``name`` (the recipient's ``provider`` column); whatever goes
+    wrong becomes a SendResult (the seed's fallback)."""
+    provider = providers.get(name)
     if provider is None:
         return SendResult(
             outcome=Outcome.SKIPPED,
             error_code=ErrorCode.RECIPIENT_MISSING,
-            error_message=f"no provider for channel {delivery.channel!r}",
+            error_message=f"no provider {name!r} in this daemon",
         )
     started = time.perf_counter()
     try:
@@ -152,7 +156,9 @@ async def call_provider(provider: Provider | None, delivery: Delivery) -> SendRe
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a provider bug must not lose the record: retry it later
-        logger.exception("provider raised", extra={"record_id": delivery.record_id})
+        logger.exception(
+            "provider %s raised", name, extra={"record_id": delivery.record_id, "provider": name}
+        )
         return SendResult(
             outcome=Outcome.TEMPORARY_FAIL,
             error_code=ErrorCode.NETWORK_ERROR,
@@ -267,7 +273,7 @@ class Deliverer:
 
     async def _deliver(self, record: ClaimedRecord) -> None:
         started_at = datetime.now(UTC)
-        sent = await call_provider(self.providers.get(record.provider), to_delivery(record))
+        sent = await call_provider(self.providers, record.provider, to_delivery(record))
         result = to_result(record, sent, self.policy, started_at, self.rng)
         # This call is still in the in-flight set: more are due if any other is.
         self.completer.put(result, more_due=len(self._inflight) > 1)

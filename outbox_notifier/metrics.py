@@ -1,9 +1,11 @@
 """Prometheus collectors on an injected registry, fed with the pipeline's own objects.
 
 Every name starts ``outbox_notifier_``; counters end ``_total`` and durations ``_seconds``.
-Label values are bounded: channels, statuses, outcomes, error codes, reason classes and loop
-names, never a user id, URL or dedupe key. A value outside a known set (an error code a new
-provider invents, say) is exported as ``other`` rather than growing a new series.
+Label values are bounded: channels (``channel``: the record's logical channel, the dedupe
+namespace), providers (``provider``: the platform that made the call), statuses, outcomes,
+error codes, reason classes and loop names, never a user id, URL or dedupe key. A value outside
+a known set (an error code a new provider invents, say) is exported as ``other`` rather than
+growing a new series.
 
 Three kinds of source::
 

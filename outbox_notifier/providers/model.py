@@ -96,7 +96,8 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Provider(Protocol):
-    """A delivery channel. ``send`` must never raise for a delivery problem."""
+    """The client of one platform (Feishu Flow, a chat bot, a signed webhook): what the
+    recipient's ``provider`` column names. ``send`` must never raise for a delivery problem."""
 
     async def send(self, delivery: Delivery) -> SendResult: ...
 
