@@ -136,7 +136,6 @@ class ClaimedRecord(msgspec.Struct, frozen=True):
     auth_kind: str | None
     auth_secret: str | None
     provider: str
-    target_key: str | None
 
 
 class Pacing(msgspec.Struct, frozen=True, kw_only=True):
