@@ -21,9 +21,6 @@ MESSAGE_TITLE: Final = "SmartFlow 日程调整建议"
 MESSAGE_ACTION_TEXT: Final = "查看并确认调整"
 """The seed's ``defaultFallbackTemplate``: used when an event carries no usable fallback text."""
 
-DEFAULT_SUMMARY_MAX_RUNES: Final = 180
-"""The seed's ``defaultSummaryMaxRunes``."""
-
 ERROR_TEXT_MAX_RUNES: Final = 2000
 """Provider error text is cut to this many code points before it is stored (seed: 2000)."""
 
