@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 def to_delivery(record: ClaimedRecord) -> Delivery:
+    """The claimed record as its provider sees it: the message text built, the recipient
+    (None when the user has no row for the channel), the attempt being made."""
     recipient = None
     if record.webhook_url is not None:
         recipient = Recipient(

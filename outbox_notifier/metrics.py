@@ -254,8 +254,8 @@ class Metrics:
     def observe_results(
         self, results: Sequence[AttemptResult], records: Sequence[AppliedRecord]
     ) -> None:
-        """One batch of provider results and their records as ``apply_results`` returned them
-        (the delivery loop's result applier).
+        """One batch of attempt results and their records as ``apply_results`` returned them
+        (the result completer calls it).
 
         Every result is a provider call: it counts as an attempt even when it arrived late.
         A result whose record was not applied (status None, or the record is gone) lost its

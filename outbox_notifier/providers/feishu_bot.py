@@ -17,7 +17,7 @@ reaches an error message. Two message formats::
 The card's summary is ``plain_text``, not ``lark_md``: the text comes from event payloads,
 and markdown would let it render links and ``<at>`` mentions in the group. The button is
 left out when there is no absolute ``http(s)`` action URL (no frontend base URL and a
-relative target), since Feishu rejects a card whose button URL is not absolute. The text
+relative ``target_url``), since Feishu rejects a card whose button URL is not absolute. The text
 format has no such switch: Feishu renders ``<at user_id="all">`` tags in a text message, so
 a summary holding one would mention the whole group; prefer ``card`` for untrusted text.
 

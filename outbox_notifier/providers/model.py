@@ -5,7 +5,8 @@ delivery problem (bad URL, refused connection, hostile response): every such fai
 result with an ``Outcome`` and an ``ErrorCode``, so the delivery loop has one code path.
 Only ``asyncio.CancelledError`` (shutdown) escapes.
 
-Outcome -> record status, applied by the delivery loop (seed semantics):
+Outcome -> record status, decided by ``backoff.decide`` when the delivery loop makes the
+call's ``store.AttemptResult`` and written by the result completer (seed semantics):
 
 - ``SUCCESS`` -> ``sent``
 - ``SKIPPED`` -> ``skipped``
