@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations
 from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
+from outbox_notifier.records import RecordFields
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.timeouts import Bounds, SessionTimeouts, StatementTimeouts
 
@@ -59,22 +60,13 @@ class OutboxRow(msgspec.Struct, frozen=True):
     created_at: datetime
 
 
-class NewRecord(msgspec.Struct, frozen=True, kw_only=True):
+class NewRecord(RecordFields, frozen=True, kw_only=True):
     """A notification record to create from a valid outbox row."""
 
     outbox_id: int
-    user_id: int
-    trigger_id: str
-    preview_id: str
-    trigger_type: str
-    target_type: str
-    target_id: int
-    dedupe_key: str
-    target_url: str
     summary_text: str
     fallback_text: str
     fallback_used: bool
-    trace_id: str
     requested_at: datetime  # the producer's, from the payload
     outbox_created_at: datetime  # when the outbox row was written: latency starts here
 
@@ -110,24 +102,16 @@ RELAY_OUTBOX = sql.SQL(query("relay_outbox")).format(
 )
 
 
-class ClaimedRecord(msgspec.Struct, frozen=True):
+class ClaimedRecord(RecordFields, frozen=True):
     """A record claimed for delivery, with its recipient: the user's row in
-    ``notification_channels`` (None fields when there is none)."""
+    ``notification_channels`` (None fields when there is none). Built from a row of
+    ``claim_records`` by position: the ``RecordFields`` first, then these."""
 
     id: int
     channel: str
-    user_id: int
-    trigger_id: str
-    preview_id: str
-    trigger_type: str
-    target_type: str
-    target_id: int
-    dedupe_key: str
-    target_url: str
     summary_text: str
     fallback_text: str
     fallback_used: bool
-    trace_id: str
     attempt_count: int
     max_attempts: int
     lease_token: int

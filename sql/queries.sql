@@ -61,11 +61,12 @@ SELECT outbox_id, id FROM inserted;
 -- records are due again and their calls are made again. Nothing is lost: a result's apply
 -- commits durably, and with it every earlier commit in the WAL. About a quarter of the database
 -- side's throughput (bench/README.md).
--- The columns are listed, in store.ClaimedRecord's field order (it is built from the row by
--- position); the function's target_key is left out: apply_results derives the target anew.
-SELECT c.id, c.channel, c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type,
-       c.target_id, c.dedupe_key, c.target_url, c.summary_text, c.fallback_text,
-       c.fallback_used, c.trace_id, c.attempt_count, c.max_attempts, c.lease_token, c.enabled,
+-- The columns are listed in store.ClaimedRecord's field order, records.RecordFields first (it
+-- is built from the row by position); the function's target_key is left out: apply_results
+-- derives the target anew.
+SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.target_id,
+       c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text, c.fallback_text,
+       c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token, c.enabled,
        c.webhook_url, c.auth_kind, c.auth_secret, c.provider
 FROM outbox_notifier.claim_due_v4(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],

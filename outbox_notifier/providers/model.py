@@ -28,6 +28,7 @@ import httpx
 import msgspec
 
 from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.records import RecordFields
 
 
 class Recipient(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,7 +45,7 @@ class Recipient(msgspec.Struct, frozen=True, kw_only=True):
     auth_secret: str | None
 
 
-class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+class Delivery(RecordFields, frozen=True, kw_only=True):
     """One claimed notification record, as the delivery loop hands it to a provider.
 
     ``message_text`` is final (fallback and target URL already applied); ``attempt`` is the
@@ -54,18 +55,9 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
 
     record_id: int
     channel: str
-    user_id: int
-    trigger_id: str
-    preview_id: str
-    trigger_type: str
-    target_type: str
-    target_id: int
-    target_url: str
     message_text: str
     fallback_used: bool
-    trace_id: str
     attempt: int
-    dedupe_key: str
     recipient: Recipient | None
 
 
