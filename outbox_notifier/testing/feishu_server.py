@@ -732,13 +732,10 @@ class FeishuServer(_EndpointUrls):
         recorded; returns them. Raises ``TimeoutError``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if self.count(path_prefix, status) >= n:
-                return self._matching(path_prefix, status)
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"expected {n} requests (prefix={path_prefix!r}, status={status}), "
-                    f"got {self.count(path_prefix, status)}"
-                )
+            with self._lock:
+                found = self._arrived(n, path_prefix, status, deadline)
+            if found is not None:
+                return found
             await asyncio.sleep(_POLL_S)
 
     wait_for = wait_for_count
@@ -753,21 +750,23 @@ class FeishuServer(_EndpointUrls):
         """Blocking variant of :meth:`wait_for_count` (server must run in another thread)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while True:
-                got = sum(1 for r in self._requests if _matches(r, path_prefix, status))
-                if got >= n:
-                    return [r for r in self._requests if _matches(r, path_prefix, status)]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"expected {n} requests (prefix={path_prefix!r}, status={status}), "
-                        f"got {got}"
-                    )
-                self._cond.wait(min(left, 0.5))
+            while (found := self._arrived(n, path_prefix, status, deadline)) is None:
+                self._cond.wait(min(deadline - time.monotonic(), 0.5))
+            return found
 
-    def _matching(self, path_prefix: str | None, status: int | None) -> list[Recorded]:
-        with self._lock:
-            return [r for r in self._requests if _matches(r, path_prefix, status)]
+    def _arrived(
+        self, n: int, path_prefix: str | None, status: int | None, deadline: float
+    ) -> list[Recorded] | None:
+        """The matching requests once there are ``n``, None while fewer and ``deadline``
+        (monotonic) has not passed, ``TimeoutError`` after. The caller holds the lock."""
+        found = [r for r in self._requests if _matches(r, path_prefix, status)]
+        if len(found) >= n:
+            return found
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"expected {n} requests (prefix={path_prefix!r}, status={status}), got {len(found)}"
+            )
+        return None
 
     # ------------------------------------------------------------------ serving
 
