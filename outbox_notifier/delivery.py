@@ -31,6 +31,7 @@ from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.model import Delivery, Provider, Recipient, SendResult
+from outbox_notifier.records import record_fields
 from outbox_notifier.store import (
     AttemptResult,
     ClaimedRecord,
@@ -54,22 +55,14 @@ def to_delivery(record: ClaimedRecord) -> Delivery:
             auth_secret=record.auth_secret,
         )
     return Delivery(
+        **record_fields(record),
         record_id=record.id,
         channel=record.channel,
-        user_id=record.user_id,
-        trigger_id=record.trigger_id,
-        preview_id=record.preview_id,
-        trigger_type=record.trigger_type,
-        target_type=record.target_type,
-        target_id=record.target_id,
-        target_url=record.target_url,
         message_text=message.message_text(
             record.summary_text, record.fallback_text, record.fallback_used, record.target_url
         ),
         fallback_used=record.fallback_used,
-        trace_id=record.trace_id,
         attempt=record.attempt_count,
-        dedupe_key=record.dedupe_key,
         recipient=recipient,
     )
 

@@ -9,6 +9,8 @@ business object the notification is about, not the delivery target (see ``names`
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 
@@ -25,3 +27,9 @@ class RecordFields(msgspec.Struct, frozen=True):
     dedupe_key: str
     target_url: str
     trace_id: str
+
+
+def record_fields(source: object) -> dict[str, Any]:
+    """The ``RecordFields`` of ``source`` (an event, a claimed record) by name: what a struct
+    that carries them takes unchanged from one that has them."""
+    return {name: getattr(source, name) for name in RecordFields.__struct_fields__}

@@ -22,6 +22,7 @@ from outbox_notifier import events, message
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import CHANNEL
+from outbox_notifier.records import record_fields
 from outbox_notifier.reports import RelayReport as RelayReport  # re-exported
 from outbox_notifier.store import (
     Connection,
@@ -165,19 +166,11 @@ class Relay:
             )
             records.append(
                 NewRecord(
+                    **record_fields(event),
                     outbox_id=row.id,
-                    user_id=event.user_id,
-                    trigger_id=event.trigger_id,
-                    preview_id=event.preview_id,
-                    trigger_type=event.trigger_type,
-                    target_type=event.target_type,
-                    target_id=event.target_id,
-                    dedupe_key=event.dedupe_key,
-                    target_url=event.target_url,
                     summary_text=summary,
                     fallback_text=fallback,
                     fallback_used=fallback_used,
-                    trace_id=event.trace_id,
                     requested_at=event.requested_at,
                     # End-to-end latency starts when the producer wrote the outbox row.
                     outbox_created_at=row.created_at,
