@@ -14,9 +14,9 @@ as the UTF-8 bytes msgspec decodes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from outbox_notifier import events, message
 from outbox_notifier.dbhealth import bounded, describe
@@ -36,23 +36,23 @@ from outbox_notifier.store import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Sorted:
     records: list[NewRecord]
     rejected: list[tuple[int, str]]
     reason_classes: dict[str, int]
 
 
+# eq=False: a stage is one object, compared (and hashed) by identity, as Maintenance.
+@dataclasses.dataclass(eq=False)
 class Relay:
-    def __init__(self, store: RecordStore, *, batch_size: int, batch_bytes: int,
-                 max_payload_bytes: int, max_attempts: int,
-                 summary_max_runes: int) -> None:  # fmt: skip
-        self.store = store
-        self.batch_size = batch_size
-        self.batch_bytes = batch_bytes
-        self.max_payload_bytes = max_payload_bytes
-        self.max_attempts = max_attempts
-        self.summary_max_runes = summary_max_runes
+    store: RecordStore
+    _: dataclasses.KW_ONLY
+    batch_size: int
+    batch_bytes: int
+    max_payload_bytes: int
+    max_attempts: int
+    summary_max_runes: int
 
     async def run(
         self, ctx: LoopContext, wake: asyncio.Event, created: asyncio.Event, poll_interval_s: float
