@@ -112,7 +112,7 @@ class Sent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Skipped(msgspec.Struct, frozen=True, kw_only=True):
-    """The provider skipped the delivery (no recipient, channel disabled): ``skipped``."""
+    """The provider skipped the delivery (no recipient, or a disabled one): ``skipped``."""
 
     status: ClassVar[RecordStatus] = "skipped"
 

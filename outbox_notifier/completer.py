@@ -1,9 +1,10 @@
 """The result completer: provider results back into Postgres, in batches, none lost.
 
-The delivery loop hands each call's `Result` to `ResultCompleter.put` and goes on; the completer
-applies them with one ``apply_results`` statement per batch (a commit, so a WAL flush, per batch
-rather than per record). A batch goes when it holds ``batch_size`` results, or when no more are
-on their way, or ``linger_s`` after its first result while more are (bounded added latency).
+The delivery loop hands each call's `AttemptResult` to `ResultCompleter.put` and goes on; the
+completer applies them with one ``apply_results`` statement per batch (a commit, so a WAL flush,
+per batch rather than per record). A batch goes when it holds ``batch_size`` results, or when no
+more are on their way, or ``linger_s`` after its first result while more are (bounded added
+latency).
 
 A batch is retried every ``retry_s`` while the database is away, by any database error: dropping
 it would let the leases expire and send every record in it a second time. If the daemon stops
@@ -37,11 +38,11 @@ from typing import TYPE_CHECKING
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.names import RecordStatus
 from outbox_notifier.store import (
-    Applied,
+    AppliedRecord,
+    AttemptResult,
     ClaimPolicy,
     DatabaseError,
     RecordStore,
-    Result,
     ValueRefused,
 )
 
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # A late result whose record was purged meanwhile: nothing is known about it any more.
-_GONE = Applied(id=0, channel="", status=None)
+_GONE = AppliedRecord(id=0, channel="", status=None)
 
 _LOG_LEVEL_BY_STATUS: dict[RecordStatus, int] = {
     "sent": logging.DEBUG,
@@ -66,7 +67,7 @@ def dedupe_key_hash(dedupe_key: str) -> str:
     return hashlib.sha256(dedupe_key.encode()).hexdigest()[:12]
 
 
-def _log_fields(result: Result, record: Applied) -> dict[str, object]:
+def _log_fields(result: AttemptResult, record: AppliedRecord) -> dict[str, object]:
     return {
         "record_id": result.record_id,
         "trace_id": record.trace_id,
@@ -96,7 +97,7 @@ class ResultCompleter:
         self.retry_s = retry_s
         self.backlog_max = backlog_max
         # None is the end-of-work marker finish() sends.
-        self._results: asyncio.Queue[Result | None] = asyncio.Queue()
+        self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
         self._more_due = False
         self._applying = 0
         self.has_room = asyncio.Event()
@@ -107,7 +108,7 @@ class ResultCompleter:
         """Results not stored yet: queued, and in the batch being applied."""
         return self._results.qsize() + self._applying
 
-    def put(self, result: Result, *, more_due: bool = False) -> None:
+    def put(self, result: AttemptResult, *, more_due: bool = False) -> None:
         """Queues a result; ``more_due``: more results are on their way (calls in flight), so
         the batch may linger for them."""
         self._more_due = more_due
@@ -138,9 +139,9 @@ class ResultCompleter:
         else:
             self.has_room.set()
 
-    async def _next_batch(self) -> tuple[list[Result], bool]:
+    async def _next_batch(self) -> tuple[list[AttemptResult], bool]:
         """The next results to apply, and whether the end-of-work marker came with them."""
-        batch: list[Result] = []
+        batch: list[AttemptResult] = []
         item = await self._results.get()
         deadline: float | None = None
         while item is not None:
@@ -162,7 +163,7 @@ class ResultCompleter:
                 return batch, False
         return batch, True
 
-    async def _apply_until_stored(self, ctx: LoopContext, batch: list[Result]) -> None:
+    async def _apply_until_stored(self, ctx: LoopContext, batch: list[AttemptResult]) -> None:
         while True:
             try:
                 await self._apply(ctx, batch)
@@ -173,17 +174,17 @@ class ResultCompleter:
                 ctx.database_failed("apply", exc)
                 await asyncio.sleep(self.retry_s)
 
-    async def _apply(self, ctx: LoopContext, batch: Sequence[Result]) -> None:
-        # One statement stores the results, their 410 disables and the pacing bookkeeping:
-        # they commit together or are retried together.
+    async def _apply(self, ctx: LoopContext, batch: Sequence[AttemptResult]) -> None:
+        # One statement stores the results, their 410 disables and the pacing and breaker
+        # bookkeeping: they commit together or are retried together.
         try:
             stored = await bounded(
                 self.store.apply_results(batch, self.claim_policy), ctx.db_deadline_s
             )
-            records, paused = stored.records, stored.paused
+            records, tripped = stored.records, stored.tripped
         except ValueRefused:
             # Should not happen (text is sanitised), but one bad value must not block the rest.
-            records, paused = [], []
+            records, tripped = [], []
             for result in batch:
                 try:
                     one = await bounded(
@@ -193,13 +194,18 @@ class ResultCompleter:
                     logger.exception("result refused", extra={"record_id": result.record_id})
                 else:
                     records += one.records
-                    paused += one.paused
+                    tripped += one.tripped
         self._account(ctx, batch, records)
-        for key in paused:
-            logger.warning("target paused after repeated failures", extra={"target": key[:12]})
+        for key in tripped:
+            # "paused" is the word an operator searches for (the TargetPaused alert, the
+            # targets.paused_until column); in code the state is the breaker's, "tripped".
+            logger.warning(
+                "breaker tripped: target paused after repeated failures",
+                extra={"target": key[:12]},
+            )
 
     def _account(
-        self, ctx: LoopContext, batch: Sequence[Result], records: Sequence[Applied]
+        self, ctx: LoopContext, batch: Sequence[AttemptResult], records: Sequence[AppliedRecord]
     ) -> None:
         ctx.metrics.observe_results(batch, records)
         by_id = {row.id: row for row in records}

@@ -34,7 +34,7 @@ from outbox_notifier.providers.model import Provider
 from outbox_notifier.relay import Relay
 from outbox_notifier.rescue import Rescuer
 from outbox_notifier.settings import Settings, parse_host_port
-from outbox_notifier.store import ClaimPolicy, OperationalError, RecordStore
+from outbox_notifier.store import Breaker, ClaimPolicy, OperationalError, Pacing, RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -64,23 +64,27 @@ def http_transport(settings: Settings) -> httpclient.EgressTransport:
 
 
 def claim_policy(settings: Settings) -> ClaimPolicy:
-    """The claims' lease, per-target pacing by provider name (each provider's
+    """The claims' lease; per-target pacing by provider name (each provider's
     ``<prefix>_max_per_s`` and ``<prefix>_max_per_min``, as ``providers.REGISTRY`` names
-    them), throttling and endpoint protection."""
+    them) with the 429 throttle (``throttle_*``); the breaker (``breaker_*``)."""
     own = {spec.name: spec.settings(settings) for spec in REGISTRY}
     return ClaimPolicy(
         lease_s=settings.lease_s,
-        per_s={name: s.max_per_s for name, s in own.items()},
-        per_min={name: s.max_per_min for name, s in own.items()},
-        margin_s=settings.pacing_margin_s,
-        breaker_failures=settings.breaker_failures,
-        cooloff_s=settings.breaker_cooloff_s,
-        window_s=settings.breaker_window_s,
-        min_calls=settings.breaker_min_calls,
-        failure_ratio=settings.breaker_failure_ratio,
-        slowdown_s=settings.throttle_slowdown_s,
-        slow_per_s=settings.throttle_max_per_s,
-        retry_after_max_s=settings.retry_after_max_s,
+        pacing=Pacing(
+            per_s={name: s.max_per_s for name, s in own.items()},
+            per_min={name: s.max_per_min for name, s in own.items()},
+            margin_s=settings.pacing_margin_s,
+            slowdown_s=settings.throttle_slowdown_s,
+            slow_per_s=settings.throttle_max_per_s,
+            retry_after_max_s=settings.retry_after_max_s,
+        ),
+        breaker=Breaker(
+            min_failures=settings.breaker_failures,
+            cooloff_s=settings.breaker_cooloff_s,
+            window_s=settings.breaker_window_s,
+            min_calls=settings.breaker_min_calls,
+            failure_ratio=settings.breaker_failure_ratio,
+        ),
         durable=settings.durable_claims,
     )
 

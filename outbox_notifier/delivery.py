@@ -30,45 +30,40 @@ from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import ErrorCode, Outcome
-from outbox_notifier.providers.model import Delivery, Provider, SendResult, Target
+from outbox_notifier.providers.model import Delivery, Provider, Recipient, SendResult
+from outbox_notifier.records import record_fields
 from outbox_notifier.store import (
+    AttemptResult,
     ClaimedRecord,
     ClaimPolicy,
     OperationalError,
     RecordStore,
-    Result,
 )
 
 logger = logging.getLogger(__name__)
 
 
 def to_delivery(record: ClaimedRecord) -> Delivery:
-    target = None
+    """The claimed record as its provider sees it: the message text built, the recipient
+    (None when the user has no row for the channel), the attempt being made."""
+    recipient = None
     if record.webhook_url is not None:
-        target = Target(
-            enabled=bool(record.channel_enabled),
+        recipient = Recipient(
+            enabled=bool(record.recipient_enabled),
             webhook_url=record.webhook_url,
             auth_kind=record.auth_kind or "none",
             auth_secret=record.auth_secret,
         )
     return Delivery(
+        **record_fields(record),
         record_id=record.id,
         channel=record.channel,
-        user_id=record.user_id,
-        trigger_id=record.trigger_id,
-        preview_id=record.preview_id,
-        trigger_type=record.trigger_type,
-        target_type=record.target_type,
-        target_id=record.target_id,
-        target_url=record.target_url,
         message_text=message.message_text(
             record.summary_text, record.fallback_text, record.fallback_used, record.target_url
         ),
         fallback_used=record.fallback_used,
-        trace_id=record.trace_id,
         attempt=record.attempt_count,
-        dedupe_key=record.dedupe_key,
-        target=target,
+        recipient=recipient,
     )
 
 
@@ -98,7 +93,7 @@ def to_result(
     policy: backoff.RetryPolicy,
     started_at: datetime,
     rng: random.Random,
-) -> Result:
+) -> AttemptResult:
     """The call's result as it will be stored, with the record's transition decided."""
     transition = backoff.decide(
         sent.outcome,
@@ -113,11 +108,11 @@ def to_result(
     if sent.error_message and status != "sent":
         error = _pg_text(message.truncate_runes(sent.error_message, message.ERROR_TEXT_MAX_RUNES))
     response = _response_json(sent)
-    return Result(
+    return AttemptResult(
         record_id=record.id,
         lease_token=record.lease_token,
         attempt=record.attempt_count,
-        disable_channel=sent.disable_target,
+        disable_channel=sent.disable_channel,
         provider=record.provider,
         status=status,
         outcome=sent.outcome,
@@ -138,13 +133,17 @@ def to_result(
     )
 
 
-async def call_provider(provider: Provider | None, delivery: Delivery) -> SendResult:
-    """One provider call; whatever goes wrong becomes a SendResult (the seed's fallback)."""
+async def call_provider(
+    providers: Mapping[str, Provider], name: str, delivery: Delivery
+) -> SendResult:
+    """One call by the provider ``name`` (the recipient's ``provider`` column); whatever goes
+    wrong becomes a SendResult (the seed's fallback)."""
+    provider = providers.get(name)
     if provider is None:
         return SendResult(
             outcome=Outcome.SKIPPED,
             error_code=ErrorCode.RECIPIENT_MISSING,
-            error_message=f"no provider for channel {delivery.channel!r}",
+            error_message=f"no provider {name!r} in this daemon",
         )
     started = time.perf_counter()
     try:
@@ -152,7 +151,9 @@ async def call_provider(provider: Provider | None, delivery: Delivery) -> SendRe
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a provider bug must not lose the record: retry it later
-        logger.exception("provider raised", extra={"record_id": delivery.record_id})
+        logger.exception(
+            "provider %s raised", name, extra={"record_id": delivery.record_id, "provider": name}
+        )
         return SendResult(
             outcome=Outcome.TEMPORARY_FAIL,
             error_code=ErrorCode.NETWORK_ERROR,
@@ -267,7 +268,7 @@ class Deliverer:
 
     async def _deliver(self, record: ClaimedRecord) -> None:
         started_at = datetime.now(UTC)
-        sent = await call_provider(self.providers.get(record.provider), to_delivery(record))
+        sent = await call_provider(self.providers, record.provider, to_delivery(record))
         result = to_result(record, sent, self.policy, started_at, self.rng)
         # This call is still in the in-flight set: more are due if any other is.
         self.completer.put(result, more_due=len(self._inflight) > 1)

@@ -9,15 +9,16 @@ lease works through PgBouncer and only needs the daemon's ordinary pool::
 
     store = MaintenanceStore(pool)
     report = await leadership.run_if_leader(
-        store, maintenance_pass, ttl_s=2 * settings.maintenance_interval_s
+        store, maintenance_pass, ttl_s=3 * settings.maintenance_interval_s
     )  # None when another replica holds the lease
     ...
     await leadership.release_leadership(store)  # on shutdown
 
 The holder renews its lease every ``ttl_s / 3`` while the pass runs and keeps it afterwards, so
 one replica stays the leader from pass to pass while ``ttl_s`` exceeds the interval between
-passes; a leader that dies is replaced once its lease expires. A holder that finds its lease
-taken over (it stalled for longer than ``ttl_s``) cancels its pass.
+passes (the maintenance loop gives three intervals, so a late pass does not lose it); a leader
+that dies is replaced once its lease expires. A holder that finds its lease taken over (it
+stalled for longer than ``ttl_s``) cancels its pass.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """What every long-running loop shares, so each stage can own its loop in one shape.
 
 A stage (``Relay``, ``Deliverer``, ``Rescuer``, ``Maintenance``, ``Listener``) has a
-``run(...)`` coroutine that loops until the stop event is set. Through a `LoopContext` it beats
-its heartbeat (``/healthz`` and the systemd watchdog), says when it waits on purpose (a wait is
-not a wedge), reports its database calls to `DatabaseHealth` (``/readyz``) and counts database
-errors. The daemon builds one context and only starts, guards and drains the loops.
+``run(...)`` coroutine that loops until the stop event is set (the ``ResultCompleter``, which
+the ``Deliverer`` runs beside itself, until it is told to finish: it lands the last results).
+Through a `LoopContext` it beats its heartbeat (``/healthz`` and the systemd watchdog), says
+when it waits on purpose (a wait is not a wedge), reports its database calls to `DatabaseHealth`
+(``/readyz``) and counts database errors. The daemon builds one context and only starts, guards
+and drains the loops.
 """
 
 from __future__ import annotations

@@ -13,16 +13,14 @@ from __future__ import annotations
 from typing import Final
 
 DEFAULT_FALLBACK_TEMPLATE: Final = "我为你生成了一份日程调整建议,请回到系统确认是否应用。"
+"""The seed's ``defaultFallbackTemplate``: used when an event carries no usable fallback text."""
 
-#: What every provider's message is about: the event name, the title and the action label.
+#: What every provider's message is about: the event name and version the Flow body and the
+#: webhook carry, the title and the action label.
 EVENT: Final = "smartflow.schedule_adjustment_ready"
 EVENT_VERSION: Final = "1"
 MESSAGE_TITLE: Final = "SmartFlow 日程调整建议"
 MESSAGE_ACTION_TEXT: Final = "查看并确认调整"
-"""The seed's ``defaultFallbackTemplate``: used when an event carries no usable fallback text."""
-
-DEFAULT_SUMMARY_MAX_RUNES: Final = 180
-"""The seed's ``defaultSummaryMaxRunes``."""
 
 ERROR_TEXT_MAX_RUNES: Final = 2000
 """Provider error text is cut to this many code points before it is stored (seed: 2000)."""
@@ -44,8 +42,8 @@ def trim_space(value: str) -> str:
 def contains_external_link(text: str) -> bool:
     """Whether ``text`` looks like it carries a link: ``://`` or ``www.``, case-insensitively.
 
-    Summaries are shown as-is in Feishu; a link in them could point anywhere, so such a summary is
-    replaced by the fallback text (the seed's ``containsExternalLink``).
+    Summaries are shown as-is by every provider; a link in them could point anywhere, so such a
+    summary is replaced by the fallback text (the seed's ``containsExternalLink``).
     """
     lowered = trim_space(text).lower()
     return "://" in lowered or "www." in lowered

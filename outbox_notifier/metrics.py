@@ -1,9 +1,11 @@
 """Prometheus collectors on an injected registry, fed with the pipeline's own objects.
 
 Every name starts ``outbox_notifier_``; counters end ``_total`` and durations ``_seconds``.
-Label values are bounded: channels, statuses, outcomes, error codes, reason classes and loop
-names, never a user id, URL or dedupe key. A value outside a known set (an error code a new
-provider invents, say) is exported as ``other`` rather than growing a new series.
+Label values are bounded: channels (``channel``: the record's logical channel, the dedupe
+namespace), providers (``provider``: the platform that made the call), statuses, outcomes,
+error codes, reason classes and loop names, never a user id, URL or dedupe key. A value outside
+a known set (an error code a new provider invents, say) is exported as ``other`` rather than
+growing a new series.
 
 Three kinds of source::
 
@@ -43,7 +45,7 @@ from outbox_notifier.events import REASON_CLASSES
 from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow, TuplesRow
 from outbox_notifier.names import CHANNEL, PROVIDER_NAMES, ErrorCode, Outcome
 from outbox_notifier.reports import RelayReport
-from outbox_notifier.store import Applied, DatabaseError, Rescued, Result
+from outbox_notifier.store import AppliedRecord, AttemptResult, DatabaseError, RescuedRecord
 
 if TYPE_CHECKING:
     from outbox_notifier.horizon import Horizon
@@ -282,9 +284,11 @@ class Metrics:
         for reason_class, count in report.rejected.items():
             self.outbox_rejected.labels(_bounded(reason_class, _REASON_CLASSES)).inc(count)
 
-    def observe_results(self, results: Sequence[Result], records: Sequence[Applied]) -> None:
-        """One batch of provider results and their records as ``apply_results`` returned them
-        (the delivery loop's result applier).
+    def observe_results(
+        self, results: Sequence[AttemptResult], records: Sequence[AppliedRecord]
+    ) -> None:
+        """One batch of attempt results and their records as ``apply_results`` returned them
+        (the result completer calls it).
 
         Every result is a provider call: it counts as an attempt even when it arrived late.
         A result whose record was not applied (status None, or the record is gone) lost its
@@ -328,7 +332,7 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return cast(_Labelled, found)
 
-    def observe_rescued(self, rows: Sequence[Rescued]) -> None:
+    def observe_rescued(self, rows: Sequence[RescuedRecord]) -> None:
         """Records taken back from expired leases by one rescue pass."""
         for row in rows:
             self.leases_expired.labels(row.channel).inc()

@@ -1,6 +1,26 @@
 """The pipeline's shared vocabulary: channel, provider, record status, call outcome and error
 code names (all contract names). A small module of its own so that every stage, the store and
 the metrics can use them without importing each other.
+
+Names (one word per concept, in code, logs and docs):
+
+- *channel*: the record's logical channel, ``notification_records.channel`` (``CHANNEL``): the
+  namespace of its dedupe key and the ``channel`` metric label. Not the platform.
+- *provider*: the platform that makes the call (``PROVIDER_NAMES``; ``providers.Provider``), as
+  the recipient's ``provider`` column names it: the ``provider`` metric label.
+- *recipient*: the user's row in ``notification_channels`` for the record's channel (enabled,
+  webhook URL, auth), as delivery reads it (``providers.model.Recipient``); missing or
+  disabled, the record is skipped with ``recipient_missing``. A 410 *disables the channel*
+  (``disable_channel``): the recipient row is switched off.
+- *target*: the endpoint a webhook URL points at (``targets``, ``target_key``): the unit of
+  pacing and of the breaker. The payload's ``target_type``, ``target_id`` and ``target_url``
+  are contract fields about something else: the business object the notification is about.
+- *pacing*: how often one target may be called, the 429 throttle included (``store.Pacing``);
+  the *breaker*: a failing target left alone for a cool-off, its state *tripped* or open in
+  code (``store.Breaker``), ``paused_until`` in the contract's columns and metric names.
+- *attempt result*: what one call produced and the status it leads to
+  (``store.AttemptResult``); *applied record*, *rescued record*: a record as the statement
+  that changed it returned it.
 """
 
 from __future__ import annotations

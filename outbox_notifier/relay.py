@@ -14,14 +14,15 @@ as the UTF-8 bytes msgspec decodes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from outbox_notifier import events, message
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import CHANNEL
+from outbox_notifier.records import record_fields
 from outbox_notifier.reports import RelayReport as RelayReport  # re-exported
 from outbox_notifier.store import (
     Connection,
@@ -35,23 +36,23 @@ from outbox_notifier.store import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Sorted:
     records: list[NewRecord]
     rejected: list[tuple[int, str]]
     reason_classes: dict[str, int]
 
 
+# eq=False: a stage is one object, compared (and hashed) by identity, as Maintenance.
+@dataclasses.dataclass(eq=False)
 class Relay:
-    def __init__(self, store: RecordStore, *, batch_size: int, batch_bytes: int,
-                 max_payload_bytes: int, max_attempts: int,
-                 summary_max_runes: int) -> None:  # fmt: skip
-        self.store = store
-        self.batch_size = batch_size
-        self.batch_bytes = batch_bytes
-        self.max_payload_bytes = max_payload_bytes
-        self.max_attempts = max_attempts
-        self.summary_max_runes = summary_max_runes
+    store: RecordStore
+    _: dataclasses.KW_ONLY
+    batch_size: int
+    batch_bytes: int
+    max_payload_bytes: int
+    max_attempts: int
+    summary_max_runes: int
 
     async def run(
         self, ctx: LoopContext, wake: asyncio.Event, created: asyncio.Event, poll_interval_s: float
@@ -165,19 +166,11 @@ class Relay:
             )
             records.append(
                 NewRecord(
+                    **record_fields(event),
                     outbox_id=row.id,
-                    user_id=event.user_id,
-                    trigger_id=event.trigger_id,
-                    preview_id=event.preview_id,
-                    trigger_type=event.trigger_type,
-                    target_type=event.target_type,
-                    target_id=event.target_id,
-                    dedupe_key=event.dedupe_key,
-                    target_url=event.target_url,
                     summary_text=summary,
                     fallback_text=fallback,
                     fallback_used=fallback_used,
-                    trace_id=event.trace_id,
                     requested_at=event.requested_at,
                     # End-to-end latency starts when the producer wrote the outbox row.
                     outbox_created_at=row.created_at,

@@ -10,14 +10,14 @@ import logging
 from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
-from outbox_notifier.store import OperationalError, RecordStore, Rescued
+from outbox_notifier.store import OperationalError, RecordStore, RescuedRecord
 
 logger = logging.getLogger(__name__)
 
 
 async def rescue_expired_leases(
     store: RecordStore, policy: RetryPolicy, *, limit: int = 500
-) -> list[Rescued]:
+) -> list[RescuedRecord]:
     """Takes back records stuck in 'sending' past their lease (their worker died)."""
     rescued = await store.rescue_expired_leases(
         limit, policy.delays_s(policy.max_attempts), policy.jitter
@@ -39,7 +39,7 @@ class Rescuer:
     async def run(self, ctx: LoopContext, rescued_wake: asyncio.Event) -> None:
         """Rescues every ``interval_s`` until stopped; sets ``rescued_wake`` when it took any."""
         while ctx.turn("rescue"):
-            rescued: list[Rescued] = []
+            rescued: list[RescuedRecord] = []
             try:
                 with ctx.metrics.claim_timer("rescue"):
                     rescued = await bounded(

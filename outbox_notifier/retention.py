@@ -44,8 +44,6 @@ from outbox_notifier.maintenance_store import MaintenanceStore
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OUTBOX_RETENTION_S = 7 * 86_400.0
-DEFAULT_RECORDS_RETENTION_S = 30 * 86_400.0
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_PAUSE_FACTOR = 1.0
 # A pause never exceeds this, however slow a batch was (a stall must not stall the next pass).

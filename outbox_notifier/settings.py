@@ -156,7 +156,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_base_s: Positive = 300.0
     retry_max_s: Positive = 1800.0  # must be >= retry_base_s
     retry_after_max_s: Positive = 3600.0  # clamp for a provider's Retry-After
-    summary_max_runes: AtLeastOne = 180
+    summary_max_runes: AtLeastOne = 180  # the seed's defaultSummaryMaxRunes
     http_timeout_s: Positive = 5.0
     response_body_max_bytes: AtLeastOne = 65536
     frontend_base_url: str = ""  # action_url = frontend_base_url + target_url

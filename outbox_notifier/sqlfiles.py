@@ -1,9 +1,10 @@
 """Loads the SQL that ships in ``sql/``: numbered migrations and the named queries.
 
 Every non-migration file of ``sql/`` holds statements as blocks headed by a line
-``-- name: <query_name>`` followed by a one-line comment that says what the query is for, one
-file per caller: ``queries.sql`` for the pipeline (``store``, and the timeouts and probe of
-``timeouts`` and ``connections``), ``maintenance.sql`` for the maintenance loop
+``-- name: <query_name>`` followed by a comment that says what the query is for (and why it
+is written so), one file per caller: ``queries.sql`` for the pipeline (``store``; the timeouts
+and probe of ``timeouts`` and ``connections``; the schema check of ``migrations``),
+``maintenance.sql`` for the maintenance loop
 (``maintenance_store``), ``operator.sql`` for the operator commands. A reviewer (or an operator
 at 3 a.m.) finds all the SQL of one part in one place. `query` looks a name up across all of
 them, so a name is unique across the files (loading fails otherwise).

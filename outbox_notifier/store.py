@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations
 from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
+from outbox_notifier.records import RecordFields
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.timeouts import Bounds, SessionTimeouts, StatementTimeouts
 
@@ -59,22 +60,13 @@ class OutboxRow(msgspec.Struct, frozen=True):
     created_at: datetime
 
 
-class NewRecord(msgspec.Struct, frozen=True, kw_only=True):
+class NewRecord(RecordFields, frozen=True, kw_only=True):
     """A notification record to create from a valid outbox row."""
 
     outbox_id: int
-    user_id: int
-    trigger_id: str
-    preview_id: str
-    trigger_type: str
-    target_type: str
-    target_id: int
-    dedupe_key: str
-    target_url: str
     summary_text: str
     fallback_text: str
     fallback_used: bool
-    trace_id: str
     requested_at: datetime  # the producer's, from the payload
     outbox_created_at: datetime  # when the outbox row was written: latency starts here
 
@@ -110,60 +102,69 @@ RELAY_OUTBOX = sql.SQL(query("relay_outbox")).format(
 )
 
 
-class ClaimedRecord(msgspec.Struct, frozen=True):
-    """A record claimed for delivery, with its user's channel row (None fields when missing)."""
+class ClaimedRecord(RecordFields, frozen=True):
+    """A record claimed for delivery, with its recipient: the user's row in
+    ``notification_channels`` (None fields when there is none). Built from a row of
+    ``claim_records`` by position: the ``RecordFields`` first, then these."""
 
     id: int
     channel: str
-    user_id: int
-    trigger_id: str
-    preview_id: str
-    trigger_type: str
-    target_type: str
-    target_id: int
-    dedupe_key: str
-    target_url: str
     summary_text: str
     fallback_text: str
     fallback_used: bool
-    trace_id: str
     attempt_count: int
     max_attempts: int
     lease_token: int
-    channel_enabled: bool | None
+    recipient_enabled: bool | None
     webhook_url: str | None
     auth_kind: str | None
     auth_secret: str | None
     provider: str
-    target_key: str | None
 
 
-class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
-    """Per-target pacing and endpoint protection applied by every claim.
+class Pacing(msgspec.Struct, frozen=True, kw_only=True):
+    """How often one target may be called, by all replicas together (claims wait for it).
 
     ``per_s``/``per_min`` give, by provider name, the most calls one target may receive in any
-    second / minute from all replicas together (0: no limit). A target pauses for
-    ``cooloff_s`` when, over the calls that started in the last ``window_s``, at least
-    ``min_calls`` were made, at least ``breaker_failures`` failed and the failures reach
-    ``failure_ratio`` (429s are not counted). A 429 throttles its target until its
-    Retry-After (at most ``retry_after_max_s``), then halves its budget for ``slowdown_s``
-    (``slow_per_s`` calls a second for a target with none). ``durable`` makes a claim wait for
-    its WAL flush (the ``durable_claims`` setting).
+    second / minute (0: no limit); ``margin_s`` widens those windows for network jitter. A 429
+    throttles its target until its Retry-After (at most ``retry_after_max_s``, which bounds a
+    record's Retry-After as well), then halves its budget for ``slowdown_s`` (``slow_per_s``
+    calls a second for a target with none). A 429 is pacing, never a failure of the breaker.
     """
 
-    lease_s: float
     per_s: dict[str, int] = msgspec.field(default_factory=dict)
     per_min: dict[str, int] = msgspec.field(default_factory=dict)
     margin_s: float = 0.05
-    breaker_failures: int = 5
+    slowdown_s: float = 60.0
+    slow_per_s: int = 5
+    retry_after_max_s: float = 3600.0
+
+
+class Breaker(msgspec.Struct, frozen=True, kw_only=True):
+    """When a failing target is left alone: its breaker opens (the target is *tripped*: no claim
+    calls it) for ``cooloff_s`` when, over the calls that started in the last ``window_s``, at
+    least ``min_calls`` were made, at least ``min_failures`` failed and the failures reach
+    ``failure_ratio``. The database keeps the state in ``targets.paused_until`` (the contract's
+    name); in code it is the breaker's, so an operator's pause is never confused with it.
+    """
+
+    min_failures: int = 5
     cooloff_s: float = 60.0
     window_s: float = 30.0
     min_calls: int = 20
     failure_ratio: float = 0.5
-    slowdown_s: float = 60.0
-    slow_per_s: int = 5
-    retry_after_max_s: float = 3600.0
-    # Whether a claim's commit waits for its WAL flush (see claim_records in the SQL).
+
+
+class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """What every claim applies: the lease, per-target ``pacing`` and the ``breaker``.
+
+    ``durable`` makes a claim wait for its WAL flush (the ``durable_claims`` setting; see
+    claim_records in the SQL).
+    """
+
+    lease_s: float
+    pacing: Pacing = msgspec.field(default_factory=Pacing)
+    breaker: Breaker = msgspec.field(default_factory=Breaker)
     durable: bool = False
 
 
@@ -171,16 +172,17 @@ def _policy_params(policy: ClaimPolicy) -> dict[str, object]:
     """The claim's parameters from ``policy``. The arrays go as PostgreSQL array literals, cast
     in the statement: psycopg would otherwise inspect each list on every claim to pick its
     element type."""
-    paced = sorted(set(policy.per_s) | set(policy.per_min))
+    pacing, breaker = policy.pacing, policy.breaker
+    paced = sorted(set(pacing.per_s) | set(pacing.per_min))
     return {
         "lease_s": policy.lease_s,
         "paced": _array_literal(paced),
-        "per_s": _array_literal([policy.per_s.get(p, 0) for p in paced]),
-        "per_min": _array_literal([policy.per_min.get(p, 0) for p in paced]),
-        "margin_s": policy.margin_s,
-        "breaker_failures": policy.breaker_failures,
-        "cooloff_s": policy.cooloff_s,
-        "slow_per_s": policy.slow_per_s,
+        "per_s": _array_literal([pacing.per_s.get(p, 0) for p in paced]),
+        "per_min": _array_literal([pacing.per_min.get(p, 0) for p in paced]),
+        "margin_s": pacing.margin_s,
+        "breaker_failures": breaker.min_failures,
+        "cooloff_s": breaker.cooloff_s,
+        "slow_per_s": pacing.slow_per_s,
         "durable": policy.durable,
     }
 
@@ -191,8 +193,9 @@ def _array_literal(values: Sequence[str] | Sequence[int]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
-class Result(msgspec.Struct, frozen=True, kw_only=True):
-    """What one provider call produced, and the status it leads to, as it will be written.
+class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt's result: what the provider call produced, and the status it leads to, as
+    ``apply_results`` will write it (one ``delivery_attempts`` row, one record transition).
 
     The record's channel, user, trace id and dedupe key, and the target the call went to, are
     not carried: ``apply_results`` derives them from ``record_id`` in the database.
@@ -212,7 +215,7 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     # nothing. retry_after_s: the provider's Retry-After in seconds, for the target's throttle.
     retry_at: datetime | None = None
     retry_after_s: float | None = None
-    disable_channel: bool = False  # the target answered 410 Gone: switch the channel off
+    disable_channel: bool = False  # the target answered 410 Gone: switch the recipient off
     provider_message_id: str | None
     request_json: str | None
     response_json: str | None
@@ -221,8 +224,8 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float
 
 
-class Applied(msgspec.Struct, frozen=True, kw_only=True):
-    """One result's record after ``apply_results``: what logging and metrics need.
+class AppliedRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt result's record after ``apply_results``: what logging and metrics need.
 
     ``status`` is None for a late result (its worker had lost the lease): it was logged as an
     attempt but not applied.
@@ -240,18 +243,20 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
         return self.status is not None
 
 
-class AppliedBatch(msgspec.Struct, frozen=True, kw_only=True):
-    """What one ``apply_results`` statement returned."""
+class AppliedResults(msgspec.Struct, frozen=True, kw_only=True):
+    """What one ``apply_results`` statement returned for a batch of attempt results."""
 
-    records: list[Applied]  # one per result whose record still exists
-    paused: list[str]  # target keys this batch paused (endpoint protection)
+    records: list[AppliedRecord]  # one per result whose record still exists
+    tripped: list[str]  # keys of the targets whose breaker this batch opened
 
     @property
-    def applied(self) -> list[Applied]:
+    def applied(self) -> list[AppliedRecord]:
         return [row for row in self.records if row.applied]
 
 
-class Rescued(msgspec.Struct, frozen=True):
+class RescuedRecord(msgspec.Struct, frozen=True):
+    """A record whose lease expired, as ``rescue_expired_leases`` left it (failed or dead)."""
+
     id: int
     channel: str
     status: str
@@ -342,27 +347,30 @@ class RecordStore:
             row = await (await conn.execute(query("next_due"))).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    async def apply_results(self, results: Sequence[Result], policy: ClaimPolicy) -> AppliedBatch:
-        """Applies a batch of results, their 410 disables and the endpoint-protection
+    async def apply_results(
+        self, results: Sequence[AttemptResult], policy: ClaimPolicy
+    ) -> AppliedResults:
+        """Applies a batch of results, their 410 disables and the pacing and breaker
         bookkeeping in one statement (see ``apply_results`` in the SQL)."""
+        pacing, breaker = policy.pacing, policy.breaker
         params = {
             "results": _json(results),
             "host_now": datetime.now(UTC),
-            "breaker_failures": policy.breaker_failures,
-            "cooloff_s": policy.cooloff_s,
-            "window_s": policy.window_s,
-            "min_calls": policy.min_calls,
-            "failure_ratio": policy.failure_ratio,
-            "slowdown_s": policy.slowdown_s,
-            "retry_after_max_s": policy.retry_after_max_s,
+            "breaker_failures": breaker.min_failures,
+            "cooloff_s": breaker.cooloff_s,
+            "window_s": breaker.window_s,
+            "min_calls": breaker.min_calls,
+            "failure_ratio": breaker.failure_ratio,
+            "slowdown_s": pacing.slowdown_s,
+            "retry_after_max_s": pacing.retry_after_max_s,
         }
         async with self._statement() as conn:
             cur = await conn.execute(query("apply_results"), params)
             rows = await cur.fetchall()
-        paused: list[str] = (rows[0][6] or []) if rows else []
-        return AppliedBatch(
+        tripped: list[str] = (rows[0][6] or []) if rows else []
+        return AppliedResults(
             records=[
-                Applied(
+                AppliedRecord(
                     id=row[0],
                     channel=row[1],
                     status=row[2],
@@ -372,18 +380,18 @@ class RecordStore:
                 )
                 for row in rows
             ],
-            paused=paused,
+            tripped=tripped,
         )
 
     async def rescue_expired_leases(
         self, limit: int, delays_s: Sequence[float], jitter: float
-    ) -> list[Rescued]:
+    ) -> list[RescuedRecord]:
         """Rescues up to ``limit`` expired leases; the delay after attempt n is ``delays_s[n]``
         times a factor drawn per record from ``[1 - jitter, 1 + jitter)``."""
         params = {"limit": limit, "delays_s": list(delays_s), "jitter": jitter}
         async with self._statement() as conn:
             cur = await conn.execute(query("rescue_expired_leases"), params)
-            return [Rescued(*row) for row in await cur.fetchall()]
+            return [RescuedRecord(*row) for row in await cur.fetchall()]
 
     async def schema_compatibility(
         self, daemon_version: int | None = None

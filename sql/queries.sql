@@ -1,5 +1,5 @@
 -- The pipeline's statements (outbox_notifier.store, with the timeouts and the probe of
--- outbox_notifier.timeouts and .connections), by name; the maintenance loop's are in
+-- outbox_notifier.timeouts and .connections and the schema check of .migrations), by name; the maintenance loop's are in
 -- maintenance.sql, the operator commands' in operator.sql. Loaded by outbox_notifier.sqlfiles.
 --
 -- Locking discipline, written once:
@@ -53,7 +53,7 @@ WITH input AS (
 SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
--- Claims due records with pacing, throttling and endpoint protection; see
+-- Claims due records with pacing (the 429 throttle included) and the breaker; see
 -- outbox_notifier.claim_due_v4.
 -- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
 -- to reach disk: synchronous_commit is off for this transaction only. A database crash (not a
@@ -61,7 +61,13 @@ SELECT outbox_id, id FROM inserted;
 -- records are due again and their calls are made again. Nothing is lost: a result's apply
 -- commits durably, and with it every earlier commit in the WAL. About a quarter of the database
 -- side's throughput (bench/README.md).
-SELECT c.*
+-- The columns are listed in store.ClaimedRecord's field order, records.RecordFields first (it
+-- is built from the row by position); the function's target_key is left out: apply_results
+-- derives the target anew.
+SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.target_id,
+       c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text, c.fallback_text,
+       c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token, c.enabled,
+       c.webhook_url, c.auth_kind, c.auth_secret, c.provider
 FROM outbox_notifier.claim_due_v4(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
     %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s
@@ -91,13 +97,14 @@ SELECT extract(epoch FROM least(
 --   from a Retry-After date too when the reply had no Date header to read it against (retry_at,
 --   bounded as backoff.next_delay_s bounds a Retry-After: at least 1 s, at most
 --   %(retry_after_max_s)s);
--- * a target that answered 410 Gone has its user's channel switched off (reason kept);
--- * endpoint protection counts each call in the second it started, a 429 throttles its target
+-- * a result with disable_channel (the target answered 410 Gone) switches its user's channel
+--   row off (enabled = false, the reason kept);
+-- * the breaker counts each call in the second it started, a 429 throttles its target
 --   until its Retry-After (outbox_notifier.record_target_results_v2, which locks the targets in
 --   key order).
 -- All of it commits together or is retried together. Returns one row per result whose record
 -- exists, with what logging and metrics need (status NULL: a late result, not applied), and on
--- each row the keys of the targets this batch paused. The target is the channel's current webhook
+-- each row the keys of the targets whose breaker this batch tripped (their paused_until set). The target is the channel's current webhook
 -- URL: a URL edited during the call is tallied against its new target, the one the next claim
 -- paces.
 WITH input AS (
@@ -116,7 +123,7 @@ WITH input AS (
     JOIN outbox_notifier.notification_records r ON r.id = input.record_id
     LEFT JOIN outbox_notifier.notification_channels ch
            ON ch.user_id = r.user_id AND ch.channel = r.channel
-), disabled AS (
+), disabled_channels AS (
     UPDATE outbox_notifier.notification_channels ch
     SET enabled = false, disabled_reason = coalesce(input.error, 'target gone'),
         updated_at = now()
@@ -175,7 +182,7 @@ WITH input AS (
     FROM input JOIN known USING (record_id)
     WHERE known.target_key IS NOT NULL
       AND (input.outcome IN ('success', 'temporary_fail') OR input.http_status IS NOT NULL)
-), paused AS MATERIALIZED (
+), tripped AS MATERIALIZED (
     SELECT array_agg(p.key) FILTER (WHERE p.key IS NOT NULL) AS keys
     FROM outbox_notifier.record_target_results_v2(
         ARRAY(SELECT target_key FROM calls ORDER BY record_id, lease_token),
@@ -188,8 +195,8 @@ WITH input AS (
     ) AS p(key)
 )
 SELECT known.record_id, known.channel, applied.status, applied.latency_s, known.trace_id,
-       known.dedupe_key, paused.keys
-FROM known LEFT JOIN applied ON applied.id = known.record_id CROSS JOIN paused;
+       known.dedupe_key, tripped.keys
+FROM known LEFT JOIN applied ON applied.id = known.record_id CROSS JOIN tripped;
 
 -- name: rescue_expired_leases
 -- Takes back records whose worker died or stalled in 'sending': a temporary failure with code

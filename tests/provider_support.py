@@ -7,13 +7,13 @@ from typing import Any
 
 import httpx
 
-from outbox_notifier.providers.model import Delivery, Target
+from outbox_notifier.providers.model import Delivery, Recipient
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
 
-def make_delivery(target: Target | None, **overrides: Any) -> Delivery:
-    """A claimed delivery to ``target`` with the provider tests' usual fields.
+def make_delivery(recipient: Recipient | None, **overrides: Any) -> Delivery:
+    """A claimed delivery to ``recipient`` with the provider tests' usual fields.
 
     ``overrides`` replace any field; each test module passes its own ``record_id``,
     ``channel`` and whatever else its expectations are written against.
@@ -33,7 +33,7 @@ def make_delivery(target: Target | None, **overrides: Any) -> Delivery:
         "trace_id": "trace-abc",
         "attempt": 1,
         "dedupe_key": "dk-1",
-        "target": target,
+        "recipient": recipient,
     }
     fields.update(overrides)
     return Delivery(**fields)

@@ -1,4 +1,4 @@
-"""Delivery channels: each turns one claimed ``Delivery`` into one ``SendResult``.
+"""The providers, one per platform: each turns one claimed ``Delivery`` into one ``SendResult``.
 
 The package: ``model`` (the delivery, the result and the request and reply between them),
 ``base`` (``HttpProvider``, the prepare + send + classify template), ``sender`` (the one
@@ -6,7 +6,7 @@ place that talks to the transport), ``replies`` (the reply classifiers), ``bodie
 fields every body carries), ``urls`` (the URL policy), ``chat`` (what the chat robots
 share), and one module per platform.
 
-``REGISTRY`` is the one description of the providers: the name a channel row selects
+``REGISTRY`` is the one description of the providers: the name a recipient selects
 (``notification_channels.provider``, one of ``names.PROVIDER_NAMES``, which bound the
 ``provider`` metric label), the prefix of its settings and its class. The provider factory
 (``default_providers``) and the claims' pacing (``daemon.claim_policy``) read it. Adding a

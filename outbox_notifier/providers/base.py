@@ -3,7 +3,7 @@
 A dispatch is *prepared* by the provider (``prepare``: URL, headers, body, signature, as a
 ``model.PreparedRequest``), *sent* once by the shared sender (``sender.post_capped``) and
 *classified* by the provider (``classify``: a ``model.Verdict``, mostly from the classifiers
-in ``replies``); ``HttpProvider.send`` resolves the channel before and assembles the
+in ``replies``); ``HttpProvider.send`` resolves the recipient before and assembles the
 ``model.SendResult`` after. A platform's module writes only the first and last steps.
 """
 
@@ -19,14 +19,14 @@ from outbox_notifier import message
 from outbox_notifier.names import ErrorCode, Outcome
 
 from .bodies import action_url
-from .model import Delivery, HttpReply, NotSent, PreparedRequest, SendResult, Target, Verdict
+from .model import Delivery, HttpReply, NotSent, PreparedRequest, Recipient, SendResult, Verdict
 from .replies import parse_retry_after
 from .sender import post_capped, truncate
 from .urls import UrlPolicy, UrlRejected, scrub
 
 
 def skipped(reason: str) -> SendResult:
-    """The result for a user without a usable channel: nothing was sent."""
+    """The result for a user without a usable recipient: nothing was sent."""
     return SendResult(
         outcome=Outcome.SKIPPED, error_code=ErrorCode.RECIPIENT_MISSING, error_message=reason
     )
@@ -52,40 +52,41 @@ def is_header_token(value: str) -> bool:
     return value.isascii() and all(0x21 <= ord(c) <= 0x7E for c in value)
 
 
-def resolve_target(
+def resolve_recipient(
     delivery: Delivery, policy: UrlPolicy, what: str, *, url_name: str = "webhook url"
-) -> tuple[Target, httpx.URL] | SendResult:
-    """The delivery's target and its checked URL, or the result that ends the call unsent.
+) -> tuple[Recipient, httpx.URL] | SendResult:
+    """The delivery's recipient and its checked URL, or the result that ends the call unsent.
 
-    No target, a disabled one or one without a URL is ``skipped`` (the messages name the
-    channel as ``what`` and its URL as ``url_name``); a URL outside ``policy`` is a permanent
-    ``invalid_url``, its message naming only scheme and host.
+    No recipient, a disabled one or one without a URL is ``skipped`` (the messages, stored in
+    ``last_error``, speak of the user's channel as ``what`` and of its URL as ``url_name``); a
+    URL outside ``policy`` is a permanent ``invalid_url``, its message naming only scheme and
+    host.
     """
-    target = delivery.target
-    if target is None:
+    recipient = delivery.recipient
+    if recipient is None:
         return skipped(f"user has no {what} channel configured")
-    if not target.enabled:
+    if not recipient.enabled:
         return skipped(f"user's {what} channel is disabled")
-    if not target.webhook_url.strip():
+    if not recipient.webhook_url.strip():
         return skipped(f"user's {what} channel has no {url_name}")
     try:
-        url = policy.check(target.webhook_url)
+        url = policy.check(recipient.webhook_url)
     except UrlRejected as exc:
         return SendResult(
             outcome=Outcome.PERMANENT_FAIL,
             error_code=ErrorCode.INVALID_URL,
             error_message=truncate(str(exc)),
         )
-    return target, url
+    return recipient, url
 
 
-def bearer_auth(target: Target) -> dict[str, str]:
-    """The ``Authorization`` header of a ``bearer`` channel with a token, else none.
+def bearer_auth(recipient: Recipient) -> dict[str, str]:
+    """The ``Authorization`` header of a ``bearer`` recipient with a token, else none.
 
     Raises ``NotSent`` for a token that cannot be a header value: a configuration fault, not
     worth retrying, and the HTTP layer's own error would quote the value.
     """
-    token = (target.auth_secret or "").strip() if target.auth_kind == "bearer" else ""
+    token = (recipient.auth_secret or "").strip() if recipient.auth_kind == "bearer" else ""
     if not token:
         return {}
     if not is_header_token(token):
@@ -109,7 +110,7 @@ class HttpOptions(TypedDict, total=False):
 
 
 class HttpProvider:
-    """The template of a webhook-calling provider: ``send`` resolves the channel and checks
+    """The template of a webhook-calling provider: ``send`` resolves the recipient and checks
     its URL, asks ``prepare`` for the request, sends it once through the shared sender
     (``post_capped``: deadline, body cap, timing, transport errors, the egress guard), and
     asks ``classify`` what the reply means. A subclass writes only those two steps and sets
@@ -194,7 +195,7 @@ class HttpProvider:
         link = self.action_url(delivery)
         return link if link.startswith(("https://", "http://")) else None
 
-    def prepare(self, delivery: Delivery, target: Target, url: httpx.URL) -> PreparedRequest:
+    def prepare(self, delivery: Delivery, recipient: Recipient, url: httpx.URL) -> PreparedRequest:
         """The request for ``delivery`` to ``url`` (already checked); raise ``NotSent`` when
         no call may be made."""
         raise NotImplementedError
@@ -205,7 +206,9 @@ class HttpProvider:
 
     async def send(self, delivery: Delivery) -> SendResult:
         """Deliver once; every failure is a ``SendResult``, only cancellation propagates."""
-        resolved = resolve_target(delivery, self._url_policy, self.label, url_name=self.url_label)
+        resolved = resolve_recipient(
+            delivery, self._url_policy, self.label, url_name=self.url_label
+        )
         if isinstance(resolved, SendResult):
             return resolved
         try:
@@ -247,5 +250,5 @@ class HttpProvider:
             retry_after_s=wait if isinstance(wait, float) else None,
             retry_at=wait if isinstance(wait, datetime) else None,
             duration_s=reply.duration_s,
-            disable_target=verdict.error_code is ErrorCode.ENDPOINT_GONE,
+            disable_channel=verdict.error_code is ErrorCode.ENDPOINT_GONE,
         )

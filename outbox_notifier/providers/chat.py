@@ -38,7 +38,7 @@ class ChatBotProvider(base.HttpProvider):
         return self.text_message(text) if link is None else self.card_message(text, link)
 
     def prepare(
-        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+        self, delivery: model.Delivery, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
         body = msgspec.json.encode(self.build_message(delivery))
         return model.PreparedRequest(url=url, body=body, headers=sender.json_headers(), stored=body)

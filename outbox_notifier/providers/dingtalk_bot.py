@@ -90,12 +90,12 @@ class DingTalkBotProvider(chat.ChatBotProvider):
         return {"msgtype": "actionCard", "actionCard": card}
 
     def prepare(
-        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+        self, delivery: model.Delivery, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
-        request = super().prepare(delivery, target, url)
-        if target.auth_kind != "bot_secret":
+        request = super().prepare(delivery, recipient, url)
+        if recipient.auth_kind != "bot_secret":
             return request
-        secret = (target.auth_secret or "").strip()
+        secret = (recipient.auth_secret or "").strip()
         if not secret:
             raise model.NotSent(
                 ErrorCode.PROVIDER_AUTH_FAILED,

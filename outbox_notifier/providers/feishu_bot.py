@@ -17,7 +17,7 @@ reaches an error message. Two message formats::
 The card's summary is ``plain_text``, not ``lark_md``: the text comes from event payloads,
 and markdown would let it render links and ``<at>`` mentions in the group. The button is
 left out when there is no absolute ``http(s)`` action URL (no frontend base URL and a
-relative target), since Feishu rejects a card whose button URL is not absolute. The text
+relative ``target_url``), since Feishu rejects a card whose button URL is not absolute. The text
 format has no such switch: Feishu renders ``<at user_id="all">`` tags in a text message, so
 a summary holding one would mention the whole group; prefer ``card`` for untrusted text.
 
@@ -255,13 +255,13 @@ class FeishuBotProvider(base.HttpProvider):
         return cut(low)
 
     def prepare(
-        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+        self, delivery: model.Delivery, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
         secret = ""
         unsigned = self.build_message(delivery)
         signed = unsigned
-        if target.auth_kind == "bot_secret":
-            secret = (target.auth_secret or "").strip()
+        if recipient.auth_kind == "bot_secret":
+            secret = (recipient.auth_secret or "").strip()
             if not secret:
                 raise model.NotSent(
                     ErrorCode.PROVIDER_AUTH_FAILED,

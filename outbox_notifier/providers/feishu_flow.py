@@ -107,10 +107,10 @@ class FeishuFlowProvider(base.HttpProvider):
         )
 
     def prepare(
-        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+        self, delivery: model.Delivery, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
         body = _encoder.encode(self.build_payload(delivery))
-        headers = sender.json_headers(**base.bearer_auth(target))
+        headers = sender.json_headers(**base.bearer_auth(recipient))
         return model.PreparedRequest(url=url, body=body, headers=headers, stored=body)
 
     def classify(self, reply: model.HttpReply) -> model.Verdict:

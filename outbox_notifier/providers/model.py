@@ -5,7 +5,8 @@ delivery problem (bad URL, refused connection, hostile response): every such fai
 result with an ``Outcome`` and an ``ErrorCode``, so the delivery loop has one code path.
 Only ``asyncio.CancelledError`` (shutdown) escapes.
 
-Outcome -> record status, applied by the delivery loop (seed semantics):
+Outcome -> record status, decided by ``backoff.decide`` when the delivery loop makes the
+call's ``store.AttemptResult`` and written by the result completer (seed semantics):
 
 - ``SUCCESS`` -> ``sent``
 - ``SKIPPED`` -> ``skipped``
@@ -27,10 +28,12 @@ import httpx
 import msgspec
 
 from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.records import RecordFields
 
 
-class Target(msgspec.Struct, frozen=True, kw_only=True):
-    """The user's row in ``notification_channels`` for the delivery's channel.
+class Recipient(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the user wants the notification: their row in ``notification_channels`` for the
+    record's channel (the provider it names is the one making the call).
 
     ``auth_kind`` is ``'none'``, ``'bearer'`` or ``'bot_secret'``; ``auth_secret`` is the
     token or signing secret and must never reach a log line or an error message.
@@ -42,29 +45,20 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
     auth_secret: str | None
 
 
-class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+class Delivery(RecordFields, frozen=True, kw_only=True):
     """One claimed notification record, as the delivery loop hands it to a provider.
 
     ``message_text`` is final (fallback and target URL already applied); ``attempt`` is the
-    attempt being made (1 for the first call); ``target`` is None when the user has no
-    channel row.
+    attempt being made (1 for the first call); ``recipient`` is None when the user has no
+    row in ``notification_channels`` for the channel.
     """
 
     record_id: int
     channel: str
-    user_id: int
-    trigger_id: str
-    preview_id: str
-    trigger_type: str
-    target_type: str
-    target_id: int
-    target_url: str
     message_text: str
     fallback_used: bool
-    trace_id: str
     attempt: int
-    dedupe_key: str
-    target: Target | None
+    recipient: Recipient | None
 
 
 class SendResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,10 +69,9 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     ``response_truncated`` set when more were left unread. ``retry_after_s`` carries the
     provider's ``Retry-After`` so the retry can honour it; ``retry_at`` carries it instead when
     it is an HTTP date the reply gave no ``Date`` to read against (the database's clock then
-    turns it into a delay: the host's clock is never the reference). ``disable_target`` asks
-    the daemon
-    to disable the user's channel: the receiver said the endpoint is gone for good (HTTP 410),
-    so every later delivery to it would fail the same way.
+    turns it into a delay: the host's clock is never the reference). ``disable_channel`` asks
+    the daemon to switch the recipient (the user's channel row) off: the receiver said the
+    endpoint is gone for good (HTTP 410), so every later delivery to it would fail the same way.
     """
 
     outcome: Outcome
@@ -92,11 +85,12 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_s: float | None = None
     retry_at: datetime | None = None
     duration_s: float = 0.0
-    disable_target: bool = False
+    disable_channel: bool = False
 
 
 class Provider(Protocol):
-    """A delivery channel. ``send`` must never raise for a delivery problem."""
+    """The client of one platform (Feishu Flow, a chat bot, a signed webhook): what the
+    recipient's ``provider`` column names. ``send`` must never raise for a delivery problem."""
 
     async def send(self, delivery: Delivery) -> SendResult: ...
 
@@ -140,7 +134,7 @@ class HttpReply(msgspec.Struct, frozen=True, kw_only=True):
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     """What ``HttpProvider.classify`` makes of a reply. ``HttpProvider.send`` adds the rest of
     the ``SendResult``: status, bodies, timing, ``Retry-After`` for a temporary failure, and
-    ``disable_target`` for ``endpoint_gone``; it truncates ``error_message`` and scrubs it of
+    ``disable_channel`` for ``endpoint_gone``; it truncates ``error_message`` and scrubs it of
     the URL's key and the request's secrets."""
 
     outcome: Outcome

@@ -109,7 +109,7 @@ def status_verdict(
 ) -> Verdict:
     """The verdict of an HTTP status by its family (``classify_status``), ``special`` statuses
     first. A failure reads ``"<label> returned HTTP <status>"``, with the reason for a
-    redirect (never followed) or ``endpoint_gone`` (the channel is disabled)."""
+    redirect (never followed) or ``endpoint_gone`` (the recipient is switched off)."""
     outcome, code = (special or {}).get(status) or classify_status(status)
     if outcome is Outcome.SUCCESS:
         return Verdict(outcome=outcome)

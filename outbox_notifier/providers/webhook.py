@@ -38,7 +38,7 @@ status               result
 425, 429             temporary ``provider_rate_limited``
 5xx                  temporary ``provider_5xx``
 401, 403             permanent ``provider_auth_failed``
-410                  permanent ``endpoint_gone`` with ``disable_target``
+410                  permanent ``endpoint_gone`` with ``disable_channel``
 other                permanent ``payload_invalid``
 timeout / transport  temporary ``provider_timeout`` / ``network_error``
 ===================  ==============================================================
@@ -188,7 +188,7 @@ class WebhookProvider(base.HttpProvider):
         )
 
     def prepare(
-        self, delivery: model.Delivery, target: model.Target, url: httpx.URL
+        self, delivery: model.Delivery, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
         now = self._clock()
         event = self.build_event(delivery, now)
@@ -196,8 +196,8 @@ class WebhookProvider(base.HttpProvider):
         timestamp = int(now.timestamp())
         headers = {"webhook-id": event.id, "webhook-timestamp": str(timestamp)}
         secrets: tuple[str, ...] = ()
-        if target.auth_kind == "bot_secret":
-            raw_secret = (target.auth_secret or "").strip()
+        if recipient.auth_kind == "bot_secret":
+            raw_secret = (recipient.auth_secret or "").strip()
             try:
                 keys = parse_secrets(raw_secret)
             except SecretInvalid as exc:
@@ -206,7 +206,7 @@ class WebhookProvider(base.HttpProvider):
             headers["webhook-signature"] = sign(keys, event.id, timestamp, body)
             secrets = tuple(raw_secret.split())
         else:
-            headers |= base.bearer_auth(target)
+            headers |= base.bearer_auth(recipient)
         # The body holds no secret and headers are not stored: what was sent is kept.
         return model.PreparedRequest(
             url=url, body=body, headers=sender.json_headers(**headers), stored=body, secrets=secrets

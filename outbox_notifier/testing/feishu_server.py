@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import math
 import random
 import signal
@@ -46,11 +47,11 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 from urllib.parse import parse_qs
 
 from msgspec import json as mjson
@@ -423,6 +424,26 @@ class _EndpointUrls:
         return f"{self.url}{SLACK_PREFIX}{path}"
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _blocking(
+    method: Callable[Concatenate[FeishuServer, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[FeishuServer, _P], _T]:
+    """A blocking twin of a coroutine method: it runs on the server's own loop (a server
+    started with ``start_in_thread``) while the calling thread waits for its result."""
+
+    @functools.wraps(method)
+    def blocking(server: FeishuServer, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        loop = server._loop
+        if loop is None or not server._threaded:
+            raise RuntimeError(f"{method.__name__}: the server must run in another thread")
+        return asyncio.run_coroutine_threadsafe(method(server, *args, **kwargs), loop).result()
+
+    return blocking
+
+
 class FeishuServer(_EndpointUrls):
     """Local Feishu look-alike. See the module docstring for endpoints and run modes."""
 
@@ -430,7 +451,6 @@ class FeishuServer(_EndpointUrls):
         self.host = host
         self.port = port
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._requests: list[Recorded] = []
         self._ok_counts: defaultdict[str, int] = defaultdict(int)
         self._rules: dict[str, _Rule] = {}
@@ -732,42 +752,31 @@ class FeishuServer(_EndpointUrls):
         recorded; returns them. Raises ``TimeoutError``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if self.count(path_prefix, status) >= n:
-                return self._matching(path_prefix, status)
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"expected {n} requests (prefix={path_prefix!r}, status={status}), "
-                    f"got {self.count(path_prefix, status)}"
-                )
+            with self._lock:
+                found = self._arrived(n, path_prefix, status, deadline)
+            if found is not None:
+                return found
             await asyncio.sleep(_POLL_S)
 
     wait_for = wait_for_count
 
-    def wait_for_count_sync(
-        self,
-        n: int,
-        timeout_s: float = 10.0,
-        path_prefix: str | None = None,
-        status: int | None = None,
-    ) -> list[Recorded]:
-        """Blocking variant of :meth:`wait_for_count` (server must run in another thread)."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                got = sum(1 for r in self._requests if _matches(r, path_prefix, status))
-                if got >= n:
-                    return [r for r in self._requests if _matches(r, path_prefix, status)]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"expected {n} requests (prefix={path_prefix!r}, status={status}), "
-                        f"got {got}"
-                    )
-                self._cond.wait(min(left, 0.5))
+    #: Blocking variant of :meth:`wait_for_count`, for a server started with
+    #: :meth:`start_in_thread`: the wait runs on the server's loop, the caller's thread blocks.
+    wait_for_count_sync = _blocking(wait_for_count)
 
-    def _matching(self, path_prefix: str | None, status: int | None) -> list[Recorded]:
-        with self._lock:
-            return [r for r in self._requests if _matches(r, path_prefix, status)]
+    def _arrived(
+        self, n: int, path_prefix: str | None, status: int | None, deadline: float
+    ) -> list[Recorded] | None:
+        """The matching requests once there are ``n``, None while fewer and ``deadline``
+        (monotonic) has not passed, ``TimeoutError`` after. The caller holds the lock."""
+        found = [r for r in self._requests if _matches(r, path_prefix, status)]
+        if len(found) >= n:
+            return found
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"expected {n} requests (prefix={path_prefix!r}, status={status}), got {len(found)}"
+            )
+        return None
 
     # ------------------------------------------------------------------ serving
 
@@ -836,9 +845,8 @@ class FeishuServer(_EndpointUrls):
         keep: bool,
     ) -> bool:
         rec = Recorded(method, path, headers, body, time.time(), 0, query)
-        with self._cond:
+        with self._lock:
             self._requests.append(rec)
-            self._cond.notify_all()
         if self._holding:
             await self._wait_hold(True)
         target = f"{path}?{query}" if query else path
@@ -930,11 +938,10 @@ class FeishuServer(_EndpointUrls):
             self._held -= 1
 
     def _mark(self, rec: Recorded, status: int) -> None:
-        with self._cond:
+        with self._lock:
             rec.status_sent = status
             if 200 <= status < 300:
                 self._ok_counts[rec.path] += 1
-            self._cond.notify_all()
 
     async def _control(
         self,

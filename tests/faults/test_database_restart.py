@@ -23,7 +23,7 @@ from outbox_notifier.delivery import Deliverer
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
-from outbox_notifier.store import AppliedBatch, ClaimPolicy, RecordStore, Result
+from outbox_notifier.store import AppliedResults, AttemptResult, ClaimPolicy, RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer
 from outbox_notifier.testing.postgres import LocalCluster, create_database
 from tests.faults.harness import (
@@ -141,7 +141,9 @@ class _ApplyFailsOnce(RecordStore):
 
     failures = 1
 
-    async def apply_results(self, results: Sequence[Result], policy: ClaimPolicy) -> AppliedBatch:
+    async def apply_results(
+        self, results: Sequence[AttemptResult], policy: ClaimPolicy
+    ) -> AppliedResults:
         if self.failures:
             self.failures -= 1
             raise psycopg.OperationalError("terminating connection due to administrator command")

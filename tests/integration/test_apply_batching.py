@@ -18,7 +18,7 @@ from outbox_notifier.delivery import Deliverer
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
-from outbox_notifier.store import Applied, ClaimPolicy, RecordStore, Result
+from outbox_notifier.store import AppliedRecord, AttemptResult, ClaimPolicy, RecordStore
 from tests.support import delivering, enqueue, loop_context, payload, relay_for, scalar
 
 RECORDS = 20
@@ -48,7 +48,9 @@ async def test_results_landing_together_are_applied_in_few_batches(
     class BatchMetrics(Metrics):
         """The daemon's metrics sink, noting the size of each applied batch."""
 
-        def observe_results(self, results: Sequence[Result], applied: Sequence[Applied]) -> None:
+        def observe_results(
+            self, results: Sequence[AttemptResult], applied: Sequence[AppliedRecord]
+        ) -> None:
             assert len(applied) == len(results)
             batches.append(len(results))
             super().observe_results(results, applied)

@@ -67,7 +67,7 @@ async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection
                 claimed = await store.claim_records(10, claims)
                 assert len(claimed) == 3
                 for record in claimed:
-                    sent = await call_provider(providers[record.provider], to_delivery(record))
+                    sent = await call_provider(providers, record.provider, to_delivery(record))
                     started_at = datetime.now(UTC)
                     rng = random.Random(record.id)
                     completer.put(to_result(record, sent, RetryPolicy(), started_at, rng))

@@ -28,7 +28,7 @@ from outbox_notifier.daemon import Daemon, claim_policy
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers import DingTalkBotProvider, SlackWebhookProvider, WeComBotProvider
 from outbox_notifier.providers.base import HttpProvider
-from outbox_notifier.providers.model import Target
+from outbox_notifier.providers.model import Recipient
 from outbox_notifier.settings import Settings
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
@@ -55,8 +55,8 @@ def local(cls: type[HttpProvider], transport: httpx.AsyncBaseTransport, **kw: An
     return cls(transport, allowed_schemes=("http",), allowed_hosts=("127.0.0.1",), **kw)
 
 
-def target(url: str, auth_kind: str = "none", secret: str | None = None) -> Target:
-    return Target(enabled=True, webhook_url=url, auth_kind=auth_kind, auth_secret=secret)
+def recipient(url: str, auth_kind: str = "none", secret: str | None = None) -> Recipient:
+    return Recipient(enabled=True, webhook_url=url, auth_kind=auth_kind, auth_secret=secret)
 
 
 def url_of(name: str, srv: FeishuServer) -> str:
@@ -122,9 +122,11 @@ async def test_success_sends_the_documented_bodies(
     srv: FeishuServer, transport: httpx.AsyncBaseTransport, name: str
 ) -> None:
     url = url_of(name, srv)
-    card = await local(CLASSES[name], transport).send(provider_support.make_delivery(target(url)))
+    card = await local(CLASSES[name], transport).send(
+        provider_support.make_delivery(recipient(url))
+    )
     text = await local(CLASSES[name], transport, frontend_base_url="").send(
-        provider_support.make_delivery(target(url))
+        provider_support.make_delivery(recipient(url))
     )
     assert (card.outcome, text.outcome) == (Outcome.SUCCESS, Outcome.SUCCESS)
     assert [rec.json for rec in srv.requests] == [CARDS[name], TEXTS[name]]
@@ -148,7 +150,7 @@ async def test_dingtalk_signs_each_attempt_afresh(
 ) -> None:
     times = iter([datetime.now(UTC), datetime.fromtimestamp(time.time() + 2.5, UTC)])
     provider = local(DingTalkBotProvider, transport, clock=lambda: next(times))
-    signed = target(srv.dingtalk_url("tok-1"), "bot_secret", SECRET)
+    signed = recipient(srv.dingtalk_url("tok-1"), "bot_secret", SECRET)
     results = [await provider.send(provider_support.make_delivery(signed)) for _ in range(2)]
     assert [r.outcome for r in results] == [Outcome.SUCCESS, Outcome.SUCCESS]
     first, second = srv.requests
@@ -167,12 +169,12 @@ async def test_dingtalk_refuses_a_wrong_secret_check(
 ) -> None:
     provider = local(DingTalkBotProvider, transport, clock=lambda: datetime.now(UTC))
     await provider.send(
-        provider_support.make_delivery(target(srv.dingtalk_url(), "bot_secret", SECRET))
+        provider_support.make_delivery(recipient(srv.dingtalk_url(), "bot_secret", SECRET))
     )
     (rec,) = srv.requests
     assert not dingtalk_signature_ok(rec.query, SECRET + "x", time.time())
     missing = await provider.send(
-        provider_support.make_delivery(target(srv.dingtalk_url(), "bot_secret", " "))
+        provider_support.make_delivery(recipient(srv.dingtalk_url(), "bot_secret", " "))
     )
     assert (missing.outcome, missing.error_code) == (
         Outcome.PERMANENT_FAIL,
@@ -232,10 +234,12 @@ async def test_each_documented_error_maps_to_its_code(
 ) -> None:
     url = url_of(name, srv)
     srv.script(url.removeprefix(srv.url), [reply])
-    result = await local(CLASSES[name], transport).send(provider_support.make_delivery(target(url)))
+    result = await local(CLASSES[name], transport).send(
+        provider_support.make_delivery(recipient(url))
+    )
     assert (result.outcome, result.error_code) == (outcome, code)
     assert said in (result.error_message or ""), result.error_message
-    assert result.disable_target is (code is ErrorCode.ENDPOINT_GONE)
+    assert result.disable_channel is (code is ErrorCode.ENDPOINT_GONE)
     assert result.retry_after_s == (7.0 if reply.headers.get("Retry-After") else None)
     # The credential in the URL never reaches the message.
     assert url.removeprefix(srv.url).rpartition("/")[2].split("=")[-1] not in (
@@ -261,7 +265,7 @@ async def test_the_url_policy_refuses_a_look_alike_host(
 ) -> None:
     provider = CLASSES[name](transport)  # the platform's own URL policy defaults
     assert provider.check_url(GENUINE[name])
-    result = await provider.send(provider_support.make_delivery(target(LOOK_ALIKES[name])))
+    result = await provider.send(provider_support.make_delivery(recipient(LOOK_ALIKES[name])))
     assert (result.outcome, result.error_code) == (Outcome.PERMANENT_FAIL, ErrorCode.INVALID_URL)
     assert "host not allowed" in (result.error_message or "")
     assert result.request_json is None

@@ -23,11 +23,11 @@ from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.model import SendResult
 from outbox_notifier.rescue import rescue_expired_leases
 from outbox_notifier.store import (
-    Applied,
+    AppliedRecord,
+    AttemptResult,
     ClaimedRecord,
     ClaimPolicy,
     RecordStore,
-    Result,
 )
 from outbox_notifier.timeouts import StatementTimeouts
 from tests.support import attempts, enqueue, eventually, loop_context, payload, relay_for, scalar
@@ -43,7 +43,9 @@ class BatchMetrics(Metrics):
         super().__init__(CollectorRegistry())
         self.batches: list[int] = []
 
-    def observe_results(self, results: Sequence[Result], applied: Sequence[Applied]) -> None:
+    def observe_results(
+        self, results: Sequence[AttemptResult], applied: Sequence[AppliedRecord]
+    ) -> None:
         self.batches.append(len(results))
         super().observe_results(results, applied)
 
@@ -65,7 +67,7 @@ async def claimed(conn: psycopg.Connection[Any], store: RecordStore, n: int) -> 
     return records
 
 
-def succeeded(record: ClaimedRecord) -> Result:
+def succeeded(record: ClaimedRecord) -> AttemptResult:
     sent = SendResult(outcome=Outcome.SUCCESS, http_status=200)
     return to_result(record, sent, RetryPolicy(), datetime.now(UTC), random.Random(0))
 

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.store import ClaimPolicy, RecordStore
+from outbox_notifier.store import ClaimPolicy, Pacing, RecordStore
 from tests.support import add_channel, enqueue, payload, relay_for
 
 
@@ -24,7 +24,9 @@ async def test_minute_budget_defers_the_rest_without_spending_attempts(
     add_channel(conn, 1, "https://open.feishu.cn/open-apis/bot/v2/hook/t", provider="feishu_bot")
     for i in range(12):
         enqueue(conn, payload(f"k-{i}"))
-    policy = ClaimPolicy(lease_s=30, per_s={"feishu_bot": 0}, per_min={"feishu_bot": 10})
+    policy = ClaimPolicy(
+        lease_s=30, pacing=Pacing(per_s={"feishu_bot": 0}, per_min={"feishu_bot": 10})
+    )
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         store = await _relayed_store(pool)
         claimed = await store.claim_records(100, policy)
@@ -51,7 +53,9 @@ async def test_second_budget_is_shared_by_concurrent_claimers(
     add_channel(conn, 1, "https://open.feishu.cn/open-apis/bot/v2/hook/t", provider="feishu_bot")
     for i in range(40):
         enqueue(conn, payload(f"k-{i}"))
-    policy = ClaimPolicy(lease_s=30, per_s={"feishu_bot": 5}, per_min={"feishu_bot": 0})
+    policy = ClaimPolicy(
+        lease_s=30, pacing=Pacing(per_s={"feishu_bot": 5}, per_min={"feishu_bot": 0})
+    )
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=4) as pool:
         store = await _relayed_store(pool)
         # Four "replicas" claim at once: together they may take only 5 in this second.

@@ -20,7 +20,7 @@ from outbox_notifier.providers.model import SendResult
 from outbox_notifier.rescue import rescue_expired_leases
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import ClaimPolicy, RecordStore
+from outbox_notifier.store import ClaimPolicy, Pacing, RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import (
     FLOW_PREFIX,
@@ -530,7 +530,9 @@ async def test_record_keeps_the_producers_requested_at_and_the_outbox_time(
 def test_the_claim_policys_arrays_reach_postgresql_as_given(conn: psycopg.Connection[Any]) -> None:
     from outbox_notifier.store import _policy_params
 
-    policy = ClaimPolicy(lease_s=30, per_s={'we"ird\\name': 3, "b": 0}, per_min={"a": 100, "b": 7})
+    policy = ClaimPolicy(
+        lease_s=30, pacing=Pacing(per_s={'we"ird\\name': 3, "b": 0}, per_min={"a": 100, "b": 7})
+    )
     params = _policy_params(policy)
     row = conn.execute(
         "SELECT %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[]", params

@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import Webhook
 
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider
-from outbox_notifier.providers.model import Delivery, Target
+from outbox_notifier.providers.model import Delivery, Recipient
 from outbox_notifier.providers.webhook import WebhookProvider
 from outbox_notifier.testing.feishu_server import FeishuServer, Recorded, Reply
 from tests import provider_support
@@ -40,8 +40,8 @@ DELIVERY_FIELDS: dict[str, Any] = {
 }
 
 
-def delivery(target: Target, **overrides: Any) -> Delivery:
-    return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
+def delivery(recipient: Recipient, **overrides: Any) -> Delivery:
+    return provider_support.make_delivery(recipient, **(DELIVERY_FIELDS | overrides))
 
 
 def bot_provider(transport: httpx.AsyncBaseTransport, **kw: Any) -> FeishuBotProvider:
@@ -64,8 +64,8 @@ def webhook_provider(transport: httpx.AsyncBaseTransport) -> WebhookProvider:
     )
 
 
-def signed_bot(srv: FeishuServer) -> Target:
-    return Target(
+def signed_bot(srv: FeishuServer) -> Recipient:
+    return Recipient(
         enabled=True,
         webhook_url=srv.bot_url(BOT_TOKEN),
         auth_kind="bot_secret",
@@ -73,8 +73,10 @@ def signed_bot(srv: FeishuServer) -> Target:
     )
 
 
-def webhook_target(srv: FeishuServer, secret: str = WEBHOOK_SECRET, path: str = "a") -> Target:
-    return Target(
+def webhook_recipient(
+    srv: FeishuServer, secret: str = WEBHOOK_SECRET, path: str = "a"
+) -> Recipient:
+    return Recipient(
         enabled=True,
         webhook_url=f"{srv.url}/hooks/{path}",
         auth_kind="bot_secret",
@@ -150,10 +152,10 @@ async def test_bot_signs_each_attempt_afresh(
     srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     provider = bot_provider(transport)
-    target = signed_bot(srv)
+    recipient = signed_bot(srv)
     srv.script(BOT_TOKEN, [Reply.feishu_error(11232, "frequency limited")])
-    first = await provider.send(delivery(target))
-    second = await provider.send(delivery(target, attempt=2))
+    first = await provider.send(delivery(recipient))
+    second = await provider.send(delivery(recipient, attempt=2))
     assert first.outcome is Outcome.TEMPORARY_FAIL
     assert second.outcome is Outcome.SUCCESS
     assert all(feishu_signature_ok(rec, BOT_SECRET) for rec in srv.requests)
@@ -165,7 +167,7 @@ async def test_bot_signs_each_attempt_afresh(
 async def test_webhook_signature_verifies_with_the_reference_library(
     srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
-    result = await webhook_provider(transport).send(delivery(webhook_target(srv)))
+    result = await webhook_provider(transport).send(delivery(webhook_recipient(srv)))
     assert result.outcome is Outcome.SUCCESS
     (rec,) = srv.requests
     assert rec.path == "/hooks/a"
@@ -178,8 +180,8 @@ async def test_webhook_signature_verifies_with_the_reference_library(
 async def test_webhook_rotation_verifies_with_either_secret(
     srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
-    target = webhook_target(srv, secret=f"{WEBHOOK_SECRET} {OLD_WEBHOOK_SECRET}")
-    result = await webhook_provider(transport).send(delivery(target))
+    recipient = webhook_recipient(srv, secret=f"{WEBHOOK_SECRET} {OLD_WEBHOOK_SECRET}")
+    result = await webhook_provider(transport).send(delivery(recipient))
     assert result.outcome is Outcome.SUCCESS
     (rec,) = srv.requests
     assert len(rec.headers["webhook-signature"].split(" ")) == 2
@@ -191,29 +193,29 @@ async def test_webhook_gone_disables_the_target(
     srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     srv.script("/hooks/gone", [Reply(status=410, body=b"")])
-    result = await webhook_provider(transport).send(delivery(webhook_target(srv, path="gone")))
+    result = await webhook_provider(transport).send(delivery(webhook_recipient(srv, path="gone")))
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.ENDPOINT_GONE
     assert result.http_status == 410
-    assert result.disable_target is True
+    assert result.disable_channel is True
 
 
 async def test_webhook_429_honours_retry_after(
     srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     srv.script("/hooks/busy", [Reply.rate_limited(7)])
-    result = await webhook_provider(transport).send(delivery(webhook_target(srv, path="busy")))
+    result = await webhook_provider(transport).send(delivery(webhook_recipient(srv, path="busy")))
     assert result.outcome is Outcome.TEMPORARY_FAIL
     assert result.error_code == ErrorCode.PROVIDER_RATE_LIMITED
     assert result.retry_after_s == 7
-    assert result.disable_target is False
+    assert result.disable_channel is False
 
 
 async def test_webhook_redirect_is_not_followed(
     srv: FeishuServer, transport: httpx.AsyncBaseTransport
 ) -> None:
     srv.script("/hooks/moved", [Reply(status=302, headers={"Location": f"{srv.url}/hooks/a"})])
-    result = await webhook_provider(transport).send(delivery(webhook_target(srv, path="moved")))
+    result = await webhook_provider(transport).send(delivery(webhook_recipient(srv, path="moved")))
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.PAYLOAD_INVALID
     assert result.error_message is not None

@@ -22,7 +22,7 @@ from outbox_notifier import message
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers import feishu_bot
 from outbox_notifier.providers.feishu_bot import FeishuBotProvider, MessageFormat
-from outbox_notifier.providers.model import Delivery, SendResult, Target
+from outbox_notifier.providers.model import Delivery, Recipient, SendResult
 from tests import provider_support
 from tests.provider_support import Handler, mock_transport, raising, recording, reply
 
@@ -46,15 +46,15 @@ def expected_sign(timestamp: str, secret: str) -> str:
     return base64.b64encode(digest).decode()
 
 
-def make_target(
+def make_recipient(
     url: str = WEBHOOK, auth_kind: str = "none", secret: str | None = None, enabled: bool = True
-) -> Target:
-    return Target(enabled=enabled, webhook_url=url, auth_kind=auth_kind, auth_secret=secret)
+) -> Recipient:
+    return Recipient(enabled=enabled, webhook_url=url, auth_kind=auth_kind, auth_secret=secret)
 
 
-def make_delivery(target: Target | None = None, **overrides: Any) -> Delivery:
-    target = target if target is not None else make_target()
-    return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
+def make_delivery(recipient: Recipient | None = None, **overrides: Any) -> Delivery:
+    recipient = recipient if recipient is not None else make_recipient()
+    return provider_support.make_delivery(recipient, **(DELIVERY_FIELDS | overrides))
 
 
 async def send_with(
@@ -152,8 +152,8 @@ def test_bot_sign_matches_the_formula() -> None:
 
 @pytest.mark.parametrize("fmt", ["text", "card"])
 async def test_signed_body_and_masked_request_json(fmt: MessageFormat) -> None:
-    target = make_target(auth_kind="bot_secret", secret=f"  {SECRET} ")
-    seen, result = await capture(make_delivery(target), message_format=fmt)
+    recipient = make_recipient(auth_kind="bot_secret", secret=f"  {SECRET} ")
+    seen, result = await capture(make_delivery(recipient), message_format=fmt)
     sent = json.loads(seen[0].content)
     assert list(sent)[:3] == ["timestamp", "sign", "msg_type"]
     assert sent["timestamp"] == NOW_TS
@@ -171,7 +171,7 @@ async def test_signed_body_and_masked_request_json(fmt: MessageFormat) -> None:
 
 
 async def test_unsigned_when_auth_kind_is_not_bot_secret() -> None:
-    seen, _ = await capture(make_delivery(make_target(auth_kind="bearer", secret=SECRET)))
+    seen, _ = await capture(make_delivery(make_recipient(auth_kind="bearer", secret=SECRET)))
     sent = json.loads(seen[0].content)
     assert "sign" not in sent
     assert "timestamp" not in sent
@@ -183,7 +183,7 @@ async def test_signature_is_recomputed_on_every_call() -> None:
     seen, handler = recording(200, json={"code": 11232, "msg": "frequency limited"})
     transport = mock_transport(handler)
     provider = FeishuBotProvider(transport, clock=lambda: now[0])
-    delivery = make_delivery(make_target(auth_kind="bot_secret", secret=SECRET))
+    delivery = make_delivery(make_recipient(auth_kind="bot_secret", secret=SECRET))
     async with transport:
         await provider.send(delivery)
         now[0] = NOW + timedelta(minutes=30, seconds=7)
@@ -197,7 +197,7 @@ async def test_signature_is_recomputed_on_every_call() -> None:
 
 
 async def test_bot_secret_without_secret_fails_without_a_call() -> None:
-    seen, result = await capture(make_delivery(make_target(auth_kind="bot_secret", secret=" ")))
+    seen, result = await capture(make_delivery(make_recipient(auth_kind="bot_secret", secret=" ")))
     assert seen == []
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.PROVIDER_AUTH_FAILED
@@ -217,8 +217,8 @@ async def test_bot_secret_without_secret_fails_without_a_call() -> None:
     ],
 )
 async def test_oversize_text_is_cut_to_fit(fmt: MessageFormat, text: str) -> None:
-    target = make_target(auth_kind="bot_secret", secret=SECRET)
-    seen, result = await capture(make_delivery(target, message_text=text), message_format=fmt)
+    recipient = make_recipient(auth_kind="bot_secret", secret=SECRET)
+    seen, result = await capture(make_delivery(recipient, message_text=text), message_format=fmt)
     (request,) = seen
     assert len(request.content) <= 19_000
     assert len(request.content) > 19_000 - 8  # cut no more than a code point's worth
@@ -399,7 +399,7 @@ async def test_reply_mapping(
     assert result.http_status == status
     assert result.response_body == content
     assert result.request_json is not None
-    assert result.disable_target is False
+    assert result.disable_channel is False
     if message is None:
         assert result.error_message is None
     else:
@@ -450,8 +450,8 @@ async def test_retry_after(
     ],
 )
 async def test_transport_failures_are_temporary_and_scrubbed(exc: BaseException, code: str) -> None:
-    target = make_target(auth_kind="bot_secret", secret=SECRET)
-    result = await send_with(raising(exc), make_delivery(target))
+    recipient = make_recipient(auth_kind="bot_secret", secret=SECRET)
+    result = await send_with(raising(exc), make_delivery(recipient))
     assert result.outcome is Outcome.TEMPORARY_FAIL
     assert result.error_code == code
     assert result.error_message is not None
@@ -471,19 +471,19 @@ async def test_redirects_are_not_followed() -> None:
     assert result.outcome is Outcome.PERMANENT_FAIL
 
 
-# ---------------------------------------------------------------- targets and URL policy
+# ------------------------------------------------------------- recipients and URL policy
 
 
 @pytest.mark.parametrize(
-    ("target", "reason"),
+    ("recipient", "reason"),
     [
         (None, "no feishu bot channel"),
-        (make_target(enabled=False), "disabled"),
-        (make_target(url=" "), "no webhook url"),
+        (make_recipient(enabled=False), "disabled"),
+        (make_recipient(url=" "), "no webhook url"),
     ],
 )
-async def test_missing_target_is_skipped(target: Target | None, reason: str) -> None:
-    seen, result = await capture(msgspec.structs.replace(make_delivery(), target=target))
+async def test_missing_recipient_is_skipped(recipient: Recipient | None, reason: str) -> None:
+    seen, result = await capture(msgspec.structs.replace(make_delivery(), recipient=recipient))
     assert seen == []
     assert result.outcome is Outcome.SKIPPED
     assert result.error_code == ErrorCode.RECIPIENT_MISSING
@@ -505,7 +505,7 @@ async def test_missing_target_is_skipped(target: Target | None, reason: str) -> 
     ],
 )
 async def test_url_policy_violations_are_invalid_url(url: str) -> None:
-    seen, result = await capture(make_delivery(make_target(url=url)))
+    seen, result = await capture(make_delivery(make_recipient(url=url)))
     assert seen == []
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.INVALID_URL
@@ -522,7 +522,7 @@ async def test_url_policy_violations_are_invalid_url(url: str) -> None:
     ],
 )
 async def test_url_policy_accepts_feishu_and_lark(url: str) -> None:
-    seen, result = await capture(make_delivery(make_target(url=url)))
+    seen, result = await capture(make_delivery(make_recipient(url=url)))
     assert len(seen) == 1
     assert result.outcome is Outcome.SUCCESS
 

@@ -20,7 +20,7 @@ from outbox_notifier import __version__, message, names
 from outbox_notifier.names import ErrorCode, Outcome
 from outbox_notifier.providers import replies
 from outbox_notifier.providers.feishu_flow import FeishuFlowProvider
-from outbox_notifier.providers.model import Delivery, SendResult, Target
+from outbox_notifier.providers.model import Delivery, Recipient, SendResult
 from tests import provider_support
 from tests.provider_support import Handler, mock_transport, raising, recording, reply
 
@@ -35,10 +35,10 @@ DELIVERY_FIELDS: dict[str, Any] = {
 }
 
 
-def make_delivery(target: Target | None = None, **overrides: Any) -> Delivery:
-    if target is None:
-        target = Target(enabled=True, webhook_url=WEBHOOK, auth_kind="none", auth_secret=None)
-    return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
+def make_delivery(recipient: Recipient | None = None, **overrides: Any) -> Delivery:
+    if recipient is None:
+        recipient = Recipient(enabled=True, webhook_url=WEBHOOK, auth_kind="none", auth_secret=None)
+    return provider_support.make_delivery(recipient, **(DELIVERY_FIELDS | overrides))
 
 
 def make_provider(
@@ -212,21 +212,26 @@ async def test_cancellation_propagates() -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "reason"),
+    ("recipient", "reason"),
     [
         (None, "no feishu channel"),
         (
-            Target(enabled=False, webhook_url=WEBHOOK, auth_kind="none", auth_secret=None),
+            Recipient(enabled=False, webhook_url=WEBHOOK, auth_kind="none", auth_secret=None),
             "disabled",
         ),
-        (Target(enabled=True, webhook_url="  ", auth_kind="none", auth_secret=None), "no webhook"),
+        (
+            Recipient(enabled=True, webhook_url="  ", auth_kind="none", auth_secret=None),
+            "no webhook",
+        ),
     ],
 )
-async def test_missing_target_is_skipped_without_a_call(target: Target | None, reason: str) -> None:
+async def test_missing_recipient_is_skipped_without_a_call(
+    recipient: Recipient | None, reason: str
+) -> None:
     calls, handler = recording(200)
 
     delivery = make_delivery()
-    delivery = msgspec.structs.replace(delivery, target=target)
+    delivery = msgspec.structs.replace(delivery, recipient=recipient)
     result = await send_with(handler, delivery)
     assert result.outcome is Outcome.SKIPPED
     assert result.error_code == ErrorCode.RECIPIENT_MISSING
@@ -252,8 +257,8 @@ async def test_missing_target_is_skipped_without_a_call(target: Target | None, r
 async def test_url_policy_violations_are_invalid_url(url: str) -> None:
     calls, handler = recording(200)
 
-    target = Target(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
-    result = await send_with(handler, make_delivery(target))
+    recipient = Recipient(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
+    result = await send_with(handler, make_delivery(recipient))
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.INVALID_URL
     assert result.error_message
@@ -271,8 +276,8 @@ async def test_url_policy_violations_are_invalid_url(url: str) -> None:
     ],
 )
 async def test_url_policy_accepts(url: str) -> None:
-    target = Target(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
-    result = await send_with(reply(200, b'{"code":0}'), make_delivery(target))
+    recipient = Recipient(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
+    result = await send_with(reply(200, b'{"code":0}'), make_delivery(recipient))
     assert result.outcome is Outcome.SUCCESS
 
 
@@ -285,14 +290,14 @@ async def test_local_http_allowed_when_configured() -> None:
         allowed_hosts=("127.0.0.1",),
         path_prefix="/flow/api/trigger-webhook/",
     )
-    target = Target(
+    recipient = Recipient(
         enabled=True,
         webhook_url=f"http://127.0.0.1:8080/flow/api/trigger-webhook/{TOKEN}",
         auth_kind="none",
         auth_secret=None,
     )
     async with transport:
-        result = await provider.send(make_delivery(target))
+        result = await provider.send(make_delivery(recipient))
     assert result.outcome is Outcome.SUCCESS
 
 
@@ -312,8 +317,10 @@ async def capture(delivery: Delivery, **kw: Any) -> tuple[httpx.Request, SendRes
     ],
 )
 async def test_bearer_header(auth_kind: str, secret: str, expected: str | None) -> None:
-    target = Target(enabled=True, webhook_url=WEBHOOK, auth_kind=auth_kind, auth_secret=secret)
-    request, result = await capture(make_delivery(target))
+    recipient = Recipient(
+        enabled=True, webhook_url=WEBHOOK, auth_kind=auth_kind, auth_secret=secret
+    )
+    request, result = await capture(make_delivery(recipient))
     assert request.headers.get("Authorization") == expected
     assert result.request_json is not None
     if secret:
@@ -485,8 +492,8 @@ async def test_bad_bearer_token_is_rejected_without_a_call() -> None:
     calls, handler = recording(200)
 
     secret = "tok\nInjected: yes"
-    target = Target(enabled=True, webhook_url=WEBHOOK, auth_kind="bearer", auth_secret=secret)
-    result = await send_with(handler, make_delivery(target))
+    recipient = Recipient(enabled=True, webhook_url=WEBHOOK, auth_kind="bearer", auth_secret=secret)
+    result = await send_with(handler, make_delivery(recipient))
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.PROVIDER_AUTH_FAILED
     assert result.error_message is not None

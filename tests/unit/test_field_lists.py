@@ -1,5 +1,5 @@
 """The payload's fields are spelled out in several places (the event struct, the result's JSON
-recordset, the claim function's columns; the relay's recordset is rendered from NewRecord).
+recordset, the claim query's columns; the relay's recordset is rendered from NewRecord).
 Each list is checked against the one it must follow, so adding a field fails here until every
 list has it: a recordset column that no struct field fills would silently be NULL, and a claim
 column out of order would land in the wrong ``ClaimedRecord`` field."""
@@ -13,7 +13,7 @@ import pytest
 
 from outbox_notifier import sqlfiles
 from outbox_notifier.events import FeishuNotificationRequested
-from outbox_notifier.store import RELAY_OUTBOX, ClaimedRecord, NewRecord, Result
+from outbox_notifier.store import RELAY_OUTBOX, AttemptResult, ClaimedRecord, NewRecord
 from outbox_notifier.store import recordset_columns as recordset_definition
 
 EVENT_FIELDS = set(FeishuNotificationRequested.__struct_fields__)
@@ -77,22 +77,32 @@ def test_a_field_without_a_postgres_type_is_refused_when_the_statement_is_built(
 
 
 def test_the_result_recordset_reads_only_result_fields() -> None:
-    # Result may carry more (the provider label is for the metrics), never less.
+    # AttemptResult may carry more (the provider label is for the metrics), never less.
     columns = recordset_columns("apply_results", "results")
-    assert set(columns) <= set(Result.__struct_fields__), set(columns) - set(
-        Result.__struct_fields__
+    assert set(columns) <= set(AttemptResult.__struct_fields__), set(columns) - set(
+        AttemptResult.__struct_fields__
     )
     # and every field it carries that the statement does not read is on purpose
-    assert set(Result.__struct_fields__) - set(columns) == {"provider"}
+    assert set(AttemptResult.__struct_fields__) - set(columns) == {"provider"}
 
 
-def test_claimed_records_follow_the_claim_functions_columns_in_order() -> None:
+def claim_columns() -> list[str]:
+    """The columns ``claim_records`` selects from the claim function, in order."""
+    lines = sqlfiles.query("claim_records").splitlines()
+    text = "\n".join(line for line in lines if not line.startswith("--"))
+    match = re.search(r"SELECT (.*?)\s+FROM outbox_notifier\.claim_due_v\d+\(", text, re.DOTALL)
+    assert match, "no column list in claim_records"
+    return [column.strip().removeprefix("c.") for column in match.group(1).split(",")]
+
+
+def test_claimed_records_follow_the_claim_queries_columns_in_order() -> None:
     # ClaimedRecord(*row): the order is the contract. One name differs on purpose.
-    renamed = {"enabled": "channel_enabled"}
-    # older daemons call v1 to v3; this one v4
+    renamed = {"enabled": "recipient_enabled"}
+    columns = claim_columns()
+    assert [renamed.get(c, c) for c in columns] == list(ClaimedRecord.__struct_fields__)
+    # and every claim function, the older daemons' included, returns each of them
     for function in ("claim_due_v1", "claim_due_v2", "claim_due_v3", "claim_due_v4"):
-        columns = [renamed.get(c, c) for c in function_columns(function)]
-        assert columns == list(ClaimedRecord.__struct_fields__), function
+        assert set(columns) <= set(function_columns(function)), function
 
 
 def test_a_claimed_record_carries_every_event_field_a_delivery_needs() -> None:
@@ -105,6 +115,6 @@ def test_a_claimed_record_carries_every_event_field_a_delivery_needs() -> None:
 
 def test_the_structs_encode_their_fields_by_name() -> None:
     # the recordsets match JSON keys to columns by name: no rename on the structs
-    for struct in (NewRecord, Result):
+    for struct in (NewRecord, AttemptResult):
         assert msgspec.structs.fields(struct)
         assert all(f.encode_name == f.name for f in msgspec.structs.fields(struct))

@@ -4,7 +4,6 @@ import pytest
 
 from outbox_notifier.message import (
     DEFAULT_FALLBACK_TEMPLATE,
-    DEFAULT_SUMMARY_MAX_RUNES,
     ERROR_TEXT_MAX_RUNES,
     contains_external_link,
     message_text,
@@ -12,14 +11,16 @@ from outbox_notifier.message import (
     trim_space,
     truncate_runes,
 )
+from outbox_notifier.settings import Settings
 
 DEFAULT = DEFAULT_FALLBACK_TEMPLATE
+SUMMARY_MAX_RUNES = 180  # the seed's defaultSummaryMaxRunes
 CJK_200 = "日" * 120 + "程" * 80
 
 
 def test_constants_match_the_seed() -> None:
     assert DEFAULT_FALLBACK_TEMPLATE == "我为你生成了一份日程调整建议,请回到系统确认是否应用。"
-    assert DEFAULT_SUMMARY_MAX_RUNES == 180
+    assert Settings().summary_max_runes == SUMMARY_MAX_RUNES  # the setting's default
     assert ERROR_TEXT_MAX_RUNES == 2000
 
 
@@ -69,7 +70,7 @@ def test_constants_match_the_seed() -> None:
     ],
 )
 def test_normalize_template(summary: str, fallback: str, expected: tuple[str, str, bool]) -> None:
-    assert normalize_template(summary, fallback, DEFAULT_SUMMARY_MAX_RUNES) == expected
+    assert normalize_template(summary, fallback, SUMMARY_MAX_RUNES) == expected
 
 
 def test_normalize_template_custom_limit() -> None:
@@ -121,7 +122,7 @@ def test_message_text(
 
 
 def test_message_text_from_normalized_template() -> None:
-    summary, fallback, used = normalize_template("见 www.x.com", "", DEFAULT_SUMMARY_MAX_RUNES)
+    summary, fallback, used = normalize_template("见 www.x.com", "", SUMMARY_MAX_RUNES)
     assert message_text(summary, fallback, used, URL) == f"{DEFAULT}\n{URL}"
 
 

@@ -17,7 +17,7 @@ from outbox_notifier.names import PROVIDER_NAMES, RecordStatus
 from outbox_notifier.providers import default_providers
 from outbox_notifier.relay import RelayReport
 from outbox_notifier.settings import Settings
-from outbox_notifier.store import Applied, Rescued, Result
+from outbox_notifier.store import AppliedRecord, AttemptResult, RescuedRecord
 
 P = "outbox_notifier_"
 
@@ -44,8 +44,8 @@ def result(
     *,
     duration_ms: float = 120.0,
     called: bool = True,
-) -> Result:
-    return Result(
+) -> AttemptResult:
+    return AttemptResult(
         record_id=record_id,
         lease_token=record_id * 10,
         attempt=1,
@@ -153,13 +153,13 @@ def test_observe_results(metrics: Metrics, registry: CollectorRegistry) -> None:
         result(7, "success", "sent", duration_ms=30.0),  # late: its lease was taken over
     ]
     applied = [
-        Applied(id=1, channel="feishu", status="sent", latency_s=0.5),
-        Applied(id=2, channel="feishu", status="sent", latency_s=7200.0),
-        Applied(id=3, channel="feishu", status="failed"),
-        Applied(id=4, channel="feishu", status="dead"),
-        Applied(id=5, channel="feishu", status="dead"),
-        Applied(id=6, channel="feishu", status="skipped"),
-        Applied(id=7, channel="feishu", status=None),  # late: logged, not applied
+        AppliedRecord(id=1, channel="feishu", status="sent", latency_s=0.5),
+        AppliedRecord(id=2, channel="feishu", status="sent", latency_s=7200.0),
+        AppliedRecord(id=3, channel="feishu", status="failed"),
+        AppliedRecord(id=4, channel="feishu", status="dead"),
+        AppliedRecord(id=5, channel="feishu", status="dead"),
+        AppliedRecord(id=6, channel="feishu", status="skipped"),
+        AppliedRecord(id=7, channel="feishu", status=None),  # late: logged, not applied
     ]
     metrics.observe_results(results, applied)
 
@@ -229,7 +229,7 @@ def test_unknown_outcomes_and_codes_are_bounded(
 ) -> None:
     metrics.observe_results(
         [result(1, "exploded", "failed", "weird_code_12345")],
-        [Applied(id=1, channel="feishu", status="failed")],
+        [AppliedRecord(id=1, channel="feishu", status="failed")],
     )
     assert (
         value(
@@ -255,7 +255,11 @@ def test_unknown_outcomes_and_codes_are_bounded(
 
 def test_observe_rescued(metrics: Metrics, registry: CollectorRegistry) -> None:
     metrics.observe_rescued(
-        [Rescued(1, "feishu", "failed"), Rescued(2, "feishu", "dead"), Rescued(3, "bot", "failed")]
+        [
+            RescuedRecord(1, "feishu", "failed"),
+            RescuedRecord(2, "feishu", "dead"),
+            RescuedRecord(3, "bot", "failed"),
+        ]
     )
     assert value(registry, "leases_expired_total", channel="feishu") == 2
     assert value(registry, "leases_expired_total", channel="bot") == 1
@@ -337,11 +341,11 @@ def test_labels_never_carry_user_data(metrics: Metrics, registry: CollectorRegis
     metrics.observe_results(
         [result(1, "success", "sent"), result(2, "temporary_fail", "failed", "network_error")],
         [
-            Applied(id=1, channel="feishu", status="sent", latency_s=1.0),
-            Applied(id=2, channel="feishu", status=None),
+            AppliedRecord(id=1, channel="feishu", status="sent", latency_s=1.0),
+            AppliedRecord(id=2, channel="feishu", status=None),
         ],
     )
-    metrics.observe_rescued([Rescued(3, "feishu", "dead")])
+    metrics.observe_rescued([RescuedRecord(3, "feishu", "dead")])
     allowed = {
         "channel", "provider", "outcome", "error_code", "reason_class", "status", "loop", "le",
         "table",  # the tables of the daemon's own schema
@@ -397,8 +401,8 @@ def test_provider_label_is_bounded_by_the_provider_names(
     metrics.observe_results(
         [bot, stray],
         [
-            Applied(id=1, channel="feishu", status="sent", latency_s=0.2),
-            Applied(id=2, channel="feishu", status="sent"),
+            AppliedRecord(id=1, channel="feishu", status="sent", latency_s=0.2),
+            AppliedRecord(id=2, channel="feishu", status="sent"),
         ],
     )
     attempts = "delivery_attempts_total"

@@ -12,7 +12,7 @@ from outbox_notifier.daemon import claim_policy
 from outbox_notifier.names import PROVIDER_NAMES
 from outbox_notifier.providers import REGISTRY, ProviderSettings, default_providers
 from outbox_notifier.providers.base import HttpProvider
-from outbox_notifier.providers.model import Provider, Target
+from outbox_notifier.providers.model import Provider, Recipient
 from outbox_notifier.providers.urls import UrlRejected
 from outbox_notifier.settings import Settings, SettingsError
 from tests.provider_support import make_delivery, mock_transport
@@ -69,14 +69,14 @@ async def test_the_factory_passes_a_providers_own_options() -> None:
     async with mock_transport(handler) as transport:
         bot = default_providers(settings, transport)["feishu_bot"]
         url = "http://open.feishu.cn/open-apis/bot/v2/hook/t"
-        target = Target(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
-        await bot.send(make_delivery(target))
+        recipient = Recipient(enabled=True, webhook_url=url, auth_kind="none", auth_secret=None)
+        await bot.send(make_delivery(recipient))
     assert [json.loads(r.content)["msg_type"] for r in sent] == ["interactive"]
 
 
 def test_the_claim_policy_paces_by_the_same_settings() -> None:
     policy = claim_policy(Settings(flow_max_per_s=3, webhook_max_per_min=7, lease_s=42))
-    assert policy.per_s == {
+    assert policy.pacing.per_s == {
         "feishu_flow": 3,
         "feishu_bot": 5,
         "webhook": 0,
@@ -84,7 +84,7 @@ def test_the_claim_policy_paces_by_the_same_settings() -> None:
         "wecom_bot": 0,
         "slack_webhook": 1,
     }
-    assert policy.per_min == {
+    assert policy.pacing.per_min == {
         "feishu_flow": 0,
         "feishu_bot": 100,
         "webhook": 7,

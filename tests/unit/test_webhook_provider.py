@@ -19,7 +19,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from outbox_notifier.names import PERMANENT_ERROR_CODES, ErrorCode, Outcome
 from outbox_notifier.providers import webhook
-from outbox_notifier.providers.model import Delivery, SendResult, Target
+from outbox_notifier.providers.model import Delivery, Recipient, SendResult
 from outbox_notifier.providers.webhook import WebhookProvider
 from tests import provider_support
 from tests.provider_support import Handler, mock_transport, raising, recording, reply
@@ -33,15 +33,15 @@ SECRET_B = "whsec_" + base64.b64encode(b"second key for the rotation....").decod
 DELIVERY_FIELDS: dict[str, Any] = {"record_id": 555, "channel": "webhook"}
 
 
-def make_target(
+def make_recipient(
     url: str = URL, auth_kind: str = "bot_secret", secret: str | None = SECRET_A
-) -> Target:
-    return Target(enabled=True, webhook_url=url, auth_kind=auth_kind, auth_secret=secret)
+) -> Recipient:
+    return Recipient(enabled=True, webhook_url=url, auth_kind=auth_kind, auth_secret=secret)
 
 
-def make_delivery(target: Target | None = None, **overrides: Any) -> Delivery:
-    target = target if target is not None else make_target()
-    return provider_support.make_delivery(target, **(DELIVERY_FIELDS | overrides))
+def make_delivery(recipient: Recipient | None = None, **overrides: Any) -> Delivery:
+    recipient = recipient if recipient is not None else make_recipient()
+    return provider_support.make_delivery(recipient, **(DELIVERY_FIELDS | overrides))
 
 
 def make_provider(
@@ -155,8 +155,8 @@ async def test_signature_verifies_with_the_reference_library_at_real_time() -> N
 
 
 async def test_two_secrets_give_two_signatures_for_rotation() -> None:
-    target = make_target(secret=f"  {SECRET_A}   {SECRET_B} ")
-    seen, _ = await capture(make_delivery(target), clock=lambda: datetime.now(UTC))
+    recipient = make_recipient(secret=f"  {SECRET_A}   {SECRET_B} ")
+    seen, _ = await capture(make_delivery(recipient), clock=lambda: datetime.now(UTC))
     (request,) = seen
     parts = request.headers["webhook-signature"].split(" ")
     assert parts == [reference_signature(SECRET_A, request), reference_signature(SECRET_B, request)]
@@ -167,7 +167,7 @@ async def test_two_secrets_give_two_signatures_for_rotation() -> None:
 
 async def test_secret_without_prefix_and_unpadded_is_accepted() -> None:
     raw = base64.b64encode(b"key!").decode().rstrip("=")
-    seen, _ = await capture(make_delivery(make_target(secret=raw)))
+    seen, _ = await capture(make_delivery(make_recipient(secret=raw)))
     assert seen[0].headers["webhook-signature"] == reference_signature(raw, seen[0])
 
 
@@ -182,7 +182,7 @@ async def test_secret_without_prefix_and_unpadded_is_accepted() -> None:
     ],
 )
 async def test_bad_secret_fails_without_a_call(secret: str) -> None:
-    seen, result = await capture(make_delivery(make_target(secret=secret)))
+    seen, result = await capture(make_delivery(make_recipient(secret=secret)))
     assert seen == []
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.PROVIDER_AUTH_FAILED
@@ -193,13 +193,13 @@ async def test_bad_secret_fails_without_a_call(secret: str) -> None:
 
 
 async def test_unsigned_when_auth_kind_is_none() -> None:
-    seen, _ = await capture(make_delivery(make_target(auth_kind="none", secret=None)))
+    seen, _ = await capture(make_delivery(make_recipient(auth_kind="none", secret=None)))
     assert "webhook-signature" not in seen[0].headers
     assert seen[0].headers["webhook-id"] == "msg_555"
 
 
 async def test_bearer_token() -> None:
-    seen, result = await capture(make_delivery(make_target(auth_kind="bearer", secret="tok-1")))
+    seen, result = await capture(make_delivery(make_recipient(auth_kind="bearer", secret="tok-1")))
     assert seen[0].headers["Authorization"] == "Bearer tok-1"
     assert "webhook-signature" not in seen[0].headers
     assert result.request_json is not None
@@ -245,7 +245,7 @@ async def test_status_mapping(
     assert result.http_status == status
     assert result.response_body == b'{"ok":false}'
     assert result.request_json is not None
-    assert result.disable_target is (status == 410)
+    assert result.disable_channel is (status == 410)
     if message is None:
         assert result.error_message is None
     else:
@@ -319,19 +319,19 @@ async def test_response_body_is_capped() -> None:
     assert result.response_truncated is True
 
 
-# ---------------------------------------------------------------- targets and URL policy
+# ------------------------------------------------------------- recipients and URL policy
 
 
 @pytest.mark.parametrize(
-    ("target", "reason"),
+    ("recipient", "reason"),
     [
         (None, "no webhook channel"),
-        (Target(enabled=False, webhook_url=URL, auth_kind="none", auth_secret=None), "disabled"),
-        (Target(enabled=True, webhook_url="", auth_kind="none", auth_secret=None), "no url"),
+        (Recipient(enabled=False, webhook_url=URL, auth_kind="none", auth_secret=None), "disabled"),
+        (Recipient(enabled=True, webhook_url="", auth_kind="none", auth_secret=None), "no url"),
     ],
 )
-async def test_missing_target_is_skipped(target: Target | None, reason: str) -> None:
-    seen, result = await capture(msgspec.structs.replace(make_delivery(), target=target))
+async def test_missing_recipient_is_skipped(recipient: Recipient | None, reason: str) -> None:
+    seen, result = await capture(msgspec.structs.replace(make_delivery(), recipient=recipient))
     assert seen == []
     assert result.outcome is Outcome.SKIPPED
     assert result.error_code == ErrorCode.RECIPIENT_MISSING
@@ -353,7 +353,7 @@ async def test_missing_target_is_skipped(target: Target | None, reason: str) -> 
     ],
 )
 async def test_url_policy_violations_are_invalid_url(url: str, kw: dict[str, Any]) -> None:
-    seen, result = await capture(make_delivery(make_target(url=url)), **kw)
+    seen, result = await capture(make_delivery(make_recipient(url=url)), **kw)
     assert seen == []
     assert result.outcome is Outcome.PERMANENT_FAIL
     assert result.error_code == ErrorCode.INVALID_URL
@@ -374,6 +374,6 @@ async def test_url_policy_violations_are_invalid_url(url: str, kw: dict[str, Any
     ],
 )
 async def test_url_policy_accepts(url: str, kw: dict[str, Any]) -> None:
-    seen, result = await capture(make_delivery(make_target(url=url)), **kw)
+    seen, result = await capture(make_delivery(make_recipient(url=url)), **kw)
     assert len(seen) == 1
     assert result.outcome is Outcome.SUCCESS
