@@ -54,7 +54,9 @@ SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
 -- Claims due records with pacing, throttling and endpoint protection; see
--- outbox_notifier.claim_due_v4.
+-- outbox_notifier.claim_due_v5. First attempts are looked for past %(after_id)s, the delivery
+-- loop's cursor (0: a sweep from the start), so that the scan does not revisit the index entries
+-- of records claimed before it (which a long-open snapshot keeps from being cleaned up).
 -- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
 -- to reach disk: synchronous_commit is off for this transaction only. A database crash (not a
 -- clean restart, which flushes the WAL) may then lose the claims of its last moments: their
@@ -62,9 +64,9 @@ SELECT outbox_id, id FROM inserted;
 -- commits durably, and with it every earlier commit in the WAL. About a quarter of the database
 -- side's throughput (bench/README.md).
 SELECT c.*
-FROM outbox_notifier.claim_due_v4(
+FROM outbox_notifier.claim_due_v5(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
-    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s
+    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
 ) AS c,
     set_config(
         'synchronous_commit',
@@ -93,8 +95,8 @@ SELECT extract(epoch FROM least(
 --   %(retry_after_max_s)s);
 -- * a target that answered 410 Gone has its user's channel switched off (reason kept);
 -- * endpoint protection counts each call in the second it started, a 429 throttles its target
---   until its Retry-After (outbox_notifier.record_target_results_v2, which locks the targets in
---   key order).
+--   until its Retry-After (outbox_notifier.record_target_results_v3, which writes only the
+--   targets whose state the batch can change, locked in key order).
 -- All of it commits together or is retried together. Returns one row per result whose record
 -- exists, with what logging and metrics need (status NULL: a late result, not applied), and on
 -- each row the keys of the targets this batch paused. The target is the channel's current webhook
@@ -177,7 +179,7 @@ WITH input AS (
       AND (input.outcome IN ('success', 'temporary_fail') OR input.http_status IS NOT NULL)
 ), paused AS MATERIALIZED (
     SELECT array_agg(p.key) FILTER (WHERE p.key IS NOT NULL) AS keys
-    FROM outbox_notifier.record_target_results_v2(
+    FROM outbox_notifier.record_target_results_v3(
         ARRAY(SELECT target_key FROM calls ORDER BY record_id, lease_token),
         ARRAY(SELECT started FROM calls ORDER BY record_id, lease_token),
         ARRAY(SELECT kind FROM calls ORDER BY record_id, lease_token),
