@@ -8,6 +8,14 @@ result goes to the `ResultCompleter` (``outbox_notifier.completer``), which appl
 batches, each guarded by its fencing token. While the completer is behind (its backlog over its
 bound), the loop claims nothing new.
 
+The claim's cursor: each claim looks for first attempts only past the highest record id the
+previous claim took, so its index scan starts where the last one stopped instead of walking again
+over the entries of every record claimed since the oldest open snapshot (which that snapshot keeps
+from being cleaned up: under a long-held one the walk grew with every record delivered). A record
+below the cursor that is still pending (its row or key was held by another replica or loop at
+the claim, or another replica's relay committed it after a higher id) is taken by the sweep: every
+``sweep_s`` a claim starts from 0 instead.
+
 Invariant: ``lease_s`` must exceed the provider timeout plus the time a result waits to be
 applied, or a slow-but-alive call would be rescued and sent a second time. The settings enforce
 ``lease_s > http_timeout_s``; results wait milliseconds, and at most the completer's
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -181,6 +190,7 @@ class Deliverer:
         batch_size: int,
         concurrency: int,
         claim_retry_s: float = 1.0,
+        sweep_s: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -191,6 +201,9 @@ class Deliverer:
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.claim_retry_s = claim_retry_s
+        self.sweep_s = sweep_s
+        self._after_id = 0  # the cursor (see the module docstring)
+        self._swept_at = -math.inf
         self.rng = rng or random.Random()
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -234,16 +247,26 @@ class Deliverer:
         return asyncio.create_task(self.completer.run(ctx), name="complete-results")
 
     async def _claim(self, ctx: LoopContext, limit: int) -> list[ClaimedRecord] | None:
+        now = time.monotonic()
+        after_id = self._after_id
+        if now - self._swept_at >= self.sweep_s:
+            after_id, self._swept_at = 0, now
         try:
             with ctx.metrics.claim_timer("delivery"):
                 claimed = await bounded(
-                    self.store.claim_records(limit, self.claim_policy), ctx.db_deadline_s
+                    self.store.claim_records(limit, self.claim_policy, after_id=after_id),
+                    ctx.db_deadline_s,
                 )
         except OperationalError as exc:
             logger.warning("claim failed, database unavailable: %s", first_line(exc))
             ctx.database_failed("delivery", exc)
             return None
         ctx.db_health.ok("delivery")
+        if claimed:
+            # Every first attempt the scan could see up to here was taken or skipped (a skipped
+            # one waits for the sweep); retries and deferred records come in any id order, and
+            # none of them can be higher than a first attempt the scan did not reach.
+            self._after_id = max(self._after_id, *(record.id for record in claimed))
         return claimed
 
     async def _idle_s(self, ctx: LoopContext, poll_interval_s: float) -> float:

@@ -332,11 +332,15 @@ class RecordStore:
 
     # -- delivery --------------------------------------------------------------------------
 
-    async def claim_records(self, limit: int, policy: ClaimPolicy) -> list[ClaimedRecord]:
+    async def claim_records(
+        self, limit: int, policy: ClaimPolicy, *, after_id: int = 0
+    ) -> list[ClaimedRecord]:
+        """Claims up to ``limit`` due records; first attempts only past ``after_id`` (the
+        caller's cursor; 0 sweeps from the start, see ``claim_records`` in the SQL)."""
         # The policy's part of the parameters is the same on every claim: built once.
         if self._claim_params is None or self._claim_params[0] is not policy:
             self._claim_params = (policy, _policy_params(policy))
-        params = {"limit": limit, **self._claim_params[1]}
+        params = {"limit": limit, "after_id": after_id, **self._claim_params[1]}
         async with self._statement() as conn:
             cur = await conn.execute(query("claim_records"), params)
             return [ClaimedRecord(*row) for row in await cur.fetchall()]

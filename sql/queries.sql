@@ -54,7 +54,9 @@ SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
 -- Claims due records with pacing (the 429 throttle included) and the breaker; see
--- outbox_notifier.claim_due_v4.
+-- outbox_notifier.claim_due_v5. First attempts are looked for past %(after_id)s, the delivery
+-- loop's cursor (0: a sweep from the start), so that the scan does not revisit the index entries
+-- of records claimed before it (which a long-open snapshot keeps from being cleaned up).
 -- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
 -- to reach disk: synchronous_commit is off for this transaction only. A database crash (not a
 -- clean restart, which flushes the WAL) may then lose the claims of its last moments: their
@@ -68,9 +70,9 @@ SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.t
        c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text, c.fallback_text,
        c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token, c.enabled,
        c.webhook_url, c.auth_kind, c.auth_secret, c.provider
-FROM outbox_notifier.claim_due_v4(
+FROM outbox_notifier.claim_due_v5(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
-    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s
+    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
 ) AS c,
     set_config(
         'synchronous_commit',
@@ -100,8 +102,8 @@ SELECT extract(epoch FROM least(
 -- * a result with disable_channel (the target answered 410 Gone) switches its user's channel
 --   row off (enabled = false, the reason kept);
 -- * the breaker counts each call in the second it started, a 429 throttles its target
---   until its Retry-After (outbox_notifier.record_target_results_v2, which locks the targets in
---   key order).
+--   until its Retry-After (outbox_notifier.record_target_results_v3, which writes only the
+--   targets whose state the batch can change, locked in key order).
 -- All of it commits together or is retried together. Returns one row per result whose record
 -- exists, with what logging and metrics need (status NULL: a late result, not applied), and on
 -- each row the keys of the targets whose breaker this batch tripped (their paused_until set). The target is the channel's current webhook
@@ -184,7 +186,7 @@ WITH input AS (
       AND (input.outcome IN ('success', 'temporary_fail') OR input.http_status IS NOT NULL)
 ), tripped AS MATERIALIZED (
     SELECT array_agg(p.key) FILTER (WHERE p.key IS NOT NULL) AS keys
-    FROM outbox_notifier.record_target_results_v2(
+    FROM outbox_notifier.record_target_results_v3(
         ARRAY(SELECT target_key FROM calls ORDER BY record_id, lease_token),
         ARRAY(SELECT started FROM calls ORDER BY record_id, lease_token),
         ARRAY(SELECT kind FROM calls ORDER BY record_id, lease_token),

@@ -201,3 +201,11 @@ def fill_history(conn: psycopg.Connection[Any], rows: int = 20_000) -> None:
         " SELECT 't', '{}', 'relayed' FROM generate_series(1, %s)",
         (rows,),
     )
+
+
+def column(cur: psycopg.Cursor[Any], rows: list[tuple[Any, ...]], name: str) -> list[Any]:
+    """One column of ``rows`` by its name in the cursor's result (statements such as
+    ``claim_records`` list their columns in a struct's order, not the table's)."""
+    assert cur.description is not None
+    index = [c.name for c in cur.description].index(name)
+    return [row[index] for row in rows]
