@@ -24,6 +24,8 @@ from typing import Any
 
 import msgspec
 
+from outbox_notifier import tracing
+
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
@@ -51,6 +53,14 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
             continue
         lowered = key.lower()
         fields[key] = _MASK if any(w in lowered for w in _SECRET_WORDS) else value
+    if "span_id" not in fields:
+        # Tracing (None when off, or outside any span): the line points at the current span.
+        ids = tracing.active.log_ids()
+        if ids is not None:
+            own = fields.get("trace_id")
+            if own and own != ids[0]:
+                fields["payload_trace_id"] = own
+            fields["trace_id"], fields["span_id"] = ids
     return fields
 
 

@@ -136,6 +136,10 @@ class ClaimedRecord(msgspec.Struct, frozen=True):
     auth_secret: str | None
     provider: str
     target_key: str | None
+    # The record's W3C trace context: read only by a daemon that traces (claim_records with
+    # ``traced``); the claim functions' columns end before them.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,6 +223,9 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     http_status: int | None
     started_at: datetime
     duration_ms: float
+    # The W3C traceparent of the call's delivery span (a daemon that traces): kept by a record
+    # that has no trace context yet, and the metrics' exemplar.
+    traceparent: str | None = None
 
 
 class Applied(msgspec.Struct, frozen=True, kw_only=True):
@@ -327,13 +334,17 @@ class RecordStore:
 
     # -- delivery --------------------------------------------------------------------------
 
-    async def claim_records(self, limit: int, policy: ClaimPolicy) -> list[ClaimedRecord]:
+    async def claim_records(
+        self, limit: int, policy: ClaimPolicy, *, traced: bool = False
+    ) -> list[ClaimedRecord]:
+        """Claims up to ``limit`` due records; ``traced``: with their trace contexts."""
         # The policy's part of the parameters is the same on every claim: built once.
         if self._claim_params is None or self._claim_params[0] is not policy:
             self._claim_params = (policy, _policy_params(policy))
         params = {"limit": limit, **self._claim_params[1]}
+        statement = query("claim_records_traced" if traced else "claim_records")
         async with self._statement() as conn:
-            cur = await conn.execute(query("claim_records"), params)
+            cur = await conn.execute(statement, params)
             return [ClaimedRecord(*row) for row in await cur.fetchall()]
 
     async def seconds_until_next_due(self) -> float | None:
