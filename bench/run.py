@@ -372,19 +372,33 @@ class Bench:
         dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
         off = Contender("daemon: CLI, tracing off (the default)")
         on = Contender("daemon: CLI, tracing on, 100% sampled, OTLP/HTTP")
+        tenth = Contender("daemon: CLI, tracing on, 10% sampled, OTLP/HTTP")
         with otlp_sink() as sink:
             env = {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
                 "OTEL_TRACES_SAMPLER": "always_on",
                 "OTEL_SERVICE_NAME": "outbox-notifier-bench",
             }
+            sampled = {
+                **env,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            }
+            traced = {"tracing": "true"}
             for _ in range(runs):
                 _drain("tracing off", off, lambda: scenarios.daemon_throughput(dbs, srv, n, "cli"))
                 _drain(
                     "tracing on",
                     on,
                     lambda: scenarios.daemon_throughput(
-                        dbs, srv, n, "cli", settings={"tracing": "true"}, env=env
+                        dbs, srv, n, "cli", settings=traced, env=env
+                    ),
+                )
+                _drain(
+                    "tracing on, 10%",
+                    tenth,
+                    lambda: scenarios.daemon_throughput(
+                        dbs, srv, n, "cli", settings=traced, env=sampled
                     ),
                 )
             exported = sink.requests
@@ -404,8 +418,14 @@ class Bench:
                 target=">= 0.8",
                 check=(">=", 0.8),
             ),
+            Row(
+                "ratio tracing on, 10% sampled / off (medians)",
+                "x",
+                [tenth.rate() / off.rate()],
+            ),
             Row("daemon CPU per record, tracing off", "us", [r.cpu_us for r in off.runs]),
             Row("daemon CPU per record, tracing on", "us", [r.cpu_us for r in on.runs]),
+            Row("daemon CPU per record, tracing on, 10%", "us", [r.cpu_us for r in tenth.runs]),
         ]
         self.notes.append(f"tracing: {exported} OTLP export requests reached the sink")
 

@@ -283,3 +283,17 @@ def test_without_the_extra_tracing_on_refuses_to_start_with_one_line(command: st
         "outbox-notifier: invalid setting tracing (from OUTBOX_NOTIFIER_TRACING): true needs "
         "the otel extra, which is not installed: pip install 'outbox-notifier[otel]'"
     ]
+
+
+def test_the_installed_exporter_sends_through_the_fast_encoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # otel_tracing.OtlpExporter uses the exporter's HTTP client (not public API) to send what
+    # otlp_encoding wrote; an exporter release without it falls back to the slow path, and
+    # this says so here rather than in a benchmark.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    exporter = otel_tracing.OtlpExporter()
+    try:
+        assert exporter.fast
+    finally:
+        exporter.shutdown()
