@@ -13,6 +13,9 @@ json (one object per line)::
 
     {"ts":"2024-05-01T12:00:00.123Z","level":"INFO","logger":"outbox_notifier.delivery",
      "msg":"delivered record 7","record_id":7,"attempt":2}
+
+With tracing on (``outbox_notifier.tracing``), a line written inside a span carries the span's
+``trace_id`` and ``span_id`` (a ``trace_id`` of its own that differs becomes ``payload_trace_id``).
 """
 
 from __future__ import annotations
