@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -211,13 +211,20 @@ class Process:
     _seen: threading.Condition = field(default_factory=threading.Condition)
 
     @classmethod
-    def start(cls, args: Sequence[str], *, merge_stderr: bool = True) -> Process:
+    def start(
+        cls,
+        args: Sequence[str],
+        *,
+        merge_stderr: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> Process:
+        """Starts ``python args``; ``env`` adds to (or overrides) this process's variables."""
         popen = subprocess.Popen(
             [sys.executable, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else None,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         proc = cls(popen)
         threading.Thread(target=proc._read, daemon=True).start()

@@ -23,14 +23,15 @@ from pathlib import Path
 
 from bench import footprint, peers, scenarios, snapshot
 from bench.fixtures import Databases, feishu_server
+from bench.otlp_sink import otlp_sink
 from outbox_notifier.testing.feishu_server import RemoteFeishuServer
 from outbox_notifier.testing.postgres import throwaway_server
 
 SECTIONS = (
-    "throughput", "peers", "database", "latency", "purge", "scale", "footprint", "snapshot",
-    "transports", "http",
+    "throughput", "tracing", "peers", "database", "latency", "purge", "scale", "footprint",
+    "snapshot", "transports", "http",
 )  # fmt: skip
-DEFAULT_SECTIONS = SECTIONS[:8]  # the last two compare HTTP stacks; run them by name
+DEFAULT_SECTIONS = SECTIONS[:9]  # the last two compare HTTP stacks; run them by name
 # The yardstick posting as the daemon's providers do (a built request straight to the
 # transport): the like-for-like comparison for the pipeline's own cost.
 BARE_TRANSPORT = "bare loop, requests built for the transport (as the daemon sends)"
@@ -364,6 +365,69 @@ class Bench:
                 check=("<", 150.0),
             ),
         ]
+
+    def tracing(self) -> None:
+        """The CLI daemon with tracing off and on (every span sampled, exported over OTLP/HTTP
+        to a local sink), runs interleaved."""
+        dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
+        off = Contender("daemon: CLI, tracing off (the default)")
+        on = Contender("daemon: CLI, tracing on, 100% sampled, OTLP/HTTP")
+        tenth = Contender("daemon: CLI, tracing on, 10% sampled, OTLP/HTTP")
+        with otlp_sink() as sink:
+            env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                "OTEL_TRACES_SAMPLER": "always_on",
+                "OTEL_SERVICE_NAME": "outbox-notifier-bench",
+            }
+            sampled = {
+                **env,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            }
+            traced = {"tracing": "true"}
+            for _ in range(runs):
+                _drain("tracing off", off, lambda: scenarios.daemon_throughput(dbs, srv, n, "cli"))
+                _drain(
+                    "tracing on",
+                    on,
+                    lambda: scenarios.daemon_throughput(
+                        dbs, srv, n, "cli", settings=traced, env=env
+                    ),
+                )
+                _drain(
+                    "tracing on, 10%",
+                    tenth,
+                    lambda: scenarios.daemon_throughput(
+                        dbs, srv, n, "cli", settings=traced, env=sampled
+                    ),
+                )
+            exported = sink.requests
+        if not exported:
+            raise RuntimeError("tracing on, yet no span reached the OTLP sink")
+        self.rows += [
+            Row(f"daemon, tracing off, {n:,} records", "records/s", [r.rate for r in off.runs]),
+            Row(
+                f"daemon, tracing on (100% sampled, OTLP/HTTP), {n:,} records",
+                "records/s",
+                [r.rate for r in on.runs],
+            ),
+            Row(
+                "ratio tracing on / off (medians)",
+                "x",
+                [on.rate() / off.rate()],
+                target=">= 0.8",
+                check=(">=", 0.8),
+            ),
+            Row(
+                "ratio tracing on, 10% sampled / off (medians)",
+                "x",
+                [tenth.rate() / off.rate()],
+            ),
+            Row("daemon CPU per record, tracing off", "us", [r.cpu_us for r in off.runs]),
+            Row("daemon CPU per record, tracing on", "us", [r.cpu_us for r in on.runs]),
+            Row("daemon CPU per record, tracing on, 10%", "us", [r.cpu_us for r in tenth.runs]),
+        ]
+        self.notes.append(f"tracing: {exported} OTLP export requests reached the sink")
 
     def peers(self) -> None:
         dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs

@@ -130,13 +130,14 @@ def daemon_throughput(
     profile: Path | None = None,
     meter: Meter | None = None,
     settings: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Throughput:
     """Records/s from the enqueue commit until the last record is sent, CPU/record, peak RSS;
-    ``settings`` are passed to the CLI daemon (``--set``)."""
+    ``settings`` are passed to the CLI daemon (``--set``), ``env`` to its environment."""
     dsn = dbs.new()
     add_channels(dsn, server)
     server.reset()
-    proc = Process.start(daemon_args(dsn, variant, settings))
+    proc = Process.start(daemon_args(dsn, variant, settings), env=env)
     profiler = None
     try:
         proc.wait_line("outbox-notifier running")

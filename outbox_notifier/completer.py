@@ -35,6 +35,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from outbox_notifier import tracing
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.names import RecordStatus
 from outbox_notifier.store import (
@@ -68,13 +69,21 @@ def dedupe_key_hash(dedupe_key: str) -> str:
 
 
 def _log_fields(result: AttemptResult, record: AppliedRecord) -> dict[str, object]:
-    return {
+    fields: dict[str, object] = {
         "record_id": result.record_id,
         "trace_id": record.trace_id,
         "dedupe_key_hash": dedupe_key_hash(record.dedupe_key),
         "attempt": result.attempt,
         "error_code": result.error_code,
     }
+    ids = tracing.ids_of(result.traceparent)
+    if ids is not None:
+        # Tracing: the line points at the attempt's span; the payload's own trace id, when it
+        # says something else, is kept beside it.
+        if record.trace_id and record.trace_id != ids[0]:
+            fields["payload_trace_id"] = record.trace_id
+        fields["trace_id"], fields["span_id"] = ids[0], ids[1]
+    return fields
 
 
 class ResultCompleter:
@@ -178,9 +187,11 @@ class ResultCompleter:
         # One statement stores the results, their 410 disables and the pacing and breaker
         # bookkeeping: they commit together or are retried together.
         try:
-            stored = await bounded(
-                self.store.apply_results(batch, self.claim_policy), ctx.db_deadline_s
-            )
+            with tracing.active.database("apply_results") as span:
+                stored = await bounded(
+                    self.store.apply_results(batch, self.claim_policy), ctx.db_deadline_s
+                )
+                span.rows(len(batch))
             records, tripped = stored.records, stored.tripped
         except ValueRefused:
             # Should not happen (text is sanitised), but one bad value must not block the rest.

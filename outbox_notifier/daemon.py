@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
-from outbox_notifier import connections, eventloop, httpclient, migrations, sdnotify
+from outbox_notifier import connections, eventloop, httpclient, migrations, sdnotify, tracing
 from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.dbhealth import DatabaseHealth, bounded, describe
@@ -53,6 +53,8 @@ class DatabaseUnavailable(RuntimeError):
 
 #: Start-up retries wait 0.5 s, 1 s, 2 s ... up to this long between tries.
 STARTUP_RETRY_MAX_S = 15.0
+#: At exit, the spans still buffered get this long to be exported (tracing on).
+TRACE_FLUSH_S = 5.0
 
 
 def http_transport(settings: Settings) -> httpclient.EgressTransport:
@@ -87,6 +89,15 @@ def claim_policy(settings: Settings) -> ClaimPolicy:
         ),
         durable=settings.durable_claims,
     )
+
+
+async def _flush_traces() -> None:
+    """Exports the spans still buffered, in a thread (the exporter blocks), for at most
+    ``TRACE_FLUSH_S``: an absent collector must not hold the exit."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(tracing.shutdown), TRACE_FLUSH_S)
+    except TimeoutError:
+        logger.warning("spans not exported within %ss at exit; dropped", TRACE_FLUSH_S)
 
 
 class Daemon:
@@ -142,6 +153,8 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+        # Tracing: OpenTelemetry when the setting is on, else a no-op that imports nothing.
+        tracing.install(settings)
         session = connections.session_timeouts(settings)
         pool = connections.new_pool(settings, session)
         store = RecordStore(
@@ -183,6 +196,7 @@ class Daemon:
             await server.close()
             await pool.close()
             self.notifier.close()
+            await _flush_traces()
 
     async def _wait_for_database(self) -> bool:
         """Retries a probe with capped backoff until the database answers; False if stopped.

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from outbox_notifier import backoff, message
+from outbox_notifier import backoff, message, tracing
 from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.loops import LoopContext
@@ -102,8 +102,11 @@ def to_result(
     policy: backoff.RetryPolicy,
     started_at: datetime,
     rng: random.Random,
+    *,
+    traceparent: str | None = None,
 ) -> AttemptResult:
-    """The call's result as it will be stored, with the record's transition decided."""
+    """The call's result as it will be stored, with the record's transition decided;
+    ``traceparent``: the context of the attempt's span, when tracing."""
     transition = backoff.decide(
         sent.outcome,
         attempt_count=record.attempt_count,
@@ -139,6 +142,7 @@ def to_result(
         http_status=sent.http_status,
         started_at=started_at,
         duration_ms=sent.duration_s * 1000.0,
+        traceparent=traceparent,
     )
 
 
@@ -252,11 +256,15 @@ class Deliverer:
         if now - self._swept_at >= self.sweep_s:
             after_id, self._swept_at = 0, now
         try:
-            with ctx.metrics.claim_timer("delivery"):
+            tracer = tracing.active
+            with ctx.metrics.claim_timer("delivery"), tracer.database("claim_records") as span:
                 claimed = await bounded(
-                    self.store.claim_records(limit, self.claim_policy, after_id=after_id),
+                    self.store.claim_records(
+                        limit, self.claim_policy, after_id=after_id, traced=tracer.enabled
+                    ),
                     ctx.db_deadline_s,
                 )
+                span.rows(len(claimed))
         except OperationalError as exc:
             logger.warning("claim failed, database unavailable: %s", first_line(exc))
             ctx.database_failed("delivery", exc)
@@ -291,8 +299,17 @@ class Deliverer:
 
     async def _deliver(self, record: ClaimedRecord) -> None:
         started_at = datetime.now(UTC)
-        sent = await call_provider(self.providers, record.provider, to_delivery(record))
-        result = to_result(record, sent, self.policy, started_at, self.rng)
+        # A no-op unless tracing is on (outbox_notifier.tracing): nothing is spent per record.
+        with tracing.active.process(
+            record_id=record.id, attempt=record.attempt_count, channel=record.channel,
+            provider=record.provider, traceparent=record.traceparent,
+            tracestate=record.tracestate,
+        ) as span:  # fmt: skip
+            sent = await call_provider(self.providers, record.provider, to_delivery(record))
+            result = to_result(
+                record, sent, self.policy, started_at, self.rng, traceparent=span.traceparent()
+            )
+            span.finished(result.outcome, result.error_code, result.status)
         # This call is still in the in-flight set: more are due if any other is.
         self.completer.put(result, more_due=len(self._inflight) > 1)
 

@@ -13,6 +13,9 @@ json (one object per line)::
 
     {"ts":"2024-05-01T12:00:00.123Z","level":"INFO","logger":"outbox_notifier.delivery",
      "msg":"delivered record 7","record_id":7,"attempt":2}
+
+With tracing on (``outbox_notifier.tracing``), a line written inside a span carries the span's
+``trace_id`` and ``span_id`` (a ``trace_id`` of its own that differs becomes ``payload_trace_id``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import sys
 from typing import Any
 
 import msgspec
+
+from outbox_notifier import tracing
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -51,6 +56,14 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
             continue
         lowered = key.lower()
         fields[key] = _MASK if any(w in lowered for w in _SECRET_WORDS) else value
+    if "span_id" not in fields:
+        # Tracing (None when off, or outside any span): the line points at the current span.
+        ids = tracing.active.log_ids()
+        if ids is not None:
+            own = fields.get("trace_id")
+            if own and own != ids[0]:
+                fields["payload_trace_id"] = own
+            fields["trace_id"], fields["span_id"] = ids
     return fields
 
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from outbox_notifier import __version__
+from outbox_notifier import __version__, tracing
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.events import REASON_CLASSES
 from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow, TuplesRow
@@ -296,6 +296,7 @@ class Metrics:
         """
         by_id = {row.id: row for row in records}
         provider_of: dict[int, str] = {}
+        traced: dict[int, str] = {}  # record id -> its attempt's traceparent (tracing only)
         child = self._child
         for result in results:
             record = by_id.get(result.record_id)
@@ -310,9 +311,11 @@ class Metrics:
                 child(self.provider_errors, channel, provider, code).inc()
             # A result with no request and no time spent never reached a provider (a missing
             # recipient, a refused URL): it has no call duration to report.
+            if result.traceparent is not None:
+                traced[result.record_id] = result.traceparent
             if result.request_json is not None or result.duration_ms > 0:
                 child(self.provider_call_duration, channel, provider).observe(
-                    result.duration_ms / 1000.0
+                    result.duration_ms / 1000.0, _exemplar(result.traceparent)
                 )
         for row in records:
             if row.status == "dead":
@@ -320,7 +323,7 @@ class Metrics:
             elif row.status == "sent" and row.latency_s is not None:
                 provider = provider_of.get(row.id, OTHER)
                 child(self.end_to_end_latency, row.channel, provider).observe(
-                    max(row.latency_s, 0.0)
+                    max(row.latency_s, 0.0), _exemplar(traced.get(row.id))
                 )
 
     def _child(self, metric: _Labelled, *labels: str) -> _Labelled:
@@ -435,6 +438,15 @@ class Metrics:
             live, dead = found.get(table, (math.nan, math.nan))
             self.live_tuples.labels(table).set(live)
             self.dead_tuples.labels(table).set(dead)
+
+
+def _exemplar(traceparent: str | None) -> dict[str, str] | None:
+    """The exemplar of a traced call (its attempt's trace and span, when sampled: an exemplar
+    must point at a trace that was exported), shown in the OpenMetrics exposition only."""
+    ids = tracing.ids_of(traceparent)
+    if ids is None or not ids[2]:
+        return None
+    return {"trace_id": ids[0], "span_id": ids[1]}
 
 
 def _safe(read: Callable[[], float | int | bool]) -> Callable[[], float]:

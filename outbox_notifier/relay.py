@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from outbox_notifier import events, message
+from outbox_notifier import events, message, tracing
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import CHANNEL
@@ -62,8 +62,12 @@ class Relay:
         while ctx.turn("relay"):
             wake.clear()
             try:
-                with ctx.metrics.claim_timer("relay"):
+                with (
+                    ctx.metrics.claim_timer("relay"),
+                    tracing.active.database("relay_outbox") as span,
+                ):
                     report = await bounded(self.relay_once(), ctx.db_deadline_s)
+                    span.rows(report.claimed)
             except OperationalError as exc:
                 # Locked, slow or absent: the loop stays alive and keeps trying (/readyz says why).
                 logger.warning("relay failed, database unavailable: %s", describe(exc))

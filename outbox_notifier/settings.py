@@ -44,7 +44,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from psycopg import conninfo
 
-from outbox_notifier import egress, eventloop
+from outbox_notifier import egress, eventloop, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +249,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_deadline_s: Positive = DB_DEADLINE_MAX_S
     # How long `run` waits for the database at start; 0 waits for ever.
     startup_timeout_s: NonNegativeFloat = 0.0
+    # -- tracing ---------------------------------------------------------------------------
+    # OpenTelemetry spans for every delivery attempt, provider call and database batch (needs
+    # the otel extra). The exporter, sampler and resource are configured the OpenTelemetry
+    # way, by the standard OTEL_* variables (README, "Tracing").
+    tracing: bool = False
 
     def __post_init__(self) -> None:
         # msgspec checks Meta constraints only when decoding or converting; check them here
@@ -341,6 +346,10 @@ def _check_values(s: Settings) -> None:
             valid = False
         if not valid:
             raise _invalid("http_proxy", "expected an http://host:port URL")
+    if s.tracing:
+        problem = tracing.missing_extra() or tracing.environment_problem()
+        if problem:
+            raise _invalid("tracing", problem)
     if s.frontend_base_url:
         parts = urllib.parse.urlsplit(s.frontend_base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -664,3 +673,19 @@ def masked(settings: Settings) -> dict[str, object]:
             value = _MASK
         out[name] = value
     return out
+
+
+def database_target(dsn: str) -> tuple[str | None, str | None, int | None]:
+    """(database name, host, port) that ``dsn`` names, for span attributes: nothing secret.
+    The first host when several are given; None for what it leaves to libpq's defaults."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except Exception:
+        return None, None, None
+    host = str(params.get("host") or "").split(",")[0] or None
+    port_text = str(params.get("port") or "").split(",")[0]
+    return (
+        str(params["dbname"]) if params.get("dbname") else None,
+        host,
+        int(port_text) if port_text.isdigit() else None,
+    )

@@ -120,6 +120,10 @@ class ClaimedRecord(RecordFields, frozen=True):
     auth_kind: str | None
     auth_secret: str | None
     provider: str
+    # The record's W3C trace context: read only by a daemon that traces (claim_records with
+    # ``traced``); the claim functions' columns end before them.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class Pacing(msgspec.Struct, frozen=True, kw_only=True):
@@ -222,6 +226,9 @@ class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
     http_status: int | None
     started_at: datetime
     duration_ms: float
+    # The W3C traceparent of the call's delivery span (a daemon that traces): kept by a record
+    # that has no trace context yet, and the metrics' exemplar.
+    traceparent: str | None = None
 
 
 class AppliedRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -333,16 +340,18 @@ class RecordStore:
     # -- delivery --------------------------------------------------------------------------
 
     async def claim_records(
-        self, limit: int, policy: ClaimPolicy, *, after_id: int = 0
+        self, limit: int, policy: ClaimPolicy, *, after_id: int = 0, traced: bool = False
     ) -> list[ClaimedRecord]:
         """Claims up to ``limit`` due records; first attempts only past ``after_id`` (the
-        caller's cursor; 0 sweeps from the start, see ``claim_records`` in the SQL)."""
+        caller's cursor; 0 sweeps from the start, see ``claim_records`` in the SQL);
+        ``traced``: with their trace contexts."""
         # The policy's part of the parameters is the same on every claim: built once.
         if self._claim_params is None or self._claim_params[0] is not policy:
             self._claim_params = (policy, _policy_params(policy))
         params = {"limit": limit, "after_id": after_id, **self._claim_params[1]}
+        statement = query("claim_records_traced" if traced else "claim_records")
         async with self._statement() as conn:
-            cur = await conn.execute(query("claim_records"), params)
+            cur = await conn.execute(statement, params)
             return [ClaimedRecord(*row) for row in await cur.fetchall()]
 
     async def seconds_until_next_due(self) -> float | None:

@@ -28,14 +28,18 @@ FROM outbox_notifier.claim_outbox_v2(%(limit)s, %(max_batch_bytes)s, %(max_paylo
 -- the records created. The batch arrives as one JSON document (cheaper to send than one array
 -- per column). The two placeholders in braces (each column's name and type; the names) are
 -- rendered from the fields of store.NewRecord (store.RELAY_OUTBOX), so a new field is added
--- there and in the table, not here.
+-- there and in the table, not here. The producer's trace context goes from the outbox row to
+-- the record here, in the database: the daemon never reads it on the way (migration 0012).
 WITH input AS (
     SELECT *
     FROM jsonb_to_recordset(%(records)s::jsonb) AS t({new_record_columns})
 ), inserted AS (
-    INSERT INTO outbox_notifier.notification_records (channel, max_attempts, {new_record_fields})
-    SELECT %(channel)s, %(max_attempts)s, {new_record_fields}
+    INSERT INTO outbox_notifier.notification_records (
+        channel, max_attempts, {new_record_fields}, traceparent, tracestate
+    )
+    SELECT %(channel)s, %(max_attempts)s, {new_record_fields}, o.traceparent, o.tracestate
     FROM input
+    LEFT JOIN outbox_notifier.outbox o ON o.id = input.outbox_id
     ORDER BY outbox_id
     ON CONFLICT (channel, dedupe_key) DO NOTHING
     RETURNING outbox_id, id
@@ -80,6 +84,32 @@ FROM outbox_notifier.claim_due_v5(
         true
     ) AS claim_commit;
 
+-- name: claim_records_traced
+-- claim_records for a daemon that traces (the tracing setting): the same claim, each record
+-- with its trace context (traceparent, tracestate; NULL when it has none) appended, read by
+-- outbox_notifier.trace_contexts_v1 after the claim in the same statement (see its comment in
+-- migration 0012). A daemon that does not trace runs claim_records and pays nothing for it.
+WITH claimed AS MATERIALIZED (
+    SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.target_id,
+           c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text,
+           c.fallback_text, c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token,
+           c.enabled, c.webhook_url, c.auth_kind, c.auth_secret, c.provider
+    FROM outbox_notifier.claim_due_v5(
+        %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
+        %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
+    ) AS c,
+        set_config(
+            'synchronous_commit',
+            CASE WHEN %(durable)s THEN current_setting('synchronous_commit') ELSE 'off' END,
+            true
+        ) AS claim_commit
+)
+SELECT claimed.*, t.traceparent, t.tracestate
+FROM claimed
+LEFT JOIN outbox_notifier.trace_contexts_v1(ARRAY(SELECT claimed.id FROM claimed)) AS t
+       ON t.id = claimed.id
+ORDER BY claimed.id;
+
 -- name: next_due
 -- Seconds until the earliest deferred or failed record becomes due (NULL when none waits).
 SELECT extract(epoch FROM least(
@@ -101,6 +131,7 @@ SELECT extract(epoch FROM least(
 --   %(retry_after_max_s)s);
 -- * a result with disable_channel (the target answered 410 Gone) switches its user's channel
 --   row off (enabled = false, the reason kept);
+-- * a record without a trace context takes that of its attempt (a daemon that traces);
 -- * the breaker counts each call in the second it started, a 429 throttles its target
 --   until its Retry-After (outbox_notifier.record_target_results_v3, which writes only the
 --   targets whose state the batch can change, locked in key order).
@@ -115,7 +146,8 @@ WITH input AS (
         record_id bigint, lease_token bigint, attempt integer, status text, outcome text,
         error_code text, error text, delay_s float8, provider_message_id text,
         request_json text, response_json text, http_status integer, started_at timestamptz,
-        duration_ms float8, disable_channel boolean, retry_at timestamptz, retry_after_s float8
+        duration_ms float8, disable_channel boolean, retry_at timestamptz, retry_after_s float8,
+        traceparent text
     )
 ), known AS MATERIALIZED (
     SELECT input.record_id, r.channel, r.user_id, r.trace_id, r.dedupe_key,
@@ -146,6 +178,9 @@ WITH input AS (
         provider_message_id = input.provider_message_id,
         provider_request_json = coalesce(input.request_json::jsonb, r.provider_request_json),
         provider_response_json = input.response_json::jsonb,
+        -- the attempt's own trace context, kept only by a record that has none yet (no
+        -- producer context): its later attempts then join the first one's trace
+        traceparent = coalesce(r.traceparent, input.traceparent),
         lease_expires_at = NULL,
         lease_token = NULL,
         updated_at = now()

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypedDict
 
 import httpx
 
-from outbox_notifier import message
+from outbox_notifier import message, tracing
 from outbox_notifier.names import ErrorCode, Outcome
 
 from .bodies import action_url
@@ -218,16 +218,22 @@ class HttpProvider:
         # Whatever a provider signs with, a credential in a header is never quoted either.
         auth = request.headers.get("Authorization", "").partition(" ")[2]
         secrets = (*request.secrets, auth) if auth else request.secrets
-        reply = await post_capped(
-            self._transport,
-            request.url,
-            content=request.body,
-            headers=request.headers,
-            timeout_s=self._timeout_s,
-            response_body_max_bytes=self._response_max_bytes,
-            request_json=request.stored,
-            secrets=secrets,
-        )
+        # A no-op unless tracing is on; the span shows the URL redacted (otel_tracing).
+        with tracing.active.http_call(request.url, self._url_policy.path_prefix) as span:
+            reply = await post_capped(
+                self._transport,
+                request.url,
+                content=request.body,
+                headers=request.headers,
+                timeout_s=self._timeout_s,
+                response_body_max_bytes=self._response_max_bytes,
+                request_json=request.stored,
+                secrets=secrets,
+            )
+            if isinstance(reply, SendResult):
+                span.failed(str(reply.error_code or ErrorCode.NETWORK_ERROR))
+            else:
+                span.replied(reply.status)
         if isinstance(reply, SendResult):
             return reply
         verdict = self.classify(reply)

@@ -20,6 +20,8 @@ EVENT_FIELDS = set(FeishuNotificationRequested.__struct_fields__)
 # What a record adds to (and drops from) the event when the relay creates it.
 RELAY_ADDS = {"outbox_id", "fallback_used", "outbox_created_at"}
 RELAY_DROPS = {"notification_id"}  # the record's own id takes its place
+# Not payload fields: the producer hands them to enqueue beside the payload (migration 0012).
+TRACE_CONTEXT = ["traceparent", "tracestate"]
 
 
 def recordset_columns(query_name: str, parameter: str, text: str | None = None) -> list[str]:
@@ -59,13 +61,16 @@ def test_the_relay_statement_reads_and_inserts_every_new_record_field() -> None:
     rendered = RELAY_OUTBOX.as_string(None)
     fields = list(NewRecord.__struct_fields__)
     assert recordset_columns("relay_outbox", "records", rendered) == fields
-    inserted = re.search(r"notification_records \((.*?)\)\s*SELECT (.*?)\s*FROM input", rendered)
+    inserted = re.search(
+        r"notification_records \((.*?)\)\s*SELECT (.*?)\s*FROM input", rendered, re.DOTALL
+    )
     assert inserted, rendered
     columns, values = (
         [c.strip().strip('"') for c in part.split(",")] for part in inserted.groups()
     )
-    assert columns == ["channel", "max_attempts", *fields]
-    assert values == ["%(channel)s", "%(max_attempts)s", *fields]
+    # the producer's trace context comes from the outbox row itself, never through the daemon
+    assert columns == ["channel", "max_attempts", *fields, *TRACE_CONTEXT]
+    assert values == ["%(channel)s", "%(max_attempts)s", *fields, "o.traceparent", "o.tracestate"]
 
 
 def test_a_field_without_a_postgres_type_is_refused_when_the_statement_is_built() -> None:
@@ -99,10 +104,20 @@ def test_claimed_records_follow_the_claim_queries_columns_in_order() -> None:
     # ClaimedRecord(*row): the order is the contract. One name differs on purpose.
     renamed = {"enabled": "recipient_enabled"}
     columns = claim_columns()
-    assert [renamed.get(c, c) for c in columns] == list(ClaimedRecord.__struct_fields__)
+    # the traced claim appends the trace context (claim_records_traced); it has defaults
+    assert [*(renamed.get(c, c) for c in columns), *TRACE_CONTEXT] == list(
+        ClaimedRecord.__struct_fields__
+    )
     # and every claim function, the older daemons' included, returns each of them
-    for function in ("claim_due_v1", "claim_due_v2", "claim_due_v3", "claim_due_v4"):
+    for function in (
+        "claim_due_v1", "claim_due_v2", "claim_due_v3", "claim_due_v4", "claim_due_v5"
+    ):  # fmt: skip
         assert set(columns) <= set(function_columns(function)), function
+    assert function_columns("trace_contexts_v1") == ["id", *TRACE_CONTEXT]
+    traced = sqlfiles.query("claim_records_traced")
+    assert "SELECT claimed.*, t.traceparent, t.tracestate" in traced
+    # the traced claim selects the same columns from the same function as claim_records
+    assert ", ".join(f"c.{c}" for c in columns) in " ".join(traced.split())
 
 
 def test_a_claimed_record_carries_every_event_field_a_delivery_needs() -> None:
