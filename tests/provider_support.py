@@ -7,7 +7,8 @@ from typing import Any
 
 import httpx
 
-from outbox_notifier.providers.model import Delivery, Recipient
+from outbox_notifier.names import ErrorCode, Outcome
+from outbox_notifier.providers.model import Delivery, Recipient, SendResult
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
@@ -74,3 +75,53 @@ def recording(status: int, **response: Any) -> tuple[list[httpx.Request], Handle
         return httpx.Response(status, **response)
 
     return seen, handler
+
+
+def assert_reply_mapped(
+    result: SendResult,
+    *,
+    status: int,
+    body: bytes,
+    outcome: Outcome,
+    code: str | None,
+    said: str | None = None,
+    unsaid: tuple[str, ...] = (),
+) -> None:
+    """``result`` is the call's answer to a ``status`` reply with ``body``: ``outcome`` and
+    ``code``, the reply kept whole (not cut at the cap) beside the stored request, the channel
+    disabled only for ``endpoint_gone``; a success has no message, a failure's says ``said``
+    and none of ``unsaid`` (the URL's key, a secret)."""
+    assert result.outcome is outcome
+    assert result.error_code == code
+    assert result.http_status == status
+    assert result.response_body == body
+    assert result.response_truncated is False
+    assert result.request_json is not None
+    assert result.duration_s >= 0
+    assert result.disable_channel is (result.error_code is ErrorCode.ENDPOINT_GONE)
+    if outcome is Outcome.SUCCESS:
+        assert result.error_message is None
+        return
+    assert result.error_message
+    if said is not None:
+        assert said in result.error_message
+    for secret in unsaid:
+        assert secret not in result.error_message
+
+
+def assert_not_called(
+    seen: list[httpx.Request],
+    result: SendResult,
+    *,
+    outcome: Outcome,
+    code: ErrorCode,
+    unsaid: tuple[str, ...] = (),
+) -> None:
+    """The call ended before the transport (``seen`` stayed empty) with ``outcome`` and
+    ``code`` and a message free of ``unsaid`` (the URL's key, a secret)."""
+    assert seen == []
+    assert result.outcome is outcome
+    assert result.error_code is code
+    assert result.error_message
+    for secret in unsaid:
+        assert secret not in result.error_message

@@ -3,7 +3,8 @@
 A scenario starts a `Fleet` of ``python -m outbox_notifier run`` subprocesses against one
 database and the local Feishu-like server, runs a `Producer` that commits outbox events while
 faults are injected (kills, a database restart, provider chaos, a pooler in between), waits
-for the pipeline to settle and ends with `check_invariants`, written once for every scenario:
+for the pipeline to settle and ends with `check_invariants`, written once for every scenario
+(the watches, `LeaseWatch` and `TargetWatch`, sample the database from a thread meanwhile):
 
 * every outbox row is ``relayed`` or ``rejected`` (with a reason), and every relayed row maps
   to exactly one notification record by its (normalised) dedupe key; no record lacks a row;
@@ -31,17 +32,18 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 import psycopg
 
 from outbox_notifier import events
-from outbox_notifier.testing.feishu_server import FLOW_PREFIX, Recorded
+from outbox_notifier.testing.feishu_server import FLOW_PREFIX, FeishuServer, Recorded
 
 TERMINAL = ("sent", "dead", "skipped")
 
@@ -59,11 +61,25 @@ BASE_SETTINGS: tuple[str, ...] = (
 )
 
 
+# Calls bounded at 2 s and retried within a second, so failed records come back within a run.
+QUICK_RETRIES: tuple[str, ...] = ("http_timeout_s=2", "retry_base_s=0.2", "retry_max_s=1")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def http_get(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
+    """``GET`` a daemon's HTTP port on loopback: the status and the body, errors included."""
+    url = f"http://127.0.0.1:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -127,12 +143,7 @@ class Replica:
         return self.proc.returncode
 
     def get(self, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-                return int(resp.status), resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), exc.read().decode()
+        return http_get(self.http_port, path, timeout_s)
 
     def metric(self, name: str) -> float:
         """Sum of a metric's samples from /metrics (0 when absent)."""
@@ -161,7 +172,9 @@ class Replica:
 
 
 class Fleet:
-    """Several replicas against one database; kills and restarts are counted."""
+    """Several replicas against one database; kills and restarts are counted. Their
+    environment is ``env``, by default this one without stray settings
+    (``env_without_settings``)."""
 
     def __init__(
         self,
@@ -170,6 +183,7 @@ class Fleet:
         *settings: str,
         env: dict[str, str] | None = None,
     ) -> None:
+        env = env_without_settings() if env is None else env
         self.logdir = Path(tempfile.mkdtemp(prefix="outbox-notifier-faults-"))
         self.replicas = [Replica(i, dsn, tuple(settings), self.logdir, env) for i in range(n)]
         self.kills = 0
@@ -259,6 +273,24 @@ def event_payload(key: str, user_id: int, n: int) -> dict[str, Any]:
         "trace_id": f"trace-{key}",
         "requested_at": "2026-11-29T08:00:00Z",
     }
+
+
+def enqueue_event(conn: psycopg.Connection[Any], key: str, user_id: int = 1, n: int = 0) -> None:
+    """Commit (or, in a transaction, add) one valid outbox event (``event_payload``)."""
+    conn.execute(
+        "SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
+        (events.EVENT_TYPE, msgspec.json.encode(event_payload(key, user_id, n)).decode()),
+    )
+
+
+def record_status(dsn: str, key: str) -> str | None:
+    """The status of the record with dedupe key ``key`` (None before it exists)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+        row = conn.execute(
+            "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
+            (key,),
+        ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def add_channels(dsn: str, urls: dict[int, str]) -> None:
@@ -362,19 +394,21 @@ class Producer:
             self.error = exc
 
 
-class LeaseWatch:
-    """Samples, while the scenario runs, how long any record has stayed ``sending`` past its
-    lease; database errors (the database may be restarting) skip a sample."""
+class PollingWatch:
+    """A thread that samples the database every ``every_s`` while the scenario runs, on a
+    connection of its own; a database error (the database may be restarting) skips a sample
+    and reconnects. A subclass writes ``sample``."""
 
-    def __init__(self, dsn: str, every_s: float = 0.25) -> None:
+    name = "watch"
+
+    def __init__(self, dsn: str, every_s: float) -> None:
         self.dsn = dsn
         self.every_s = every_s
-        self.max_overdue_s = 0.0
         self.samples = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease-watch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    def __enter__(self) -> LeaseWatch:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -382,18 +416,16 @@ class LeaseWatch:
         self._stop.set()
         self._thread.join(10)
 
+    def sample(self, conn: psycopg.Connection[Any]) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
         conn: psycopg.Connection[Any] | None = None
         while not self._stop.wait(self.every_s):
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
-                row = conn.execute(
-                    "SELECT coalesce(max(extract(epoch FROM now() - lease_expires_at)), 0)"
-                    " FROM outbox_notifier.notification_records WHERE status = 'sending'"
-                ).fetchone()
-                assert row is not None
-                self.max_overdue_s = max(self.max_overdue_s, float(row[0]))
+                self.sample(conn)
                 self.samples += 1
             except psycopg.OperationalError:
                 if conn is not None:
@@ -401,6 +433,51 @@ class LeaseWatch:
                 conn = None
         if conn is not None:
             conn.close()
+
+
+class LeaseWatch(PollingWatch):
+    """How long any record has stayed ``sending`` past its lease, at the most."""
+
+    name = "lease-watch"
+
+    def __init__(self, dsn: str, every_s: float = 0.25) -> None:
+        super().__init__(dsn, every_s)
+        self.max_overdue_s = 0.0
+
+    def sample(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(
+            "SELECT coalesce(max(extract(epoch FROM now() - lease_expires_at)), 0)"
+            " FROM outbox_notifier.notification_records WHERE status = 'sending'"
+        ).fetchone()
+        assert row is not None
+        self.max_overdue_s = max(self.max_overdue_s, float(row[0]))
+
+
+class TargetWatch(PollingWatch):
+    """Whether the targets were ever paused or throttled (``target_health``), and when one
+    first was paused, with the calls ``server`` had received by then."""
+
+    name = "target-watch"
+
+    def __init__(self, dsn: str, server: FeishuServer, every_s: float = 0.05) -> None:
+        super().__init__(dsn, every_s)
+        self.server = server
+        self.paused_seen = 0  # polls that saw a pause
+        self.throttled_seen = 0
+        self.first_pause: tuple[float, int] | None = None  # (monotonic time, calls received)
+
+    def sample(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(
+            "SELECT coalesce(bool_or(paused), false), coalesce(bool_or(throttled), false)"
+            " FROM outbox_notifier.target_health"
+        ).fetchone()
+        assert row is not None
+        if row[0]:
+            self.paused_seen += 1
+            if self.first_pause is None:
+                self.first_pause = (time.monotonic(), len(self.server.requests))
+        if row[1]:
+            self.throttled_seen += 1
 
 
 def settled(dsn: str) -> bool:

@@ -27,16 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier import events
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Recorded, Reply
-from tests.faults.harness import (
-    Fleet,
-    LeaseWatch,
-    add_channels,
-    check_invariants,
-    env_without_settings,
-    event_payload,
-    report,
-    wait_settled,
-)
+from tests.faults import harness
 from tests.support import relay_for
 
 pytestmark = pytest.mark.faults
@@ -58,7 +49,7 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
-_FIELDS = list(event_payload("k", 1, 1))
+_FIELDS = list(harness.event_payload("k", 1, 1))
 _HUGE = st.sampled_from([257, 513, 2049, 10_001]).map(lambda n: "x" * n)
 
 
@@ -66,7 +57,9 @@ _HUGE = st.sampled_from([257, 513, 2049, 10_001]).map(lambda n: "x" * n)
 def mutated_payloads(draw: st.DrawFn) -> str:
     """A valid payload with a few fields replaced, removed, or made huge / hostile."""
     n = draw(st.integers(min_value=0, max_value=10**6))
-    body: dict[str, Any] = event_payload(f"prop-{n}-{draw(st.text(max_size=6))}", 1 + n % 5, n)
+    body: dict[str, Any] = harness.event_payload(
+        f"prop-{n}-{draw(st.text(max_size=6))}", 1 + n % 5, n
+    )
     for field in draw(st.lists(st.sampled_from(_FIELDS), max_size=3, unique=True)):
         action = draw(st.sampled_from(["replace", "remove", "huge", "text"]))
         if action == "remove":
@@ -89,7 +82,7 @@ _clean_text = st.text(
 def valid_payloads(draw: st.DrawFn) -> str:
     """Payloads the contract accepts, with arbitrary Unicode in the free-text fields."""
     n = draw(st.integers(min_value=1, max_value=10**6))
-    body = event_payload(f"v-{n}-{draw(_clean_text)}", draw(st.integers(1, 2**63 - 1)), n)
+    body = harness.event_payload(f"v-{n}-{draw(_clean_text)}", draw(st.integers(1, 2**63 - 1)), n)
     for name in ("summary_text", "fallback_text", "trace_id", "trigger_id", "target_type"):
         body[name] = draw(_clean_text)
     body["target_url"] = "/" + draw(_clean_text).replace("://", "")
@@ -118,7 +111,7 @@ raw_payloads = st.sampled_from(
 
 
 def _deep_payload(depth: int, key: str | None = None) -> str:
-    body = msgspec.json.encode(event_payload(key or f"deep-{depth}", 1, depth)).decode()
+    body = msgspec.json.encode(harness.event_payload(key or f"deep-{depth}", 1, depth)).decode()
     return body.replace('"fallback_text":""', f'"fallback_text":"","extra":{_nested(depth)}')
 
 
@@ -153,9 +146,9 @@ class RelayHarness:
 
     def drain(self) -> None:
         while True:
-            report = self.loop.run_until_complete(self.relay.relay_once())  # never raises
+            passed = self.loop.run_until_complete(self.relay.relay_once())  # never raises
             self.passes += 1
-            if report.claimed == 0:
+            if passed.claimed == 0:
                 return
 
     def close(self) -> None:
@@ -165,11 +158,11 @@ class RelayHarness:
 
 @pytest.fixture
 def relay_harness(db: str) -> Iterator[RelayHarness]:
-    harness = RelayHarness(db)
+    relay = RelayHarness(db)
     try:
-        yield harness
+        yield relay
     finally:
-        harness.close()
+        relay.close()
 
 
 TOTALS: dict[str, int] = {}
@@ -273,8 +266,8 @@ def test_every_enqueued_row_is_relayed_or_rejected_with_a_reason(
 def test_a_deeply_nested_payload_is_rejected_and_does_not_block_the_relay(
     db: str, relay_harness: RelayHarness, depth: int
 ) -> None:
-    good = msgspec.json.encode(event_payload("before-deep", 1, 1)).decode()
-    later = msgspec.json.encode(event_payload("after-deep", 1, 2)).decode()
+    good = msgspec.json.encode(harness.event_payload("before-deep", 1, 1)).decode()
+    later = msgspec.json.encode(harness.event_payload("after-deep", 1, 2)).decode()
     with psycopg.connect(db, autocommit=True) as conn:
         ids = [
             conn.execute(
@@ -341,18 +334,17 @@ def test_hostile_provider_responses_settle_and_the_daemon_stays_healthy(
 ) -> None:
     names = list(HOSTILE)
     users = {i + 1: name for i, name in enumerate(names)}
-    add_channels(db, {u: server.flow_url(f"{name}-{u}") for u, name in users.items()})
+    harness.add_channels(db, {u: server.flow_url(f"{name}-{u}") for u, name in users.items()})
     for name, reply in HOSTILE.items():
         server.script(name, [], then=reply)
     started = time.monotonic()
     with (
-        Fleet(
+        harness.Fleet(
             db, 1,
             "http_timeout_s=1", "lease_s=3", "max_attempts=3", "retry_base_s=0.2",
             "retry_max_s=0.5", "breaker_cooloff_s=0.5", "delivery_concurrency=8",
-            env=env_without_settings(),
         ) as fleet,
-        LeaseWatch(db) as watch,
+        harness.LeaseWatch(db) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
         daemon = fleet.replicas[0]
@@ -360,7 +352,7 @@ def test_hostile_provider_responses_settle_and_the_daemon_stays_healthy(
         with psycopg.connect(db, autocommit=True) as conn:
             for u, name in users.items():
                 for i in range(PER_TARGET):
-                    body = event_payload(f"{name}-{i}", u, u * 100 + i)
+                    body = harness.event_payload(f"{name}-{i}", u, u * 100 + i)
                     payload = msgspec.json.encode(body).decode()
                     conn.execute(
                         "SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
@@ -375,7 +367,7 @@ def test_hostile_provider_responses_settle_and_the_daemon_stays_healthy(
             ]:
                 conn.execute("SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
                              (event_type, payload))  # fmt: skip
-        settle_s = wait_settled(db, timeout_s=60)
+        settle_s = harness.wait_settled(db, timeout_s=60)
         assert daemon.alive()
         health = daemon.get("/healthz")
         ready = daemon.get("/readyz")
@@ -383,7 +375,7 @@ def test_hostile_provider_responses_settle_and_the_daemon_stays_healthy(
         codes = fleet.stop()
     assert codes == [0], fleet.logs()[-3000:]
     assert health[0] == 200 and ready[0] == 200, (health, ready)
-    figures = check_invariants(db, server.requests, failed_replies=_not_a_delivery,
+    figures = harness.check_invariants(db, server.requests, failed_replies=_not_a_delivery,
                                lease_watch=watch)  # fmt: skip
     with psycopg.connect(db, autocommit=True) as conn:
         outcomes = conn.execute(
@@ -410,7 +402,7 @@ def test_hostile_provider_responses_settle_and_the_daemon_stays_healthy(
         settle_s=round(settle_s, 1),
         run_s=round(time.monotonic() - started, 1),
     )
-    report("hostile_provider", figures, record_property)
+    harness.report("hostile_provider", figures, record_property)
     assert figures.rejected == 4
     assert biggest <= 70_000 * 2  # the cap (65536 bytes), as JSON
     assert growth_mb < 40, f"peak RSS grew {growth_mb:.0f} MB"
@@ -429,10 +421,12 @@ def test_thirty_payloads_of_8_mb_in_one_transaction_are_rejected_unread(
     """The issue's scenario: 30 rows of 8 MB between small ones, in one transaction. The
     daemon rejects the large ones by their size without reading them (its peak RSS stays under
     150 MiB; the relay claiming them whole took it from 57 to 553 MiB) and delivers the rest."""
-    add_channels(db, {1: server.flow_url("user-1")})
-    small = [msgspec.json.encode(event_payload(f"small-{i}", 1, i)).decode() for i in range(10)]
+    harness.add_channels(db, {1: server.flow_url("user-1")})
+    small = [
+        msgspec.json.encode(harness.event_payload(f"small-{i}", 1, i)).decode() for i in range(10)
+    ]
     started = time.monotonic()
-    with Fleet(db, 1, env=env_without_settings()) as fleet:
+    with harness.Fleet(db, 1) as fleet:
         fleet.wait_ready()
         daemon = fleet.replicas[0]
         rss_ready = daemon.peak_rss_bytes()
@@ -441,7 +435,7 @@ def test_thirty_payloads_of_8_mb_in_one_transaction_are_rejected_unread(
             for body in small[:5]:
                 conn.execute(enqueue, (events.EVENT_TYPE, body))
             for i in range(HUGE_ROWS):  # built by the server: nothing that large crosses the wire
-                body = msgspec.json.encode(event_payload(f"huge-{i}", 1, 100 + i)).decode()
+                body = msgspec.json.encode(harness.event_payload(f"huge-{i}", 1, 100 + i)).decode()
                 conn.execute(
                     "SELECT outbox_notifier.enqueue(%s, jsonb_set(%s::jsonb, '{summary_text}',"
                     " to_jsonb(repeat('x', %s))))",
@@ -449,11 +443,11 @@ def test_thirty_payloads_of_8_mb_in_one_transaction_are_rejected_unread(
                 )
             for body in small[5:]:
                 conn.execute(enqueue, (events.EVENT_TYPE, body))
-        settle_s = wait_settled(db, timeout_s=40)
+        settle_s = harness.wait_settled(db, timeout_s=40)
         peak_rss = daemon.peak_rss_bytes()
         codes = fleet.stop()
     assert codes == [0], fleet.logs()[-3000:]
-    figures = check_invariants(db, server.requests)
+    figures = harness.check_invariants(db, server.requests)
     with psycopg.connect(db, autocommit=True) as conn:
         rejected = conn.execute(
             "SELECT octet_length(payload::text), error FROM outbox_notifier.outbox"
@@ -465,7 +459,7 @@ def test_thirty_payloads_of_8_mb_in_one_transaction_are_rejected_unread(
         settle_s=round(settle_s, 1),
         run_s=round(time.monotonic() - started, 1),
     )
-    report("huge_payloads", figures, record_property)
+    harness.report("huge_payloads", figures, record_property)
     assert len(rejected) == HUGE_ROWS
     for size, error in rejected:
         assert size > HUGE_PAYLOAD_CHARS

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable
 
@@ -19,58 +18,13 @@ import psycopg
 import pytest
 
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
-from tests.faults.harness import (
-    Fleet,
-    Producer,
-    add_channels,
-    check_invariants,
-    env_without_settings,
-    report,
-    wait_settled,
-    wait_until,
-)
+from tests.faults import harness
 
 pytestmark = pytest.mark.faults
 
 REPLICAS = 3
 # quick retries, so a failed record comes back within the run and nothing dies of a 5%
 FAST_RETRIES = ("retry_base_s=0.2", "retry_max_s=1", "max_attempts=20")
-
-
-class TargetWatch:
-    """Polls the target's row: whether it was ever paused or throttled, and when it first was
-    paused (with the calls the server had received by then)."""
-
-    def __init__(self, dsn: str, server: FeishuServer, every_s: float = 0.05) -> None:
-        self.dsn, self.server, self.every_s = dsn, server, every_s
-        self.paused_seen = 0  # polls that saw a pause
-        self.throttled_seen = 0
-        self.first_pause: tuple[float, int] | None = None  # (monotonic time, calls received)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="target-watch", daemon=True)
-
-    def __enter__(self) -> TargetWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while not self._stop.wait(self.every_s):
-                row = conn.execute(
-                    "SELECT coalesce(bool_or(paused), false), coalesce(bool_or(throttled), false)"
-                    " FROM outbox_notifier.target_health"
-                ).fetchone()
-                assert row is not None
-                if row[0]:
-                    self.paused_seen += 1
-                    if self.first_pause is None:
-                        self.first_pause = (time.monotonic(), len(self.server.requests))
-                if row[1]:
-                    self.throttled_seen += 1
 
 
 def _max_gap_s(server: FeishuServer) -> float:
@@ -82,23 +36,22 @@ def _max_gap_s(server: FeishuServer) -> float:
 def test_random_5xx_never_pauses_a_healthy_target_and_nothing_idles(
     db: str, server: FeishuServer, record_property: Callable[[str, object], None]
 ) -> None:
-    add_channels(db, {1: server.flow_url("busy")})
+    harness.add_channels(db, {1: server.flow_url("busy")})
     # fast 5xx, slower successes: the answers of one wave land failures first
     server.chaos(11, p_500=0.05, ok_delay_s=0.02)
-    producer = Producer(db, 2000, users=[1], duration_s=5.0, redeliver_every=0, bad_every=0)
+    producer = harness.Producer(db, 2000, users=[1], duration_s=5.0, redeliver_every=0, bad_every=0)
     with (
-        Fleet(db, REPLICAS, *FAST_RETRIES, "breaker_cooloff_s=60",
-              env=env_without_settings()) as fleet,
-        TargetWatch(db, server) as watch,
+        harness.Fleet(db, REPLICAS, *FAST_RETRIES, "breaker_cooloff_s=60") as fleet,
+        harness.TargetWatch(db, server) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
         started = time.monotonic()
         producer.start()
         producer.join()
-        settle_s = wait_settled(db, timeout_s=60)
+        settle_s = harness.wait_settled(db, timeout_s=60)
         codes = fleet.stop()
     assert codes == [0] * REPLICAS, fleet.logs()[-5000:]
-    figures = check_invariants(db, server.requests)
+    figures = harness.check_invariants(db, server.requests)
     gap_s = _max_gap_s(server)
     failures = server.count(status=500)
     figures.extra.update(
@@ -106,7 +59,7 @@ def test_random_5xx_never_pauses_a_healthy_target_and_nothing_idles(
         max_gap_s=round(gap_s, 2), run_s=round(time.monotonic() - started, 1),
         settle_s=round(settle_s, 1),
     )  # fmt: skip
-    report("breaker_random_5xx", figures, record_property)
+    harness.report("breaker_random_5xx", figures, record_property)
     assert failures >= 50  # the faults did happen (5% of 2,000 calls and their retries)
     assert watch.paused_seen == 0
     assert fleet.log_count("target paused") == 0
@@ -126,18 +79,18 @@ def test_a_target_that_is_down_is_paused_within_its_first_wave(
         server.script("down", [], then=Reply(status=503))
     else:
         url = "http://127.0.0.1:9/flow/api/trigger-webhook/down"  # nothing listens there
-    add_channels(db, {1: url})
-    producer = Producer(db, 300, users=[1], duration_s=0.5, redeliver_every=0, bad_every=0)
+    harness.add_channels(db, {1: url})
+    producer = harness.Producer(db, 300, users=[1], duration_s=0.5, redeliver_every=0, bad_every=0)
     with (
-        Fleet(db, REPLICAS, *FAST_RETRIES, "breaker_cooloff_s=60",
-              f"delivery_concurrency={concurrency}", env=env_without_settings()) as fleet,
-        TargetWatch(db, server) as watch,
+        harness.Fleet(db, REPLICAS, *FAST_RETRIES, "breaker_cooloff_s=60",
+              f"delivery_concurrency={concurrency}") as fleet,
+        harness.TargetWatch(db, server) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
         producer.start()
         producer.join()
         started = time.monotonic()
-        took_s = wait_until(lambda: watch.first_pause is not None, 10, "the target paused")
+        took_s = harness.wait_until(lambda: watch.first_pause is not None, 10, "the target paused")
         calls = _calls_made(db)
         time.sleep(2.0)
         calls_later = _calls_made(db)
@@ -171,30 +124,30 @@ def _calls_made(dsn: str) -> int:
 def test_a_target_that_only_throttles_is_slowed_never_paused_and_burns_no_attempts(
     db: str, server: FeishuServer, record_property: Callable[[str, object], None]
 ) -> None:
-    add_channels(db, {1: server.flow_url("throttled")})
+    harness.add_channels(db, {1: server.flow_url("throttled")})
     server.script("throttled", [], then=Reply.rate_limited(1))
-    producer = Producer(db, 60, users=[1], duration_s=0.5, redeliver_every=0, bad_every=0)
+    producer = harness.Producer(db, 60, users=[1], duration_s=0.5, redeliver_every=0, bad_every=0)
     throttle_s = 6.0
     with (
-        Fleet(db, REPLICAS, *FAST_RETRIES, env=env_without_settings()) as fleet,
-        TargetWatch(db, server) as watch,
+        harness.Fleet(db, REPLICAS, *FAST_RETRIES) as fleet,
+        harness.TargetWatch(db, server) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
         producer.start()
         producer.join()
-        wait_until(lambda: server.count("/flow") > 0, 10, "the first call")
+        harness.wait_until(lambda: server.count("/flow") > 0, 10, "the first call")
         time.sleep(throttle_s)
         throttled_calls = server.count("/flow")
         server.script("throttled", [], then=Reply(status=200))  # the target recovers
-        settle_s = wait_settled(db, timeout_s=60)
+        settle_s = harness.wait_settled(db, timeout_s=60)
         codes = fleet.stop()
     assert codes == [0] * REPLICAS, fleet.logs()[-5000:]
-    figures = check_invariants(db, server.requests)
+    figures = harness.check_invariants(db, server.requests)
     figures.extra.update(
         throttled_calls=throttled_calls, throttled_for_s=throttle_s, pauses_seen=watch.paused_seen,
         throttled_seen=watch.throttled_seen, settle_s=round(settle_s, 1),
     )  # fmt: skip
-    report("breaker_throttled", figures, record_property)
+    harness.report("breaker_throttled", figures, record_property)
     assert watch.throttled_seen > 0
     assert watch.paused_seen == 0
     assert fleet.log_count("target paused") == 0

@@ -17,13 +17,11 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import msgspec
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import delivery as delivery_module
-from outbox_notifier import events
 from outbox_notifier import store as store_module
 from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.completer import ResultCompleter
@@ -34,7 +32,7 @@ from outbox_notifier.providers import FeishuFlowProvider
 from outbox_notifier.providers.model import Delivery, SendResult
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
-from tests.faults.harness import add_channels, env_without_settings, event_payload
+from tests.faults import harness
 from tests.support import delivering, eventually, loop_context, relay_for, settings_for
 
 pytestmark = pytest.mark.faults
@@ -90,15 +88,13 @@ async def test_retry_times_follow_the_database_clock_whatever_the_host_clock(
     # The whole daemon's host clock is off by skew_h: the modules that read it are patched.
     monkeypatch.setattr(delivery_module, "datetime", _skewed(timedelta(hours=skew_h)))
     monkeypatch.setattr(store_module, "datetime", _skewed(timedelta(hours=skew_h)))
-    add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
+    harness.add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
     store = RecordStore(pool)
     relay = relay_for(store, relay_batch_size=10)
 
     async def produce(key: str) -> None:
         with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute("SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
-                         (events.EVENT_TYPE,
-                          msgspec.json.encode(event_payload(key, 1, 1)).decode()))  # fmt: skip
+            harness.enqueue_event(conn, key, 1, 1)
         await relay.relay_once()
 
     await produce("clock-a")
@@ -181,7 +177,7 @@ def bad_runs(db: str) -> Iterator[list[tuple[str, subprocess.Popen[str], float]]
     """Every bad configuration started at once (they must all exit quickly)."""
     procs = []
     for env_extra, setting in BAD_SETTINGS:
-        env = {**env_without_settings(), **env_extra}
+        env = {**harness.env_without_settings(), **env_extra}
         cmd = [sys.executable, "-m", "outbox_notifier", "run", "--dsn", db]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env)  # fmt: skip
@@ -234,12 +230,10 @@ async def test_retry_after_date_waits_as_asked_whatever_the_host_clock(
     settings = settings_for(db)
     async with FeishuServer() as server:
         server.script("/flow/api/trigger-webhook/", [Reply(status=429, headers=headers)])
-        add_channels(db, {1: server.flow_url("skewed")})
+        harness.add_channels(db, {1: server.flow_url("skewed")})
         relay = relay_for(RecordStore(pool), relay_batch_size=10)
         with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute("SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
-                         (events.EVENT_TYPE,
-                          msgspec.json.encode(event_payload("skew", 1, 1)).decode()))  # fmt: skip
+            harness.enqueue_event(conn, "skew", 1, 1)
             await relay.relay_once()
             transport = http_transport(settings)
             try:

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier import migrations
 from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.delivery import Deliverer
@@ -25,19 +23,8 @@ from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import Delivery, SendResult
 from outbox_notifier.store import AppliedResults, AttemptResult, ClaimPolicy, RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer
-from outbox_notifier.testing.postgres import LocalCluster, create_database
-from tests.faults.harness import (
-    Fleet,
-    LeaseWatch,
-    Producer,
-    add_channels,
-    check_invariants,
-    env_without_settings,
-    event_payload,
-    report,
-    wait_settled,
-    wait_until,
-)
+from outbox_notifier.testing.postgres import LocalCluster
+from tests.faults import harness
 from tests.support import loop_context, relay_for
 
 pytestmark = pytest.mark.faults
@@ -47,71 +34,50 @@ USERS = 10
 RESTARTS = 2
 
 
-@pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    own = LocalCluster()
-    try:
-        own.start()
-        yield own
-    finally:
-        own.remove()
-
-
-def _status(dsn: str, key: str) -> str | None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
-            (key,),
-        ).fetchone()
-    return None if row is None else str(row[0])
-
-
 @pytest.mark.timeout(150)
 def test_database_restarts_lose_nothing_and_listen_comes_back(
-    cluster: LocalCluster, server: FeishuServer, record_property: Callable[[str, object], None]
+    private_cluster: LocalCluster,
+    private_db: str,
+    server: FeishuServer,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    dsn = create_database(cluster.dsn, prefix="on_faults")
-    migrations.migrate(dsn)
-    add_channels(dsn, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
-    producer = Producer(dsn, EVENTS, users=range(1, USERS + 1), duration_s=10.0)
+    dsn = private_db
+    harness.add_channels(dsn, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
+    producer = harness.Producer(dsn, EVENTS, users=range(1, USERS + 1), duration_s=10.0)
     started = time.monotonic()
     outages: list[float] = []
     # A long poll interval: after the restarts only a working LISTEN makes delivery prompt.
     with (
-        Fleet(
+        harness.Fleet(
             dsn, 3,
-            "poll_interval_s=5", "lease_s=10", "http_timeout_s=2",
-            "retry_base_s=0.2", "retry_max_s=1", "max_attempts=10",
-            env=env_without_settings(),
+            "poll_interval_s=5", "lease_s=10", *harness.QUICK_RETRIES, "max_attempts=10",
         ) as fleet,
-        LeaseWatch(dsn) as watch,
+        harness.LeaseWatch(dsn) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
         producer.start()
         for _ in range(RESTARTS):
             time.sleep(3.5)
             down = time.monotonic()
-            cluster.restart("fast")
+            private_cluster.restart("fast")
             outages.append(time.monotonic() - down)
         producer.join()
         fleet.wait_ready(timeout_s=30)  # readiness includes "the LISTEN connection is up"
-        settle_s = wait_settled(dsn, timeout_s=60)
+        settle_s = harness.wait_settled(dsn, timeout_s=60)
         reconnects = [r.metric("outbox_notifier_listener_reconnects_total") for r in fleet.replicas]
         db_errors = sum(r.metric("outbox_notifier_database_errors_total") for r in fleet.replicas)
         # One more event after the restarts: NOTIFY (not the 5 s poll) must bring it in at once.
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                "SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
-                ("notification.feishu.requested",
-                 Jsonb(event_payload("after-restart", 1, 999_999))),
-            )  # fmt: skip
-        notify_latency_s = wait_until(
-            lambda: _status(dsn, "after-restart") == "sent", 4.0, "a prompt delivery via NOTIFY"
+            harness.enqueue_event(conn, "after-restart", 1, 999_999)
+        notify_latency_s = harness.wait_until(
+            lambda: harness.record_status(dsn, "after-restart") == "sent",
+            4.0,
+            "a prompt delivery via NOTIFY",
         )
         codes = fleet.stop()
     elapsed = time.monotonic() - started
     assert codes == [0, 0, 0], fleet.logs()[-5000:]
-    figures = check_invariants(dsn, server.requests, lease_watch=watch)
+    figures = harness.check_invariants(dsn, server.requests, lease_watch=watch)
     figures.extra.update(
         events=producer.committed_rows,
         db_restarts=RESTARTS,
@@ -124,7 +90,7 @@ def test_database_restarts_lose_nothing_and_listen_comes_back(
         settle_s=round(settle_s, 1),
         run_s=round(elapsed, 1),
     )
-    report("database_restart", figures, record_property)
+    harness.report("database_restart", figures, record_property)
     assert figures.records == len(producer.acknowledged) + 1
     assert figures.rejected >= producer.bad_acknowledged
     assert figures.by_status == {"sent": figures.records}
@@ -164,14 +130,10 @@ class _AlwaysOk:
 async def test_an_apply_that_loses_its_connection_is_retried_and_stored_once(
     db: str, record_property: Callable[[str, object], None]
 ) -> None:
-    add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
+    harness.add_channels(db, {1: "http://127.0.0.1:9/flow/api/trigger-webhook/x"})
     with psycopg.connect(db, autocommit=True) as conn:
         for i in range(3):
-            conn.execute(
-                "SELECT outbox_notifier.enqueue(%s, %s::jsonb)",
-                ("notification.feishu.requested",
-                 Jsonb(event_payload(f"bk-{i}", 1, i))),
-            )  # fmt: skip
+            harness.enqueue_event(conn, f"bk-{i}", 1, i)
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
         db, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
     )
@@ -207,9 +169,9 @@ async def test_an_apply_that_loses_its_connection_is_retried_and_stored_once(
         await asyncio.wait_for(task, 10)
     finally:
         await pool.close()
-    figures = check_invariants(db, None)
+    figures = harness.check_invariants(db, None)
     figures.extra.update(provider_calls=provider.calls, fenced=fenced(metrics))
-    report("apply_retried_after_lost_connection", figures, record_property)
+    harness.report("apply_retried_after_lost_connection", figures, record_property)
     assert provider.calls == 3
     assert figures.late_results == 0, "applied results were written again as late results"
     assert fenced(metrics) == 0

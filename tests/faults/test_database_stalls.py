@@ -21,21 +21,16 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.types.json import Jsonb
 
-from outbox_notifier import migrations
-from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.testing.feishu_server import FeishuServer
-from outbox_notifier.testing.postgres import LocalCluster, create_database
-from tests.faults.harness import add_channels, env_without_settings, event_payload, free_port
+from outbox_notifier.testing.postgres import LocalCluster
+from tests.faults import harness
 
 pytestmark = pytest.mark.faults
 
@@ -82,7 +77,7 @@ class Daemon:
     """One daemon process with its output in a file and a notify socket of its own."""
 
     def __init__(self, dsn: str, tmp: Path, *settings: str, nofile: int | None = None) -> None:
-        self.http_port = free_port()
+        self.http_port = harness.free_port()
         self.log = tmp / "daemon.log"
         self.notifications = Notifications(tmp / "notify.sock")
         cmd = [sys.executable, "-m", "outbox_notifier", "run", "--dsn", dsn]
@@ -100,7 +95,7 @@ class Daemon:
         ):
             cmd += ["--set", item]
         env = {
-            **env_without_settings(),
+            **harness.env_without_settings(),
             "NOTIFY_SOCKET": str(self.notifications.path),
             "WATCHDOG_USEC": "2000000",  # WatchdogSec=2: a ping every second
         }
@@ -117,12 +112,7 @@ class Daemon:
             )
 
     def get(self, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-                return int(resp.status), resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), exc.read().decode()
+        return harness.http_get(self.http_port, path, timeout_s)
 
     def status(self, path: str) -> int | None:
         try:
@@ -164,25 +154,9 @@ def wait_for(check: Any, timeout_s: float, what: str, d: Daemon | None = None) -
     return time.monotonic() - started
 
 
-def enqueue(conn: psycopg.Connection[Any], key: str, user_id: int = 1) -> None:
-    conn.execute(
-        "SELECT outbox_notifier.enqueue(%s, %s)",
-        (EVENT_TYPE, Jsonb(event_payload(key, user_id, 0))),
-    )
-
-
-def status_of(dsn: str, key: str) -> str | None:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
-        row = conn.execute(
-            "SELECT status FROM outbox_notifier.notification_records WHERE dedupe_key = %s",
-            (key,),
-        ).fetchone()
-    return None if row is None else str(row[0])
-
-
 def all_sent(dsn: str, keys: list[str]) -> bool:
     try:
-        return all(status_of(dsn, k) == "sent" for k in keys)
+        return all(harness.record_status(dsn, k) == "sent" for k in keys)
     except psycopg.OperationalError:
         return False
 
@@ -203,7 +177,7 @@ STALL_SETTINGS = (
 def test_outbox_lock_past_health_stale_keeps_liveness_and_delivers(
     db: str, server: FeishuServer, tmp_path: Path
 ) -> None:
-    add_channels(db, {1: server.flow_url("ok")})
+    harness.add_channels(db, {1: server.flow_url("ok")})
     with daemon(db, tmp_path, *STALL_SETTINGS) as d:
         wait_for(lambda: d.status("/readyz") == 200, 30, "ready", d)
         with (
@@ -213,7 +187,7 @@ def test_outbox_lock_past_health_stale_keeps_liveness_and_delivers(
             blocker.execute("LOCK TABLE outbox_notifier.outbox IN ACCESS EXCLUSIVE MODE")
             backlog = [f"backlog-{n}" for n in range(20)]
             for key in backlog:  # visible once the lock goes
-                enqueue(blocker, key)
+                harness.enqueue_event(blocker, key)
             conn.execute(
                 "INSERT INTO outbox_notifier.notification_records"
                 " (channel, user_id, preview_id, dedupe_key, target_url, trace_id)"
@@ -228,7 +202,7 @@ def test_outbox_lock_past_health_stale_keeps_liveness_and_delivers(
                 ready_answers.append(d.get("/readyz", timeout_s=3.0))
                 time.sleep(0.25)
             unlocked_at = time.monotonic()
-            assert status_of(db, "relayed-before") == "sent"
+            assert harness.record_status(db, "relayed-before") == "sent"
             assert any(c == 503 and "LockNotAvailable" in b for c, b in ready_answers)
             blocker.commit()
         drain_s = wait_for(lambda: all_sent(db, backlog), 15, "backlog drained", d)
@@ -281,28 +255,17 @@ def iptables_allowed() -> None:
         pytest.skip(f"iptables is not permitted here: {probe.stderr.strip()[:200]}")
 
 
-@pytest.fixture
-def private_cluster() -> Iterator[LocalCluster]:
-    cluster = LocalCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
-
-
 @pytest.mark.timeout(150)
 @pytest.mark.usefixtures("iptables_allowed")
 def test_black_hole_keeps_liveness_and_recovers_within_10s(
-    private_cluster: LocalCluster, server: FeishuServer, tmp_path: Path
+    private_cluster: LocalCluster, private_db: str, server: FeishuServer, tmp_path: Path
 ) -> None:
-    dsn = create_database(private_cluster.dsn, prefix="on_hole")
-    migrations.migrate(dsn)
-    add_channels(dsn, {1: server.flow_url("ok")})
+    dsn = private_db
+    harness.add_channels(dsn, {1: server.flow_url("ok")})
     with daemon(dsn, tmp_path, *STALL_SETTINGS) as d:
         wait_for(lambda: d.status("/readyz") == 200, 30, "ready", d)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            enqueue(conn, "before")
+            harness.enqueue_event(conn, "before")
         wait_for(lambda: all_sent(dsn, ["before"]), 15, "first delivery", d)
         hole_s = 30.0  # far past health_stale_s, long enough for reconnect backoff to grow
         with black_hole(private_cluster.port):
@@ -321,7 +284,7 @@ def test_black_hole_keeps_liveness_and_recovers_within_10s(
         keys = [f"after-{n}" for n in range(10)]
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
             for key in keys:
-                enqueue(conn, key)
+                harness.enqueue_event(conn, key)
         recovery_s = wait_for(lambda: all_sent(dsn, keys), 10, "work after the hole", d)
         recovery_s = time.monotonic() - restored
         assert gap < 2.0, f"watchdog ping gap {gap:.1f}s over WatchdogSec=2"
@@ -334,11 +297,10 @@ def test_black_hole_keeps_liveness_and_recovers_within_10s(
 
 @pytest.mark.timeout(150)
 def test_daemon_started_before_the_database_waits_then_delivers(
-    private_cluster: LocalCluster, server: FeishuServer, tmp_path: Path
+    private_cluster: LocalCluster, private_db: str, server: FeishuServer, tmp_path: Path
 ) -> None:
-    dsn = create_database(private_cluster.dsn, prefix="on_late")
-    migrations.migrate(dsn)
-    add_channels(dsn, {1: server.flow_url("ok")})
+    dsn = private_db
+    harness.add_channels(dsn, {1: server.flow_url("ok")})
     private_cluster.stop()
     with daemon(dsn, tmp_path, "health_stale_s=4", "db_deadline_s=2") as d:
         wait_for(lambda: d.status("/healthz") == 200, 30, "/healthz up", d)
@@ -356,7 +318,7 @@ def test_daemon_started_before_the_database_waits_then_delivers(
         private_cluster.start()
         ready_s = wait_for(lambda: d.status("/readyz") == 200, 30, "ready after start", d)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            enqueue(conn, "late")
+            harness.enqueue_event(conn, "late")
         wait_for(lambda: all_sent(dsn, ["late"]), 15, "delivery", d)
         statuses = [m for _, m in d.notifications.messages if "STATUS=waiting for database" in m]
         assert statuses, d.notifications.messages[:5]

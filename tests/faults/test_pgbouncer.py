@@ -24,18 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from outbox_notifier.connections import connection_kwargs, session_timeouts, statement_timeouts
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.testing.feishu_server import FLOW_PREFIX, FeishuServer, Reply
-from tests.faults.harness import (
-    Fleet,
-    LeaseWatch,
-    Producer,
-    add_channels,
-    check_invariants,
-    env_without_settings,
-    free_port,
-    report,
-    wait_settled,
-    wait_until,
-)
+from tests.faults import harness
 from tests.support import settings_for
 from tests.timeout_support import BLOCKED_MAINTENANCE, assert_fails_at_lock_timeout
 
@@ -67,7 +56,7 @@ def pgbouncer(db: str) -> Iterator[str]:
     upstream = psycopg.conninfo.conninfo_to_dict(db)
     user = str(upstream.get("user") or "postgres")
     root = Path(tempfile.mkdtemp(prefix="outbox-notifier-pgbouncer-"))
-    port = free_port()
+    port = harness.free_port()
     target = " ".join(f"{k}={upstream[k]}" for k in ("host", "port", "password") if upstream.get(k))
     (root / "userlist.txt").write_text(f'"{user}" ""\n')
     (root / "pgbouncer.ini").write_text(
@@ -99,7 +88,9 @@ def pgbouncer(db: str) -> Iterator[str]:
         cwd=root,
     )
     try:
-        wait_until(lambda: proc.poll() is not None or _accepts(port), 10, "pgbouncer to listen")
+        harness.wait_until(
+            lambda: proc.poll() is not None or _accepts(port), 10, "pgbouncer to listen"
+        )
         if proc.poll() is not None:
             log = (root / "pgbouncer.log").read_text(errors="replace")
             pytest.fail(f"pgbouncer exited with {proc.returncode}: {log[-2000:]}")
@@ -124,38 +115,37 @@ def test_daemons_behind_pgbouncer_in_transaction_mode_complete_the_workload(
     with psycopg.connect(pgbouncer, autocommit=True) as conn:  # the pooler really is in between
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert conn.info.port != psycopg.conninfo.conninfo_to_dict(db).get("port")
-    add_channels(db, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
+    harness.add_channels(db, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
     # Some temporary failures, so the retry path runs through the pooler too.
     server.script(FLOW_PREFIX, [Reply(status=500)] * 50, then=None)
-    producer = Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=5.0)
+    producer = harness.Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=5.0)
     started = time.monotonic()
     with (
-        Fleet(
+        harness.Fleet(
             pgbouncer, 3,
-            f"listen_dsn={db}", "prepared_statements=false", "lease_s=4", "http_timeout_s=2",
-            "retry_base_s=0.2", "retry_max_s=1", "max_attempts=8", "breaker_cooloff_s=1",
-            env=env_without_settings(),
+            f"listen_dsn={db}", "prepared_statements=false", "lease_s=4",
+            *harness.QUICK_RETRIES, "max_attempts=8", "breaker_cooloff_s=1",
         ) as fleet,
-        LeaseWatch(db) as watch,
+        harness.LeaseWatch(db) as watch,
     ):  # fmt: skip
         try:
             fleet.wait_ready()
             producer.start()
             producer.join()
-            settle_s = wait_settled(db, timeout_s=30)
+            settle_s = harness.wait_settled(db, timeout_s=30)
         finally:
             codes = fleet.stop()
             logs = fleet.logs()
     elapsed = time.monotonic() - started
     assert codes == [0, 0, 0], logs[-5000:]
-    figures = check_invariants(db, server.requests, lease_watch=watch)
+    figures = harness.check_invariants(db, server.requests, lease_watch=watch)
     figures.extra.update(
         events=producer.committed_rows,
         kills=0,
         settle_s=round(settle_s, 1),
         run_s=round(elapsed, 1),
     )
-    report("pgbouncer", figures, record_property)
+    harness.report("pgbouncer", figures, record_property)
     assert figures.lease_rescues == 0  # no worker died: every result must have landed
     assert figures.records == len(producer.acknowledged)
     assert figures.by_status == {"sent": figures.records}
@@ -173,11 +163,10 @@ def test_lock_timeout_holds_behind_pgbouncer(db: str, pgbouncer: str) -> None:
     hands each transaction any server connection) cannot lose it: a lock on the outbox costs
     the relay lock_timeout_s, and /readyz says so."""
     with (
-        Fleet(
+        harness.Fleet(
             pgbouncer, 1,
             f"listen_dsn={db}", "prepared_statements=false", "lock_timeout_s=0.3",
             "health_stale_s=6", "db_deadline_s=4", "statement_timeout_s=2",
-            env=env_without_settings(),
         ) as fleet,
         psycopg.connect(db) as blocker,
     ):  # fmt: skip
@@ -191,10 +180,10 @@ def test_lock_timeout_holds_behind_pgbouncer(db: str, pgbouncer: str) -> None:
 
         # Without the timeout the relay would wait on the lock and /readyz would stay 200
         # until db_deadline_s abandons the call, with a DeadlineExceeded, not a lock error.
-        wait_until(says_locked, 3.0, "/readyz to report the lock timeout")
+        harness.wait_until(says_locked, 3.0, "/readyz to report the lock timeout")
         assert replica.get("/healthz")[0] == 200
         blocker.rollback()
-        wait_until(lambda: replica.get("/readyz")[0] == 200, 10, "ready again")
+        harness.wait_until(lambda: replica.get("/readyz")[0] == 200, 10, "ready again")
         assert fleet.stop() == [0]
 
 

@@ -13,16 +13,7 @@ import psycopg
 import pytest
 
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
-from tests.faults.harness import (
-    Fleet,
-    LeaseWatch,
-    Producer,
-    add_channels,
-    check_invariants,
-    env_without_settings,
-    report,
-    wait_settled,
-)
+from tests.faults import harness
 
 pytestmark = pytest.mark.faults
 
@@ -50,7 +41,7 @@ def test_provider_chaos_settles_every_record_per_the_retry_policy(
 ) -> None:
     urls = {u: server.flow_url(f"{'slow' if u in SLOW_USERS else 'user'}-{u}")
             for u in range(1, USERS + 1)}  # fmt: skip
-    add_channels(db, urls)
+    harness.add_channels(db, urls)
     # A "timeout" is a call the provider never answers (timeout_s far beyond the test), so it
     # is never counted as a delivery the daemon could not know about.
     server.chaos(7, p_500=0.2, p_timeout=0.05, p_drop=0.05, p_429=0.05, retry_after_s=1,
@@ -59,25 +50,24 @@ def test_provider_chaos_settles_every_record_per_the_retry_policy(
     slow = [Reply(delay_s=1.5), Reply(delay_s=1.0, status=500), Reply(trickle_s=0.6),
             Reply(delay_s=0.8), Reply(status=503, delay_s=1.2)]  # fmt: skip
     server.script("slow", slow * 10, then=Reply(delay_s=0.5))
-    producer = Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=5.0)
+    producer = harness.Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=5.0)
     started = time.monotonic()
     with (
-        Fleet(
+        harness.Fleet(
             db, 2,
-            "lease_s=4", "http_timeout_s=2", "retry_base_s=0.2", "retry_max_s=1",
-            f"max_attempts={MAX_ATTEMPTS}", "breaker_cooloff_s=1",
-            env=env_without_settings(),
+            "lease_s=4", *harness.QUICK_RETRIES, f"max_attempts={MAX_ATTEMPTS}",
+            "breaker_cooloff_s=1",
         ) as fleet,
-        LeaseWatch(db) as watch,
+        harness.LeaseWatch(db) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
         producer.start()
         producer.join()
-        settle_s = wait_settled(db, timeout_s=100)
+        settle_s = harness.wait_settled(db, timeout_s=100)
         codes = fleet.stop()
     elapsed = time.monotonic() - started
     assert codes == [0, 0], fleet.logs()[-5000:]
-    figures = check_invariants(db, server.requests, lease_watch=watch)
+    figures = harness.check_invariants(db, server.requests, lease_watch=watch)
 
     # Per policy: dead only after max_attempts temporary failures; sent ends with a success
     # after temporary failures only; a 429's Retry-After (1 s) is waited out.
@@ -114,7 +104,7 @@ def test_provider_chaos_settles_every_record_per_the_retry_policy(
         settle_s=round(settle_s, 1),
         run_s=round(elapsed, 1),
     )
-    report("provider_chaos", figures, record_property)
+    harness.report("provider_chaos", figures, record_property)
     assert set(figures.by_status) <= {"sent", "dead"}
     assert figures.by_status.get("sent", 0) >= figures.records * 0.95
     assert figures.duplicates == 0

@@ -8,17 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from outbox_notifier.testing.feishu_server import FLOW_PREFIX, FeishuServer, Reply
-from tests.faults.harness import (
-    Fleet,
-    LeaseWatch,
-    Producer,
-    add_channels,
-    check_invariants,
-    env_without_settings,
-    killing,
-    report,
-    wait_settled,
-)
+from tests.faults import harness
 
 pytestmark = pytest.mark.faults
 
@@ -30,31 +20,30 @@ USERS = 20
 def test_sigkilled_replicas_lose_nothing_and_duplicate_only_interrupted_calls(
     db: str, server: FeishuServer, record_property: Callable[[str, object], None]
 ) -> None:
-    add_channels(db, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
+    harness.add_channels(db, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
     # Slightly slow answers keep calls in flight, so kills land mid-call.
     server.script(FLOW_PREFIX, [], then=Reply(delay_s=0.2))
-    producer = Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=12.0)
+    producer = harness.Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=12.0)
     started = time.monotonic()
     with (
-        Fleet(
+        harness.Fleet(
             db, 3,
-            "lease_s=3", "http_timeout_s=2", "retry_base_s=0.2", "retry_max_s=1",
-            "max_attempts=10", "delivery_concurrency=20",
-            env=env_without_settings(),
+            "lease_s=3", *harness.QUICK_RETRIES, "max_attempts=10",
+            "delivery_concurrency=20",
         ) as fleet,
-        LeaseWatch(db) as watch,
+        harness.LeaseWatch(db) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
-        with killing(fleet, every_s=2.0, seed=1) as kill_times:
+        with harness.killing(fleet, every_s=2.0, seed=1) as kill_times:
             producer.start()
             producer.join()
             time.sleep(2.0)  # keep killing while the tail is delivered
         fleet.wait_ready()
-        settle_s = wait_settled(db, timeout_s=90)
+        settle_s = harness.wait_settled(db, timeout_s=90)
         codes = fleet.stop()
     elapsed = time.monotonic() - started
     assert codes == [0, 0, 0], fleet.logs()[-5000:]
-    figures = check_invariants(db, server.requests, kills=fleet.kills, lease_watch=watch)
+    figures = harness.check_invariants(db, server.requests, kills=fleet.kills, lease_watch=watch)
     figures.extra.update(
         events=producer.committed_rows,
         kills=fleet.kills,
@@ -62,7 +51,7 @@ def test_sigkilled_replicas_lose_nothing_and_duplicate_only_interrupted_calls(
         settle_s=round(settle_s, 1),
         run_s=round(elapsed, 1),
     )
-    report("worker_crashes", figures, record_property)
+    harness.report("worker_crashes", figures, record_property)
     assert len(kill_times) >= 5
     assert figures.records == len(producer.acknowledged)
     assert figures.rejected == producer.bad_acknowledged
