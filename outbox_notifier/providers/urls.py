@@ -98,6 +98,12 @@ def scrub(message: str, url: httpx.URL, secrets: Iterable[str] = ()) -> str:
     query = url.query.decode("ascii")
     if query and query in message:
         message = message.replace(query, "****")
+    # Each value alone too: a message may quote another form of the URL (DingTalk's signed
+    # URL adds timestamp and sign to the recipient's, so its whole query is not in the
+    # recipient's URL, but its access_token is).
+    for _, value in url.params.multi_items():
+        if len(value) > 3 and value in message:
+            message = message.replace(value, "****")
     for secret in secrets:
         if secret and secret in message:
             message = message.replace(secret, "****")
