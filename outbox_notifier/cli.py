@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import psycopg
 
-from outbox_notifier import __version__, logs, settings
+from outbox_notifier import __version__, logs, names, operator, settings
 
 if TYPE_CHECKING:
     from outbox_notifier import migrations
@@ -203,6 +203,67 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument(
         "--dry-run", action="store_true", help="show what would be requeued; change nothing"
     )
+    replay = add(
+        "replay",
+        "deliver sent or dead records again",
+        "Deliver chosen sent or dead records again, as new attempts of the same records: no "
+        "record is written, so deduplication holds. Records are chosen by when they were sent "
+        "or died (updated_at) in [--since, --until) and the optional filters, oldest first, "
+        "at most --limit; records of the range that are pending, failed, sending or skipped "
+        "are reported and left alone. Each goes back on the retry path, due one every "
+        "1/--rate seconds so that new records keep their latency, with the attempts of a new "
+        "record (the max_attempts setting) on top of those it made, and --reason on the "
+        "record and on every attempt it makes (delivery_attempts.replay_reason). Times are "
+        "ISO 8601 (UTC unless an offset is given) or ages like 30m, 6h, 2d.",
+    )
+    replay.add_argument(
+        "--since", type=_timestamp, metavar="TIME", help="records sent or dead at or after TIME"
+    )
+    replay.add_argument(
+        "--until", type=_timestamp, metavar="TIME", help="records sent or dead before TIME"
+    )
+    replay.add_argument("--user", type=_positive_int, metavar="ID", help="only this user's")
+    replay.add_argument(
+        "--provider",
+        metavar="P",
+        help="only records whose user's channel uses this provider: "
+        + ", ".join(names.PROVIDER_NAMES),
+    )
+    replay.add_argument(
+        "--target",
+        metavar="URL",
+        help="only records whose user's channel has this webhook URL (the endpoint that lost "
+        "the data); never printed",
+    )
+    replay.add_argument(
+        "--error-code", metavar="CODE", help="only records whose last error code is this"
+    )
+    replay.add_argument(
+        "--reason",
+        metavar="TEXT",
+        help="why: kept on each attempt of the replay (required, at most 500 characters)",
+    )
+    replay.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        default=operator.REPLAY_DEFAULT_LIMIT,
+        help=f"replay at most N records, oldest first; run again for the rest "
+        f"(default {operator.REPLAY_DEFAULT_LIMIT}, at most {operator.REPLAY_MAX_LIMIT})",
+    )
+    replay.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        default=operator.REPLAY_DEFAULT_RATE_PER_S,
+        help=f"records falling due per second (default "
+        f"{operator.REPLAY_DEFAULT_RATE_PER_S:g}); keep it below the pacing limit of a chat bot "
+        "the records go to",
+    )
+    replay.add_argument(
+        "--dry-run", action="store_true", help="show what would be replayed; change nothing"
+    )
+    replay.add_argument("--json", action="store_true", help="print JSON instead of text")
     add(
         "demo",
         "see the pipeline work end to end",
@@ -366,6 +427,29 @@ def _cmd_requeue(args: argparse.Namespace, cfg: settings.Settings) -> int:
     )
 
 
+def _replay_selection(args: argparse.Namespace) -> operator.ReplaySelection:
+    return operator.ReplaySelection(
+        since=args.since,
+        until=args.until,
+        user_id=args.user,
+        provider=args.provider,
+        target_url=args.target,
+        error_code=args.error_code,
+        limit=args.limit,
+    )
+
+
+def _cmd_replay(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    return operator.replay(
+        cfg,
+        _replay_selection(args),
+        reason=args.reason,
+        rate_per_s=args.rate,
+        dry_run=args.dry_run,
+        as_json=args.json,
+    )
+
+
 def _cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
     from outbox_notifier import demo
 
@@ -381,6 +465,7 @@ _HANDLERS: dict[str, tuple[Handler, bool]] = {
     "run": (_cmd_run, True),
     "status": (_cmd_status, True),
     "requeue": (_cmd_requeue, True),
+    "replay": (_cmd_replay, True),
     "demo": (_cmd_demo, False),
     "check-config": (_cmd_check_config, True),
 }
@@ -395,6 +480,18 @@ def _requeue_selection_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _replay_problem(args: argparse.Namespace) -> str | None:
+    if args.since is None or args.until is None:
+        return "a time range is required: pass --since and --until"
+    if args.reason is None:
+        return "--reason is required: it goes into the attempt log"
+    if args.provider is not None and args.provider not in names.PROVIDER_NAMES:
+        return f"unknown provider {args.provider!r}: one of {', '.join(names.PROVIDER_NAMES)}"
+    return operator.replay_problem(
+        _replay_selection(args), reason=args.reason, rate_per_s=args.rate
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``outbox-notifier``; returns the exit code."""
     parser = build_parser()
@@ -405,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
         problem = _requeue_selection_problem(args)
         if problem:
             _fail(f"requeue: {problem}")
+            return EXIT_USAGE
+    if args.command == "replay":
+        problem = _replay_problem(args)
+        if problem:
+            _fail(f"replay: {problem}")
             return EXIT_USAGE
 
     # The settings' warnings wait for the log format the settings choose.

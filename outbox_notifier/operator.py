@@ -1,20 +1,25 @@
-"""The operator commands ``status`` and ``requeue``: short-lived, synchronous, one connection.
+"""The operator commands ``status``, ``requeue`` and ``replay``: short-lived, synchronous, one
+connection.
 
-Both print for a person at a terminal (or, for ``status --json``, for a script) and return the
+Each prints for a person at a terminal (or, with ``--json``, for a script) and returns the
 process exit code: 0 done; 1 the database is unreachable, the schema is missing, or not
-everything asked for was requeued. Nothing printed here ever includes a channel's webhook URL or
+everything asked for was requeued or replayed (a record held by another transaction); 2 (replay)
+arguments the database refuses. Nothing printed here ever includes a channel's webhook URL or
 secret: the queries never select them, and the error texts of dead letters, which come from
 providers, have any URL cut down to its scheme and host.
 
 The filters of a bulk requeue live in one SQL function, ``outbox_notifier.dead_letters_matching``,
 which both the dry run and ``outbox_notifier.requeue_dead`` select through, so the two cannot
-disagree.
+disagree. Replay's, ``outbox_notifier.replay_matching_v1``, is shared the same way by its dry
+run and ``outbox_notifier.replay_v1``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -31,6 +36,7 @@ PROG = "outbox-notifier"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
 
 RECENT_DEAD_LETTERS = 10
 ERROR_EXCERPT_RUNES = 120
@@ -407,3 +413,206 @@ def _count(n: int, noun: str) -> str:
 
 def _id_list(ids: Sequence[int]) -> str:
     return ": " + ", ".join(str(i) for i in ids) if ids else ""
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+#: The most records one replay may take (replay_matching_v1 refuses more), and the defaults.
+REPLAY_MAX_LIMIT = 10_000
+REPLAY_DEFAULT_LIMIT = 1_000
+REPLAY_DEFAULT_RATE_PER_S = 10.0
+
+
+class ReplaySelection(msgspec.Struct, frozen=True, kw_only=True):
+    """Which records a replay looks at; None means any. The time range is on ``updated_at``:
+    for a sent record its ``sent_at``, for a dead one when it died; ``since`` inclusive,
+    ``until`` exclusive. ``target_url`` is a channel's webhook URL, matched by its target."""
+
+    since: datetime
+    until: datetime
+    user_id: int | None = None
+    provider: str | None = None
+    target_url: str | None = None
+    error_code: str | None = None
+    limit: int = REPLAY_DEFAULT_LIMIT
+
+
+class ReplayCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    user_id: int
+    provider: str
+    status: str
+    error_code: str | None
+    updated_at: datetime
+    attempt_count: int
+
+
+class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``replay --json`` prints; the keys are stable."""
+
+    dry_run: bool
+    reason: str
+    rate_per_s: float
+    selected: list[ReplayCandidate]  # what the replay takes (the dry run) or expected to take
+    replayed: list[int]  # the ids replayed (empty in a dry run)
+    held: list[int]  # selected, but held by another transaction: skipped, run again
+    over_limit: int  # sent or dead records of the range beyond the limit: the next run's
+    not_replayable: dict[str, int]  # records of the range in another status, by status
+
+
+def replay_problem(selection: ReplaySelection, *, reason: str, rate_per_s: float) -> str | None:
+    """What is wrong with the arguments, in one line (None: nothing). replay_v1 checks the
+    same; checking here first lets the command say it without a database round trip."""
+    if not selection.until > selection.since:
+        return "--until must be after --since"
+    if not reason.strip():
+        return "--reason is required: it goes into the attempt log"
+    if len(reason) > 500:
+        return "--reason is longer than 500 characters"
+    if not 1 <= selection.limit <= REPLAY_MAX_LIMIT:
+        return f"--limit must be between 1 and {REPLAY_MAX_LIMIT}, got {selection.limit}"
+    if not 0 < rate_per_s < math.inf:
+        return f"--rate must be a positive number of records a second, got {rate_per_s}"
+    return None
+
+
+def replay(
+    settings: Settings,
+    selection: ReplaySelection,
+    *,
+    reason: str,
+    rate_per_s: float,
+    dry_run: bool,
+    as_json: bool,
+) -> int:
+    """Delivers the selected sent and dead records again, as new attempts of the same records.
+
+    Each goes back to ``failed``, due one after another at ``rate_per_s`` so that the delivery
+    loop's retry path takes them without crowding out new records, with the attempts of a new
+    record (``settings.max_attempts``) on top of those it has made, and ``reason`` on the record
+    and on each attempt it makes. ``dry_run`` shows the same selection and changes nothing.
+    """
+    problem = replay_problem(selection, reason=reason, rate_per_s=rate_per_s)
+    if problem:
+        print(f"{PROG}: replay: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    params: dict[str, Any] = {
+        **msgspec.structs.asdict(selection),
+        "reason": reason,
+        "rate_per_s": rate_per_s,
+        "attempts": settings.max_attempts,
+    }
+    try:
+        with _connect(settings) as conn, conn.transaction():
+            selected = replay_selection(conn, params)
+            left_out = dict(conn.execute(query("replay_left_out"), params).fetchall())
+            replayed = (
+                []
+                if dry_run
+                else [row[0] for row in conn.execute(query("replay"), params).fetchall()]
+            )
+    except psycopg.errors.InvalidParameterValue as exc:
+        print(f"{PROG}: {first_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OperatorError as exc:
+        return _fail(str(exc))
+    report = ReplayReport(
+        dry_run=dry_run,
+        reason=reason,
+        rate_per_s=rate_per_s,
+        selected=selected,
+        replayed=replayed,
+        held=[] if dry_run else sorted({c.id for c in selected} - set(replayed)),
+        over_limit=sum(n for status, n in left_out.items() if status in ("sent", "dead")),
+        not_replayable={s: n for s, n in left_out.items() if s not in ("sent", "dead")},
+    )
+    if as_json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(render_replay(report, selection), end="")
+    return EXIT_FAILURE if report.held else EXIT_OK
+
+
+def replay_selection(
+    conn: psycopg.Connection[Any], params: dict[str, Any]
+) -> list[ReplayCandidate]:
+    """The records a replay with these parameters takes (``ReplaySelection``'s fields)."""
+    return [
+        ReplayCandidate(
+            id=row[0],
+            user_id=row[1],
+            provider=row[2],
+            status=row[3],
+            error_code=row[4],
+            updated_at=row[5],
+            attempt_count=row[6],
+        )
+        for row in conn.execute(query("replay_selection"), params).fetchall()
+    ]
+
+
+def render_replay(report: ReplayReport, selection: ReplaySelection) -> str:
+    """The human form of `replay`: what was (or would be) replayed, then what was left."""
+    out: list[str] = []
+    statuses = Counter(c.status for c in report.selected)
+    mix = ", ".join(f"{statuses[s]} {s}" for s in ("sent", "dead") if statuses[s])
+    if report.dry_run:
+        if report.selected:
+            out.append(
+                f"would replay {_count(len(report.selected), 'record')} ({mix}) at "
+                f"{report.rate_per_s:g}/s, over {format_age(_spread_s(report))}:"
+            )
+            out += _table(
+                ("id", "user", "provider", "status", "attempts", "error code", "updated at"),
+                [
+                    (
+                        str(c.id),
+                        str(c.user_id),
+                        c.provider,
+                        c.status,
+                        str(c.attempt_count),
+                        c.error_code or "",
+                        _timestamp(c.updated_at),
+                    )
+                    for c in report.selected
+                ],
+                right=(0, 1, 4),
+            )
+        else:
+            out.append("no sent or dead records match")
+    elif report.replayed:
+        out.append(
+            f"replayed {_count(len(report.replayed), 'record')} at {report.rate_per_s:g}/s, "
+            f"the last due in {format_age(_spread_s(report))}{_id_list(report.replayed)}"
+        )
+    elif not report.held:
+        out.append("no sent or dead records match")
+    if report.held:
+        out.append(
+            f"skipped {_count(len(report.held), 'record')} held by another transaction"
+            f"{_id_list(report.held)}; run the command again"
+        )
+    if report.over_limit:
+        out.append(
+            f"{_count(report.over_limit, 'more sent or dead record')} "
+            f"{'matches' if report.over_limit == 1 else 'match'} beyond --limit "
+            f"{selection.limit}: run the command again to take them"
+        )
+    if report.not_replayable:
+        by_status = ", ".join(f"{n} {s}" for s, n in sorted(report.not_replayable.items()))
+        total = sum(report.not_replayable.values())
+        out.append(
+            f"not touched: {_count(total, 'record')} of the range {_is_are(total)} not sent "
+            f"or dead ({by_status})"
+        )
+    return "\n".join(out) + "\n"
+
+
+def _spread_s(report: ReplayReport) -> float:
+    """How long after the replay its last record falls due."""
+    taken = len(report.selected) if report.dry_run else len(report.replayed)
+    return max(taken - 1, 0) / report.rate_per_s
+
+
+def _is_are(n: int) -> str:
+    return "is" if n == 1 else "are"

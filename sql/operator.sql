@@ -1,4 +1,4 @@
--- The statements of the operator commands (`status`, `requeue`). Loaded by
+-- The statements of the operator commands (`status`, `requeue`, `replay`). Loaded by
 -- outbox_notifier.sqlfiles.
 --
 -- None of them selects a channel's webhook_url or auth_secret: operator output never shows them.
@@ -55,4 +55,37 @@ SELECT id
 FROM outbox_notifier.requeue_dead(
     %(channel)s::text, %(error_code)s::text, %(since)s::timestamptz, %(until)s::timestamptz
 ) AS requeued(id)
+ORDER BY id;
+
+-- name: replay_selection
+-- The records a replay with these arguments takes (outbox_notifier.replay_matching_v1, the
+-- filter replay_v1 selects through): the dry run, and what the real run expects to replay.
+SELECT id, user_id, provider, status, last_error_code, updated_at, attempt_count
+FROM outbox_notifier.replay_matching_v1(
+    %(since)s::timestamptz, %(until)s::timestamptz, %(user_id)s::bigint, %(provider)s::text,
+    %(target_url)s::text, %(error_code)s::text, %(limit)s::integer
+)
+WHERE selected
+ORDER BY id;
+
+-- name: replay_left_out
+-- The records of the range a replay leaves, by status: sent or dead ones over the limit (the
+-- next run takes them), and those that are not sent or dead (never touched).
+SELECT status, count(*)
+FROM outbox_notifier.replay_matching_v1(
+    %(since)s::timestamptz, %(until)s::timestamptz, %(user_id)s::bigint, %(provider)s::text,
+    %(target_url)s::text, %(error_code)s::text, %(limit)s::integer
+)
+WHERE NOT selected
+GROUP BY status
+ORDER BY status;
+
+-- name: replay
+-- Replays the records replay_selection shows (less those held elsewhere); returns their ids.
+SELECT id
+FROM outbox_notifier.replay_v1(
+    %(since)s::timestamptz, %(until)s::timestamptz, %(user_id)s::bigint, %(provider)s::text,
+    %(target_url)s::text, %(error_code)s::text, %(reason)s::text, %(limit)s::integer,
+    %(rate_per_s)s::float8, %(attempts)s::integer
+) AS replayed(id)
 ORDER BY id;

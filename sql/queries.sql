@@ -134,7 +134,9 @@ SELECT extract(epoch FROM least(
 -- * a record without a trace context takes that of its attempt (a daemon that traces);
 -- * the breaker counts each call in the second it started, a 429 throttles its target
 --   until its Retry-After (outbox_notifier.record_target_results_v3, which writes only the
---   targets whose state the batch can change, locked in key order).
+--   targets whose state the batch can change, locked in key order);
+-- * a replay's reason (0014) goes from the record into its attempt row, and off the record once
+--   the record ends (anything but 'failed', which the replay's retries still belong to).
 -- All of it commits together or is retried together. Returns one row per result whose record
 -- exists, with what logging and metrics need (status NULL: a late result, not applied), and on
 -- each row the keys of the targets whose breaker this batch tripped (their paused_until set). The target is the channel's current webhook
@@ -152,7 +154,8 @@ WITH input AS (
 ), known AS MATERIALIZED (
     SELECT input.record_id, r.channel, r.user_id, r.trace_id, r.dedupe_key,
            CASE WHEN ch.webhook_url IS NOT NULL
-                THEN outbox_notifier.target_key(ch.webhook_url) END AS target_key
+                THEN outbox_notifier.target_key(ch.webhook_url) END AS target_key,
+           r.replay_reason
     FROM input
     JOIN outbox_notifier.notification_records r ON r.id = input.record_id
     LEFT JOIN outbox_notifier.notification_channels ch
@@ -183,6 +186,7 @@ WITH input AS (
         traceparent = coalesce(r.traceparent, input.traceparent),
         lease_expires_at = NULL,
         lease_token = NULL,
+        replay_reason = CASE WHEN input.status = 'failed' THEN r.replay_reason END,
         updated_at = now()
     FROM input
     WHERE r.id = input.record_id AND r.status = 'sending' AND r.lease_token = input.lease_token
@@ -192,15 +196,16 @@ WITH input AS (
 ), logged AS (
     INSERT INTO outbox_notifier.delivery_attempts (
         record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code,
-        http_status, response_excerpt, applied
+        http_status, response_excerpt, applied, replay_reason
     )
     -- started_at was read on this host's clock: moved onto the database clock, as every
     -- other time the daemon writes
     SELECT input.record_id, input.attempt, input.lease_token,
            now() - (%(host_now)s::timestamptz - input.started_at), input.duration_ms,
            input.outcome, input.error_code, input.http_status,
-           left(input.response_json, 2000), applied.id IS NOT NULL
+           left(input.response_json, 2000), applied.id IS NOT NULL, known.replay_reason
     FROM input LEFT JOIN applied ON applied.id = input.record_id
+    LEFT JOIN known ON known.record_id = input.record_id
 ), calls AS MATERIALIZED (
     -- the calls that reached a target: when each started (database clock), what the reply
     -- means to the breaker, and for a 429 until when the target asked to be left alone
@@ -240,9 +245,10 @@ FROM known LEFT JOIN applied ON applied.id = known.record_id CROSS JOIN tripped;
 -- sending_lease_expired (dead once attempts are spent), logged as an attempt of its own. The
 -- backoff delay for attempt n is %(delays_s)s[n], computed by outbox_notifier.backoff, times a
 -- jitter factor in [1 - %(jitter)s, 1 + %(jitter)s) drawn per record (random() is evaluated per
--- row), so records of one dead worker do not all come due at the same instant.
+-- row), so records of one dead worker do not all come due at the same instant. A replay's reason
+-- goes into the attempt row and off a record that ends dead, as in apply_results.
 WITH expired AS (
-    SELECT id, channel, dedupe_key, lease_token
+    SELECT id, channel, dedupe_key, lease_token, replay_reason
     FROM outbox_notifier.notification_records
     WHERE status = 'sending' AND lease_expires_at < now()
     ORDER BY lease_expires_at
@@ -263,16 +269,18 @@ WITH expired AS (
         last_error = 'lease expired while sending: the worker stopped or stalled mid-call',
         lease_expires_at = NULL,
         lease_token = NULL,
+        replay_reason = CASE WHEN r.attempt_count < r.max_attempts THEN r.replay_reason END,
         updated_at = now()
     FROM claimable
     WHERE r.id = claimable.id
     RETURNING r.id, r.channel, r.status, r.attempt_count
 ), logged AS (
     INSERT INTO outbox_notifier.delivery_attempts (
-        record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code
+        record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code,
+        replay_reason
     )
     SELECT rescued.id, rescued.attempt_count, expired.lease_token, now(), 0, 'temporary_fail',
-           'sending_lease_expired'
+           'sending_lease_expired', expired.replay_reason
     FROM rescued JOIN expired USING (id)
 )
 SELECT id, channel, status FROM rescued;

@@ -332,4 +332,54 @@ def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None
         *{(f"notification_channels({c})", "SELECT") for c in channel_columns},
         ("requeue", "EXECUTE"),
         ("requeue_dead", "EXECUTE"),
+        ("replay_v1", "EXECUTE"),
+        ("replay_matching_v1", "EXECUTE"),
     }
+
+
+REPLAY_SQL = (
+    "SELECT * FROM outbox_notifier.replay_v1(now() - interval '1 hour', now(), NULL, NULL,"
+    " NULL, NULL, 'the receiver lost it', 10, 100)"
+)
+REPLAY_MATCHING_SQL = (
+    "SELECT id FROM outbox_notifier.replay_matching_v1(now() - interval '1 hour', now(), NULL,"
+    " NULL, %s, NULL, 10)"
+)
+
+
+def test_the_operator_can_replay_and_the_producer_and_daemon_cannot(
+    db: str, conn: psycopg.Connection[Any], login_as: LoginAs
+) -> None:
+    url = "http://127.0.0.1/hooks/secret-token"
+    add_channel(conn, 1, url, provider="webhook")
+    sent = scalar(
+        conn,
+        "INSERT INTO outbox_notifier.notification_records (channel, user_id, preview_id,"
+        " dedupe_key, target_url, status, attempt_count, sent_at)"
+        " VALUES ('feishu', 1, 'p', 'op-sent', '/x', 'sent', 1, now()) RETURNING id",
+    )
+    for role in ("outbox_notifier_producer", "outbox_notifier_daemon"):
+        with psycopg.connect(login_as(role), autocommit=True) as other:
+            for statement, params in ((REPLAY_SQL, ()), (REPLAY_MATCHING_SQL, (url,))):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    other.execute(statement, params)
+    dsn = login_as("outbox_notifier_operator")
+    with psycopg.connect(dsn, autocommit=True) as operator:
+        # the target filter reads the webhook URL the role itself may not select
+        assert operator.execute(REPLAY_MATCHING_SQL, (url,)).fetchall() == [(sent,)]
+        assert operator.execute(REPLAY_SQL).fetchall() == [(sent,)]
+    assert (
+        scalar(
+            conn,
+            "SELECT status || ' ' || replay_reason FROM outbox_notifier.notification_records",
+        )
+        == "failed the receiver lost it"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "outbox_notifier", "replay", "--since", "1h", "--until", "0s",
+         "--reason", "again", "--target", url, "--dry-run", "--dsn", dsn],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "not touched: 1 record of the range is not sent or dead (1 failed)" in proc.stdout
+    assert "secret-token" not in proc.stdout + proc.stderr

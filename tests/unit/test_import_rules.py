@@ -30,7 +30,7 @@ DRIVER_ALLOWED = {
     "settings": "checks and masks the DSN with the driver's conninfo parser",
     "cli": "turns a refused connection into one line and exit code 1",
     # Commands with a connection of their own, not yet through a store.
-    "operator": "status and requeue: one short synchronous connection",
+    "operator": "status, requeue and replay: one short synchronous connection",
     "demo": "seeds the demo's database and watches it",
     # Test support shipped in the package, never imported by the daemon.
     "testing.postgres": "creates and drops the tests' databases",
