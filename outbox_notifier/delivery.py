@@ -300,11 +300,7 @@ class Deliverer:
     async def _deliver(self, record: ClaimedRecord) -> None:
         started_at = datetime.now(UTC)
         # A no-op unless tracing is on (outbox_notifier.tracing): nothing is spent per record.
-        with tracing.active.process(
-            record_id=record.id, attempt=record.attempt_count, channel=record.channel,
-            provider=record.provider, traceparent=record.traceparent,
-            tracestate=record.tracestate,
-        ) as span:  # fmt: skip
+        with tracing.active.process(record) as span:  # fmt: skip
             sent = await call_provider(self.providers, record.provider, to_delivery(record))
             result = to_result(
                 record, sent, self.policy, started_at, self.rng, traceparent=span.traceparent()

@@ -41,7 +41,6 @@ import asyncio
 import logging
 import os
 import time
-from types import TracebackType
 from typing import Final, Self
 
 import httpx
@@ -130,12 +129,7 @@ class _Span(tracing.Span):
         self._token = otel_context.attach(trace.set_span_in_context(self._span))
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def end(self, exc: BaseException | None) -> None:
         try:
             if exc is not None:
                 # Cancellation is the shutdown's, not a fault of the call: named, not recorded.
@@ -200,12 +194,7 @@ class _DatabaseBatch(tracing.Span):
         self._started_ns = time.time_ns()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def end(self, exc: BaseException | None) -> None:
         if not self._rows and exc is None:
             return
         span = self._tracer.start_span(
@@ -272,22 +261,14 @@ class OtelTracing(tracing.Tracing):
             provider.add_span_processor(BatchSpanProcessor(exporter))
         return cls(provider, database=database_target(settings.dsn))
 
-    def process(
-        self,
-        *,
-        record_id: int,
-        attempt: int,
-        channel: str,
-        provider: str,
-        traceparent: str | None,
-        tracestate: str | None,
-    ) -> tracing.Span:
+    def process(self, record: tracing.Attempt) -> tracing.Span:
+        record_id, channel, traceparent = record.id, record.channel, record.traceparent
         parent = self._root
         links: list[trace.Link] = []
         if traceparent:
             carrier = {"traceparent": traceparent}
-            if tracestate:
-                carrier["tracestate"] = tracestate
+            if record.tracestate:
+                carrier["tracestate"] = record.tracestate
             extracted = self._propagator.extract(carrier)
             created = trace.get_current_span(extracted).get_span_context()
             if created.is_valid:
@@ -310,8 +291,8 @@ class OtelTracing(tracing.Tracing):
                 MESSAGING_DESTINATION_NAME: channel,
                 MESSAGING_MESSAGE_ID: str(record_id),
                 RECORD_ID: record_id,
-                ATTEMPT: attempt,
-                PROVIDER: provider,
+                ATTEMPT: record.attempt_count,
+                PROVIDER: record.provider,
             },
         )
         return _Span(span)

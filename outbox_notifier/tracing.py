@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final, Protocol, Self
 
 if TYPE_CHECKING:
     import httpx
@@ -61,12 +60,12 @@ class Span:
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        return None
+        self.end(exc)
+
+    def end(self, exc: BaseException | None) -> None:
+        """Ends the span; ``exc`` is the exception leaving its block, if any."""
 
     def traceparent(self) -> str | None:
         """This span's context as a W3C traceparent (None: not tracing)."""
@@ -88,21 +87,29 @@ class Span:
 NOOP: Final = Span()
 
 
+class Attempt(Protocol):
+    """What a ``process`` span reads of the record being attempted (``store.ClaimedRecord``)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def attempt_count(self) -> int: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def traceparent(self) -> str | None: ...
+    @property
+    def tracestate(self) -> str | None: ...
+
+
 class Tracing:
     """Tracing off: every span is `NOOP`. ``otel_tracing.OtelTracing`` is the real one."""
 
     enabled: bool = False
 
-    def process(
-        self,
-        *,
-        record_id: int,
-        attempt: int,
-        channel: str,
-        provider: str,
-        traceparent: str | None,
-        tracestate: str | None,
-    ) -> Span:
+    def process(self, record: Attempt) -> Span:
         """One delivery attempt of one record (a messaging ``process`` span), parented on and
         linked to the record's trace context when it has one."""
         return NOOP

@@ -565,12 +565,7 @@ class FeishuServer(_EndpointUrls):
     def __enter__(self) -> Self:
         return self.start_in_thread()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     # ------------------------------------------------------------------ URLs

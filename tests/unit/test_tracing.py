@@ -3,6 +3,7 @@ refusal when the setting is on and the extra is not installed."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -31,11 +32,18 @@ def traced(
     return otel_tracing.OtelTracing(provider, database=("app", "db.internal", None)), exporter
 
 
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    id: int
+    attempt_count: int
+    channel: str
+    provider: str
+    traceparent: str | None
+    tracestate: str | None = None
+
+
 def process(tracer: tracing.Tracing, traceparent: str | None) -> tracing.Span:
-    return tracer.process(
-        record_id=42, attempt=3, channel="feishu", provider="feishu_bot",
-        traceparent=traceparent, tracestate=None,
-    )  # fmt: skip
+    return tracer.process(Attempt(42, 3, "feishu", "feishu_bot", traceparent))
 
 
 # -- off: free ------------------------------------------------------------------------------
