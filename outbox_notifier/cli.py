@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psycopg
@@ -71,6 +71,28 @@ def _timestamp(text: str) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
+#: The options accepted before and after the subcommand: (name, add_argument keywords).
+_GLOBAL_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("config", {
+        "metavar": "PATH", "help": "TOML settings file (default: $OUTBOX_NOTIFIER_CONFIG)",
+    }),
+    ("dsn", {
+        "metavar": "DSN", "help": "PostgreSQL connection string (default: $OUTBOX_NOTIFIER_DSN)",
+    }),
+    ("set", {
+        "metavar": "NAME=VALUE", "action": "append", "type": _setting_assignment,
+        "help": "override any setting, e.g. --set poll_interval_s=2 (repeatable)",
+    }),
+    ("log_format", {
+        "choices": sorted(settings.LOG_FORMATS), "help": "log line format (default: plain)",
+    }),
+    ("log_level", {
+        "type": str.upper, "choices": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        "metavar": "LEVEL", "help": "DEBUG, INFO, WARNING, ERROR or CRITICAL (default: INFO)",
+    }),
+)  # fmt: skip
+
+
 def _global_options(suffix: str, default: object) -> argparse.ArgumentParser:
     """Options accepted before and after the subcommand.
 
@@ -79,45 +101,9 @@ def _global_options(suffix: str, default: object) -> argparse.ArgumentParser:
     """
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("global options")
-    group.add_argument(
-        "--config",
-        dest="config" + suffix,
-        metavar="PATH",
-        default=default,
-        help="TOML settings file (default: $OUTBOX_NOTIFIER_CONFIG)",
-    )
-    group.add_argument(
-        "--dsn",
-        dest="dsn" + suffix,
-        metavar="DSN",
-        default=default,
-        help="PostgreSQL connection string (default: $OUTBOX_NOTIFIER_DSN)",
-    )
-    group.add_argument(
-        "--set",
-        dest="set" + suffix,
-        metavar="NAME=VALUE",
-        action="append",
-        type=_setting_assignment,
-        default=default,
-        help="override any setting, e.g. --set poll_interval_s=2 (repeatable)",
-    )
-    group.add_argument(
-        "--log-format",
-        dest="log_format" + suffix,
-        choices=sorted(settings.LOG_FORMATS),
-        default=default,
-        help="log line format (default: plain)",
-    )
-    group.add_argument(
-        "--log-level",
-        dest="log_level" + suffix,
-        type=str.upper,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-        metavar="LEVEL",
-        default=default,
-        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: INFO)",
-    )
+    for name, options in _GLOBAL_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        group.add_argument(flag, dest=name + suffix, default=default, **options)
     return parent
 
 
