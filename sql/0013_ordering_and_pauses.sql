@@ -1,5 +1,5 @@
 -- kind: additive
--- 0013: delivery in order per ordering key.
+-- 0013: delivery in order per ordering key, and pauses an operator sets and lifts.
 --
 -- A producer may give an event an ordering_key (optional, additive: events.py). Records of one
 -- channel and ordering key are delivered in the order of their outbox rows (outbox_id, not the
@@ -36,8 +36,12 @@
 -- While daemons of the previous release (claim_due_v5) run beside this one in a rolling
 -- upgrade, they claim keyed records without the rule.
 --
--- Additive: a nullable column, a new index and a new function; claim_due_v5 and the older
--- claims stay for daemons of the previous releases and ignore the key.
+-- Operator pauses (below, with their own notes): a table, its functions for the operator role,
+-- a view, and their check in claim_due_v6: one probe of a partial index per claim while
+-- nothing is paused. Daemons of the previous release do not honour them.
+--
+-- Additive: a nullable column, a table, indexes, a view and new functions; claim_due_v5 and the
+-- older claims stay for daemons of the previous releases and ignore keys and pauses.
 
 ALTER TABLE outbox_notifier.notification_records ADD COLUMN ordering_key text;
 
@@ -47,8 +51,235 @@ CREATE INDEX records_ordering_idx ON outbox_notifier.notification_records
     (channel, ordering_key, outbox_id)
     WHERE ordering_key IS NOT NULL AND status IN ('pending', 'failed', 'sending');
 
--- Claims due records for delivery: claim_due_v5 where a record with an ordering key waits for
--- the records before it in its key, and for the relay below it (see the header).
+-- Operator pauses ------------------------------------------------------------------------------
+--
+-- An operator who knows a receiver is down for maintenance holds its deliveries: a target (a
+-- webhook URL, kept as its target_key: the URL carries the bot's token and is never stored
+-- here), a user's channel (or all of the user's channels), or a whole provider, with a reason
+-- and an optional end. Held records stay pending or failed: claim_due_v6 defers them, as pacing
+-- does, without an attempt and without a call; nothing is skipped. resume_v1 makes them due at
+-- once (ordering keys and pacing still apply); a pause past its end is no longer honoured by
+-- the claim, and the maintenance loop marks it resumed. This is the operator's pause, never the
+-- breaker's (targets.paused_until, "tripped" in code), which the daemon sets on its own.
+CREATE TABLE outbox_notifier.pauses (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    scope      text        NOT NULL CHECK (scope IN ('target', 'recipient', 'provider')),
+    target_key text,        -- scope target: outbox_notifier.target_key(the webhook URL)
+    host       text,        -- scope target: the URL's host, for people
+    user_id    bigint,      -- scope recipient
+    channel    text,        -- scope recipient: NULL for every channel of the user
+    provider   text,        -- scope provider
+    reason     text        NOT NULL CHECK (reason <> ''),
+    paused_by  text        NOT NULL,
+    since      timestamptz NOT NULL DEFAULT now(),
+    until      timestamptz, -- NULL: until resumed
+    resumed_at timestamptz,
+    resumed_by text,        -- 'expired' when its end passed
+    CHECK (CASE scope
+               WHEN 'target' THEN target_key IS NOT NULL AND num_nonnulls(user_id, channel, provider) = 0
+               WHEN 'recipient' THEN user_id IS NOT NULL AND num_nonnulls(target_key, host, provider) = 0
+               ELSE provider IS NOT NULL AND num_nonnulls(target_key, host, user_id, channel) = 0
+           END)
+);
+
+-- One active pause per scope (pausing it again amends it); also what the claim's "is anything
+-- paused?" reads: the active pauses only, a handful of rows however long the history.
+CREATE UNIQUE INDEX pauses_active_idx ON outbox_notifier.pauses
+    (scope, coalesce(target_key, ''), coalesce(user_id, 0), coalesce(channel, ''),
+     coalesce(provider, ''))
+    WHERE resumed_at IS NULL;
+
+-- A target pause finds the channels that point at the target by its key.
+CREATE INDEX channels_target_key_idx ON outbox_notifier.notification_channels
+    (outbox_notifier.target_key(webhook_url));
+
+-- The records a pause holds: pending or failed, of the pause's scope, the recipient read as
+-- the claim reads it (its enabled channel row; none: provider feishu_flow, no target). Ids
+-- only: SECURITY DEFINER so that the operator's view can count them without reading channels'
+-- URLs itself.
+CREATE FUNCTION outbox_notifier.records_behind_pause(p outbox_notifier.pauses)
+RETURNS SETOF bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p.scope = 'recipient' THEN
+        RETURN QUERY
+        SELECT r.id FROM outbox_notifier.notification_records r
+        WHERE r.user_id = p.user_id AND (p.channel IS NULL OR r.channel = p.channel)
+          AND r.status IN ('pending', 'failed');
+    ELSIF p.scope = 'target' THEN
+        RETURN QUERY
+        SELECT r.id
+        FROM outbox_notifier.notification_channels ch
+        JOIN outbox_notifier.notification_records r
+          ON r.user_id = ch.user_id AND r.channel = ch.channel
+        WHERE outbox_notifier.target_key(ch.webhook_url) = p.target_key AND ch.enabled
+          AND r.status IN ('pending', 'failed');
+    ELSE
+        RETURN QUERY
+        SELECT r.id
+        FROM outbox_notifier.notification_records r
+        LEFT JOIN outbox_notifier.notification_channels ch
+               ON ch.user_id = r.user_id AND ch.channel = r.channel AND ch.enabled
+        WHERE r.status IN ('pending', 'failed')
+          AND coalesce(ch.provider, 'feishu_flow') = p.provider;
+    END IF;
+END;
+$$;
+
+-- Makes the records a pause holds due now (the next claim decides again: another pause, the
+-- ordering rule and pacing still apply); returns how many.
+CREATE FUNCTION outbox_notifier.release_pause(p outbox_notifier.pauses) RETURNS bigint
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH released AS (
+        UPDATE outbox_notifier.notification_records r
+        SET next_retry_at = now(), updated_at = now()
+        WHERE r.id IN (SELECT outbox_notifier.records_behind_pause(p))
+          AND r.next_retry_at > now()
+        RETURNING r.id
+    )
+    SELECT count(*) FROM released;
+$$;
+
+-- Pauses a target (p_target_url), a user's channel (p_user_id, p_channel; no channel: all of
+-- the user's) or a provider (p_provider), exactly one of them, with a reason and an optional
+-- end; returns the pause's id. The scope already paused: the pause is amended (reason, end,
+-- paused_by), and what it held is looked at again under the new end. paused_by is the
+-- session's user (the login role, not this function's owner).
+CREATE FUNCTION outbox_notifier.pause_v1(
+    p_reason text,
+    p_target_url text DEFAULT NULL,
+    p_user_id bigint DEFAULT NULL,
+    p_channel text DEFAULT NULL,
+    p_provider text DEFAULT NULL,
+    p_until timestamptz DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_scope text;
+    v_key text;
+    v_host text;
+    v_id bigint;
+    v_pause outbox_notifier.pauses;
+    v_amended boolean;
+BEGIN
+    IF num_nonnulls(p_target_url, p_user_id, p_provider) <> 1 THEN
+        RAISE EXCEPTION 'pause exactly one of a target URL, a user or a provider'
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_channel IS NOT NULL AND p_user_id IS NULL THEN
+        RAISE EXCEPTION 'a channel is paused with its user (p_user_id)'
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF coalesce(btrim(p_reason), '') = '' THEN
+        RAISE EXCEPTION 'a pause needs a reason' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_until <= now() THEN
+        RAISE EXCEPTION 'the pause would end at %, which has passed', p_until
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_provider IS NOT NULL AND p_provider NOT IN (
+        'feishu_flow', 'feishu_bot', 'webhook', 'dingtalk_bot', 'wecom_bot', 'slack_webhook'
+    ) THEN
+        RAISE EXCEPTION 'unknown provider %', quote_literal(left(p_provider, 40))
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_target_url IS NOT NULL THEN
+        -- the URL itself is never echoed: it carries the bot's token
+        v_host := substring(p_target_url FROM '^[a-z][a-z0-9+.-]*://([^/:?#@]+)');
+        IF v_host IS NULL THEN
+            RAISE EXCEPTION 'the target is not a webhook URL (scheme://host/...)'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_scope := 'target';
+        v_key := outbox_notifier.target_key(p_target_url);
+    ELSIF p_user_id IS NOT NULL THEN
+        v_scope := 'recipient';
+    ELSE
+        v_scope := 'provider';
+    END IF;
+
+    INSERT INTO outbox_notifier.pauses AS p
+        (scope, target_key, host, user_id, channel, provider, reason, paused_by, until)
+    VALUES (v_scope, v_key, v_host, p_user_id, p_channel, p_provider, btrim(p_reason),
+            session_user, p_until)
+    ON CONFLICT (scope, coalesce(target_key, ''), coalesce(user_id, 0), coalesce(channel, ''),
+                 coalesce(provider, ''))
+        WHERE resumed_at IS NULL
+    DO UPDATE SET reason = excluded.reason, until = excluded.until,
+                  paused_by = excluded.paused_by
+    RETURNING p.id, (p.xmax <> 0) INTO v_id, v_amended;
+    IF v_amended THEN
+        SELECT * INTO v_pause FROM outbox_notifier.pauses WHERE id = v_id;
+        PERFORM outbox_notifier.release_pause(v_pause);
+    END IF;
+    RETURN v_id;
+END;
+$$;
+
+-- Resumes the active pause of exactly this scope (the selectors of pause_v1) and makes what it
+-- held due at once; returns how many records it released, NULL when no such pause is active.
+CREATE FUNCTION outbox_notifier.resume_v1(
+    p_target_url text DEFAULT NULL,
+    p_user_id bigint DEFAULT NULL,
+    p_channel text DEFAULT NULL,
+    p_provider text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_pause outbox_notifier.pauses;
+BEGIN
+    IF num_nonnulls(p_target_url, p_user_id, p_provider) <> 1 THEN
+        RAISE EXCEPTION 'resume exactly one of a target URL, a user or a provider'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE outbox_notifier.pauses p
+    SET resumed_at = now(), resumed_by = session_user
+    WHERE p.resumed_at IS NULL
+      AND p.scope = CASE WHEN p_target_url IS NOT NULL THEN 'target'
+                         WHEN p_user_id IS NOT NULL THEN 'recipient' ELSE 'provider' END
+      AND p.target_key IS NOT DISTINCT FROM outbox_notifier.target_key(p_target_url)
+      AND p.user_id IS NOT DISTINCT FROM p_user_id
+      AND p.channel IS NOT DISTINCT FROM p_channel
+      AND p.provider IS NOT DISTINCT FROM p_provider
+    RETURNING p.* INTO v_pause;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN outbox_notifier.release_pause(v_pause);
+END;
+$$;
+
+-- What is paused now, by whom, why, since when, until when, and how many records wait behind
+-- it. ended: past its end, not yet marked resumed by the maintenance loop (no longer honoured).
+CREATE VIEW outbox_notifier.paused AS
+SELECT p.id, p.scope,
+       CASE p.scope
+           WHEN 'target' THEN 'target ' || left(p.target_key, 12) || ' at ' || p.host
+           WHEN 'recipient' THEN 'user ' || p.user_id || coalesce(' channel ' || p.channel, '')
+           ELSE 'provider ' || p.provider
+       END AS paused,
+       p.target_key, p.host, p.user_id, p.channel, p.provider, p.reason, p.paused_by, p.since,
+       p.until, now() - p.since AS paused_for, coalesce(p.until <= now(), false) AS ended,
+       (SELECT count(*) FROM outbox_notifier.records_behind_pause(p)) AS records_waiting
+FROM outbox_notifier.pauses p
+WHERE p.resumed_at IS NULL;
+
+-- Roles (0004's discipline): the operator pauses and resumes through the functions only;
+-- the daemon reads pauses (claims, the snapshot) and marks an ended one resumed.
+REVOKE EXECUTE ON FUNCTION outbox_notifier.records_behind_pause(outbox_notifier.pauses),
+    outbox_notifier.release_pause(outbox_notifier.pauses),
+    outbox_notifier.pause_v1(text, text, bigint, text, text, timestamptz),
+    outbox_notifier.resume_v1(text, bigint, text, text)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox_notifier.pause_v1(text, text, bigint, text, text, timestamptz),
+    outbox_notifier.resume_v1(text, bigint, text, text),
+    outbox_notifier.records_behind_pause(outbox_notifier.pauses)
+    TO outbox_notifier_operator;
+GRANT EXECUTE ON FUNCTION outbox_notifier.records_behind_pause(outbox_notifier.pauses)
+    TO outbox_notifier_daemon;
+GRANT SELECT ON outbox_notifier.pauses, outbox_notifier.paused TO outbox_notifier_operator;
+GRANT SELECT ON outbox_notifier.pauses TO outbox_notifier_daemon;
+GRANT UPDATE (resumed_at, resumed_by) ON outbox_notifier.pauses TO outbox_notifier_daemon;
+
+-- Claims due records for delivery: claim_due_v5 where a record an operator pause covers waits
+-- for the pause's end (see pauses), and a record with an ordering key waits for the records
+-- before it in its key and for the relay below it (see the header).
 CREATE FUNCTION outbox_notifier.claim_due_v6(
     p_limit integer,
     p_lease_s double precision,
@@ -81,8 +312,10 @@ DECLARE
     v_channels text[];
     v_okeys text[];
     v_oids bigint[];
+    v_users bigint[];
     v_held bigint[];
     v_held_until timestamptz[];
+    v_out bigint[] := '{}';
     v_now timestamptz;
     v_token bigint;
     v_locked boolean := false;
@@ -125,7 +358,7 @@ BEGIN
         FOR UPDATE OF r SKIP LOCKED
     ), candidates AS MATERIALIZED (
         SELECT l.id, ch.webhook_url, coalesce(ch.provider, 'feishu_flow') AS provider,
-               l.channel, l.ordering_key, l.outbox_id
+               l.channel, l.ordering_key, l.outbox_id, l.user_id
         FROM locked l
         LEFT JOIN outbox_notifier.notification_channels ch
                ON ch.user_id = l.user_id AND ch.channel = l.channel AND ch.enabled
@@ -140,12 +373,46 @@ BEGIN
                     '{}'),
            coalesce(array_agg(c.channel ORDER BY c.id), '{}'),
            coalesce(array_agg(c.ordering_key ORDER BY c.id), '{}'),
-           coalesce(array_agg(c.outbox_id ORDER BY c.id), '{}')
-    INTO v_ids, v_keys, v_providers, v_hosts, v_channels, v_okeys, v_oids
+           coalesce(array_agg(c.outbox_id ORDER BY c.id), '{}'),
+           coalesce(array_agg(c.user_id ORDER BY c.id), '{}')
+    INTO v_ids, v_keys, v_providers, v_hosts, v_channels, v_okeys, v_oids, v_users
     FROM candidates c;
 
     IF cardinality(v_ids) = 0 THEN
         RETURN;
+    END IF;
+
+    -- Operator pauses (see pauses): one probe of pauses_active_idx asks whether anything is
+    -- paused at all; only then are the candidates matched against the active pauses. A held
+    -- record waits, without an attempt, until the pause's end, looked at again every minute
+    -- (resume_v1 and an amending pause_v1 make it due at once).
+    IF EXISTS (SELECT FROM outbox_notifier.pauses p
+               WHERE p.resumed_at IS NULL AND (p.until IS NULL OR p.until > now())) THEN
+        SELECT coalesce(array_agg(h.id), '{}'), coalesce(array_agg(h.until), '{}')
+        INTO v_held, v_held_until
+        FROM (
+            SELECT u.id,
+                   least(CASE WHEN bool_or(p.until IS NULL) THEN 'infinity' ELSE max(p.until) END,
+                         now() + interval '1 minute') AS until
+            FROM unnest(v_ids, v_keys, v_users, v_channels, v_providers)
+                 AS u(id, k, usr, ch, prov)
+            JOIN outbox_notifier.pauses p
+              ON p.resumed_at IS NULL AND (p.until IS NULL OR p.until > now())
+             AND CASE p.scope
+                     WHEN 'target' THEN p.target_key = u.k
+                     WHEN 'recipient' THEN p.user_id = u.usr
+                                           AND (p.channel IS NULL OR p.channel = u.ch)
+                     ELSE p.provider = u.prov
+                 END
+            GROUP BY u.id
+        ) h;
+        IF cardinality(v_held) > 0 THEN
+            UPDATE outbox_notifier.notification_records r
+            SET next_retry_at = h.until, updated_at = now()
+            FROM unnest(v_held, v_held_until) AS h(id, until)
+            WHERE r.id = h.id;
+            v_out := v_held;
+        END IF;
     END IF;
 
     -- Ordering (see the header): a keyed candidate waits while a record before it in its
@@ -183,7 +450,7 @@ BEGIN
                 ORDER BY e.outbox_id
                 LIMIT 1
             ) head ON true
-            WHERE u.okey IS NOT NULL
+            WHERE u.okey IS NOT NULL AND NOT (u.id = ANY (v_out))
               AND (head.id IS NOT NULL
                    OR u.oid > (SELECT min(o.id) FROM outbox_notifier.outbox o
                                WHERE o.status = 'pending'))
@@ -194,18 +461,21 @@ BEGIN
             SET next_retry_at = h.until, updated_at = now()
             FROM unnest(v_held, v_held_until) AS h(id, until)
             WHERE r.id = h.id;
+            v_out := v_out || v_held;
+        END IF;
+    END IF;
 
-            SELECT coalesce(array_agg(u.id ORDER BY u.n), '{}'),
-                   coalesce(array_agg(u.k ORDER BY u.n), '{}'),
-                   coalesce(array_agg(u.p ORDER BY u.n), '{}'),
-                   coalesce(array_agg(u.h ORDER BY u.n), '{}')
-            INTO v_ids, v_keys, v_providers, v_hosts
-            FROM unnest(v_ids, v_keys, v_providers, v_hosts) WITH ORDINALITY AS u(id, k, p, h, n)
-            WHERE NOT (u.id = ANY (v_held));
+    IF cardinality(v_out) > 0 THEN
+        SELECT coalesce(array_agg(u.id ORDER BY u.n), '{}'),
+               coalesce(array_agg(u.k ORDER BY u.n), '{}'),
+               coalesce(array_agg(u.p ORDER BY u.n), '{}'),
+               coalesce(array_agg(u.h ORDER BY u.n), '{}')
+        INTO v_ids, v_keys, v_providers, v_hosts
+        FROM unnest(v_ids, v_keys, v_providers, v_hosts) WITH ORDINALITY AS u(id, k, p, h, n)
+        WHERE NOT (u.id = ANY (v_out));
 
-            IF cardinality(v_ids) = 0 THEN
-                RETURN;
-            END IF;
+        IF cardinality(v_ids) = 0 THEN
+            RETURN;
         END IF;
     END IF;
 
