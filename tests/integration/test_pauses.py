@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.maintenance import Maintenance
@@ -32,15 +33,23 @@ def _seed(conn: psycopg.Connection[Any], per_user: int = 3) -> None:
             enqueue(conn, payload(f"u{user}-{i}", user_id=user))
 
 
+def _call(conn: psycopg.Connection[Any], function: str, params: dict[str, Any]) -> Any:
+    """``SELECT outbox_notifier.<function>(name => value, ...)``: its one value."""
+    args = sql.SQL(", ").join(
+        sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name)) for name in params
+    )
+    statement = sql.SQL("SELECT outbox_notifier.{}({})").format(sql.Identifier(function), args)
+    row = conn.execute(statement, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def _pause(conn: psycopg.Connection[Any], reason: str = "maintenance", **scope: Any) -> int:
-    names = ", ".join(f"{k} => %({k})s" for k in scope)
-    return int(scalar(conn, f"SELECT outbox_notifier.pause_v1(%(reason)s, {names})",  # type: ignore[arg-type]
-                      {"reason": reason, **scope}))  # fmt: skip
+    return int(_call(conn, "pause_v1", {"p_reason": reason, **scope}))
 
 
 def _resume(conn: psycopg.Connection[Any], **scope: Any) -> Any:
-    names = ", ".join(f"{k} => %({k})s" for k in scope)
-    return scalar(conn, f"SELECT outbox_notifier.resume_v1({names})", scope)  # type: ignore[arg-type]
+    return _call(conn, "resume_v1", scope)
 
 
 async def _claim(db: str, relay: bool = False) -> list[str]:
@@ -138,12 +147,13 @@ def test_pausing_again_amends_and_bad_selectors_are_refused(conn: psycopg.Connec
     first = _pause(conn, "one", p_user_id=5)
     assert _pause(conn, "two", p_user_id=5) == first
     assert scalar(conn, "SELECT reason FROM outbox_notifier.paused") == "two"
-    for scope, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"p_user_id": 5, "p_provider": "webhook"}, "exactly one"),
         ({"p_provider": "carrier_pigeon"}, "unknown provider"),
         ({"p_target_url": "not a url with secret"}, "not a webhook URL"),
         ({"p_channel": "feishu"}, "exactly one"),
-    ]:
+    ]
+    for scope, message in cases:
         with pytest.raises(psycopg.errors.InvalidParameterValue, match=message) as info:
             _pause(conn, **scope)
         assert "secret" not in str(info.value)
