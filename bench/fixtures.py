@@ -31,10 +31,14 @@ USERS = 500  # channels: deliveries fan out over this many webhook URLs of one l
 SUMMARY = "Your 10:00 review moved to 11:00; standup now clashes with a 1:1."
 
 
-def event_payload(run: str, i: int, trace_id: str = "") -> bytes:
-    """A valid ``notification.feishu.requested`` v1 payload; dedupe keys unique per run."""
+def event_payload(run: str, i: int, trace_id: str = "", ordering_keys: int = 0) -> bytes:
+    """A valid ``notification.feishu.requested`` v1 payload; dedupe keys unique per run. With
+    ``ordering_keys``, event ``i`` carries the ordering key ``task-<i % ordering_keys>``: the
+    records of a key are spread over the run, as the updates of one task are."""
+    ordering = {"ordering_key": f"task-{i % ordering_keys}"} if ordering_keys else {}
     return msgspec.json.encode(
         {
+            **ordering,
             "notification_id": i,
             "user_id": i % USERS + 1,
             "trigger_id": f"trigger-{i}",
@@ -119,10 +123,10 @@ def add_channels(dsn: str, server: RemoteFeishuServer) -> None:
         )
 
 
-def enqueue(dsn: str, run: str, n: int) -> float:
-    """Writes ``n`` outbox rows through ``outbox_notifier.enqueue`` in one transaction; returns
-    the wall-clock time of the commit."""
-    payloads = [event_payload(run, i).decode() for i in range(n)]
+def enqueue(dsn: str, run: str, n: int, ordering_keys: int = 0) -> float:
+    """Writes ``n`` outbox rows through ``outbox_notifier.enqueue`` in one transaction (with
+    ``ordering_keys`` keys, see `event_payload`); returns the wall-clock time of the commit."""
+    payloads = [event_payload(run, i, ordering_keys=ordering_keys).decode() for i in range(n)]
     with psycopg.connect(dsn) as conn:
         conn.execute(
             "SELECT outbox_notifier.enqueue(%s, p) FROM unnest(%s::jsonb[]) AS p",

@@ -29,9 +29,11 @@ from outbox_notifier.testing.postgres import throwaway_server
 
 SECTIONS = (
     "throughput", "tracing", "peers", "database", "latency", "purge", "scale", "footprint",
-    "snapshot", "transports", "http",
+    "snapshot", "ordering", "transports", "http",
 )  # fmt: skip
-DEFAULT_SECTIONS = SECTIONS[:9]  # the last two compare HTTP stacks; run them by name
+DEFAULT_SECTIONS = SECTIONS[:10]  # the last two compare HTTP stacks; run them by name
+# The ordering section: every record carries an ordering key, RECORDS_PER_KEY records a key.
+RECORDS_PER_KEY = 4
 # The yardstick posting as the daemon's providers do (a built request straight to the
 # transport): the like-for-like comparison for the pipeline's own cost.
 BARE_TRANSPORT = "bare loop, requests built for the transport (as the daemon sends)"
@@ -656,6 +658,27 @@ class Bench:
         )
         rows.append(Row("held snapshot run: offered rate achieved", "events/s", [achieved]))
         self.rows += rows
+
+    def ordering(self) -> None:
+        """The CLI daemon with an ordering key on every record beside the same run without,
+        interleaved run by run."""
+        dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs
+        keys = max(n // RECORDS_PER_KEY, 1)
+        plain = Row("daemon (CLI), no ordering keys", "records/s")
+        keyed = Row(f"daemon (CLI), ordering keys ({RECORDS_PER_KEY} records a key)", "records/s")
+        for i in range(runs):
+            for row, k in ((plain, 0), (keyed, keys)):
+                rate = scenarios.daemon_throughput(dbs, srv, n, "cli", ordering_keys=k).rate
+                row.values.append(rate)
+                _log(f"ordering run {i + 1}/{runs}, {k} keys: {rate:,.1f}/s")
+        ratio = Row(
+            "ratio with ordering keys / without",
+            "x",
+            [a / b for a, b in zip(keyed.values, plain.values, strict=True)],
+            target=">= 0.7",
+            check=(">=", 0.7),
+        )
+        self.rows += [plain, keyed, ratio]
 
     def transports(self) -> None:
         dbs, srv, n, runs = self.dbs, self.srv, self.mode.jobs, self.mode.runs

@@ -131,9 +131,11 @@ def daemon_throughput(
     meter: Meter | None = None,
     settings: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
+    ordering_keys: int = 0,
 ) -> Throughput:
     """Records/s from the enqueue commit until the last record is sent, CPU/record, peak RSS;
-    ``settings`` are passed to the CLI daemon (``--set``), ``env`` to its environment."""
+    ``settings`` are passed to the CLI daemon (``--set``), ``env`` to its environment;
+    ``ordering_keys``: every event carries one of that many ordering keys (0: none)."""
     dsn = dbs.new()
     add_channels(dsn, server)
     server.reset()
@@ -147,7 +149,7 @@ def daemon_throughput(
         result = _measure(
             proc,
             n,
-            lambda: enqueue(dsn, uuid.uuid4().hex[:8], n),
+            lambda: enqueue(dsn, uuid.uuid4().hex[:8], n, ordering_keys),
             lambda poll: _last_at(poll, n),
             dsn,
             meter,

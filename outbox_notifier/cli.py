@@ -71,6 +71,26 @@ def _timestamp(text: str) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
+def _duration(text: str) -> dt.timedelta:
+    """A duration like ``90s``, ``30m``, ``2h``, ``1d``."""
+    relative = _RELATIVE.match(text.strip())
+    if not relative or int(relative.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30m or 2h, got {text!r}")
+    amount, unit = relative.groups()
+    return dt.timedelta(**{_UNITS[unit]: int(amount)})
+
+
+def _future_time(text: str) -> dt.datetime:
+    """An RFC 3339 / ISO 8601 time (UTC when no offset is given)."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an RFC 3339 time such as 2026-12-01T18:00:00Z, got {text!r}"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 #: The options accepted before and after the subcommand: (name, add_argument keywords).
 _GLOBAL_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("config", {
@@ -250,6 +270,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="show what would be replayed; change nothing"
     )
     replay.add_argument("--json", action="store_true", help="print JSON instead of text")
+    for name, summary, description in (
+        (
+            "pause",
+            "hold the deliveries of a target, a user's channel or a provider",
+            "Hold deliveries to one target (a webhook URL), one user's channel (all of the "
+            "user's channels without --channel) or a whole provider, e.g. while the receiver "
+            "is down for maintenance. Held records stay pending: no attempt is spent, no call "
+            "is made, nothing is skipped. The pause lasts until `resume`, or until --until / "
+            "--for when given, and shows in `status` and the outbox_notifier.paused view. "
+            "Pausing a scope already paused amends its reason and end. Needs the "
+            "outbox_notifier_operator role. Not the breaker, which pauses a failing target "
+            "by itself.",
+        ),
+        (
+            "resume",
+            "lift an operator's pause",
+            "Lift the active pause of exactly this scope (the selectors given to `pause`): "
+            "its records are due at once, delivered in order under pacing.",
+        ),
+    ):
+        command = add(name, summary, description)
+        which = command.add_mutually_exclusive_group(required=True)
+        which.add_argument("--target", metavar="URL", help="the webhook URL of the target")
+        which.add_argument("--user", type=_positive_int, metavar="ID", help="the user's id")
+        which.add_argument("--provider", choices=names.PROVIDER_NAMES, help="every target of it")
+        command.add_argument(
+            "--channel", help="with --user: only this channel of the user, e.g. feishu"
+        )
+        if name == "pause":
+            command.add_argument("--reason", required=True, help="why, for the other operators")
+            end = command.add_mutually_exclusive_group()
+            end.add_argument(
+                "--until", type=_future_time, metavar="TIME",
+                help="resume by itself at TIME (RFC 3339; UTC unless an offset is given)",
+            )  # fmt: skip
+            end.add_argument(
+                "--for", dest="for_", type=_duration, metavar="DURATION",
+                help="resume by itself after DURATION, e.g. 90s, 30m, 2h, 1d",
+            )  # fmt: skip
     add(
         "demo",
         "see the pipeline work end to end",
@@ -436,6 +495,29 @@ def _cmd_replay(args: argparse.Namespace, cfg: settings.Settings) -> int:
     )
 
 
+def _pause_scope(args: argparse.Namespace) -> Any:
+    from outbox_notifier import pauses
+
+    return pauses.Scope(
+        target_url=args.target, user_id=args.user, channel=args.channel, provider=args.provider
+    )
+
+
+def _cmd_pause(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    from outbox_notifier import pauses
+
+    until = args.until
+    if args.for_ is not None:
+        until = dt.datetime.now(dt.UTC) + args.for_
+    return pauses.pause(cfg, _pause_scope(args), reason=args.reason, until=until)
+
+
+def _cmd_resume(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    from outbox_notifier import pauses
+
+    return pauses.resume(cfg, _pause_scope(args))
+
+
 def _cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
     from outbox_notifier import demo
 
@@ -452,6 +534,8 @@ _HANDLERS: dict[str, tuple[Handler, bool]] = {
     "status": (_cmd_status, True),
     "requeue": (_cmd_requeue, True),
     "replay": (_cmd_replay, True),
+    "pause": (_cmd_pause, True),
+    "resume": (_cmd_resume, True),
     "demo": (_cmd_demo, False),
     "check-config": (_cmd_check_config, True),
 }
@@ -494,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             _fail(f"replay: {problem}")
             return EXIT_USAGE
+    if args.command in ("pause", "resume") and args.channel and args.user is None:
+        _fail(f"{args.command}: --channel goes with --user")
+        return EXIT_USAGE
 
     # The settings' warnings wait for the log format the settings choose.
     warnings: list[str] = []

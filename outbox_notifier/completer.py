@@ -98,8 +98,12 @@ class ResultCompleter:
         linger_s: float = 0.005,
         retry_s: float = 1.0,
         backlog_max: int = 5000,
+        released: asyncio.Event | None = None,
     ) -> None:
         self.store = store
+        # set when a finished record released the next of its ordering key: the delivery
+        # loop's wake, so that record is claimed at once rather than at the next poll
+        self.released = released
         self.claim_policy = claim_policy
         self.batch_size = batch_size
         self.linger_s = linger_s
@@ -207,6 +211,7 @@ class ResultCompleter:
                     records += one.records
                     tripped += one.tripped
         self._account(ctx, batch, records)
+        await self._release_next_in_order(ctx, records)
         for key in tripped:
             # "paused" is the word an operator searches for (the TargetPaused alert, the
             # targets.paused_until column); in code the state is the breaker's, "tripped".
@@ -214,6 +219,22 @@ class ResultCompleter:
                 "breaker tripped: target paused after repeated failures",
                 extra={"target": key[:12]},
             )
+
+    async def _release_next_in_order(
+        self, ctx: LoopContext, records: Sequence[AppliedRecord]
+    ) -> None:
+        """Ordering keys: the record after each keyed record this batch finished may go now.
+        Best effort: a failure leaves it to the end of its hold (claim_due_v6)."""
+        finished = [row.id for row in records if row.ordered and row.finished]
+        if not finished:
+            return
+        try:
+            released = await bounded(self.store.release_next_in_order(finished), ctx.db_deadline_s)
+        except DatabaseError as exc:
+            logger.warning("releasing the next records in order failed: %s", first_line(exc))
+            return
+        if released and self.released is not None:
+            self.released.set()
 
     def _account(
         self, ctx: LoopContext, batch: Sequence[AttemptResult], records: Sequence[AppliedRecord]

@@ -278,7 +278,7 @@ class Daemon:
             providers,
             self.policy,
             claims,
-            ResultCompleter(store, claims),
+            ResultCompleter(store, claims, released=self._delivery_wake),
             batch_size=settings.delivery_batch_size,
             concurrency=settings.delivery_concurrency,
         )

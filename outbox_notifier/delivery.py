@@ -242,7 +242,10 @@ class Deliverer:
                     continue
                 for record in claimed:
                     self._start(record)
-                if len(claimed) < wanted:
+                # A short claim that took something may have left due records behind it: the
+                # ones it held (pacing, an operator pause, the ordering rule) are deferred now,
+                # so the next claim reaches past them at once. Only an empty claim waits.
+                if not claimed:
                     await ctx.wait("delivery", wake, await self._idle_s(ctx, poll_interval_s))
         finally:
             await self._drain(ctx, completer)

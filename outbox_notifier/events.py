@@ -36,6 +36,8 @@ REASON_CLASSES: Final[tuple[ReasonClass, ...]] = (
 
 #: ``target_url`` becomes a link in users' chat messages, so it is held to a narrow shape.
 TARGET_URL_MAX_CHARS: Final = 2048
+#: The longest ``ordering_key`` (after trimming): it is an index key, compared on every claim.
+ORDERING_KEY_MAX_CHARS: Final = 256
 # Control characters (C0, DEL, C1): CR/LF would split headers or lines, TAB and NUL confuse
 # URL parsers and chat clients.
 _CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -80,6 +82,9 @@ class FeishuNotificationRequested(msgspec.Struct, frozen=True, kw_only=True):
     - After trimming, ``dedupe_key`` has at most 512 characters, ``target_url`` 2048,
       ``summary_text`` and ``fallback_text`` 10000, every other string 256.
     - No string contains NUL (``\\x00``), which Postgres ``text`` cannot store.
+    - ``ordering_key`` (optional, additive): when present, 1 to 256 characters after trimming.
+      Records of one channel and ordering key are delivered in the order of their outbox rows
+      (``claim_due_v6``); absent, the record is delivered as soon as it can be, as before.
     """
 
     notification_id: int = 0
@@ -95,6 +100,9 @@ class FeishuNotificationRequested(msgspec.Struct, frozen=True, kw_only=True):
     fallback_text: str = ""
     trace_id: str = ""
     requested_at: datetime
+    # UNSET, not "": a key sent empty is refused, a key left out is no key (null is refused
+    # by the type, as for every other field).
+    ordering_key: str | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         for name in ("notification_id", "user_id", "target_id"):
@@ -119,9 +127,28 @@ class FeishuNotificationRequested(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"{name} must not be empty")
         _check_target_url(self.target_url)
 
+        if self.ordering_key is not msgspec.UNSET:
+            _check_ordering_key(self, self.ordering_key)
+
         # utcoffset() rather than tzinfo: a tzinfo may still answer None.
         if self.requested_at.utcoffset() is None:
             raise ValueError("requested_at must be timezone-aware (RFC 3339 with an offset)")
+
+
+def _check_ordering_key(event: FeishuNotificationRequested, raw: str) -> None:
+    """Trims ``ordering_key`` in place; raises ``ValueError`` unless it is 1 to
+    `ORDERING_KEY_MAX_CHARS` characters without NUL."""
+    value = trim_space(raw)
+    if value != raw:
+        msgspec.structs.force_setattr(event, "ordering_key", value)
+    if not value:
+        raise ValueError("ordering_key must not be empty when present (leave it out instead)")
+    if "\x00" in value:
+        raise ValueError("ordering_key must not contain NUL characters")
+    if len(value) > ORDERING_KEY_MAX_CHARS:
+        raise ValueError(
+            f"ordering_key is too long ({len(value)} > {ORDERING_KEY_MAX_CHARS} characters)"
+        )
 
 
 def _check_target_url(url: str) -> None:

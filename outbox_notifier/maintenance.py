@@ -11,7 +11,7 @@ import logging
 import time
 
 from outbox_notifier import leadership, retention
-from outbox_notifier.dbhealth import describe
+from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.horizon import DEFAULT_WARN_S, HorizonWatch
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance_store import MaintenanceStore
@@ -42,6 +42,7 @@ class Maintenance:
         next_purge = time.monotonic()
         try:
             while ctx.turn("maintenance"):
+                await self._end_pauses(ctx)
                 await ctx.metrics.snapshot(self.store, timeout_s=ctx.db_deadline_s)
                 await self.horizon.check(self.store, ctx.metrics, timeout_s=ctx.db_deadline_s)
                 if time.monotonic() >= next_purge:
@@ -51,6 +52,24 @@ class Maintenance:
         finally:
             with contextlib.suppress(DatabaseError):
                 await leadership.release_leadership(self.store)
+
+    async def _end_pauses(self, ctx: LoopContext) -> None:
+        """Marks resumed the operator pauses past their end, one log line each (claims stopped
+        honouring them at their end already; this makes it visible)."""
+        try:
+            ended = await bounded(self.store.end_pauses(), ctx.db_deadline_s)
+        except DatabaseError as exc:
+            logger.warning("ending operator pauses failed: %s", describe(exc))
+            ctx.metrics.database_error("maintenance")
+            return
+        for pause in ended:
+            logger.info(
+                "operator pause %d of %s ended at its end time; resumed",
+                pause.id, pause.paused,
+                extra={"pause_id": pause.id, "scope": pause.scope, "reason": pause.reason,
+                       "paused_by": pause.paused_by, "since": pause.since.isoformat(),
+                       "until": pause.until.isoformat()},
+            )  # fmt: skip
 
     async def _purge(self, ctx: LoopContext) -> None:
         async def purge() -> retention.RetentionReport:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any, Literal, NamedTuple
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -34,6 +35,19 @@ SnapshotRow = tuple[str, str | None, str | None, int, float | None]
 HorizonRow = tuple[bool, float, int, str | None]
 #: One row of ``table_tuples``: table, live tuples, dead tuples.
 TuplesRow = tuple[str, int, int]
+
+
+class EndedPause(NamedTuple):
+    """An operator pause whose end passed, as ``end_pauses`` marked it resumed."""
+
+    id: int
+    scope: str
+    paused: str  # the target's host, "user N" or "provider P": never a URL
+    reason: str
+    paused_by: str
+    since: datetime
+    until: datetime
+
 
 _PURGES = {"outbox": "purge_outbox_batch", "records": "purge_records_batch"}
 
@@ -91,6 +105,12 @@ class MaintenanceStore:
         async with self._statement() as conn:
             cur = await conn.execute(query("metrics_snapshot"))
             return await cur.fetchall()
+
+    async def end_pauses(self) -> list[EndedPause]:
+        """Marks resumed the operator pauses past their end; returns them."""
+        async with self._statement() as conn:
+            cur = await conn.execute(query("end_pauses"))
+            return [EndedPause(*row) for row in await cur.fetchall()]
 
     async def xmin_horizon(self) -> HorizonRow:
         """What holds back vacuum of this database (see ``xmin_horizon`` in sql/maintenance.sql)."""

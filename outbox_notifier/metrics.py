@@ -57,6 +57,8 @@ OTHER: Final = "other"
 
 #: Statuses the snapshot counts: live work, each on its partial index (see sql/maintenance.sql).
 SNAPSHOT_STATUSES: Final = ("pending", "sending", "failed")
+#: The scopes of an operator pause (the pauses table's CHECK): the operator_pauses label.
+PAUSE_SCOPES: Final = ("target", "recipient", "provider")
 #: The daemon's tables whose tuples are exported from the start (others once seen).
 TUPLE_TABLES: Final = ("outbox", "notification_records", "delivery_attempts", "targets")
 #: Loop names for ``database_errors_total`` and ``claim_duration_seconds``.
@@ -214,6 +216,24 @@ class Metrics:
             "throttled_targets",
             "Delivery targets slowed down after answering 429 (snapshot); not failures.",
         )
+        # The operator's pauses (0013; never the breaker's, which is paused_targets above).
+        self.operator_pauses = gauge(
+            "operator_pauses",
+            "Active operator pauses by scope: target, recipient, provider (snapshot).",
+            ["scope"],
+        )
+        self.operator_pause_oldest_age = gauge(
+            "operator_pause_oldest_age_seconds",
+            "How long the oldest active operator pause has been in force (snapshot; 0: none).",
+        )
+        self.operator_pauses_ended = gauge(
+            "operator_pauses_ended",
+            "Operator pauses past their end time not yet marked resumed (snapshot).",
+        )
+        self.operator_paused_records = gauge(
+            "operator_paused_records",
+            "Records (pending or failed) held by the operator pauses in force (snapshot).",
+        )
         # What holds the database back (outbox_notifier.horizon): NaN while unknown.
         self.xmin_horizon_age = gauge(
             "xmin_horizon_age_seconds",
@@ -270,6 +290,8 @@ class Metrics:
             self.database_failing.labels(loop).set(0)
         for loop in ("relay", "delivery", "rescue"):
             self.claim_duration.labels(loop)
+        for scope in PAUSE_SCOPES:
+            self.operator_pauses.labels(scope).set(0)
         # Unknown until the first snapshot: NaN, not a reassuring 0.
         self.apply_horizon(None)
         self.apply_table_tuples(None)
@@ -399,9 +421,18 @@ class Metrics:
         counts: dict[tuple[str, str], int] = {}
         oldest: dict[str, float] = {}
         outbox_pending, outbox_age = 0, 0.0
+        pauses: dict[str, int] = dict.fromkeys(PAUSE_SCOPES, 0)
+        oldest_pause_s, pauses_ended, paused_records = 0.0, 0, 0
         for kind, channel, status, n, age_s in rows:
             if kind == "outbox":
                 outbox_pending, outbox_age = n, age_s or 0.0
+            elif kind == "operator_pauses" and channel is not None:
+                pauses[channel] = n  # the row's channel column is the scope
+                oldest_pause_s = max(oldest_pause_s, age_s or 0.0)
+            elif kind == "operator_pauses_ended":
+                pauses_ended = n
+            elif kind == "operator_paused_records":
+                paused_records = n
             elif kind == "paused_targets":
                 self.paused_targets.set(n)
             elif kind == "throttled_targets":
@@ -418,6 +449,11 @@ class Metrics:
             self.oldest_due_record_age.labels(channel).set(oldest.get(channel, 0.0))
         self.outbox_pending.set(outbox_pending)
         self.outbox_oldest_pending_age.set(outbox_age)
+        for scope, n in pauses.items():
+            self.operator_pauses.labels(scope).set(n)
+        self.operator_pause_oldest_age.set(oldest_pause_s)
+        self.operator_pauses_ended.set(pauses_ended)
+        self.operator_paused_records.set(paused_records)
         self.snapshot_timestamp.set(time.time())
 
     def apply_horizon(self, horizon: Horizon | None) -> None:

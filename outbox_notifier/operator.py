@@ -73,6 +73,20 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
 
 
+class ActivePause(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator pause in force (the ``paused`` view): never a URL."""
+
+    id: int
+    scope: str
+    paused: str
+    reason: str
+    paused_by: str
+    since: datetime
+    until: datetime | None
+    ended: bool  # past its end, not yet marked resumed: no longer honoured
+    records_waiting: int
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """What ``status --json`` prints; the keys are stable."""
 
@@ -80,6 +94,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     outbox: OutboxCounts
     stuck_sending: StuckSending
     dead_letters: list[DeadLetter]  # the most recent, newest first
+    pauses: list[ActivePause] = msgspec.field(default_factory=list)  # oldest first
 
 
 class MatchingDeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,6 +150,13 @@ def load_status(conn: psycopg.Connection[Any]) -> StatusReport:
         dead_rows = conn.execute(
             query("status_dead_letters"), {"limit": RECENT_DEAD_LETTERS}
         ).fetchall()
+        pauses = [
+            ActivePause(
+                id=row[0], scope=row[1], paused=row[2], reason=row[3], paused_by=row[4],
+                since=row[5], until=row[6], ended=row[7], records_waiting=row[8],
+            )
+            for row in conn.execute(query("status_pauses")).fetchall()
+        ]  # fmt: skip
     assert outbox_row is not None and stuck_row is not None  # aggregates: always one row
     return StatusReport(
         records=records,
@@ -157,6 +179,7 @@ def load_status(conn: psycopg.Connection[Any]) -> StatusReport:
             )
             for row in dead_rows
         ],
+        pauses=pauses,
     )
 
 
@@ -229,6 +252,27 @@ def render_status(report: StatusReport) -> str:
         ],
         right=(0, 1),
     )
+
+    out += ["", "paused by an operator"]
+    if report.pauses:
+        out += _table(
+            ("id", "paused", "waiting", "since", "until", "by", "reason"),
+            [
+                (
+                    str(p.id),
+                    p.paused,
+                    str(p.records_waiting),
+                    _timestamp(p.since),
+                    ("ended " if p.ended else "") + (_timestamp(p.until) if p.until else "-"),
+                    p.paused_by,
+                    p.reason,
+                )
+                for p in report.pauses
+            ],
+            right=(0, 2),
+        )
+    else:
+        out.append("  (none)")
 
     out += ["", f"recent dead letters (newest {RECENT_DEAD_LETTERS})"]
     if report.dead_letters:
@@ -616,3 +660,9 @@ def _spread_s(report: ReplayReport) -> float:
 
 def _is_are(n: int) -> str:
     return "is" if n == 1 else "are"
+
+
+# The pieces the other operator commands (outbox_notifier.pauses) share.
+connect = _connect
+fail = _fail
+timestamp = _timestamp

@@ -18,6 +18,8 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
+import msgspec
+
 from outbox_notifier import events, message, tracing
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
@@ -178,6 +180,9 @@ class Relay:
                     requested_at=event.requested_at,
                     # End-to-end latency starts when the producer wrote the outbox row.
                     outbox_created_at=row.created_at,
+                    ordering_key=(
+                        None if event.ordering_key is msgspec.UNSET else event.ordering_key
+                    ),
                 )
             )
         return _Sorted(records, rejected, classes)

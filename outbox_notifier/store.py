@@ -12,6 +12,8 @@ are unpacked there with ``unnest``, so there are no per-row round trips.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -69,6 +71,8 @@ class NewRecord(RecordFields, frozen=True, kw_only=True):
     fallback_used: bool
     requested_at: datetime  # the producer's, from the payload
     outbox_created_at: datetime  # when the outbox row was written: latency starts here
+    # Records of one channel and ordering key go out in outbox_id order (claim_due_v6).
+    ordering_key: str | None = None
 
 
 #: The PostgreSQL type of a recordset column by the Python type of the struct field it reads.
@@ -84,12 +88,23 @@ def recordset_columns(struct: type[msgspec.Struct]) -> sql.Composed:
     """``name type, ...`` of a ``jsonb_to_recordset`` reading the struct's JSON encoding."""
     columns = []
     for field in msgspec.structs.fields(struct):
-        if field.type not in _PG_TYPES:
+        # an optional field (``T | None``) is a column of T: JSON null reads as NULL
+        kind = _optional_of(field.type)
+        if kind not in _PG_TYPES:
             raise TypeError(f"{struct.__name__}.{field.name}: no PostgreSQL type for {field.type}")
         columns.append(sql.SQL("{} {}").format(
-            sql.Identifier(field.name), sql.SQL(_PG_TYPES[field.type])
+            sql.Identifier(field.name), sql.SQL(_PG_TYPES[kind])
         ))  # fmt: skip
     return sql.SQL(", ").join(columns)
+
+
+def _optional_of(kind: object) -> object:
+    """``T`` of ``T | None``; any other type unchanged."""
+    args = typing.get_args(kind)
+    optional = len(args) == 2 and type(None) in args
+    if optional and typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return next(arg for arg in args if arg is not type(None))
+    return kind
 
 
 def field_names(struct: type[msgspec.Struct]) -> sql.Composed:
@@ -244,6 +259,12 @@ class AppliedRecord(msgspec.Struct, frozen=True, kw_only=True):
     latency_s: float | None = None
     trace_id: str = ""
     dedupe_key: str = ""
+    ordered: bool = False  # the record has an ordering key
+
+    @property
+    def finished(self) -> bool:
+        """Applied, and terminal: nothing more will be tried without an operator."""
+        return self.status in ("sent", "dead", "skipped")
 
     @property
     def applied(self) -> bool:
@@ -390,11 +411,19 @@ class RecordStore:
                     latency_s=None if row[3] is None else float(row[3]),
                     trace_id=row[4] or "",
                     dedupe_key=row[5],
+                    ordered=row[7],
                 )
                 for row in rows
             ],
             tripped=tripped,
         )
+
+    async def release_next_in_order(self, record_ids: Sequence[int]) -> int:
+        """Makes the record after each of these finished keyed records in its ordering key
+        due now (see ``release_next_in_order`` in the SQL); returns how many were released."""
+        async with self._statement() as conn:
+            cur = await conn.execute(query("release_next_in_order"), {"ids": list(record_ids)})
+            return cur.rowcount
 
     async def rescue_expired_leases(
         self, limit: int, delays_s: Sequence[float], jitter: float

@@ -69,8 +69,8 @@ WHERE name = %(name)s AND holder = %(holder)s;
 -- name: metrics_snapshot
 -- Live records per channel and status with the age of the oldest due one ('pending' since it
 -- last became pending, 'failed' since its retry came due), then one 'outbox' row: pending rows
--- and the oldest one's age, then the number of paused and of throttled targets. Ages are in
--- seconds on the database clock.
+-- and the oldest one's age, then the number of paused and of throttled targets, then the
+-- operator's pauses. Ages are in seconds on the database clock.
 WITH live AS (
     SELECT channel, status, updated_at AS due_at
     FROM outbox_notifier.notification_records WHERE status = 'pending'
@@ -99,7 +99,36 @@ WHERE paused_until > now()
 UNION ALL
 SELECT 'throttled_targets', NULL, NULL, count(*)::bigint, NULL
 FROM outbox_notifier.targets
-WHERE throttled_until > now() OR slowed_until > now();
+WHERE throttled_until > now() OR slowed_until > now()
+UNION ALL
+-- operator pauses (0013), not the breaker's: the active ones by scope (channel: the scope) with
+-- the oldest one's age, those past their end that the maintenance loop has not yet marked
+-- resumed, and the records waiting behind the pauses in force. A handful of rows; the
+-- records are counted only while something is paused.
+SELECT 'operator_pauses', p.scope, NULL, count(*)::bigint,
+       max(extract(epoch FROM now() - p.since))::float8
+FROM outbox_notifier.pauses p
+WHERE p.resumed_at IS NULL
+GROUP BY p.scope
+UNION ALL
+SELECT 'operator_pauses_ended', NULL, NULL, count(*)::bigint, NULL
+FROM outbox_notifier.pauses
+WHERE resumed_at IS NULL AND until <= now()
+UNION ALL
+SELECT 'operator_paused_records', NULL, NULL, count(DISTINCT held.id)::bigint, NULL
+FROM outbox_notifier.pauses p
+CROSS JOIN LATERAL outbox_notifier.records_behind_pause(p) AS held(id)
+WHERE p.resumed_at IS NULL AND (p.until IS NULL OR p.until > now());
+
+-- name: end_pauses
+-- Marks resumed the operator pauses whose end has passed (claims stopped honouring them at
+-- that moment; their records were deferred to it); returns what the log line names. Run by
+-- every replica's maintenance loop: the row lock lets one of them log each pause.
+UPDATE outbox_notifier.pauses
+SET resumed_at = until, resumed_by = 'expired'
+WHERE resumed_at IS NULL AND until <= now()
+RETURNING id, scope, coalesce(host, 'user ' || user_id, 'provider ' || provider), reason,
+          paused_by, since, until;
 
 -- name: xmin_horizon
 -- What holds back vacuum of this database's tables, oldest first: sessions with a snapshot or a

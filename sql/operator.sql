@@ -89,3 +89,30 @@ FROM outbox_notifier.replay_v1(
     %(rate_per_s)s::float8, %(attempts)s::integer
 ) AS replayed(id)
 ORDER BY id;
+
+-- name: pause
+-- Pauses one scope (0013's pause_v1: exactly one of target URL, user, provider); returns the
+-- pause's id. Amends the scope's active pause if there is one.
+SELECT outbox_notifier.pause_v1(
+    %(reason)s::text, %(target_url)s::text, %(user_id)s::bigint, %(channel)s::text,
+    %(provider)s::text, %(until)s::timestamptz
+);
+
+-- name: resume
+-- Resumes one scope's active pause (0013's resume_v1); the records it released, NULL when no
+-- such pause is active.
+SELECT outbox_notifier.resume_v1(
+    %(target_url)s::text, %(user_id)s::bigint, %(channel)s::text, %(provider)s::text
+);
+
+-- name: active_pause
+-- One active pause by id, as the paused view shows it (never a URL).
+SELECT paused, reason, paused_by, since, until, records_waiting
+FROM outbox_notifier.paused
+WHERE id = %(id)s;
+
+-- name: status_pauses
+-- The operator's active pauses, oldest first: what, why, by whom, since, until, what waits.
+SELECT id, scope, paused, reason, paused_by, since, until, ended, records_waiting
+FROM outbox_notifier.paused
+ORDER BY since, id;

@@ -58,7 +58,7 @@ SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
 -- Claims due records with pacing (the 429 throttle included) and the breaker; see
--- outbox_notifier.claim_due_v5. First attempts are looked for past %(after_id)s, the delivery
+-- outbox_notifier.claim_due_v6 (with the ordering rule of 0013). First attempts are looked for past %(after_id)s, the delivery
 -- loop's cursor (0: a sweep from the start), so that the scan does not revisit the index entries
 -- of records claimed before it (which a long-open snapshot keeps from being cleaned up).
 -- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
@@ -74,7 +74,7 @@ SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.t
        c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text, c.fallback_text,
        c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token, c.enabled,
        c.webhook_url, c.auth_kind, c.auth_secret, c.provider
-FROM outbox_notifier.claim_due_v5(
+FROM outbox_notifier.claim_due_v6(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
     %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
 ) AS c,
@@ -94,7 +94,7 @@ WITH claimed AS MATERIALIZED (
            c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text,
            c.fallback_text, c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token,
            c.enabled, c.webhook_url, c.auth_kind, c.auth_secret, c.provider
-    FROM outbox_notifier.claim_due_v5(
+    FROM outbox_notifier.claim_due_v6(
         %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
         %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
     ) AS c,
@@ -138,8 +138,10 @@ SELECT extract(epoch FROM least(
 -- * a replay's reason (0014) goes from the record into its attempt row, and off the record once
 --   the record ends (anything but 'failed', which the replay's retries still belong to).
 -- All of it commits together or is retried together. Returns one row per result whose record
--- exists, with what logging and metrics need (status NULL: a late result, not applied), and on
--- each row the keys of the targets whose breaker this batch tripped (their paused_until set). The target is the channel's current webhook
+-- exists, with what logging and metrics need (status NULL: a late result, not applied), on
+-- each row the keys of the targets whose breaker this batch tripped (their paused_until set),
+-- and whether the record has an ordering key (the next of its key is then released by
+-- release_next_in_order, a statement of its own: see there). The target is the channel's current webhook
 -- URL: a URL edited during the call is tallied against its new target, the one the next claim
 -- paces.
 WITH input AS (
@@ -192,7 +194,8 @@ WITH input AS (
     WHERE r.id = input.record_id AND r.status = 'sending' AND r.lease_token = input.lease_token
     RETURNING r.id, r.status,
               extract(epoch FROM now() - coalesce(r.outbox_created_at, r.requested_at))
-              AS latency_s
+              AS latency_s,
+              r.ordering_key IS NOT NULL AS ordered
 ), logged AS (
     INSERT INTO outbox_notifier.delivery_attempts (
         record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code,
@@ -237,8 +240,31 @@ WITH input AS (
     ) AS p(key)
 )
 SELECT known.record_id, known.channel, applied.status, applied.latency_s, known.trace_id,
-       known.dedupe_key, tripped.keys
+       known.dedupe_key, tripped.keys, coalesce(applied.ordered, false)
 FROM known LEFT JOIN applied ON applied.id = known.record_id CROSS JOIN tripped;
+
+-- name: release_next_in_order
+-- Ordering (0013): the next record of each finished keyed record's channel and ordering key
+-- (%(ids)s: records a result batch left sent, dead or skipped), held by claim_due_v6 until its
+-- head could move, becomes due now, so it goes without waiting out its hold. A statement of its
+-- own after the apply commits, not a step of apply_results: it waits for a claim that has the
+-- next record locked, and inside apply_results, which locks targets rows, that wait could close
+-- a cycle with a claim that holds the record and waits for a target. Run only for batches with
+-- keyed records; if it fails, the hold's end releases the record all the same.
+UPDATE outbox_notifier.notification_records n
+SET next_retry_at = now(), updated_at = now()
+FROM outbox_notifier.notification_records f
+CROSS JOIN LATERAL (
+    SELECT e.id
+    FROM outbox_notifier.notification_records e
+    WHERE e.channel = f.channel AND e.ordering_key = f.ordering_key
+      AND e.status IN ('pending', 'failed', 'sending') AND e.outbox_id > f.outbox_id
+    ORDER BY e.outbox_id
+    LIMIT 1
+) nxt
+WHERE f.id = ANY (%(ids)s::bigint[])
+  AND f.ordering_key IS NOT NULL AND f.status IN ('sent', 'dead', 'skipped')
+  AND n.id = nxt.id AND n.status = 'pending' AND n.next_retry_at > now();
 
 -- name: rescue_expired_leases
 -- Takes back records whose worker died or stalled in 'sending': a temporary failure with code

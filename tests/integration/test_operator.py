@@ -127,7 +127,8 @@ def test_status_json_counts_everything_exactly(
     assert err == ""
     assert len(out.splitlines()) == 1
     shown = json.loads(out)
-    assert list(shown) == ["records", "outbox", "stuck_sending", "dead_letters"]
+    assert list(shown) == ["records", "outbox", "stuck_sending", "dead_letters", "pauses"]
+    assert shown["pauses"] == []  # nothing is paused in this backlog
 
     by_key = {(r["channel"], r["status"]): r for r in shown["records"]}
     assert [(r["channel"], r["status"], r["count"]) for r in shown["records"]] == [

@@ -320,6 +320,10 @@ def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None
         *{("maintenance_leases", p) for p in both},
         ("schema_migrations", "SELECT"),
         ("lease_token_seq", "USAGE"),
+        # 0013: claims read the operator's pauses, maintenance marks an ended one resumed
+        ("pauses", "SELECT"),
+        *{(f"pauses({c})", "UPDATE") for c in ("resumed_at", "resumed_by")},
+        ("records_behind_pause", "EXECUTE"),
     }  # fmt: skip
     assert _grants(conn, "outbox_notifier_producer") == {("enqueue", "EXECUTE")}
     readable = ("backlog", "dead_letters", "stuck_sending", "target_health", "outbox",
@@ -334,6 +338,12 @@ def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None
         ("requeue_dead", "EXECUTE"),
         ("replay_v1", "EXECUTE"),
         ("replay_matching_v1", "EXECUTE"),
+        # 0013: operator pauses
+        ("pauses", "SELECT"),
+        ("paused", "SELECT"),
+        ("pause_v1", "EXECUTE"),
+        ("resume_v1", "EXECUTE"),
+        ("records_behind_pause", "EXECUTE"),
     }
 
 
@@ -383,3 +393,32 @@ def test_the_operator_can_replay_and_the_producer_and_daemon_cannot(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "not touched: 1 record of the range is not sent or dead (1 failed)" in proc.stdout
     assert "secret-token" not in proc.stdout + proc.stderr
+
+
+def test_the_operator_role_pauses_and_resumes_and_the_producer_cannot(
+    conn: psycopg.Connection[Any], login_as: LoginAs
+) -> None:
+    add_channel(conn, 1, "https://down.example/flow/api/trigger-webhook/t")
+    operator_dsn, producer_dsn = (
+        login_as("outbox_notifier_operator"),
+        login_as("outbox_notifier_producer"),
+    )
+    pause = "SELECT outbox_notifier.pause_v1('maintenance', p_user_id => 1)"
+    with psycopg.connect(producer_dsn, autocommit=True) as producer:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            producer.execute(pause)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            producer.execute("SELECT * FROM outbox_notifier.paused")
+    with psycopg.connect(operator_dsn, autocommit=True) as operator:
+        operator.execute(pause)
+        row = operator.execute("SELECT paused_by, records_waiting FROM outbox_notifier.paused")
+        assert row.fetchall() == [(psycopg.conninfo.conninfo_to_dict(operator_dsn)["user"], 0)]
+        # the pause is the functions' to write, not the operator's by hand
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            operator.execute("UPDATE outbox_notifier.pauses SET reason = 'x'")
+        assert scalar(operator, "SELECT outbox_notifier.resume_v1(p_user_id => 1)") == 0
+    with (
+        psycopg.connect(producer_dsn, autocommit=True) as producer,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        producer.execute("SELECT outbox_notifier.resume_v1(p_user_id => 1)")

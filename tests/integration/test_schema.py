@@ -21,7 +21,7 @@ def _declared_objects() -> dict[str, set[str]]:
         "table": set(re.findall(rf"CREATE TABLE {name}", text)),
         "view": set(re.findall(rf"CREATE VIEW {name}", text)),
         "function": set(re.findall(rf"CREATE (?:OR REPLACE )?FUNCTION {name}", text)),
-        "index": set(re.findall(r"CREATE INDEX ([a-z_]+) ON", text))
+        "index": set(re.findall(r"CREATE (?:UNIQUE )?INDEX ([a-z_]+) ON", text))
         - set(re.findall(r"DROP INDEX outbox_notifier\.([a-z_]+)", text)),
         "trigger": set(re.findall(r"CREATE TRIGGER ([a-z_]+)", text)),
     }

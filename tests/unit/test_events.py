@@ -401,3 +401,39 @@ def test_reason_classes_are_bounded() -> None:
     }  # fmt: skip
     assert events.EVENT_TYPE == "notification.feishu.requested"
     assert events.EVENT_VERSION == "1"
+
+
+# -- ordering_key (optional, additive) --------------------------------------------------------
+
+
+def test_ordering_key_is_optional_and_absent_means_no_key() -> None:
+    assert decode(good_payload()).ordering_key is msgspec.UNSET
+
+
+def test_ordering_key_is_trimmed_and_bounded() -> None:
+    assert decode(good_payload(ordering_key="  task:19 ")).ordering_key == "task:19"
+    longest = "k" * events.ORDERING_KEY_MAX_CHARS
+    assert decode(good_payload(ordering_key=f" {longest} ")).ordering_key == longest
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("", "ordering_key must not be empty when present (leave it out instead)"),
+        ("  \t", "ordering_key must not be empty when present (leave it out instead)"),
+        ("k" * 257, "ordering_key is too long (257 > 256 characters)"),
+        ("a\x00b", "ordering_key must not contain NUL characters"),
+        (None, "Expected `str`, got `null` - at `$.ordering_key`"),
+        (19, "Expected `str`, got `int` - at `$.ordering_key`"),
+    ],
+    ids=["empty", "blank", "oversize", "nul", "null", "number"],
+)
+def test_a_bad_ordering_key_rejects_the_row_with_a_reason(value: object, reason: str) -> None:
+    rejected = rejection(encode(good_payload(ordering_key=value)))
+    assert rejected.reason == f"invalid payload: {reason}"
+    assert rejected.reason_class == "invalid"
+
+
+def test_an_event_with_an_ordering_key_roundtrips() -> None:
+    event = decode(good_payload(ordering_key="task:19"))
+    assert decode_event(EVENT_TYPE, EVENT_VERSION, msgspec.json.encode(event)) == event

@@ -31,6 +31,7 @@ DRIVER_ALLOWED = {
     "cli": "turns a refused connection into one line and exit code 1",
     # Commands with a connection of their own, not yet through a store.
     "operator": "status, requeue and replay: one short synchronous connection",
+    "pauses": "pause and resume: the operator's connection, its refusals told apart",
     "demo": "seeds the demo's database and watches it",
     # Test support shipped in the package, never imported by the daemon.
     "testing.postgres": "creates and drops the tests' databases",

@@ -349,6 +349,7 @@ def test_labels_never_carry_user_data(metrics: Metrics, registry: CollectorRegis
     allowed = {
         "channel", "provider", "outcome", "error_code", "reason_class", "status", "loop", "le",
         "table",  # the tables of the daemon's own schema
+        "scope",  # an operator pause's scope: target, recipient, provider
     }  # fmt: skip
     for family in registry.collect():
         assert family.name.startswith(P)
@@ -422,3 +423,26 @@ def test_default_providers_are_the_provider_names() -> None:
     settings = Settings(dsn="dbname=x")
     transport = httpx.AsyncHTTPTransport()
     assert set(default_providers(settings, transport)) == set(PROVIDER_NAMES)
+
+
+def test_operator_pauses_come_from_the_snapshot(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    for scope in ("target", "recipient", "provider"):
+        assert value(registry, "operator_pauses", scope=scope) == 0
+    metrics.apply_snapshot(
+        [
+            ("operator_pauses", "target", None, 2, 4000.0),
+            ("operator_pauses", "provider", None, 1, 30.0),
+            ("operator_pauses_ended", None, None, 1, None),
+            ("operator_paused_records", None, None, 500, None),
+        ]
+    )
+    assert value(registry, "operator_pauses", scope="target") == 2
+    assert value(registry, "operator_pauses", scope="recipient") == 0
+    assert value(registry, "operator_pause_oldest_age_seconds") == 4000.0
+    assert value(registry, "operator_pauses_ended") == 1
+    assert value(registry, "operator_paused_records") == 500
+    metrics.apply_snapshot([])  # every pause resumed: back to zero, not left stale
+    assert value(registry, "operator_pauses", scope="target") == 0
+    assert value(registry, "operator_paused_records") == 0

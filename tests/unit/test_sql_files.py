@@ -19,6 +19,7 @@ FILE_OF_MODULE = {
     "migrations": "queries.sql",
     "maintenance_store": "maintenance.sql",
     "operator": "operator.sql",
+    "pauses": "operator.sql",
 }
 
 
@@ -53,6 +54,7 @@ def test_the_maintenance_statements_are_all_in_maintenance_sql() -> None:
         "renew_lease",
         "release_lease",
         "metrics_snapshot",
+        "end_pauses",
         "xmin_horizon",
         "table_tuples",
     }
