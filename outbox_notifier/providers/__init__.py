@@ -70,10 +70,15 @@ class ProviderSpec(msgspec.Struct, frozen=True, kw_only=True):
     def settings(self, settings: Settings) -> ProviderSettings:
         return ProviderSettings.read(settings, self.settings_prefix)
 
+    @property
+    def can_digest(self) -> bool:
+        """Whether the provider's platform takes digests (``HttpProvider.can_digest``)."""
+        return bool(getattr(self.cls, "can_digest", False))
+
     def digest_options(self, settings: Settings) -> Mapping[str, Any]:
         """``digest`` (the ``<prefix>_digest`` switch) and ``digest_max_records`` for a
         provider that can digest; nothing for one that cannot."""
-        if not getattr(self.cls, "can_digest", False):
+        if not self.can_digest:
             return {}
         return {
             "digest": getattr(settings, f"{self.settings_prefix}_digest"),
