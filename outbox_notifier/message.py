@@ -21,6 +21,9 @@ EVENT: Final = "smartflow.schedule_adjustment_ready"
 EVENT_VERSION: Final = "1"
 MESSAGE_TITLE: Final = "SmartFlow 日程调整建议"
 MESSAGE_ACTION_TEXT: Final = "查看并确认调整"
+#: A digest's title (one message for several records, chat bots only), naming the count in
+#: the single message's language: ``digest_title(3)`` is ``SmartFlow 日程调整建议 (3 条)``.
+DIGEST_TITLE: Final = MESSAGE_TITLE + " ({count} 条)"
 
 ERROR_TEXT_MAX_RUNES: Final = 2000
 """Provider error text is cut to this many code points before it is stored (seed: 2000)."""
@@ -90,6 +93,11 @@ def message_text(
     if url not in text:
         text = trim_space(text) + "\n" + url
     return trim_space(text)
+
+
+def digest_title(count: int) -> str:
+    """The title of a digest of ``count`` records (:data:`DIGEST_TITLE`)."""
+    return DIGEST_TITLE.format(count=count)
 
 
 def truncate_runes(value: str, limit: int) -> str:

@@ -18,6 +18,9 @@ Names (one word per concept, in code, logs and docs):
 - *pacing*: how often one target may be called, the 429 throttle included (``store.Pacing``);
   the *breaker*: a failing target left alone for a cool-off, its state *tripped* or open in
   code (``store.Breaker``), ``paused_until`` in the contract's columns and metric names.
+- *digest*: one chat-bot message carrying several records to one recipient
+  (``HttpProvider.send_digest``), for records its budget cannot send one by one; each record
+  keeps its own transition and attempt row.
 - *attempt result*: what one call produced and the status it leads to
   (``store.AttemptResult``); *applied record*, *rescued record*: a record as the statement
   that changed it returned it.

@@ -224,6 +224,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     slack_allowed_schemes: tuple[str, ...] = ("https",)
     slack_allowed_hosts: tuple[str, ...] = ("hooks.slack.com",)
     slack_path_prefix: str = "/services/"
+    # Digests: records a chat robot's budget cannot send one by one go as one message per
+    # slot, each of at most digest_max_records records; one switch per chat robot (the Flow
+    # webhook and the signed webhook never digest: their receivers expect one event a call).
+    digest_max_records: AtLeastOne = 20
+    bot_digest: bool = True
+    dingtalk_digest: bool = True
+    wecom_digest: bool = True
+    slack_digest: bool = True
     # Egress: the guard refuses loopback, private, link-local and metadata addresses for every
     # provider; these ranges are allowed explicitly (internal webhooks, tests, the demo).
     egress_allow_cidrs: tuple[str, ...] = ()
@@ -439,7 +447,9 @@ def _describe(name: str, raw: object, tp: Any) -> str:
         choices = [repr(c) for c in typing.get_args(base)]
         noun = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
         return f"expected {noun}, got {raw!r}"[:200]
-    if base is int:
+    if base is bool:
+        noun = "true or false"
+    elif base is int:
         noun = "an integer"
     elif base is float:
         noun = "a number"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from collections.abc import Callable, Coroutine
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 
@@ -38,6 +42,25 @@ def make_delivery(recipient: Recipient | None, **overrides: Any) -> Delivery:
     }
     fields.update(overrides)
     return Delivery(**fields)
+
+
+def feishu_sign(timestamp: str, secret: str) -> str:
+    """Feishu's bot signature, written out independently of the provider: HMAC-SHA256 keyed
+    by ``timestamp + "\n" + secret`` over nothing, base64."""
+    string_to_sign = timestamp + "\n" + secret
+    digest = hmac.new(string_to_sign.encode("utf-8"), digestmod=hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def dingtalk_signature_ok(query: str, secret: str, now: float) -> bool:
+    """DingTalk's check: ``sign`` = base64(HMAC-SHA256(key=secret, msg=f"{timestamp}\\n{secret}"))
+    in ms, URL-encoded in the query, within an hour of now."""
+    params = parse_qs(query, strict_parsing=True)
+    (timestamp,), (sign,) = params["timestamp"], params["sign"]
+    assert abs(int(timestamp) / 1000 - now) < 3600
+    string_to_sign = f"{timestamp}\n{secret}".encode()
+    digest = hmac.new(secret.encode(), string_to_sign, hashlib.sha256).digest()
+    return hmac.compare_digest(base64.b64encode(digest).decode(), sign)
 
 
 def mock_transport(handler: Handler) -> httpx.MockTransport:

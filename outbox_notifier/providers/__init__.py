@@ -12,7 +12,9 @@ share), and one module per platform.
 (``default_providers``) and the claims' pacing (``daemon.claim_policy``) read it. Adding a
 provider is one module here, its name in ``names.PROVIDER_NAMES``, one entry below and its
 five settings (``<prefix>_allowed_schemes``, ``<prefix>_allowed_hosts``,
-``<prefix>_path_prefix``, ``<prefix>_max_per_s``, ``<prefix>_max_per_min``) in ``Settings``.
+``<prefix>_path_prefix``, ``<prefix>_max_per_s``, ``<prefix>_max_per_min``) in ``Settings``;
+a provider that can digest (a chat bot: ``HttpProvider.can_digest``) has a sixth,
+``<prefix>_digest``, its switch, and is built with it and ``digest_max_records``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .base import HttpProvider
 from .dingtalk_bot import DingTalkBotProvider
 from .feishu_bot import FeishuBotProvider
 from .feishu_flow import FeishuFlowProvider
-from .model import Provider
+from .model import DigestProvider, Provider
 from .slack_webhook import SlackWebhookProvider
 from .webhook import WebhookProvider
 from .wecom_bot import WeComBotProvider
@@ -68,6 +70,21 @@ class ProviderSpec(msgspec.Struct, frozen=True, kw_only=True):
     def settings(self, settings: Settings) -> ProviderSettings:
         return ProviderSettings.read(settings, self.settings_prefix)
 
+    @property
+    def can_digest(self) -> bool:
+        """Whether the provider's platform takes digests (``HttpProvider.can_digest``)."""
+        return bool(getattr(self.cls, "can_digest", False))
+
+    def digest_options(self, settings: Settings) -> Mapping[str, Any]:
+        """``digest`` (the ``<prefix>_digest`` switch) and ``digest_max_records`` for a
+        provider that can digest; nothing for one that cannot."""
+        if not self.can_digest:
+            return {}
+        return {
+            "digest": getattr(settings, f"{self.settings_prefix}_digest"),
+            "digest_max_records": settings.digest_max_records,
+        }
+
     def build(self, settings: Settings, transport: httpx.AsyncBaseTransport) -> HttpProvider:
         own = self.settings(settings)
         return self.cls(
@@ -78,6 +95,7 @@ class ProviderSpec(msgspec.Struct, frozen=True, kw_only=True):
             path_prefix=own.path_prefix,
             timeout_s=settings.http_timeout_s,
             response_body_max_bytes=settings.response_body_max_bytes,
+            **self.digest_options(settings),
             **self.options(settings),
         )
 
@@ -97,6 +115,11 @@ REGISTRY: Final = (
 )
 
 
+def digester(provider: Provider) -> DigestProvider | None:
+    """``provider`` when it merges records into digests (its ``digests`` on), else None."""
+    return provider if isinstance(provider, HttpProvider) and provider.digests else None
+
+
 def default_providers(
     settings: Settings, transport: httpx.AsyncBaseTransport
 ) -> dict[str, Provider]:
@@ -106,6 +129,7 @@ def default_providers(
 
 __all__ = [
     "REGISTRY",
+    "DigestProvider",
     "DingTalkBotProvider",
     "FeishuBotProvider",
     "FeishuFlowProvider",
@@ -115,4 +139,5 @@ __all__ = [
     "WeComBotProvider",
     "WebhookProvider",
     "default_providers",
+    "digester",
 ]

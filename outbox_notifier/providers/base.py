@@ -5,11 +5,16 @@ A dispatch is *prepared* by the provider (``prepare``: URL, headers, body, signa
 *classified* by the provider (``classify``: a ``model.Verdict``, mostly from the classifiers
 in ``replies``); ``HttpProvider.send`` resolves the recipient before and assembles the
 ``model.SendResult`` after. A platform's module writes only the first and last steps.
+
+A chat bot adds one step for digests (several records to one recipient in one message, when
+its budget cannot send them one by one): ``digest_request`` builds the message for a run of
+deliveries, or says it breaks the platform's limits; ``prepare_digest`` finds the longest run,
+oldest first, that fits, and ``send_digest`` sends it like ``send`` sends one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypedDict
 
@@ -18,8 +23,18 @@ import httpx
 from outbox_notifier import message, tracing
 from outbox_notifier.names import ErrorCode, Outcome
 
-from .bodies import action_url
-from .model import Delivery, HttpReply, NotSent, PreparedRequest, Recipient, SendResult, Verdict
+from .bodies import DigestEntry, action_url, message_text
+from .model import (
+    Delivery,
+    DigestRequest,
+    DigestResult,
+    HttpReply,
+    NotSent,
+    PreparedRequest,
+    Recipient,
+    SendResult,
+    Verdict,
+)
 from .replies import parse_retry_after
 from .sender import post_capped, truncate
 from .urls import UrlPolicy, UrlRejected, scrub
@@ -107,6 +122,12 @@ class HttpOptions(TypedDict, total=False):
     timeout_s: float
     response_body_max_bytes: int
     clock: Callable[[], datetime]
+    digest: bool | None
+    digest_max_records: int
+
+
+#: ``digest_max_records`` unless told otherwise (the setting's default).
+DIGEST_MAX_RECORDS = 20
 
 
 class HttpProvider:
@@ -132,7 +153,9 @@ class HttpProvider:
     ``httpclient.EgressTransport``; a test may hand in ``httpx.MockTransport``).
     ``allowed_hosts`` match exactly or as a parent domain; an empty tuple allows any host
     only where ``any_host`` is set. ``clock`` gives timestamps (a ``Retry-After`` date is read
-    against the reply's ``Date``, never against it).
+    against the reply's ``Date``, never against it). ``digest`` switches digests on or off for
+    a provider that can make them (``can_digest``; None: as it can, True for one that cannot
+    is an error), ``digest_max_records`` caps the records of one digest.
     """
 
     label: ClassVar[str]
@@ -141,6 +164,11 @@ class HttpProvider:
     default_path_prefix: ClassVar[str] = "/"
     # A URL that is itself a credential must only ever go to known hosts.
     any_host: ClassVar[bool] = False
+    # Whether the platform takes a digest: the chat bots do; the Flow webhook and the signed
+    # webhook do not, their receivers expecting one event per call.
+    can_digest: ClassVar[bool] = False
+    #: Whether this provider merges records into digests: ``can_digest`` and switched on.
+    digests: bool
 
     def __init__(
         self,
@@ -153,8 +181,14 @@ class HttpProvider:
         timeout_s: float = 5.0,
         response_body_max_bytes: int = 65536,
         clock: Callable[[], datetime] = utc_now,
+        digest: bool | None = None,
+        digest_max_records: int = DIGEST_MAX_RECORDS,
     ) -> None:
         check_limits(timeout_s=timeout_s, response_body_max_bytes=response_body_max_bytes)
+        if digest and not self.can_digest:
+            raise ValueError(f"a {self.label} provider cannot digest")
+        if digest_max_records < 1:
+            raise ValueError(f"digest_max_records must be >= 1, got {digest_max_records!r}")
         schemes = tuple(allowed_schemes)
         if not schemes:
             raise ValueError("allowed_schemes must not be empty")
@@ -171,6 +205,8 @@ class HttpProvider:
         self._timeout_s = timeout_s
         self._response_max_bytes = response_body_max_bytes
         self._clock = clock
+        self.digests = self.can_digest if digest is None else digest
+        self._digest_max_records = digest_max_records
 
     def check_url(self, raw_url: str) -> httpx.URL:
         """Parse ``raw_url`` and enforce the URL policy; raise ``UrlRejected`` if outside it."""
@@ -195,10 +231,58 @@ class HttpProvider:
         link = self.action_url(delivery)
         return link if link.startswith(("https://", "http://")) else None
 
+    def digest_entries(self, deliveries: Sequence[Delivery]) -> list[DigestEntry]:
+        """Each delivery's text and link as its single message has them, for a digest."""
+        return [
+            DigestEntry(text=message_text(delivery), link=self.button_link(delivery))
+            for delivery in deliveries
+        ]
+
     def prepare(self, delivery: Delivery, recipient: Recipient, url: httpx.URL) -> PreparedRequest:
         """The request for ``delivery`` to ``url`` (already checked); raise ``NotSent`` when
         no call may be made."""
         raise NotImplementedError
+
+    def digest_request(
+        self, deliveries: Sequence[Delivery], recipient: Recipient, url: httpx.URL
+    ) -> PreparedRequest | None:
+        """One request holding every one of ``deliveries`` (two or more) in the platform's
+        digest format, signed as ``prepare`` signs; None when it would break one of the
+        platform's limits (the body's or a field's encoded size, a count of blocks). Adding a
+        delivery never makes a request fit that did not: ``prepare_digest`` relies on it."""
+        raise NotImplementedError
+
+    def prepare_digest(
+        self, deliveries: Sequence[Delivery], recipient: Recipient, url: httpx.URL
+    ) -> DigestRequest:
+        """The digest of the longest run of ``deliveries`` (oldest first, as given; at most
+        ``digest_max_records``) that fits the platform's limits, and how many it holds.
+
+        A record's text is never cut to make room: the records that do not fit wait for
+        the next slot. The first always goes: when no two fit, the request is its single
+        message (``prepare``: what it would have been sent as alone, cut to the platform's
+        size where the single message is). Raises ``NotSent`` as ``prepare`` does, and
+        ``ValueError`` for no deliveries or a provider that does not digest (``digests``).
+        """
+        if not self.digests:
+            raise ValueError(f"this {self.label} provider does not digest")
+        if not deliveries:
+            raise ValueError("a digest needs at least one delivery")
+        run = deliveries[: self._digest_max_records]
+        # The longest run that fits, by bisection: a run fits only if each shorter one does.
+        fitted: DigestRequest | None = None
+        low, high = 2, len(run)
+        while low <= high:
+            mid = (low + high) // 2
+            request = self.digest_request(run[:mid], recipient, url)
+            if request is None:
+                high = mid - 1
+            else:
+                fitted = DigestRequest(request=request, included=mid)
+                low = mid + 1
+        if fitted is None:
+            return DigestRequest(request=self.prepare(run[0], recipient, url), included=1)
+        return fitted
 
     def classify(self, reply: HttpReply) -> Verdict:
         """What the reply (status, headers, capped body) means."""
@@ -215,6 +299,37 @@ class HttpProvider:
             request = self.prepare(delivery, *resolved)
         except NotSent as exc:
             return exc.result
+        return await self._call(request)
+
+    async def send_digest(self, deliveries: Sequence[Delivery]) -> DigestResult:
+        """Deliver the longest run of ``deliveries`` that fits one digest (``prepare_digest``)
+        in one call; the result stands for each of the first ``included`` records, and the
+        rest were not sent. Every failure is a result, as with ``send``.
+
+        The deliveries must share one recipient (the digest goes to one target, signed with
+        one secret): ``ValueError`` otherwise, and for an empty sequence or a provider that
+        does not digest. A call that ends before a request exists (no usable recipient, a URL
+        outside the policy, ``NotSent``) answers for the first record alone; the rest get
+        the same answer from their own calls, alone or in the next digest.
+        """
+        if not deliveries:
+            raise ValueError("a digest needs at least one delivery")
+        if not self.digests:
+            raise ValueError(f"this {self.label} provider does not digest")
+        first = deliveries[0]
+        if any(delivery.recipient != first.recipient for delivery in deliveries[1:]):
+            raise ValueError("the deliveries of one digest must share their recipient")
+        resolved = resolve_recipient(first, self._url_policy, self.label, url_name=self.url_label)
+        if isinstance(resolved, SendResult):
+            return DigestResult(included=1, result=resolved)
+        try:
+            digest = self.prepare_digest(deliveries, *resolved)
+        except NotSent as exc:
+            return DigestResult(included=1, result=exc.result)
+        return DigestResult(included=digest.included, result=await self._call(digest.request))
+
+    async def _call(self, request: PreparedRequest) -> SendResult:
+        """Send ``request`` once through the shared sender and classify the reply."""
         # Whatever a provider signs with, a credential in a header is never quoted either.
         auth = request.headers.get("Authorization", "").partition(" ")[2]
         secrets = (*request.secrets, auth) if auth else request.secrets

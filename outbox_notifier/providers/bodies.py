@@ -1,5 +1,5 @@
 """What every provider's request body says, whatever its format: the notification's ids, the
-text, the link it offers and the time stamp."""
+text, the link it offers and the time stamp; and what a digest says of each record."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ def notification_fields(delivery: Delivery) -> dict[str, Any]:
 def message_text(delivery: Delivery) -> str:
     """The text to send: the delivery's, or the seed's default when it is blank."""
     return delivery.message_text.strip() or message.DEFAULT_FALLBACK_TEMPLATE
+
+
+class DigestEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One record's part of a digest: its text (``message_text``, never cut: the seed's rules,
+    fallback and 180 runes, are all the cutting a record's text gets) and the link its single
+    message's button opens, None when that link is not absolute (the single message then has
+    no button either, and the text already ends with the target URL)."""
+
+    text: str
+    link: str | None
 
 
 def action_url(frontend_base_url: str, target_url: str) -> str:

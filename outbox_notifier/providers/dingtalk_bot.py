@@ -15,6 +15,21 @@ field, which is not sent). The card's text is DingTalk markdown: the seed's rule
 the fallback text for a summary holding ``://`` or ``www.``, but other markdown in a summary
 (emphasis, headings) does render; the plain ``text`` body has no such effect.
 
+Digest (several records in one message, when the robot's 20 a minute cannot send them one by
+one): DingTalk's own advice for many messages is to merge them into one ``markdown`` message
+as a summary, and that is its shape::
+
+    {"msgtype": "markdown",
+     "markdown": {"title": "SmartFlow 日程调整建议 (3 条)",
+                  "text": "### SmartFlow 日程调整建议 (3 条)\n\n1. <message_text>  \n"
+                          "[查看并确认调整](<action url>)\n\n2. ..."}}
+
+(``chat.markdown_digest``). DingTalk limits a message to 20000 bytes: the encoded body is
+kept within ``DINGTALK_BODY_MAX_BYTES`` by leaving records out, never by cutting one. The
+message types and the limits are on "自定义机器人发送群消息" (cited below) and
+https://open.dingtalk.com/document/development/robot-message-type (消息类型). The markdown
+renders what markdown a record's text holds, as the card's text does.
+
 Signing (a channel whose ``auth_kind`` is ``bot_secret``, the robot's "sign" security
 setting): query parameters ``timestamp`` (epoch milliseconds) and ``sign`` = base64 of
 HMAC-SHA256 keyed by the secret over ``timestamp + "\\n" + secret``, URL-encoded as a query
@@ -43,6 +58,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 import httpx
 import msgspec
@@ -50,9 +66,12 @@ import msgspec
 from outbox_notifier import message
 from outbox_notifier.names import ErrorCode, Outcome
 
-from . import chat, model
+from . import bodies, chat, model
 
-__all__ = ["DINGTALK_CODES", "DingTalkBotProvider", "dingtalk_sign"]
+__all__ = ["DINGTALK_BODY_MAX_BYTES", "DINGTALK_CODES", "DingTalkBotProvider", "dingtalk_sign"]
+
+#: DingTalk's limit on a robot message, in bytes of the request body (UTF-8).
+DINGTALK_BODY_MAX_BYTES = 20_000
 
 _RATE_LIMITED = (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_RATE_LIMITED)
 _AUTH_FAILED = (Outcome.PERMANENT_FAIL, ErrorCode.PROVIDER_AUTH_FAILED)
@@ -89,10 +108,20 @@ class DingTalkBotProvider(chat.ChatBotProvider):
         }
         return {"msgtype": "actionCard", "actionCard": card}
 
-    def prepare(
-        self, delivery: model.Delivery, recipient: model.Recipient, url: httpx.URL
+    def digest_message(self, entries: Sequence[bodies.DigestEntry]) -> dict[str, object]:
+        title = message.digest_title(len(entries))
+        return {
+            "msgtype": "markdown",
+            "markdown": {"title": title, "text": chat.markdown_digest(entries)},
+        }
+
+    def digest_fits(self, body: dict[str, object], encoded: bytes) -> bool:
+        return len(encoded) <= DINGTALK_BODY_MAX_BYTES
+
+    def request(
+        self, body: bytes, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
-        request = super().prepare(delivery, recipient, url)
+        request = super().request(body, recipient, url)
         if recipient.auth_kind != "bot_secret":
             return request
         secret = (recipient.auth_secret or "").strip()

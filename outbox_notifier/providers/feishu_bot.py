@@ -31,6 +31,24 @@ Size: Feishu refuses request bodies over 20 KB, so the text is cut (by code poin
 trailing ellipsis) until the encoded body fits ``request_body_max_bytes``; a message that
 cannot fit even with an empty text is a permanent ``payload_invalid`` and nothing is sent.
 
+Digest (several records in one message, when the bot's budget cannot send them one by one),
+in the format the single message uses. ``text`` becomes ``post``, Feishu's rich text, which
+has a title and a link element (a mention takes an ``at`` element, which is never sent)::
+
+    {"msg_type": "post",
+     "content": {"post": {"zh_cn": {"title": "SmartFlow 日程调整建议 (3 条)",
+                                    "content": [[{"tag": "text", "text": "1. <message_text> "},
+                                                 {"tag": "a", "text": "<action text>",
+                                                  "href": "<action url>"}],
+                                                [{"tag": "text", "text": "2. ..."}, ...]]}}}}
+
+``card`` keeps its card: the header names the count, and each record has its ``div`` and,
+when its link is absolute, its button, in order. Both are signed as a single message, and
+kept under ``request_body_max_bytes`` by leaving records out: a digest never cuts a record's
+text. The formats are those of Feishu's custom bot guide, "自定义机器人使用指南"
+(https://open.feishu.cn/document/client-docs/bot-v3/add-custom-bot), which gives the 20 KB
+limit too.
+
 Reply mapping. Feishu reports application errors as HTTP 200 with a non-zero ``code``
 (``StatusCode`` in older replies), the message in ``msg`` (``StatusMessage``):
 
@@ -65,6 +83,7 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Sequence
 from typing import Literal, Unpack
 
 import httpx
@@ -115,6 +134,28 @@ class TextContent(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
+class PostText(msgspec.Struct, frozen=True, kw_only=True):
+    tag: str
+    text: str
+
+
+class PostLink(msgspec.Struct, frozen=True, kw_only=True):
+    tag: str
+    text: str
+    href: str
+
+
+class PostBody(msgspec.Struct, frozen=True, kw_only=True):
+    title: str
+    content: list[list[PostText | PostLink]]
+
+
+class PostContent(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``post`` message's content: its body by language (the single message's, zh_cn)."""
+
+    post: dict[str, PostBody]
+
+
 class CardHeader(msgspec.Struct, frozen=True, kw_only=True):
     title: PlainText
 
@@ -147,11 +188,23 @@ class BotMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     timestamp: str | None = None
     sign: str | None = None
     msg_type: str
-    content: TextContent | None = None
+    content: TextContent | PostContent | None = None
     card: Card | None = None
 
 
 _encoder = msgspec.json.Encoder()
+
+
+def _button(link: str) -> CardAction:
+    """The card's action element: one button to ``link``, an absolute URL."""
+    label = PlainText(tag="plain_text", content=message.MESSAGE_ACTION_TEXT)
+    button = CardButton(tag="button", text=label, type="primary", url=link)
+    return CardAction(tag="action", actions=[button])
+
+
+def _card(title: str, elements: list[CardDiv | CardAction]) -> BotMessage:
+    header = CardHeader(title=PlainText(tag="plain_text", content=title))
+    return BotMessage(msg_type="interactive", card=Card(header=header, elements=elements))
 
 
 def bot_sign(secret: str, timestamp: str) -> str:
@@ -181,6 +234,7 @@ class FeishuBotProvider(base.HttpProvider):
     """
 
     label = "feishu bot"
+    can_digest = True
     default_hosts = DEFAULT_HOSTS
     default_path_prefix = DEFAULT_PATH_PREFIX
 
@@ -212,20 +266,34 @@ class FeishuBotProvider(base.HttpProvider):
         elements: list[CardDiv | CardAction] = [
             CardDiv(tag="div", text=PlainText(tag="plain_text", content=text))
         ]
-        link = self.action_url(delivery)
-        if link.startswith(("https://", "http://")):
-            button = CardButton(
-                tag="button",
-                text=PlainText(tag="plain_text", content=message.MESSAGE_ACTION_TEXT),
-                type="primary",
-                url=link,
-            )
-            elements.append(CardAction(tag="action", actions=[button]))
-        card = Card(
-            header=CardHeader(title=PlainText(tag="plain_text", content=message.MESSAGE_TITLE)),
-            elements=elements,
-        )
-        return BotMessage(msg_type="interactive", card=card)
+        link = self.button_link(delivery)
+        if link is not None:
+            elements.append(_button(link))
+        return _card(message.MESSAGE_TITLE, elements)
+
+    def digest_message(self, entries: Sequence[bodies.DigestEntry]) -> BotMessage:
+        """The unsigned digest of ``entries``: a ``post`` (format ``text``) or a card."""
+        title = message.digest_title(len(entries))
+        if self._format == "text":
+            paragraphs: list[list[PostText | PostLink]] = []
+            for number, entry in enumerate(entries, 1):
+                paragraph: list[PostText | PostLink] = [
+                    PostText(tag="text", text=f"{number}. {entry.text} ")
+                ]
+                if entry.link is not None:
+                    paragraph.append(
+                        PostLink(tag="a", text=message.MESSAGE_ACTION_TEXT, href=entry.link)
+                    )
+                paragraphs.append(paragraph)
+            post = PostContent(post={"zh_cn": PostBody(title=title, content=paragraphs)})
+            return BotMessage(msg_type="post", content=post)
+        elements: list[CardDiv | CardAction] = []
+        for number, entry in enumerate(entries, 1):
+            text = f"{number}. {entry.text}"
+            elements.append(CardDiv(tag="div", text=PlainText(tag="plain_text", content=text)))
+            if entry.link is not None:
+                elements.append(_button(entry.link))
+        return _card(title, elements)
 
     def _fit(self, delivery: model.Delivery, signed: BotMessage) -> BotMessage | None:
         """``signed``, its text cut if it must be for the encoded body to fit the size cap;
@@ -254,24 +322,38 @@ class FeishuBotProvider(base.HttpProvider):
                 high = mid - 1
         return cut(low)
 
+    def _sign(self, unsigned: BotMessage, recipient: model.Recipient) -> tuple[BotMessage, str]:
+        """``unsigned`` with its ``timestamp`` and ``sign`` when the channel signs, and the
+        secret (empty when it does not)."""
+        if recipient.auth_kind != "bot_secret":
+            return unsigned, ""
+        secret = (recipient.auth_secret or "").strip()
+        if not secret:
+            raise model.NotSent(
+                ErrorCode.PROVIDER_AUTH_FAILED,
+                "feishu bot channel wants signing but has no secret",
+            )
+        # Fresh on every call: Feishu refuses a timestamp more than an hour off.
+        timestamp = str(int(self._clock().timestamp()))
+        signed = msgspec.structs.replace(
+            unsigned, timestamp=timestamp, sign=bot_sign(secret, timestamp)
+        )
+        return signed, secret
+
+    def _request(
+        self, signed: BotMessage, body: bytes, secret: str, url: httpx.URL
+    ) -> model.PreparedRequest:
+        """The call posting ``body`` (``signed``, encoded) to ``url``."""
+        # What the record keeps: the body as sent, but never a usable signature.
+        stored = _encoder.encode(msgspec.structs.replace(signed, sign=_MASK)) if secret else body
+        return model.PreparedRequest(
+            url=url, body=body, headers=sender.json_headers(), stored=stored, secrets=(secret,)
+        )
+
     def prepare(
         self, delivery: model.Delivery, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
-        secret = ""
-        unsigned = self.build_message(delivery)
-        signed = unsigned
-        if recipient.auth_kind == "bot_secret":
-            secret = (recipient.auth_secret or "").strip()
-            if not secret:
-                raise model.NotSent(
-                    ErrorCode.PROVIDER_AUTH_FAILED,
-                    "feishu bot channel wants signing but has no secret",
-                )
-            # Fresh on every call: Feishu refuses a timestamp more than an hour off.
-            timestamp = str(int(self._clock().timestamp()))
-            signed = msgspec.structs.replace(
-                unsigned, timestamp=timestamp, sign=bot_sign(secret, timestamp)
-            )
+        signed, secret = self._sign(self.build_message(delivery), recipient)
         fitted = self._fit(delivery, signed)
         if fitted is None:
             raise model.NotSent(
@@ -279,12 +361,17 @@ class FeishuBotProvider(base.HttpProvider):
                 f"feishu bot message exceeds {self._request_max_bytes} bytes "
                 "even with its text cut",
             )
-        body = _encoder.encode(fitted)
-        # What the record keeps: the body as sent, but never a usable signature.
-        stored = _encoder.encode(msgspec.structs.replace(fitted, sign=_MASK)) if secret else body
-        return model.PreparedRequest(
-            url=url, body=body, headers=sender.json_headers(), stored=stored, secrets=(secret,)
-        )
+        return self._request(fitted, _encoder.encode(fitted), secret, url)
+
+    def digest_request(
+        self, deliveries: Sequence[model.Delivery], recipient: model.Recipient, url: httpx.URL
+    ) -> model.PreparedRequest | None:
+        entries = self.digest_entries(deliveries)
+        signed, secret = self._sign(self.digest_message(entries), recipient)
+        body = _encoder.encode(signed)
+        if len(body) > self._request_max_bytes:
+            return None
+        return self._request(signed, body, secret, url)
 
     def classify(self, reply: model.HttpReply) -> model.Verdict:
         """2xx (Feishu's usual way) or a 4xx carrying a Feishu code: the code decides; 429 and

@@ -16,11 +16,16 @@ call's ``store.AttemptResult`` and written by the result completer (seed semanti
 An HTTP provider (``base.HttpProvider``) gets there in three steps, each with its type here:
 ``prepare`` gives a ``PreparedRequest`` (or raises ``NotSent``), the shared sender
 (``sender.post_capped``) brings back an ``HttpReply``, and ``classify`` gives its ``Verdict``.
+
+A chat bot can also merge several deliveries to one recipient into one *digest* message:
+``prepare_digest`` gives a ``DigestRequest`` (the request and how many of the deliveries it
+holds) and ``send_digest`` a ``DigestResult`` (that count and the one call's ``SendResult``,
+which stands for each record it holds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -108,6 +113,34 @@ class PreparedRequest(msgspec.Struct, frozen=True, kw_only=True):
     headers: Mapping[str, str]
     stored: bytes
     secrets: tuple[str, ...] = ()
+
+
+class DigestRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One call carrying the first ``included`` of the deliveries handed to
+    ``HttpProvider.prepare_digest`` (oldest first, at least 1); the others were left out to
+    keep the platform's limits and wait for the next slot. With ``included == 1`` the
+    request is that delivery's single message, exactly as ``prepare`` makes it."""
+
+    request: PreparedRequest
+    included: int
+
+
+class DigestResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``HttpProvider.send_digest`` did: one call for the first ``included``
+    deliveries, whose ``result`` each of those records takes (its own transition and attempt
+    row, the call's ``provider_message_id`` shared); the deliveries after them were not sent."""
+
+    included: int
+    result: SendResult
+
+
+class DigestProvider(Provider, Protocol):
+    """A provider that can merge deliveries into one message (``digests`` says whether it
+    does: a chat bot with its ``<prefix>_digest`` switch on)."""
+
+    digests: bool
+
+    async def send_digest(self, deliveries: Sequence[Delivery]) -> DigestResult: ...
 
 
 class NotSent(Exception):

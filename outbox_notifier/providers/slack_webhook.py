@@ -13,6 +13,21 @@ credential, and the sender masks a URL's path in every error message. Body::
 render links and ``<!channel>`` mentions. The ``actions`` block is left out when the action URL
 is not absolute. Incoming webhooks have no signing; a channel's ``auth_kind`` is ignored.
 
+Digest (several records in one message, when the webhook's one a second cannot send them one
+by one): a ``header`` block naming the count, then one ``section`` per record, oldest first,
+its button as the section's accessory (none when the link is not absolute)::
+
+    {"text": "SmartFlow 日程调整建议 (3 条)",   # the notification's plain-text fallback
+     "blocks": [{"type": "header", "text": {"type": "plain_text", "text": "<title>"}},
+                {"type": "section", "text": {"type": "plain_text", "text": "<message_text>"},
+                 "accessory": {"type": "button", "text": {...}, "url": "<action url>"}},
+                ...]}
+
+Block Kit's limits, from https://api.slack.com/reference/block-kit/blocks (a message holds
+at most 50 blocks; a section's text at most 3000 characters, a header's 150) and
+https://api.slack.com/reference/block-kit/block-elements#button (a button's URL at most
+3000 characters): records are left out to keep them, never cut.
+
 Reply mapping: Slack answers ``200 ok`` in plain text, and an error as an HTTP status with a
 short text code in the body. The table below follows Slack's "Sending messages using incoming
 webhooks", section "Handling errors":
@@ -38,15 +53,22 @@ archived channel refuses every later message the same way.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any, cast
 
 import msgspec
 
 from outbox_notifier import message
 from outbox_notifier.names import ErrorCode, Outcome
 
-from . import chat, model, replies
+from . import bodies, chat, model, replies
 
 __all__ = ["SLACK_STATUSES", "SlackWebhookProvider"]
+
+#: Block Kit's limits (characters, blocks), from the pages cited in the module docstring.
+MAX_BLOCKS = 50
+SECTION_TEXT_MAX_CHARS = 3000
+BUTTON_URL_MAX_CHARS = 3000
 
 _GONE = (Outcome.PERMANENT_FAIL, ErrorCode.ENDPOINT_GONE)
 #: Statuses that differ from ``replies.classify_status``, from the page cited above.
@@ -57,6 +79,11 @@ _ERROR_TOKEN = re.compile(rb"[a-z0-9_]{1,64}")
 
 def _section(text: str) -> dict[str, object]:
     return {"type": "section", "text": {"type": "plain_text", "text": text}}
+
+
+def _button(link: str) -> dict[str, object]:
+    label = {"type": "plain_text", "text": message.MESSAGE_ACTION_TEXT}
+    return {"type": "button", "text": label, "url": link}
 
 
 class SlackWebhookProvider(chat.ChatBotProvider):
@@ -71,9 +98,31 @@ class SlackWebhookProvider(chat.ChatBotProvider):
         return {"text": text, "blocks": [_section(text)]}
 
     def card_message(self, text: str, link: str) -> dict[str, object]:
-        label = {"type": "plain_text", "text": message.MESSAGE_ACTION_TEXT}
-        actions = {"type": "actions", "elements": [{"type": "button", "text": label, "url": link}]}
+        actions = {"type": "actions", "elements": [_button(link)]}
         return {"text": text, "blocks": [_section(text), actions]}
+
+    def digest_message(self, entries: Sequence[bodies.DigestEntry]) -> dict[str, object]:
+        title = message.digest_title(len(entries))
+        blocks: list[dict[str, object]] = [
+            {"type": "header", "text": {"type": "plain_text", "text": title}}
+        ]
+        for entry in entries:
+            section = _section(entry.text)
+            if entry.link is not None:
+                section["accessory"] = _button(entry.link)
+            blocks.append(section)
+        return {"text": title, "blocks": blocks}
+
+    def digest_fits(self, body: dict[str, object], encoded: bytes) -> bool:
+        # Slack counts characters, not bytes. The header (the title, a few dozen characters)
+        # is always within its 150.
+        blocks = cast(list[dict[str, Any]], body["blocks"])
+        sections = blocks[1:]
+        return len(blocks) <= MAX_BLOCKS and all(
+            len(section["text"]["text"]) <= SECTION_TEXT_MAX_CHARS
+            and len(section.get("accessory", {}).get("url", "")) <= BUTTON_URL_MAX_CHARS
+            for section in sections
+        )
 
     def classify(self, reply: model.HttpReply) -> model.Verdict:
         verdict = replies.status_verdict(reply.status, "slack webhook", SLACK_STATUSES)

@@ -13,9 +13,23 @@ query is the credential, and the sender masks a URL's query in every error messa
                        "card_action": {"type": 1, "url": "<action url>"}}}
 
 The ``template_card`` (the card opens the action URL, and a jump link names it) is sent when
-the action URL is absolute, the plain ``text`` otherwise. ``markdown`` is not used: the
-summary comes from event payloads and would render links. The robot has no signing; a
-channel's ``auth_kind`` is ignored.
+the action URL is absolute, the plain ``text`` otherwise. ``markdown`` is not used for one
+record: the summary comes from event payloads and would render links. The robot has no
+signing; a channel's ``auth_kind`` is ignored.
+
+Digest (several records in one message, when the robot's 20 a minute cannot send them one by
+one): ``markdown`` after all, the one robot format with a link per record (a card takes at
+most three jump links)::
+
+    {"msgtype": "markdown",
+     "markdown": {"content": "### SmartFlow 日程调整建议 (3 条)\n\n1. <message_text>  \n"
+                             "[查看并确认调整](<action url>)\n\n2. ..."}}
+
+(``chat.markdown_digest``). The seed's rules already replace a summary holding ``://`` or
+``www.`` by the fallback text, so a summary brings no link of its own; other markdown in it
+renders. WeCom takes at most 4096 bytes of UTF-8 in ``markdown.content``
+(``WECOM_MARKDOWN_MAX_BYTES``, same page as below): records are left out to keep it, never
+cut.
 
 Reply mapping: WeCom answers HTTP 200 with ``errcode``/``errmsg``. The code table below follows
 the group robot documentation and the global error code list:
@@ -36,12 +50,18 @@ HTTP 429 / 5xx / 401, 403 / other                as ``replies.status_verdict``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 from outbox_notifier import message
 from outbox_notifier.names import ErrorCode, Outcome
 
-from . import chat
+from . import bodies, chat
 
-__all__ = ["WECOM_CODES", "WeComBotProvider"]
+__all__ = ["WECOM_CODES", "WECOM_MARKDOWN_MAX_BYTES", "WeComBotProvider"]
+
+#: WeCom's limit on a markdown message's ``content``, in bytes of UTF-8.
+WECOM_MARKDOWN_MAX_BYTES = 4096
 
 #: ``errcode`` -> result, from the documentation cited in the module docstring; a code not
 #: here (40008 invalid message type, 44004 empty text, ...) is a permanent ``payload_invalid``.
@@ -70,3 +90,11 @@ class WeComBotProvider(chat.ChatBotProvider):
             "card_action": {"type": 1, "url": link},
         }
         return {"msgtype": "template_card", "template_card": card}
+
+    def digest_message(self, entries: Sequence[bodies.DigestEntry]) -> dict[str, object]:
+        return {"msgtype": "markdown", "markdown": {"content": chat.markdown_digest(entries)}}
+
+    def digest_fits(self, body: dict[str, object], encoded: bytes) -> bool:
+        # The limit is on the field, not the body: JSON escapes do not count.
+        content = cast(dict[str, str], body["markdown"])["content"]
+        return len(content.encode()) <= WECOM_MARKDOWN_MAX_BYTES

@@ -41,11 +41,7 @@ DELIVERY_FIELDS: dict[str, Any] = {
 }
 
 
-def expected_sign(timestamp: str, secret: str) -> str:
-    """Feishu's formula, written out independently of the provider."""
-    string_to_sign = timestamp + "\n" + secret
-    digest = hmac.new(string_to_sign.encode("utf-8"), digestmod=hashlib.sha256).digest()
-    return base64.b64encode(digest).decode()
+expected_sign = provider_support.feishu_sign
 
 
 def make_recipient(

@@ -344,6 +344,33 @@ async def test_no_secret_in_the_error_text_of_a_failed_call(
     assert_no_secret(result.request_json)
 
 
+@pytest.mark.parametrize("auth_kind", AUTH_KINDS)
+async def test_a_digest_is_one_call_with_no_secret_or_none_at_all(
+    spec: ProviderSpec, auth_kind: str
+) -> None:
+    """A provider that digests sends several records in one call, keeping secrets out of
+    the body and the stored request as a single message does; one that does not says so."""
+    seen, handler = recording(200)
+    transport = mock_transport(handler)
+    provider = make_provider(spec, transport)
+    to = make_recipient(auth_kind=auth_kind, secret=SECRET)
+    deliveries = [
+        msgspec.structs.replace(make_delivery(to), record_id=i, dedupe_key=f"dk-{i}")
+        for i in (1, 2, 3)
+    ]
+    if not provider.digests:
+        assert not spec.can_digest
+        with pytest.raises(ValueError, match="does not digest"):
+            await provider.send_digest(deliveries)
+        return
+    async with transport:
+        done = await provider.send_digest(deliveries)
+    assert (done.included, done.result.outcome) == (3, Outcome.SUCCESS)
+    [request] = seen
+    assert_no_secret(request.content)
+    assert_no_secret(done.result.request_json)
+
+
 # ---------------------------------------------------------------- recipients and the URL policy
 
 

@@ -30,6 +30,15 @@ def test_every_entry_has_its_settings() -> None:
         assert wanted <= fields, (spec.name, sorted(wanted - fields))
 
 
+def test_a_provider_that_can_digest_has_its_switch_and_no_other_has_one() -> None:
+    fields = set(Settings.__struct_fields__)
+    for spec in REGISTRY:
+        switch = f"{spec.settings_prefix}_digest"
+        assert (switch in fields) is spec.can_digest, spec.name
+        if spec.can_digest:
+            assert getattr(Settings(), switch) is True
+
+
 def test_names_come_from_the_registry_once_each() -> None:
     assert tuple(spec.name for spec in REGISTRY) == PROVIDER_NAMES
     assert len(set(PROVIDER_NAMES)) == len(PROVIDER_NAMES)
