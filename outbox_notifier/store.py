@@ -420,9 +420,15 @@ class RecordStore:
 
     async def release_next_in_order(self, record_ids: Sequence[int]) -> int:
         """Makes the record after each of these finished keyed records in its ordering key
-        due now (see ``release_next_in_order`` in the SQL); returns how many were released."""
-        async with self._statement() as conn:
-            cur = await conn.execute(query("release_next_in_order"), {"ids": list(record_ids)})
+        due now (see ``release_next_in_order`` in the SQL); returns how many were released.
+
+        Two statements in one transaction: the first locks those records, waiting for a claim
+        that may be deferring one of them behind the head it saw still sending; the second,
+        with a snapshot taken after that claim committed, releases them."""
+        params = {"ids": list(record_ids)}
+        async with self.transaction() as conn:
+            await conn.execute(query("lock_next_in_order"), params)
+            cur = await conn.execute(query("release_next_in_order"), params)
             return cur.rowcount
 
     async def rescue_expired_leases(

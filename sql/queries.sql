@@ -243,14 +243,44 @@ SELECT known.record_id, known.channel, applied.status, applied.latency_s, known.
        known.dedupe_key, tripped.keys, coalesce(applied.ordered, false)
 FROM known LEFT JOIN applied ON applied.id = known.record_id CROSS JOIN tripped;
 
+-- name: lock_next_in_order
+-- Ordering (0013), the first of the two statements of a release, in one transaction: locks the
+-- next record of each finished keyed record's channel and ordering key (%(ids)s, as in
+-- release_next_in_order) while it is pending, waiting for a claim that has it locked. That
+-- claim may be holding it behind the head it read as sending just before the head's result
+-- committed (until a second past the head's lease): release_next_in_order, a statement of its
+-- own, then reads the record with the claim's hold committed. Read in one statement with the
+-- claim still open, the record's visible version (due: a first attempt, or a deferral that
+-- has passed, as an operator pause's end leaves a whole backlog) would be skipped, the hold
+-- would commit after it, and the record and its key would wait out the lease. Ordered by id,
+-- so two releases take shared rows in one order.
+SELECT n.id
+FROM outbox_notifier.notification_records f
+CROSS JOIN LATERAL (
+    SELECT e.id
+    FROM outbox_notifier.notification_records e
+    WHERE e.channel = f.channel AND e.ordering_key = f.ordering_key
+      AND e.status IN ('pending', 'failed', 'sending') AND e.outbox_id > f.outbox_id
+    ORDER BY e.outbox_id
+    LIMIT 1
+) nxt
+JOIN outbox_notifier.notification_records n ON n.id = nxt.id
+WHERE f.id = ANY (%(ids)s::bigint[])
+  AND f.ordering_key IS NOT NULL AND f.status IN ('sent', 'dead', 'skipped')
+  AND n.status = 'pending'
+ORDER BY n.id
+FOR UPDATE OF n;
+
 -- name: release_next_in_order
 -- Ordering (0013): the next record of each finished keyed record's channel and ordering key
 -- (%(ids)s: records a result batch left sent, dead or skipped), held by claim_due_v6 until its
--- head could move, becomes due now, so it goes without waiting out its hold. A statement of its
--- own after the apply commits, not a step of apply_results: it waits for a claim that has the
--- next record locked, and inside apply_results, which locks targets rows, that wait could close
--- a cycle with a claim that holds the record and waits for a target. Run only for batches with
--- keyed records; if it fails, the hold's end releases the record all the same.
+-- head could move, becomes due now, so it goes without waiting out its hold. After
+-- lock_next_in_order in the same transaction (see there: this statement's snapshot is taken
+-- once a claim deferring the record has committed). Not a step of apply_results: it waits for
+-- a claim that has the next record locked, and inside apply_results, which locks targets rows,
+-- that wait could close a cycle with a claim that holds the record and waits for a target. Run
+-- only for batches with keyed records; if it fails, the hold's end releases the record all the
+-- same.
 UPDATE outbox_notifier.notification_records n
 SET next_retry_at = now(), updated_at = now()
 FROM outbox_notifier.notification_records f

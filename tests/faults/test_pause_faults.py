@@ -37,6 +37,10 @@ PER_SIDE = 500
 KEYS = 5  # the paused target's records carry 5 ordering keys: each key's order is checked
 PAUSE_S = 10
 PER_S = 100  # flow_max_per_s: the paused target's pacing budget after the pause
+# After the pause the paused target's records drain at its pace, PER_SIDE / PER_S seconds; the
+# test allows twice that and 2 s more (a slow runner). A record held behind its key's head
+# used to be able to wait out the head's lease (60 s) instead: tests/integration/test_ordering.py
+DRAIN_BUDGET_S = 2 * PER_SIDE / PER_S + 2
 
 
 def _enqueue(dsn: str) -> None:
@@ -53,12 +57,6 @@ def _enqueue(dsn: str) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    reason="open: the pause phase holds (no call, no attempt, the others delivered on time), "
-    "but the 500 keyed records of the paused target did not all settle within 60 s after "
-    "the pause's end in the last run; under investigation",
-    strict=False,
-)
 def test_a_paused_target_gets_no_call_and_no_attempt_and_resumes_in_order(
     db: str, server: FeishuServer, record_property: Callable[[str, object], None]
 ) -> None:
@@ -102,7 +100,7 @@ def test_a_paused_target_gets_no_call_and_no_attempt_and_resumes_in_order(
         assert to_down == []
         assert held == (PER_SIDE, 0, "pending", "pending")
         assert waiting == (PER_SIDE,)
-        wait_settled(db, timeout_s=60)
+        wait_settled(db, timeout_s=PAUSE_S + DRAIN_BUDGET_S)
         codes = fleet.stop()
     assert codes == [0, 0]
     figures = check_invariants(db, server.requests)
@@ -125,3 +123,4 @@ def test_a_paused_target_gets_no_call_and_no_attempt_and_resumes_in_order(
     assert first_s >= PAUSE_S - 0.5  # nothing before the pause's end (clock: this host's)
     assert all(seq == sorted(seq) for seq in by_key.values()), by_key
     assert busiest_s <= PER_S
+    assert drain_s <= DRAIN_BUDGET_S

@@ -644,6 +644,7 @@ def test_database_wide_gauges_count_once_per_job() -> None:
         "paused_targets", "database_failing", "outbox_pending", "records{",
         "oldest_due_record_age_seconds", "outbox_oldest_pending_age_seconds",
         "xmin_horizon_age_seconds", "xmin_horizon_age_xids", "dead_tuples",
+        "operator_pause_oldest_age_seconds",
     )  # fmt: skip
     for expr in all_expressions():
         for gauge in database_wide:

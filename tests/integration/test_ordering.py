@@ -8,12 +8,14 @@ tests/faults/test_ordering_faults.py.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.daemon import Daemon
@@ -149,6 +151,42 @@ async def test_a_dead_head_releases_the_next_and_stays_visible(
     assert [r.dedupe_key for r in nxt] == ["a1"]
     assert scalar(conn, "SELECT count(*) FROM outbox_notifier.dead_letters WHERE id = %s",
                   (head.id,)) == 1  # fmt: skip
+
+
+@pytest.mark.parametrize("due", ["deferred", "first"])
+async def test_the_next_record_is_released_even_while_a_claim_is_holding_it_behind_the_head(
+    db: str, conn: psycopg.Connection[Any], due: str
+) -> None:
+    # Another replica's claim has the next record locked and has read the head as sending, so
+    # it holds the record until a second past the head's lease; the head's result commits before
+    # that claim does. The release must wait for the claim and look at the record again, or the
+    # record (and its whole key behind it) waits out the lease. "deferred": due since an earlier
+    # deferral (an operator pause's end); "first": a first attempt, never deferred.
+    add_channel(conn, 1, URL + "a")
+    for i in range(2):
+        _enqueue_keyed(conn, f"a{i}", "task-1")
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        store = RecordStore(pool)
+        await relay_for(store).relay_once()
+        [head] = await store.claim_records(100, POLICY)
+        conn.execute(
+            "UPDATE outbox_notifier.notification_records SET next_retry_at = %s"
+            " WHERE dedupe_key = 'a1'",
+            (datetime.now(UTC) - timedelta(seconds=1) if due == "deferred" else None,),
+        )
+        with psycopg.connect(db) as other:  # a claim in flight on another replica
+            held = other.execute(
+                "SELECT count(*) FROM outbox_notifier.claim_due_v6("
+                "100, 30, '{}', '{}', '{}', 0.05, 5, 30, 1, 0)"
+            ).fetchone()
+            assert held == (0,)
+            await store.apply_results([_result(head, "sent")], POLICY)
+            release = asyncio.create_task(store.release_next_in_order([head.id]))
+            await asyncio.sleep(0.3)
+            other.commit()
+            assert await asyncio.wait_for(release, 10) == 1
+        assert _record(conn, "a1")["next_retry_at"] <= datetime.now(UTC)
+        assert [r.dedupe_key for r in await store.claim_records(100, POLICY)] == ["a1"]
 
 
 async def test_a_keyed_record_waits_for_a_pending_outbox_row_below_it(
