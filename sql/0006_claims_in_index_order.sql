@@ -6,29 +6,13 @@
 -- chose a bitmap scan of every pending row and a sort, on every claim. So each claim cost
 -- O(backlog) and draining a backlog O(backlog^2): with 10,000 outbox rows queued at once, a
 -- relay claim of 500 took 10-30 ms and a delivery claim of 40 about 4 ms, mostly reading rows
--- it did not take (EXPLAIN (ANALYZE, BUFFERS) in bench/README.md). Both claims below read their
+-- it did not take (EXPLAIN (ANALYZE, BUFFERS) in bench/README.md). Both claims read their
 -- partial index in order and stop at the limit, and turn bitmap scans off for their own
 -- statements (SET on the function), the one plan shape that reads the whole backlog here; a
 -- sequential scan and sort would cost the planner more than the index on any sizeable table.
+-- The relay's claim is claim_outbox_v1, created in 0010.
 --
--- Additive: claim_due_v1 stays for daemons that call it; the relay's claim was a plain query
--- in those daemons, so claim_outbox_v1 is new.
-
--- The relay's claim: oldest pending outbox rows; concurrent relays take disjoint batches.
-CREATE FUNCTION outbox_notifier.claim_outbox_v1(p_limit integer)
-RETURNS TABLE (
-    id bigint, event_type text, event_version text, payload text, created_at timestamptz
-)
-LANGUAGE sql VOLATILE
-SET enable_bitmapscan = off
-AS $$
-    SELECT o.id, o.event_type, o.event_version, o.payload::text, o.created_at
-    FROM outbox_notifier.outbox o
-    WHERE o.status = 'pending'
-    ORDER BY o.id
-    LIMIT p_limit
-    FOR UPDATE SKIP LOCKED;
-$$;
+-- Additive: claim_due_v1 stays for daemons that call it.
 
 -- Claims due records for delivery in one round trip: claim_due_v1 with its scan of due records
 -- split by the index's order (see above), and without the pacing work when no target of the

@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 import httpx
-import msgspec
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
@@ -84,32 +83,9 @@ def test_the_daemons_statements_call_only_versioned_functions() -> None:
     assert "outbox_notifier.claim_due_v6(" in text
     assert "outbox_notifier.claim_due_v5(" not in text
     assert "outbox_notifier.record_target_results_v3(" in text
-    assert "outbox_notifier.claim_outbox_v2(" in text
-    assert "outbox_notifier.claim_outbox_v1(" not in text
+    assert "outbox_notifier.claim_outbox_v1(" in text
     assert "outbox_notifier.claim_due(" not in text
     assert "outbox_notifier.record_target_results(" not in text
-
-
-# The relay's claim as the previous release ships it (its sql/queries.sql): it must keep working
-# on this schema while a rolling upgrade runs both releases.
-PREVIOUS_CLAIM_OUTBOX = "SELECT * FROM outbox_notifier.claim_outbox_v1(%(limit)s)"
-
-
-def test_the_previous_releases_relay_claim_still_works_on_this_schema(
-    db: str, conn: psycopg.Connection[Any]
-) -> None:
-    ids = [enqueue(conn, payload(f"k-v1-{i}")) for i in range(3)]
-    with conn.transaction():
-        rows = conn.execute(PREVIOUS_CLAIM_OUTBOX, {"limit": 2}).fetchall()
-        assert [(row[0], type(row[3])) for row in rows] == [(ids[0], str), (ids[1], str)]
-        assert msgspec.json.decode(rows[0][3])["dedupe_key"] == "k-v1-0"
-        # and it takes rows the way this release's claim does: locked, skipped by the other
-        with psycopg.connect(db, autocommit=True) as other:
-            claimed = other.execute(
-                query("claim_outbox"),
-                {"limit": 10, "max_batch_bytes": 1 << 20, "max_payload_bytes": 1 << 20},
-            ).fetchall()
-        assert [row[0] for row in claimed] == [ids[2]]
 
 
 async def test_additive_future_migration_leaves_the_daemon_starting_ready_and_delivering(
