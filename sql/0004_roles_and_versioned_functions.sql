@@ -6,8 +6,9 @@
 -- The daemon calls its schema functions by a versioned name. A later migration that must change
 -- one adds claim_due_v2 beside claim_due_v1 (additive), the next daemon calls _v2, and daemons
 -- still calling _v1 keep working through a rolling upgrade or a rollback; _v1 goes only in a
--- breaking migration once no daemon calls it. The bodies below are those of 0003's unversioned
--- functions, unchanged (a test compares them); the unversioned names stay for 0.1.0 daemons.
+-- breaking migration once no daemon calls it. The body below is that of 0003's claim_due,
+-- unchanged (a test compares them); the unversioned names stay for 0.1.0 daemons. The breaker's
+-- bookkeeping is record_target_results_v1, created in 0011.
 -- record_lock_key and target_key are not versioned on purpose: every daemon version must
 -- compute the same keys to exclude each other, so changing them is breaking by nature.
 
@@ -202,43 +203,6 @@ BEGIN
     LEFT JOIN outbox_notifier.notification_channels ch
            ON ch.user_id = claimed.user_id AND ch.channel = claimed.channel
     ORDER BY claimed.id;
-END;
-$$;
-
--- Endpoint protection bookkeeping: 0003's record_target_results (see its comment there).
-CREATE FUNCTION outbox_notifier.record_target_results_v1(
-    p_keys text[],
-    p_successes integer[],
-    p_failures integer[],
-    p_last_error_codes text[],
-    p_breaker_failures integer,
-    p_cooloff_s double precision
-) RETURNS SETOF text
-LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    -- A success on a healthy target changes nothing: only failures, and targets that were
-    -- failing or paused, are locked and written.
-    PERFORM 1 FROM outbox_notifier.targets t
-    JOIN unnest(p_keys, p_failures) AS u(k, failed) ON u.k = t.target_key
-    WHERE u.failed > 0 OR t.consecutive_failures > 0 OR t.paused_until IS NOT NULL
-    ORDER BY t.target_key
-    FOR UPDATE OF t;
-
-    RETURN QUERY
-    UPDATE outbox_notifier.targets t
-    SET consecutive_failures = CASE WHEN u.ok > 0 THEN 0
-                                    ELSE t.consecutive_failures + u.failed END,
-        paused_until = CASE
-            WHEN u.ok > 0 THEN NULL
-            WHEN t.consecutive_failures + u.failed >= p_breaker_failures
-                THEN now() + make_interval(secs => p_cooloff_s)
-            ELSE t.paused_until END,
-        last_error_code = CASE WHEN u.ok > 0 THEN NULL ELSE coalesce(u.code, t.last_error_code) END,
-        updated_at = now()
-    FROM unnest(p_keys, p_successes, p_failures, p_last_error_codes) AS u(k, ok, failed, code)
-    WHERE t.target_key = u.k
-      AND (u.failed > 0 OR t.consecutive_failures > 0 OR t.paused_until IS NOT NULL)
-    RETURNING CASE WHEN t.paused_until > now() THEN t.target_key END;
 END;
 $$;
 

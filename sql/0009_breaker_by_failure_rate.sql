@@ -2,22 +2,24 @@
 -- 0009: the breaker opens on a failure rate keyed on the calls' start times; a 429 slows its
 -- target instead of counting against it.
 --
--- record_target_results_v1 counted consecutive failures in the order batches of results
--- arrived. Under concurrency that is not the order of the calls: a fast 5xx lands before the
--- slower successes that started beside it, and failure-only batches of several replicas added
--- up to breaker_failures before any success reset them (5% random 5xx paused a healthy target
--- 41 times in 10,000 events, three replicas). A call's outcome is now counted in the second
--- its call started (on the database clock), in a window of the last p_window_s seconds kept on
--- the target row: whatever order the results arrive in, they land in the same buckets. The
--- target pauses when the window holds at least p_min_calls calls, at least p_min_failures of
--- them failed (the breaker_failures setting) and the failures reach p_failure_ratio of the
--- calls. A target that is down fails every call and pauses as soon as p_min_calls calls have
--- failed, within the first wave of calls to it (a wave is up to delivery_concurrency calls per
--- replica); 5% random failures would need p_min_calls calls to fail before a single success
--- lands, which is why successes are counted too, healthy target or not.
+-- 0.1.0's breaker (0003's record_target_results) counts consecutive failures in the order
+-- batches of results arrive. Under concurrency that is not the order of the calls: a fast 5xx
+-- lands before the slower successes that started beside it, and failure-only batches of several
+-- replicas add up to breaker_failures before any success resets them (5% random 5xx paused a
+-- healthy target 41 times in 10,000 events, three replicas). A call's outcome is now counted in
+-- the second its call started (on the database clock), in a window of the last p_window_s
+-- seconds kept on the target row: whatever order the results arrive in, they land in the same
+-- buckets. The target pauses when the window holds at least p_min_calls calls, at least
+-- p_min_failures of them failed (the breaker_failures setting) and the failures reach
+-- p_failure_ratio of the calls. A target that is down fails every call and pauses as soon as
+-- p_min_calls calls have failed, within the first wave of calls to it (a wave is up to
+-- delivery_concurrency calls per replica); 5% random failures would need p_min_calls calls to
+-- fail before a single success lands, which is why successes are counted too.
 --
--- A success is therefore written to its target's row (v1 wrote only failures): one row per
--- target per batch of results, whose columns no index holds, so the update is HOT. Claims do
+-- A success is therefore written to its target's row (0.1.0's breaker writes only failures):
+-- one row per target per batch of results, whose columns no index holds, so the update is HOT.
+-- The bookkeeping is record_target_results_v1, created in 0011, which also leaves the row of a
+-- target at rest unwritten (its window then starts at its first failure: see there). Claims do
 -- not read the window: a claim of healthy targets is v3's cheap path unchanged.
 --
 -- A 429 (provider_rate_limited, which includes the bots' "frequency limited" replies) is not a
@@ -28,9 +30,10 @@
 -- second). Records waiting for a throttled target are deferred without spending an attempt, as
 -- for pacing; paused_until and paused_targets are left to the breaker alone.
 --
--- Additive: claim_due_v3 and record_target_results_v1 stay for daemons of the previous release
--- (they read and write only the columns they knew; a pause either release sets is honoured by
--- both). The new columns have defaults, so the ALTERs rewrite nothing.
+-- Additive: claim_due_v3 stays for daemons that call it. 0.1.0's claim_due and
+-- record_target_results read and write only the columns they knew, and a pause either
+-- release's breaker sets is honoured by both releases' claims. The new columns have defaults,
+-- so the ALTERs rewrite nothing.
 ALTER TABLE outbox_notifier.targets
     ADD COLUMN window_seconds   timestamptz[] NOT NULL DEFAULT '{}',
     ADD COLUMN window_calls     integer[]     NOT NULL DEFAULT '{}',
@@ -313,126 +316,5 @@ BEGIN
     LEFT JOIN outbox_notifier.notification_channels ch
            ON ch.user_id = claimed.user_id AND ch.channel = claimed.channel
     ORDER BY claimed.id;
-END;
-$$;
-
--- Endpoint protection and throttling after a batch of results, one entry per call: its
--- target, when it started (database clock), its kind ('success', 'failure' (temporary, not a
--- 429), 'throttled' (a 429), 'answered' (any other reply)), its error code, and for a 429 until
--- when the target asked to be left alone. Every target of the batch is locked in key order (no
--- deadlocks with claims). Returns the keys of the targets this batch paused.
-CREATE FUNCTION outbox_notifier.record_target_results_v2(
-    p_keys text[],
-    p_started timestamptz[],
-    p_kinds text[],
-    p_codes text[],
-    p_throttled_until timestamptz[],
-    p_window_s double precision,
-    p_min_calls integer,
-    p_min_failures integer,
-    p_failure_ratio double precision,
-    p_cooloff_s double precision,
-    p_slowdown_s double precision
-) RETURNS SETOF text
-LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    PERFORM 1 FROM outbox_notifier.targets t
-    WHERE t.target_key = ANY (p_keys)
-    ORDER BY t.target_key
-    FOR UPDATE OF t;
-
-    RETURN QUERY
-    WITH calls AS (
-        SELECT u.k, u.started, u.kind, u.code, u.until
-        FROM unnest(p_keys, p_started, p_kinds, p_codes, p_throttled_until)
-             AS u(k, started, kind, code, until)
-        WHERE u.k IS NOT NULL
-    ), batch AS (
-        SELECT c.k,
-               max(c.started) FILTER (WHERE c.kind = 'success') AS last_ok,
-               max(c.started) FILTER (WHERE c.kind = 'failure') AS last_failed,
-               max(c.started) FILTER (WHERE c.kind = 'throttled') AS last_throttled,
-               max(c.started) FILTER (WHERE c.kind <> 'throttled') AS last_answered,
-               max(c.until) FILTER (WHERE c.kind = 'throttled') AS throttle_until,
-               (array_agg(c.code ORDER BY c.started DESC)
-                   FILTER (WHERE c.kind = 'failure'))[1] AS code
-        FROM calls c
-        GROUP BY c.k
-    ), buckets AS (
-        -- the window: the target's seconds still inside it plus this batch's, summed per second
-        SELECT b.k, b.s, sum(b.n)::integer AS n, sum(b.f)::integer AS f
-        FROM (
-            SELECT t.target_key AS k, w.s, w.n, w.f
-            FROM outbox_notifier.targets t,
-                 unnest(t.window_seconds, t.window_calls, t.window_failures) AS w(s, n, f)
-            WHERE t.target_key = ANY (p_keys)
-            UNION ALL
-            SELECT c.k, date_trunc('second', c.started),
-                   count(*) FILTER (WHERE c.kind IN ('success', 'failure')),
-                   count(*) FILTER (WHERE c.kind = 'failure')
-            FROM calls c
-            GROUP BY c.k, date_trunc('second', c.started)
-        ) b
-        WHERE b.s > now() - make_interval(secs => p_window_s)
-        GROUP BY b.k, b.s
-        HAVING sum(b.n) > 0
-    ), windows AS (
-        SELECT w.k, array_agg(w.s ORDER BY w.s) AS seconds, array_agg(w.n ORDER BY w.s) AS ns,
-               array_agg(w.f ORDER BY w.s) AS fs, sum(w.n) AS calls, sum(w.f) AS failures
-        FROM buckets w
-        GROUP BY w.k
-    ), decided AS (
-        SELECT t.target_key, b.*, w.seconds, w.ns, w.fs,
-               -- a call started after the breaker opened (the probe) decides whether it closes;
-               -- any success also ends a pause of the previous release's breaker
-               coalesce(CASE WHEN t.breaker_open THEN b.last_ok >= t.breaker_opened_at
-                             ELSE b.last_ok IS NOT NULL
-                                  AND (t.paused_until IS NOT NULL OR t.consecutive_failures > 0)
-                        END, false) AS closes,
-               coalesce(t.breaker_open AND b.last_failed >= t.breaker_opened_at
-                        AND NOT coalesce(b.last_ok >= t.breaker_opened_at, false),
-                        false) AS repauses,
-               coalesce(NOT t.breaker_open AND b.last_failed IS NOT NULL
-                        AND w.calls >= p_min_calls AND w.failures >= p_min_failures
-                        AND w.failures >= p_failure_ratio * w.calls, false) AS trips
-        FROM outbox_notifier.targets t
-        JOIN batch b ON b.k = t.target_key
-        LEFT JOIN windows w ON w.k = t.target_key
-    )
-    UPDATE outbox_notifier.targets t
-    SET -- an open breaker's window starts afresh once it closes
-        window_seconds = CASE WHEN d.trips OR t.breaker_open THEN '{}'
-                              ELSE coalesce(d.seconds, '{}') END,
-        window_calls = CASE WHEN d.trips OR t.breaker_open THEN '{}' ELSE coalesce(d.ns, '{}') END,
-        window_failures = CASE WHEN d.trips OR t.breaker_open THEN '{}'
-                               ELSE coalesce(d.fs, '{}') END,
-        breaker_open = CASE WHEN d.closes THEN false WHEN d.trips THEN true
-                            ELSE t.breaker_open END,
-        breaker_opened_at = CASE WHEN d.closes THEN NULL WHEN d.trips THEN now()
-                                 ELSE t.breaker_opened_at END,
-        consecutive_failures = CASE WHEN d.closes THEN 0 ELSE t.consecutive_failures END,
-        paused_until = CASE WHEN d.closes THEN NULL
-                            WHEN d.trips OR d.repauses
-                                THEN now() + make_interval(secs => p_cooloff_s)
-                            ELSE t.paused_until END,
-        last_error_code = CASE WHEN d.closes THEN NULL
-                               WHEN d.trips OR d.repauses OR t.breaker_open
-                                   THEN coalesce(d.code, t.last_error_code)
-                               ELSE t.last_error_code END,
-        -- throttling: the newest 429 sets the wait; any other reply to a call started after it
-        -- lifts the throttle (the budget stays halved until slowed_until)
-        throttled_at = greatest(t.throttled_at, d.last_throttled),
-        throttled_until = CASE
-            WHEN d.throttle_until IS NOT NULL THEN greatest(d.throttle_until, t.throttled_until)
-            WHEN d.last_answered > t.throttled_at THEN NULL
-            ELSE t.throttled_until END,
-        slowed_until = CASE
-            WHEN d.last_throttled IS NOT NULL THEN now() + make_interval(secs => p_slowdown_s)
-            WHEN t.slowed_until <= now() THEN NULL
-            ELSE t.slowed_until END,
-        updated_at = now()
-    FROM decided d
-    WHERE t.target_key = d.target_key
-    RETURNING CASE WHEN d.trips OR d.repauses THEN t.target_key END;
 END;
 $$;

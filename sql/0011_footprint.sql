@@ -10,7 +10,7 @@
 --   relayed update 583 B (the whole row, payload included), inserts of outbox row 522 B,
 --   record 380 B, attempt 158 B; 18 index insertions 1,290 B; heap LOCK records 3.8 on the
 --   record and 2.0 on the outbox row (one per FOR UPDATE or foreign-key check, and one per
---   update that leaves its page); the targets' rows 315 B (record_target_results_v2 writes
+--   update that leaves its page); the targets' rows 315 B (0009's breaker bookkeeping wrote
 --   every target of every result batch). Statement time 560-690 us per record, of which
 --   apply_results 280-370 and the claim 130-140.
 --   after 0011: 3,857 B per record (-27%); statement time 337 us (apply 133, claim 92).
@@ -23,14 +23,15 @@
 --   keep the room; a finished record's final version usually fills its share of the page
 --   (the apply adds the request and the response), so the history grows by less than the
 --   reserve.
--- * record_target_results_v3: v2 on the calls to targets that failed or were throttled in the
---   batch, or are not at rest (a failure still in the window, a breaker open, a pause, a
---   throttle, a slowdown). A healthy target's successes are no longer written: its window
---   starts counting at its first failure, so the failure ratio is taken over the calls since
---   then (a target that is down still trips after p_min_calls failures; 5% random failures
---   still do not trip it). No targets row is written while all is well, which also keeps the
---   claims' and applies' reads of those rows off HOT chains that a held snapshot would let
---   grow by one version per result batch. With it and the cursor below: 4,191 -> 3,857 B.
+-- * record_target_results_v1 (below; its breaker and throttle are 0009's) writes only the
+--   targets whose state a batch can change: those that failed or were throttled in the batch,
+--   or are not at rest (a failure still in the window, a breaker open, a pause, a throttle, a
+--   slowdown). A healthy target's successes are not written: its window starts counting at
+--   its first failure, so the failure ratio is taken over the calls since then (a target that
+--   is down still trips after p_min_calls failures; 5% random failures still do not trip it).
+--   No targets row is written while all is well, which also keeps the claims' and applies'
+--   reads of those rows off HOT chains that a held snapshot would let grow by one version per
+--   result batch. With it and the cursor below: 4,191 -> 3,857 B.
 -- * claim_due_v5: claim_due_v4 whose scan of first attempts starts past p_after_id, the
 --   delivery loop's cursor (the highest id it has claimed), so the walk of
 --   records_pending_due_idx does not revisit the entries of records claimed before it; a held
@@ -46,19 +47,25 @@
 -- payload and renders the returned ones again, and it locks up to p_limit rows whatever the
 -- budget, which claim_outbox_v1 was written not to do (another relay skips them).
 --
--- Additive: claim_due_v4 and record_target_results_v2 (and v3, v1) stay for daemons of the
--- previous release; storage parameters change no daemon's statement.
+-- Additive: new functions (claim_due_v4 stays for daemons that call it); storage parameters
+-- change no daemon's statement.
 
 ALTER TABLE outbox_notifier.notification_records SET (fillfactor = 30);
 ALTER TABLE outbox_notifier.outbox SET (fillfactor = 50);
 
--- Endpoint protection after a batch of results, writing only the targets whose state the batch
--- can change: record_target_results_v2 on the calls to targets that failed or were throttled
--- in this batch, or whose row is not at rest (a failure still in its window, a breaker open, a
+-- Endpoint protection and throttling after a batch of results, one entry per call: its
+-- target, when it started (database clock), its kind ('success', 'failure' (temporary, not a
+-- 429), 'throttled' (a 429), 'answered' (any other reply)), its error code, and for a 429 until
+-- when the target asked to be left alone. The breaker and the throttle are 0009's (see its
+-- header). Only the targets whose state the batch can change are locked (in key order: no
+-- deadlocks with claims) and written: the calls to targets that failed or were throttled in
+-- this batch, or whose row is not at rest (a failure still in its window, a breaker open, a
 -- pause, a throttle or a slowdown). A success, or any other reply, from a target at rest
--- changes nothing that v2 would act on, so it is not written (see the header for what that
--- means to the window).
-CREATE FUNCTION outbox_notifier.record_target_results_v3(
+-- changes nothing the update below would act on, so it is not written (see the header for what
+-- that means to the window). Returns the keys of the targets this batch paused.
+-- Created here rather than in 0009, whose columns it reads: its first step, the filter, is this
+-- migration's change, measured above, and the whole function is then read in one place.
+CREATE FUNCTION outbox_notifier.record_target_results_v1(
     p_keys text[],
     p_started timestamptz[],
     p_kinds text[],
@@ -74,6 +81,12 @@ CREATE FUNCTION outbox_notifier.record_target_results_v3(
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_keep text[];
+    -- the calls to the targets kept, in their order
+    v_keys text[];
+    v_started timestamptz[];
+    v_kinds text[];
+    v_codes text[];
+    v_until timestamptz[];
 BEGIN
     -- read without a lock: a target another replica's batch is tripping at this moment may miss
     -- this batch's successes, which can only make its window's failure ratio higher
@@ -92,15 +105,113 @@ BEGIN
     IF cardinality(v_keep) = 0 THEN
         RETURN;
     END IF;
-    RETURN QUERY
-    SELECT outbox_notifier.record_target_results_v2(
-        array_agg(u.k ORDER BY u.n), array_agg(u.started ORDER BY u.n),
-        array_agg(u.kind ORDER BY u.n), array_agg(u.code ORDER BY u.n),
-        array_agg(u.until ORDER BY u.n),
-        p_window_s, p_min_calls, p_min_failures, p_failure_ratio, p_cooloff_s, p_slowdown_s)
+    SELECT array_agg(u.k ORDER BY u.n), array_agg(u.started ORDER BY u.n),
+           array_agg(u.kind ORDER BY u.n), array_agg(u.code ORDER BY u.n),
+           array_agg(u.until ORDER BY u.n)
+    INTO v_keys, v_started, v_kinds, v_codes, v_until
     FROM unnest(p_keys, p_started, p_kinds, p_codes, p_throttled_until)
          WITH ORDINALITY AS u(k, started, kind, code, until, n)
     WHERE u.k = ANY (v_keep);
+
+    PERFORM 1 FROM outbox_notifier.targets t
+    WHERE t.target_key = ANY (v_keys)
+    ORDER BY t.target_key
+    FOR UPDATE OF t;
+
+    RETURN QUERY
+    WITH calls AS (
+        SELECT u.k, u.started, u.kind, u.code, u.until
+        FROM unnest(v_keys, v_started, v_kinds, v_codes, v_until)
+             AS u(k, started, kind, code, until)
+        WHERE u.k IS NOT NULL
+    ), batch AS (
+        SELECT c.k,
+               max(c.started) FILTER (WHERE c.kind = 'success') AS last_ok,
+               max(c.started) FILTER (WHERE c.kind = 'failure') AS last_failed,
+               max(c.started) FILTER (WHERE c.kind = 'throttled') AS last_throttled,
+               max(c.started) FILTER (WHERE c.kind <> 'throttled') AS last_answered,
+               max(c.until) FILTER (WHERE c.kind = 'throttled') AS throttle_until,
+               (array_agg(c.code ORDER BY c.started DESC)
+                   FILTER (WHERE c.kind = 'failure'))[1] AS code
+        FROM calls c
+        GROUP BY c.k
+    ), buckets AS (
+        -- the window: the target's seconds still inside it plus this batch's, summed per second
+        SELECT b.k, b.s, sum(b.n)::integer AS n, sum(b.f)::integer AS f
+        FROM (
+            SELECT t.target_key AS k, w.s, w.n, w.f
+            FROM outbox_notifier.targets t,
+                 unnest(t.window_seconds, t.window_calls, t.window_failures) AS w(s, n, f)
+            WHERE t.target_key = ANY (v_keys)
+            UNION ALL
+            SELECT c.k, date_trunc('second', c.started),
+                   count(*) FILTER (WHERE c.kind IN ('success', 'failure')),
+                   count(*) FILTER (WHERE c.kind = 'failure')
+            FROM calls c
+            GROUP BY c.k, date_trunc('second', c.started)
+        ) b
+        WHERE b.s > now() - make_interval(secs => p_window_s)
+        GROUP BY b.k, b.s
+        HAVING sum(b.n) > 0
+    ), windows AS (
+        SELECT w.k, array_agg(w.s ORDER BY w.s) AS seconds, array_agg(w.n ORDER BY w.s) AS ns,
+               array_agg(w.f ORDER BY w.s) AS fs, sum(w.n) AS calls, sum(w.f) AS failures
+        FROM buckets w
+        GROUP BY w.k
+    ), decided AS (
+        SELECT t.target_key, b.*, w.seconds, w.ns, w.fs,
+               -- a call started after the breaker opened (the probe) decides whether it closes;
+               -- any success also ends a pause of 0.1.0's breaker (0003's record_target_results
+               -- sets consecutive_failures and paused_until)
+               coalesce(CASE WHEN t.breaker_open THEN b.last_ok >= t.breaker_opened_at
+                             ELSE b.last_ok IS NOT NULL
+                                  AND (t.paused_until IS NOT NULL OR t.consecutive_failures > 0)
+                        END, false) AS closes,
+               coalesce(t.breaker_open AND b.last_failed >= t.breaker_opened_at
+                        AND NOT coalesce(b.last_ok >= t.breaker_opened_at, false),
+                        false) AS repauses,
+               coalesce(NOT t.breaker_open AND b.last_failed IS NOT NULL
+                        AND w.calls >= p_min_calls AND w.failures >= p_min_failures
+                        AND w.failures >= p_failure_ratio * w.calls, false) AS trips
+        FROM outbox_notifier.targets t
+        JOIN batch b ON b.k = t.target_key
+        LEFT JOIN windows w ON w.k = t.target_key
+    )
+    UPDATE outbox_notifier.targets t
+    SET -- an open breaker's window starts afresh once it closes
+        window_seconds = CASE WHEN d.trips OR t.breaker_open THEN '{}'
+                              ELSE coalesce(d.seconds, '{}') END,
+        window_calls = CASE WHEN d.trips OR t.breaker_open THEN '{}' ELSE coalesce(d.ns, '{}') END,
+        window_failures = CASE WHEN d.trips OR t.breaker_open THEN '{}'
+                               ELSE coalesce(d.fs, '{}') END,
+        breaker_open = CASE WHEN d.closes THEN false WHEN d.trips THEN true
+                            ELSE t.breaker_open END,
+        breaker_opened_at = CASE WHEN d.closes THEN NULL WHEN d.trips THEN now()
+                                 ELSE t.breaker_opened_at END,
+        consecutive_failures = CASE WHEN d.closes THEN 0 ELSE t.consecutive_failures END,
+        paused_until = CASE WHEN d.closes THEN NULL
+                            WHEN d.trips OR d.repauses
+                                THEN now() + make_interval(secs => p_cooloff_s)
+                            ELSE t.paused_until END,
+        last_error_code = CASE WHEN d.closes THEN NULL
+                               WHEN d.trips OR d.repauses OR t.breaker_open
+                                   THEN coalesce(d.code, t.last_error_code)
+                               ELSE t.last_error_code END,
+        -- throttling: the newest 429 sets the wait; any other reply to a call started after it
+        -- lifts the throttle (the budget stays halved until slowed_until)
+        throttled_at = greatest(t.throttled_at, d.last_throttled),
+        throttled_until = CASE
+            WHEN d.throttle_until IS NOT NULL THEN greatest(d.throttle_until, t.throttled_until)
+            WHEN d.last_answered > t.throttled_at THEN NULL
+            ELSE t.throttled_until END,
+        slowed_until = CASE
+            WHEN d.last_throttled IS NOT NULL THEN now() + make_interval(secs => p_slowdown_s)
+            WHEN t.slowed_until <= now() THEN NULL
+            ELSE t.slowed_until END,
+        updated_at = now()
+    FROM decided d
+    WHERE t.target_key = d.target_key
+    RETURNING CASE WHEN d.trips OR d.repauses THEN t.target_key END;
 END;
 $$;
 

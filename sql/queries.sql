@@ -133,7 +133,7 @@ SELECT extract(epoch FROM least(
 --   row off (enabled = false, the reason kept);
 -- * a record without a trace context takes that of its attempt (a daemon that traces);
 -- * the breaker counts each call in the second it started, a 429 throttles its target
---   until its Retry-After (outbox_notifier.record_target_results_v3, which writes only the
+--   until its Retry-After (outbox_notifier.record_target_results_v1, which writes only the
 --   targets whose state the batch can change, locked in key order);
 -- * a replay's reason (0014) goes from the record into its attempt row, and off the record once
 --   the record ends (anything but 'failed', which the replay's retries still belong to).
@@ -229,7 +229,7 @@ WITH input AS (
       AND (input.outcome IN ('success', 'temporary_fail') OR input.http_status IS NOT NULL)
 ), tripped AS MATERIALIZED (
     SELECT array_agg(p.key) FILTER (WHERE p.key IS NOT NULL) AS keys
-    FROM outbox_notifier.record_target_results_v3(
+    FROM outbox_notifier.record_target_results_v1(
         ARRAY(SELECT target_key FROM calls ORDER BY record_id, lease_token),
         ARRAY(SELECT started FROM calls ORDER BY record_id, lease_token),
         ARRAY(SELECT kind FROM calls ORDER BY record_id, lease_token),

@@ -18,12 +18,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations, sqlfiles
 from outbox_notifier.daemon import Daemon, SchemaNotCurrent
-from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer
 from tests.support import (
     add_channel,
-    column,
     enqueue,
     eventually,
     payload,
@@ -65,7 +63,7 @@ BREAKING = sqlfiles.Migration(
 def test_versioned_functions_keep_the_bodies_of_the_unversioned_ones(
     conn: psycopg.Connection[Any],
 ) -> None:
-    for name in ("claim_due", "record_target_results"):
+    for name in ("claim_due",):
         old, new = (
             scalar(
                 conn,
@@ -82,7 +80,7 @@ def test_the_daemons_statements_call_only_versioned_functions() -> None:
     text = "\n".join(sqlfiles.queries().values())
     assert "outbox_notifier.claim_due_v6(" in text
     assert "outbox_notifier.claim_due_v5(" not in text
-    assert "outbox_notifier.record_target_results_v3(" in text
+    assert "outbox_notifier.record_target_results_v1(" in text
     assert "outbox_notifier.claim_outbox_v1(" in text
     assert "outbox_notifier.claim_due(" not in text
     assert "outbox_notifier.record_target_results(" not in text
@@ -196,52 +194,6 @@ def test_migrate_status_and_dry_run_exclude_each_other(empty_db: str) -> None:
     proc = _cli("migrate", "--status", "--dry-run", "--dsn", empty_db)
     assert proc.returncode == 2
     assert "not allowed with argument" in proc.stderr
-
-
-# The delivery claim and the target bookkeeping as the previous release calls them: on this
-# schema (0011's fillfactor, claim_due_v5 and record_target_results_v3 beside them) they still
-# claim what this release's relay wrote and record their results.
-PREVIOUS_CLAIM_RECORDS = (
-    "SELECT c.id, c.lease_token, c.target_key FROM outbox_notifier.claim_due_v4("
-    "%(limit)s, 30, '{}', '{}', '{}', 0.05, 5, 60, 5) AS c"
-)
-PREVIOUS_TARGET_RESULTS = (
-    "SELECT * FROM outbox_notifier.record_target_results_v2("
-    "ARRAY[%(key)s], ARRAY[now()], ARRAY['success'], ARRAY[NULL::text],"
-    " ARRAY[NULL::timestamptz], 30, 20, 5, 0.5, 60, 60)"
-)
-
-
-def test_the_previous_releases_delivery_claim_still_works_on_this_schema(
-    conn: psycopg.Connection[Any],
-) -> None:
-    add_channel(conn, 1, "https://example.invalid/flow/api/trigger-webhook/x")
-    conn.execute(
-        "INSERT INTO outbox_notifier.notification_records"
-        " (channel, user_id, preview_id, dedupe_key, target_url)"
-        " SELECT 'feishu', 1, 'p', 'prev-' || g, '/x' FROM generate_series(1, 3) g"
-    )
-    rows = conn.execute(PREVIOUS_CLAIM_RECORDS, {"limit": 2}).fetchall()
-    assert len(rows) == 2 and rows[0][2] is not None
-    # this release's claim takes the rest from its cursor, and skips nothing v4 left
-    claimed = conn.execute(
-        query("claim_records"),
-        {"limit": 10, "after_id": 0, "lease_s": 30.0, "paced": "{}", "per_s": "{}",
-         "per_min": "{}", "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
-         "slow_per_s": 5, "durable": False},
-    )  # fmt: skip
-    newer = column(claimed, claimed.fetchall(), "id")
-    assert len(newer) == 1 and newer[0] > max(row[0] for row in rows)
-    assert conn.execute(PREVIOUS_TARGET_RESULTS, {"key": rows[0][2]}).fetchall() == [(None,)]
-    assert (
-        scalar(
-            conn,
-            "SELECT sum(n) FROM outbox_notifier.targets, unnest(window_calls) n"
-            " WHERE target_key = %s",
-            (rows[0][2],),
-        )
-        == 1
-    )
 
 
 # The delivery claim as release 0.2.0 (0011) calls it. On this schema (0013's ordering_key,
