@@ -58,7 +58,7 @@ SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
 -- Claims due records with pacing (the 429 throttle included) and the breaker; see
--- outbox_notifier.claim_due_v6 (with the ordering rule of 0013). First attempts are looked for past %(after_id)s, the delivery
+-- outbox_notifier.claim_due_v1 (with the ordering rule of 0013). First attempts are looked for past %(after_id)s, the delivery
 -- loop's cursor (0: a sweep from the start), so that the scan does not revisit the index entries
 -- of records claimed before it (which a long-open snapshot keeps from being cleaned up).
 -- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
@@ -74,7 +74,7 @@ SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.t
        c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text, c.fallback_text,
        c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token, c.enabled,
        c.webhook_url, c.auth_kind, c.auth_secret, c.provider
-FROM outbox_notifier.claim_due_v6(
+FROM outbox_notifier.claim_due_v1(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
     %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
 ) AS c,
@@ -94,7 +94,7 @@ WITH claimed AS MATERIALIZED (
            c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text,
            c.fallback_text, c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token,
            c.enabled, c.webhook_url, c.auth_kind, c.auth_secret, c.provider
-    FROM outbox_notifier.claim_due_v6(
+    FROM outbox_notifier.claim_due_v1(
         %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
         %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
     ) AS c,
@@ -273,7 +273,7 @@ FOR UPDATE OF n;
 
 -- name: release_next_in_order
 -- Ordering (0013): the next record of each finished keyed record's channel and ordering key
--- (%(ids)s: records a result batch left sent, dead or skipped), held by claim_due_v6 until its
+-- (%(ids)s: records a result batch left sent, dead or skipped), held by claim_due_v1 until its
 -- head could move, becomes due now, so it goes without waiting out its hold. After
 -- lock_next_in_order in the same transaction (see there: this statement's snapshot is taken
 -- once a claim deferring the record has committed). Not a step of apply_results: it waits for

@@ -14,18 +14,15 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations, sqlfiles
 from outbox_notifier.daemon import Daemon, SchemaNotCurrent
-from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer
 from tests.support import (
     add_channel,
     enqueue,
     eventually,
     payload,
-    relay_for,
     running,
     scalar,
     settings_for,
@@ -60,26 +57,9 @@ BREAKING = sqlfiles.Migration(
 )
 
 
-def test_versioned_functions_keep_the_bodies_of_the_unversioned_ones(
-    conn: psycopg.Connection[Any],
-) -> None:
-    for name in ("claim_due",):
-        old, new = (
-            scalar(
-                conn,
-                "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-                " WHERE n.nspname = 'outbox_notifier' AND p.proname = %s",
-                (fn,),
-            )
-            for fn in (name, f"{name}_v1")
-        )
-        assert new == old, name
-
-
 def test_the_daemons_statements_call_only_versioned_functions() -> None:
     text = "\n".join(sqlfiles.queries().values())
-    assert "outbox_notifier.claim_due_v6(" in text
-    assert "outbox_notifier.claim_due_v5(" not in text
+    assert "outbox_notifier.claim_due_v1(" in text
     assert "outbox_notifier.record_target_results_v1(" in text
     assert "outbox_notifier.claim_outbox_v1(" in text
     assert "outbox_notifier.claim_due(" not in text
@@ -194,27 +174,3 @@ def test_migrate_status_and_dry_run_exclude_each_other(empty_db: str) -> None:
     proc = _cli("migrate", "--status", "--dry-run", "--dsn", empty_db)
     assert proc.returncode == 2
     assert "not allowed with argument" in proc.stderr
-
-
-# The delivery claim as release 0.2.0 (0011) calls it. On this schema (0013's ordering_key,
-# its index and claim_due_v6 beside it) it still claims what this release's relay wrote, keyed
-# records included: it knows nothing of the key and takes them as any record, as it always did.
-PREVIOUS_V5_CLAIM_RECORDS = (
-    "SELECT c.id, c.dedupe_key, c.lease_token FROM outbox_notifier.claim_due_v5("
-    "%(limit)s, 30, '{}', '{}', '{}', 0.05, 5, 60, 5, %(after_id)s) AS c"
-)
-
-
-async def test_the_0_2_0_delivery_claim_still_works_beside_ordering_keys(
-    db: str, conn: psycopg.Connection[Any]
-) -> None:
-    add_channel(conn, 1, "https://example.invalid/flow/api/trigger-webhook/x")
-    for i in range(3):
-        enqueue(conn, payload(f"v5-{i}", ordering_key="task-1"))
-    enqueue(conn, payload("v5-unkeyed"))
-    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
-        await relay_for(RecordStore(pool)).relay_once()
-    rows = conn.execute(PREVIOUS_V5_CLAIM_RECORDS, {"limit": 10, "after_id": 0}).fetchall()
-    assert sorted(row[1] for row in rows) == ["v5-0", "v5-1", "v5-2", "v5-unkeyed"]
-    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.notification_records"
-                        " WHERE status = 'sending' AND ordering_key = 'task-1'") == 3  # fmt: skip
