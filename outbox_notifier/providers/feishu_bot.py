@@ -325,14 +325,9 @@ class FeishuBotProvider(base.HttpProvider):
     def _sign(self, unsigned: BotMessage, recipient: model.Recipient) -> tuple[BotMessage, str]:
         """``unsigned`` with its ``timestamp`` and ``sign`` when the channel signs, and the
         secret (empty when it does not)."""
-        if recipient.auth_kind != "bot_secret":
+        secret = base.signing_secret(recipient, self.label)
+        if secret is None:
             return unsigned, ""
-        secret = (recipient.auth_secret or "").strip()
-        if not secret:
-            raise model.NotSent(
-                ErrorCode.PROVIDER_AUTH_FAILED,
-                "feishu bot channel wants signing but has no secret",
-            )
         # Fresh on every call: Feishu refuses a timestamp more than an hour off.
         timestamp = str(int(self._clock().timestamp()))
         signed = msgspec.structs.replace(
