@@ -19,14 +19,11 @@ import psycopg
 
 from outbox_notifier import __version__, logs, names, operator, settings
 
+# Defined beside the commands that print and return them too (operator, pauses).
+from outbox_notifier.operator import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG
+
 if TYPE_CHECKING:
     from outbox_notifier import migrations
-
-PROG = "outbox-notifier"
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 NO_DATABASE = "no database: pass --dsn or set OUTBOX_NOTIFIER_DSN"
 
