@@ -72,10 +72,23 @@ BATCH = 50
 # -- 0.1.0's tree and processes -------------------------------------------------------------
 
 
+class Release:
+    """0.1.0's tree, exported from the release commit on first use: in the test's body, so
+    that a missing commit fails the test rather than erroring its setup."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self._tree: Path | None = None
+
+    def tree(self) -> Path:
+        if self._tree is None:
+            self._tree = export_release(OLD.commit, self.dest)
+        return self._tree
+
+
 @pytest.fixture(scope="module")
-def release_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """0.1.0's tree, exported from the release commit."""
-    return export_release(OLD.commit, tmp_path_factory.mktemp("release-0.1.0"))
+def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    return Release(tmp_path_factory.mktemp("release-0.1.0"))
 
 
 def export_release(commit: str, dest: Path) -> Path:
@@ -289,13 +302,14 @@ def empty_conn(empty_db: str) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.mark.timeout(90)
 def test_a_0_1_0_daemon_keeps_delivering_through_the_upgrade_and_beside_this_release(
-    release_tree: Path,
+    release: Release,
     empty_db: str,
     empty_conn: psycopg.Connection[Any],
     server: FeishuServer,
     tmp_path: Path,
 ) -> None:
     dsn, conn = empty_db, empty_conn
+    release_tree = release.tree()
     assert_runs_0_1_0(release_tree)
     assert tuple(harness.event_payload("k", 1, 0)) == OLD.event_fields
 
@@ -444,13 +458,14 @@ def _ready(replica: harness.Replica) -> bool:
 
 
 def test_every_statement_of_0_1_0_prepares_on_the_upgraded_schema(
-    release_tree: Path, db: str, conn: psycopg.Connection[Any]
+    release: Release, db: str, conn: psycopg.Connection[Any]
 ) -> None:
     """Preparing a statement resolves every table, column, function and type it names: the
     failures a daemon would meet at run time ("column ... does not exist"), for the statements
     the scenario does not reach too (switching a channel off on a 410, the status and requeue
     commands, a lease renewal). ``db`` is migrated by this tree, whose 0001-0003 are 0.1.0's
     files (migrate refuses a changed one)."""
+    release_tree = release.tree()
     loaded = old_python(
         release_tree, "-c",
         "import json; from outbox_notifier import sqlfiles; print(json.dumps(sqlfiles.queries()))",
