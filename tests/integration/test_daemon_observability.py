@@ -266,7 +266,7 @@ async def test_a_retention_pass_longer_than_the_database_deadline_runs_to_its_en
     """A backlog of finished rows takes many paced batches. The deadline bounds each batch,
     not the pass (which it used to cut off with 'retention failed'), and the maintenance loop
     stays alive batch by batch past health_stale_s."""
-    fill_history(conn, 5_000)  # finished records and outbox rows
+    fill_history(conn, 2_000)  # finished records and outbox rows: 80 batches of 50
     stale_s = 2.0
     daemon = Daemon(
         base_settings(
