@@ -96,7 +96,7 @@ def test_killed_worker_records_are_finished_by_another_after_the_lease(
     for i in range(5):
         enqueue(conn, payload(f"k-{i}"))
     server.hold_all()
-    victim = start_daemon(db, "--set", "lease_s=6", "--set", "http_timeout_s=5")
+    victim = start_daemon(db, "--set", "lease_s=4", "--set", "http_timeout_s=3")
     try:
         server.wait_for_count_sync(5, timeout_s=30)
         assert _count(conn, "WHERE status = 'sending'") == 5
