@@ -39,7 +39,7 @@ def test_random_5xx_never_pauses_a_healthy_target_and_nothing_idles(
     harness.add_channels(db, {1: server.flow_url("busy")})
     # fast 5xx, slower successes: the answers of one wave land failures first
     server.chaos(11, p_500=0.05, ok_delay_s=0.02)
-    producer = harness.Producer(db, 2000, users=[1], duration_s=5.0, redeliver_every=0, bad_every=0)
+    producer = harness.Producer(db, 2000, users=[1], duration_s=2.5, redeliver_every=0, bad_every=0)
     with (
         harness.Fleet(db, REPLICAS, *FAST_RETRIES, "breaker_cooloff_s=60") as fleet,
         harness.TargetWatch(db, server) as watch,
