@@ -224,7 +224,7 @@ class ResultCompleter:
         self, ctx: LoopContext, records: Sequence[AppliedRecord]
     ) -> None:
         """Ordering keys: the record after each keyed record this batch finished may go now.
-        Best effort: a failure leaves it to the end of its hold (claim_due_v6)."""
+        Best effort: a failure leaves it to the end of its hold (claim_due_v1)."""
         finished = [row.id for row in records if row.ordered and row.finished]
         if not finished:
             return

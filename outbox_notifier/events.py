@@ -84,7 +84,7 @@ class FeishuNotificationRequested(msgspec.Struct, frozen=True, kw_only=True):
     - No string contains NUL (``\\x00``), which Postgres ``text`` cannot store.
     - ``ordering_key`` (optional, additive): when present, 1 to 256 characters after trimming.
       Records of one channel and ordering key are delivered in the order of their outbox rows
-      (``claim_due_v6``); absent, the record is delivered as soon as it can be, as before.
+      (``claim_due_v1``); absent, the record is delivered as soon as it can be, as before.
     """
 
     notification_id: int = 0

@@ -71,7 +71,7 @@ class NewRecord(RecordFields, frozen=True, kw_only=True):
     fallback_used: bool
     requested_at: datetime  # the producer's, from the payload
     outbox_created_at: datetime  # when the outbox row was written: latency starts here
-    # Records of one channel and ordering key go out in outbox_id order (claim_due_v6).
+    # Records of one channel and ordering key go out in outbox_id order (claim_due_v1).
     ordering_key: str | None = None
 
 

@@ -10,7 +10,7 @@
 --   relayed update 583 B (the whole row, payload included), inserts of outbox row 522 B,
 --   record 380 B, attempt 158 B; 18 index insertions 1,290 B; heap LOCK records 3.8 on the
 --   record and 2.0 on the outbox row (one per FOR UPDATE or foreign-key check, and one per
---   update that leaves its page); the targets' rows 315 B (record_target_results_v2 writes
+--   update that leaves its page); the targets' rows 315 B (0009's breaker bookkeeping wrote
 --   every target of every result batch). Statement time 560-690 us per record, of which
 --   apply_results 280-370 and the claim 130-140.
 --   after 0011: 3,857 B per record (-27%); statement time 337 us (apply 133, claim 92).
@@ -23,41 +23,48 @@
 --   keep the room; a finished record's final version usually fills its share of the page
 --   (the apply adds the request and the response), so the history grows by less than the
 --   reserve.
--- * record_target_results_v3: v2 on the calls to targets that failed or were throttled in the
---   batch, or are not at rest (a failure still in the window, a breaker open, a pause, a
---   throttle, a slowdown). A healthy target's successes are no longer written: its window
---   starts counting at its first failure, so the failure ratio is taken over the calls since
---   then (a target that is down still trips after p_min_calls failures; 5% random failures
---   still do not trip it). No targets row is written while all is well, which also keeps the
---   claims' and applies' reads of those rows off HOT chains that a held snapshot would let
---   grow by one version per result batch. With it and the cursor below: 4,191 -> 3,857 B.
--- * claim_due_v5: claim_due_v4 whose scan of first attempts starts past p_after_id, the
---   delivery loop's cursor (the highest id it has claimed), so the walk of
+-- * record_target_results_v1 (below; its breaker and throttle are 0009's) writes only the
+--   targets whose state a batch can change: those that failed or were throttled in the batch,
+--   or are not at rest (a failure still in the window, a breaker open, a pause, a throttle, a
+--   slowdown). A healthy target's successes are not written: its window starts counting at
+--   its first failure, so the failure ratio is taken over the calls since then (a target that
+--   is down still trips after p_min_calls failures; 5% random failures still do not trip it).
+--   No targets row is written while all is well, which also keeps the claims' and applies'
+--   reads of those rows off HOT chains that a held snapshot would let grow by one version per
+--   result batch. With it and the cursor below: 4,191 -> 3,857 B.
+-- * The delivery claim, claim_due_v1 (created in 0013), starts its scan of first attempts past
+--   p_after_id, the delivery loop's cursor (the highest id it has claimed), so the walk of
 --   records_pending_due_idx does not revisit the entries of records claimed before it; a held
 --   snapshot keeps those entries, and the versions they point at, from being removed or marked
 --   dead, and every claim read them all. A sweep from 0 every second takes what the cursor
 --   passed (a key held elsewhere at the claim, another replica's relay committing a lower id
 --   after a higher one, a requeue). The test in test_held_snapshot.py counts buffers read.
 --
--- Tried and not kept: claim_outbox_v3, the set-based relay claim (v1's locked scan of p_limit
--- rows, then a running sum of octet_length(payload::text)): 3,000 pending rows of 386 B, median
--- of 30, claims of 100 / 500: v1 1.24 / 4.65 ms, v2 2.46 / 10.58 ms, v3 2.00 / 6.55 ms. It
--- measures every locked payload and renders the returned ones again, and it locks up to p_limit
--- rows whatever the budget, which v2 was written not to do (another relay skips them).
+-- Tried and not kept: a set-based relay claim (a locked scan of p_limit rows in index order,
+-- then a running sum of octet_length(payload::text)): 3,000 pending rows of 386 B, median of
+-- 30, claims of 100 / 500: by row count alone (in index order) 1.24 / 4.65 ms,
+-- claim_outbox_v1 (0010) 2.46 / 10.58 ms, set-based 2.00 / 6.55 ms. It measures every locked
+-- payload and renders the returned ones again, and it locks up to p_limit rows whatever the
+-- budget, which claim_outbox_v1 was written not to do (another relay skips them).
 --
--- Additive: claim_due_v4 and record_target_results_v2 (and v3, v1) stay for daemons of the
--- previous release; storage parameters change no daemon's statement.
+-- Additive: a new function; storage parameters change no daemon's statement.
 
 ALTER TABLE outbox_notifier.notification_records SET (fillfactor = 30);
 ALTER TABLE outbox_notifier.outbox SET (fillfactor = 50);
 
--- Endpoint protection after a batch of results, writing only the targets whose state the batch
--- can change: record_target_results_v2 on the calls to targets that failed or were throttled
--- in this batch, or whose row is not at rest (a failure still in its window, a breaker open, a
+-- Endpoint protection and throttling after a batch of results, one entry per call: its
+-- target, when it started (database clock), its kind ('success', 'failure' (temporary, not a
+-- 429), 'throttled' (a 429), 'answered' (any other reply)), its error code, and for a 429 until
+-- when the target asked to be left alone. The breaker and the throttle are 0009's (see its
+-- header). Only the targets whose state the batch can change are locked (in key order: no
+-- deadlocks with claims) and written: the calls to targets that failed or were throttled in
+-- this batch, or whose row is not at rest (a failure still in its window, a breaker open, a
 -- pause, a throttle or a slowdown). A success, or any other reply, from a target at rest
--- changes nothing that v2 would act on, so it is not written (see the header for what that
--- means to the window).
-CREATE FUNCTION outbox_notifier.record_target_results_v3(
+-- changes nothing the update below would act on, so it is not written (see the header for what
+-- that means to the window). Returns the keys of the targets this batch paused.
+-- Created here rather than in 0009, whose columns it reads: its first step, the filter, is this
+-- migration's change, measured above, and the whole function is then read in one place.
+CREATE FUNCTION outbox_notifier.record_target_results_v1(
     p_keys text[],
     p_started timestamptz[],
     p_kinds text[],
@@ -73,6 +80,12 @@ CREATE FUNCTION outbox_notifier.record_target_results_v3(
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_keep text[];
+    -- the calls to the targets kept, in their order
+    v_keys text[];
+    v_started timestamptz[];
+    v_kinds text[];
+    v_codes text[];
+    v_until timestamptz[];
 BEGIN
     -- read without a lock: a target another replica's batch is tripping at this moment may miss
     -- this batch's successes, which can only make its window's failure ratio higher
@@ -91,271 +104,112 @@ BEGIN
     IF cardinality(v_keep) = 0 THEN
         RETURN;
     END IF;
-    RETURN QUERY
-    SELECT outbox_notifier.record_target_results_v2(
-        array_agg(u.k ORDER BY u.n), array_agg(u.started ORDER BY u.n),
-        array_agg(u.kind ORDER BY u.n), array_agg(u.code ORDER BY u.n),
-        array_agg(u.until ORDER BY u.n),
-        p_window_s, p_min_calls, p_min_failures, p_failure_ratio, p_cooloff_s, p_slowdown_s)
+    SELECT array_agg(u.k ORDER BY u.n), array_agg(u.started ORDER BY u.n),
+           array_agg(u.kind ORDER BY u.n), array_agg(u.code ORDER BY u.n),
+           array_agg(u.until ORDER BY u.n)
+    INTO v_keys, v_started, v_kinds, v_codes, v_until
     FROM unnest(p_keys, p_started, p_kinds, p_codes, p_throttled_until)
          WITH ORDINALITY AS u(k, started, kind, code, until, n)
     WHERE u.k = ANY (v_keep);
-END;
-$$;
 
--- Claims due records for delivery: claim_due_v4 whose scan of first attempts starts past
--- p_after_id, the caller's cursor (0: from the start, the sweep); otherwise unchanged.
-CREATE FUNCTION outbox_notifier.claim_due_v5(
-    p_limit integer,
-    p_lease_s double precision,
-    p_paced text[],
-    p_per_s integer[],
-    p_per_min integer[],
-    p_margin_s double precision,
-    p_breaker_failures integer,
-    p_cooloff_s double precision,
-    p_slow_per_s integer,
-    p_after_id bigint
-) RETURNS TABLE (
-    id bigint, channel text, user_id bigint, trigger_id text, preview_id text,
-    trigger_type text, target_type text, target_id bigint, dedupe_key text, target_url text,
-    summary_text text, fallback_text text, fallback_used boolean, trace_id text,
-    attempt_count integer, max_attempts integer, lease_token bigint,
-    enabled boolean, webhook_url text, auth_kind text, auth_secret text, provider text,
-    target_key text
-)
-LANGUAGE plpgsql VOLATILE
-SET enable_bitmapscan = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_ids bigint[];
-    v_keys text[];
-    v_providers text[];
-    v_hosts text[];
-    v_claim bigint[];
-    v_now timestamptz;
-    v_token bigint;
-    v_locked boolean := false;
-    -- per locked target: effective limits, probes due, whether it keeps a log, its allowance
-    v_b_keys text[];
-    v_b_per_s integer[];
-    v_b_per_min integer[];
-    v_b_probe boolean[];
-    v_b_throttle_probe boolean[];
-    v_b_logged boolean[];
-    v_b_allow integer[];
-    -- providers with a pacing limit
-    v_paced text[] := ARRAY(
-        SELECT pl.p FROM unnest(p_paced, p_per_s, p_per_min) AS pl(p, per_s, per_min)
-        WHERE pl.per_s > 0 OR pl.per_min > 0);
-BEGIN
-    WITH due AS (
-        -- first attempts from the caller's cursor on: the index range starts past the entries
-        -- of the records claimed before it (see the header)
-        (SELECT r.id FROM outbox_notifier.notification_records r
-         WHERE r.status = 'pending' AND r.next_retry_at IS NULL AND r.id > p_after_id
-         ORDER BY r.next_retry_at NULLS FIRST, r.id LIMIT p_limit)
-        UNION ALL
-        (SELECT r.id FROM outbox_notifier.notification_records r
-         WHERE r.status = 'pending' AND r.next_retry_at <= now()
-         ORDER BY r.next_retry_at NULLS FIRST, r.id LIMIT p_limit)
-        UNION ALL
-        (SELECT r.id FROM outbox_notifier.notification_records r
-         WHERE r.status = 'failed' AND r.next_retry_at <= now()
-         ORDER BY r.next_retry_at LIMIT p_limit)
-        LIMIT p_limit
-    ), locked AS MATERIALIZED (
-        -- re-checked under the row lock: another replica may have moved the row since the scan
-        SELECT r.id, r.channel, r.dedupe_key, r.user_id
-        FROM outbox_notifier.notification_records r
-        WHERE r.id IN (SELECT due.id FROM due)
-          AND (r.status IN ('pending', 'failed'))
-          AND (r.next_retry_at IS NULL OR r.next_retry_at <= now())
-        ORDER BY r.id
-        FOR UPDATE OF r SKIP LOCKED
-    ), candidates AS MATERIALIZED (
-        SELECT l.id, ch.webhook_url, coalesce(ch.provider, 'feishu_flow') AS provider
-        FROM locked l
-        LEFT JOIN outbox_notifier.notification_channels ch
-               ON ch.user_id = l.user_id AND ch.channel = l.channel AND ch.enabled
-        WHERE pg_try_advisory_xact_lock(outbox_notifier.record_lock_key(l.channel, l.dedupe_key))
-    )
-    SELECT coalesce(array_agg(c.id ORDER BY c.id), '{}'),
-           coalesce(array_agg(CASE WHEN c.webhook_url IS NOT NULL
-                                   THEN outbox_notifier.target_key(c.webhook_url) END
-                              ORDER BY c.id), '{}'),
-           coalesce(array_agg(c.provider ORDER BY c.id), '{}'),
-           coalesce(array_agg(substring(c.webhook_url FROM '^[a-z]+://([^/:?#]+)') ORDER BY c.id),
-                    '{}')
-    INTO v_ids, v_keys, v_providers, v_hosts
-    FROM candidates c;
+    PERFORM 1 FROM outbox_notifier.targets t
+    WHERE t.target_key = ANY (v_keys)
+    ORDER BY t.target_key
+    FOR UPDATE OF t;
 
-    IF cardinality(v_ids) = 0 THEN
-        RETURN;
-    END IF;
-
-    INSERT INTO outbox_notifier.targets (target_key, provider, host)
-    SELECT DISTINCT ON (k) k, p, coalesce(h, '')
-    FROM unnest(v_keys, v_providers, v_hosts) AS u(k, p, h)
-    WHERE k IS NOT NULL
-    ORDER BY k
-    ON CONFLICT (target_key) DO NOTHING;
-
-    -- As v3, with targets_trouble_idx (which also holds open, throttled and slowed targets) in
-    -- place of targets_attention_idx.
-    IF v_providers && v_paced
-       OR EXISTS (SELECT FROM outbox_notifier.targets t
-                  WHERE t.target_key = ANY (v_keys)
-                    AND (t.consecutive_failures > 0 OR t.paused_until IS NOT NULL
-                         OR t.breaker_open OR t.throttled_until IS NOT NULL
-                         OR t.slowed_until IS NOT NULL)) THEN
-        PERFORM 1 FROM outbox_notifier.targets t
-        WHERE t.target_key = ANY (v_keys)
-          AND (t.consecutive_failures > 0 OR t.paused_until IS NOT NULL OR t.breaker_open
-               OR t.throttled_until IS NOT NULL OR t.slowed_until IS NOT NULL
-               OR t.provider = ANY (v_paced))
-        ORDER BY t.target_key
-        FOR UPDATE;
-        v_locked := FOUND;
-    END IF;
-    IF NOT v_locked THEN
-        v_claim := v_ids;
-    ELSE
-        v_now := clock_timestamp();
-
-        -- Each target's effective limits (halved while slowed), whether a probe is due and
-        -- its allowance, computed once: the claim, the log and the deferral below follow them.
-        SELECT coalesce(array_agg(t.target_key), '{}'), coalesce(array_agg(lim.per_s), '{}'),
-               coalesce(array_agg(lim.per_min), '{}'), coalesce(array_agg(lim.probe), '{}'),
-               coalesce(array_agg(lim.throttle_probe), '{}'), coalesce(array_agg(lim.logged), '{}'),
-               coalesce(array_agg(least(
-                   CASE
-                       WHEN t.paused_until > v_now OR t.throttled_until > v_now THEN 0
-                       -- cool-off or Retry-After over: one probe decides whether it resumes
-                       WHEN lim.probe OR lim.throttle_probe THEN 1
-                       ELSE 2147483647
-                   END,
-                   CASE WHEN lim.per_s > 0 THEN
-                       lim.per_s - (SELECT count(*) FROM unnest(t.recent_sends) s
-                                    WHERE s > v_now - make_interval(secs => 1 + p_margin_s))
-                   ELSE 2147483647 END,
-                   CASE WHEN lim.per_min > 0 THEN
-                       lim.per_min - (SELECT count(*) FROM unnest(t.recent_sends) s
-                                      WHERE s > v_now - make_interval(secs => 60 + p_margin_s))
-                   ELSE 2147483647 END)::integer), '{}')
-        INTO v_b_keys, v_b_per_s, v_b_per_min, v_b_probe, v_b_throttle_probe, v_b_logged,
-             v_b_allow
-        FROM outbox_notifier.targets t
-        LEFT JOIN unnest(p_paced, p_per_s, p_per_min) AS pl(p, per_s, per_min) ON pl.p = t.provider
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN t.slowed_until > v_now
-                        THEN CASE WHEN coalesce(pl.per_s, 0) > 0 THEN greatest(pl.per_s / 2, 1)
-                                  WHEN coalesce(pl.per_min, 0) > 0 THEN 0
-                                  ELSE p_slow_per_s END
-                        ELSE coalesce(pl.per_s, 0) END AS per_s,
-                   CASE WHEN t.slowed_until > v_now AND coalesce(pl.per_min, 0) > 0
-                        THEN greatest(pl.per_min / 2, 1)
-                        ELSE coalesce(pl.per_min, 0) END AS per_min,
-                   t.breaker_open OR t.consecutive_failures >= p_breaker_failures AS probe,
-                   t.throttled_until IS NOT NULL AS throttle_probe,
-                   t.provider = ANY (v_paced) OR coalesce(t.slowed_until > v_now, false) AS logged
-        ) lim
-        WHERE t.target_key = ANY (v_keys);
-
-        WITH c AS (
-            SELECT u.id, u.k, row_number() OVER (PARTITION BY u.k ORDER BY u.id) AS rn
-            FROM unnest(v_ids, v_keys) AS u(id, k)
-        )
-        SELECT coalesce(array_agg(c.id), '{}') INTO v_claim
-        FROM c LEFT JOIN unnest(v_b_keys, v_b_per_s, v_b_per_min, v_b_probe, v_b_throttle_probe,
-                    v_b_logged, v_b_allow)
-             AS b(target_key, per_s, per_min, probe, throttle_probe, logged, allow) ON b.target_key = c.k
-        WHERE c.k IS NULL OR c.rn <= b.allow;
-
-        -- The calls about to be made go into the log of each paced or slowed target (entries
-        -- older than a minute drop out); a probe re-arms the pause so no other replica probes
-        -- meanwhile, and a throttle probe holds the target a second (the probe's reply lifts
-        -- or renews the throttle).
-        UPDATE outbox_notifier.targets t
-        SET recent_sends = CASE WHEN b.logged THEN (
-                SELECT coalesce(array_agg(s ORDER BY s), '{}')
-                FROM (
-                    SELECT s FROM unnest(t.recent_sends) s
-                    WHERE s > v_now - make_interval(secs => 60 + p_margin_s)
-                    UNION ALL
-                    SELECT v_now FROM generate_series(1, n.sent)
-                ) kept
-            ) ELSE t.recent_sends END,
-            paused_until = CASE WHEN b.probe THEN v_now + make_interval(secs => p_cooloff_s)
-                                ELSE t.paused_until END,
-            throttled_until = CASE WHEN b.throttle_probe THEN v_now + interval '1 second'
-                                   ELSE t.throttled_until END,
-            updated_at = now()
-        FROM (
-            SELECT u.k, count(*)::integer AS sent
-            FROM unnest(v_ids, v_keys) AS u(id, k)
-            WHERE u.k IS NOT NULL AND u.id = ANY (v_claim)
-            GROUP BY u.k
-        ) n
-        JOIN unnest(v_b_keys, v_b_per_s, v_b_per_min, v_b_probe, v_b_throttle_probe,
-                    v_b_logged, v_b_allow)
-             AS b(target_key, per_s, per_min, probe, throttle_probe, logged, allow) ON b.target_key = n.k
-        WHERE t.target_key = n.k AND (b.logged OR b.probe OR b.throttle_probe);
-
-        -- Deferred records wait, without spending an attempt, until their target can take one
-        -- more call: the end of a pause or throttle, or when the call that fills a window
-        -- leaves it (the per_s-th / per_min-th newest entry of the log, sorted oldest first).
-        UPDATE outbox_notifier.notification_records r
-        SET next_retry_at = greatest(
-                v_now + make_interval(secs => 0.05),
-                CASE WHEN t.paused_until > v_now THEN t.paused_until END,
-                CASE WHEN t.throttled_until > v_now THEN t.throttled_until END,
-                CASE WHEN b.per_s > 0 AND cardinality(t.recent_sends) >= b.per_s
-                     THEN t.recent_sends[cardinality(t.recent_sends) - b.per_s + 1]
-                          + make_interval(secs => 1 + p_margin_s) END,
-                CASE WHEN b.per_min > 0 AND cardinality(t.recent_sends) >= b.per_min
-                     THEN t.recent_sends[cardinality(t.recent_sends) - b.per_min + 1]
-                          + make_interval(secs => 60 + p_margin_s) END
-            ),
-            updated_at = now()
-        FROM unnest(v_ids, v_keys) AS u(id, k)
-        JOIN outbox_notifier.targets t ON t.target_key = u.k
-        JOIN unnest(v_b_keys, v_b_per_s, v_b_per_min, v_b_probe, v_b_throttle_probe,
-                    v_b_logged, v_b_allow)
-             AS b(target_key, per_s, per_min, probe, throttle_probe, logged, allow) ON b.target_key = u.k
-        WHERE r.id = u.id AND NOT (u.id = ANY (v_claim));
-    END IF;
-
-    v_token := nextval('outbox_notifier.lease_token_seq');
     RETURN QUERY
-    WITH claimed AS (
-        UPDATE outbox_notifier.notification_records r
-        SET status = 'sending',
-            attempt_count = r.attempt_count + 1,
-            next_retry_at = NULL,
-            last_error_code = NULL,
-            last_error = NULL,
-            lease_expires_at = now() + make_interval(secs => p_lease_s),
-            -- one token per claim: it need only differ from every earlier claim's
-            lease_token = v_token,
-            updated_at = now()
-        WHERE r.id = ANY (v_claim)
-        RETURNING r.id, r.channel, r.user_id, r.trigger_id, r.preview_id, r.trigger_type,
-                  r.target_type, r.target_id, r.dedupe_key, r.target_url, r.summary_text,
-                  r.fallback_text, r.fallback_used, r.trace_id, r.attempt_count,
-                  r.max_attempts, r.lease_token
+    WITH calls AS (
+        SELECT u.k, u.started, u.kind, u.code, u.until
+        FROM unnest(v_keys, v_started, v_kinds, v_codes, v_until)
+             AS u(k, started, kind, code, until)
+        WHERE u.k IS NOT NULL
+    ), batch AS (
+        SELECT c.k,
+               max(c.started) FILTER (WHERE c.kind = 'success') AS last_ok,
+               max(c.started) FILTER (WHERE c.kind = 'failure') AS last_failed,
+               max(c.started) FILTER (WHERE c.kind = 'throttled') AS last_throttled,
+               max(c.started) FILTER (WHERE c.kind <> 'throttled') AS last_answered,
+               max(c.until) FILTER (WHERE c.kind = 'throttled') AS throttle_until,
+               (array_agg(c.code ORDER BY c.started DESC)
+                   FILTER (WHERE c.kind = 'failure'))[1] AS code
+        FROM calls c
+        GROUP BY c.k
+    ), buckets AS (
+        -- the window: the target's seconds still inside it plus this batch's, summed per second
+        SELECT b.k, b.s, sum(b.n)::integer AS n, sum(b.f)::integer AS f
+        FROM (
+            SELECT t.target_key AS k, w.s, w.n, w.f
+            FROM outbox_notifier.targets t,
+                 unnest(t.window_seconds, t.window_calls, t.window_failures) AS w(s, n, f)
+            WHERE t.target_key = ANY (v_keys)
+            UNION ALL
+            SELECT c.k, date_trunc('second', c.started),
+                   count(*) FILTER (WHERE c.kind IN ('success', 'failure')),
+                   count(*) FILTER (WHERE c.kind = 'failure')
+            FROM calls c
+            GROUP BY c.k, date_trunc('second', c.started)
+        ) b
+        WHERE b.s > now() - make_interval(secs => p_window_s)
+        GROUP BY b.k, b.s
+        HAVING sum(b.n) > 0
+    ), windows AS (
+        SELECT w.k, array_agg(w.s ORDER BY w.s) AS seconds, array_agg(w.n ORDER BY w.s) AS ns,
+               array_agg(w.f ORDER BY w.s) AS fs, sum(w.n) AS calls, sum(w.f) AS failures
+        FROM buckets w
+        GROUP BY w.k
+    ), decided AS (
+        SELECT t.target_key, b.*, w.seconds, w.ns, w.fs,
+               -- a call started after the breaker opened (the probe) decides whether it closes;
+               -- any success also ends a pause of 0.1.0's breaker (0003's record_target_results
+               -- sets consecutive_failures and paused_until)
+               coalesce(CASE WHEN t.breaker_open THEN b.last_ok >= t.breaker_opened_at
+                             ELSE b.last_ok IS NOT NULL
+                                  AND (t.paused_until IS NOT NULL OR t.consecutive_failures > 0)
+                        END, false) AS closes,
+               coalesce(t.breaker_open AND b.last_failed >= t.breaker_opened_at
+                        AND NOT coalesce(b.last_ok >= t.breaker_opened_at, false),
+                        false) AS repauses,
+               coalesce(NOT t.breaker_open AND b.last_failed IS NOT NULL
+                        AND w.calls >= p_min_calls AND w.failures >= p_min_failures
+                        AND w.failures >= p_failure_ratio * w.calls, false) AS trips
+        FROM outbox_notifier.targets t
+        JOIN batch b ON b.k = t.target_key
+        LEFT JOIN windows w ON w.k = t.target_key
     )
-    SELECT claimed.id, claimed.channel, claimed.user_id, claimed.trigger_id, claimed.preview_id,
-           claimed.trigger_type, claimed.target_type, claimed.target_id, claimed.dedupe_key,
-           claimed.target_url, claimed.summary_text, claimed.fallback_text,
-           claimed.fallback_used, claimed.trace_id, claimed.attempt_count,
-           claimed.max_attempts, claimed.lease_token, ch.enabled, ch.webhook_url, ch.auth_kind,
-           ch.auth_secret, coalesce(ch.provider, 'feishu_flow'),
-           outbox_notifier.target_key(ch.webhook_url)
-    FROM claimed
-    LEFT JOIN outbox_notifier.notification_channels ch
-           ON ch.user_id = claimed.user_id AND ch.channel = claimed.channel
-    ORDER BY claimed.id;
+    UPDATE outbox_notifier.targets t
+    SET -- an open breaker's window starts afresh once it closes
+        window_seconds = CASE WHEN d.trips OR t.breaker_open THEN '{}'
+                              ELSE coalesce(d.seconds, '{}') END,
+        window_calls = CASE WHEN d.trips OR t.breaker_open THEN '{}' ELSE coalesce(d.ns, '{}') END,
+        window_failures = CASE WHEN d.trips OR t.breaker_open THEN '{}'
+                               ELSE coalesce(d.fs, '{}') END,
+        breaker_open = CASE WHEN d.closes THEN false WHEN d.trips THEN true
+                            ELSE t.breaker_open END,
+        breaker_opened_at = CASE WHEN d.closes THEN NULL WHEN d.trips THEN now()
+                                 ELSE t.breaker_opened_at END,
+        consecutive_failures = CASE WHEN d.closes THEN 0 ELSE t.consecutive_failures END,
+        paused_until = CASE WHEN d.closes THEN NULL
+                            WHEN d.trips OR d.repauses
+                                THEN now() + make_interval(secs => p_cooloff_s)
+                            ELSE t.paused_until END,
+        last_error_code = CASE WHEN d.closes THEN NULL
+                               WHEN d.trips OR d.repauses OR t.breaker_open
+                                   THEN coalesce(d.code, t.last_error_code)
+                               ELSE t.last_error_code END,
+        -- throttling: the newest 429 sets the wait; any other reply to a call started after it
+        -- lifts the throttle (the budget stays halved until slowed_until)
+        throttled_at = greatest(t.throttled_at, d.last_throttled),
+        throttled_until = CASE
+            WHEN d.throttle_until IS NOT NULL THEN greatest(d.throttle_until, t.throttled_until)
+            WHEN d.last_answered > t.throttled_at THEN NULL
+            ELSE t.throttled_until END,
+        slowed_until = CASE
+            WHEN d.last_throttled IS NOT NULL THEN now() + make_interval(secs => p_slowdown_s)
+            WHEN t.slowed_until <= now() THEN NULL
+            ELSE t.slowed_until END,
+        updated_at = now()
+    FROM decided d
+    WHERE t.target_key = d.target_key
+    RETURNING CASE WHEN d.trips OR d.repauses THEN t.target_key END;
 END;
 $$;

@@ -83,7 +83,7 @@ GRANT EXECUTE ON FUNCTION outbox_notifier.enqueue(text, jsonb, text, text, text)
     TO outbox_notifier_producer;
 
 -- The trace contexts of claimed records, for a daemon that traces (sql/queries.sql,
--- claim_records_traced): claim_due_v4 returns the columns it always did, so that a daemon that
+-- claim_records_traced): the delivery claim returns no trace context, so that a daemon that
 -- does not trace pays nothing, and one that does reads the contexts beside the claim in the
 -- same statement. VOLATILE on purpose: its query takes a fresh snapshot after the claim ran,
 -- and so sees every record the claim just took (one committed after the calling statement

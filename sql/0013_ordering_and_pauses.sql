@@ -12,9 +12,10 @@
 -- * records_ordering_idx (channel, ordering_key, outbox_id), partial on keyed records that are
 --   not finished: the probe for a key's head reads one entry of it. It holds only live keyed
 --   records, so it stays small whatever the history, and unkeyed records never enter it.
--- * claim_due_v6: claim_due_v5 with the ordering rule (the candidates' keys are looked at only
---   when one of them has a key: an unkeyed claim pays an array test). A keyed candidate waits
---   (1) while its key's head, the live record with the smallest outbox_id, is before it, and
+-- * claim_due_v1, the delivery claim (below), with the ordering rule (the candidates' keys are
+--   looked at only when one of them has a key: an unkeyed claim pays an array test). A keyed
+--   candidate waits (1) while its key's head, the live record with the smallest outbox_id, is
+--   before it, and
 --   (2) while an outbox row with a smaller id is still pending: a relay that claimed that row
 --   may commit its record after another relay committed this one, which (1) alone cannot see
 --   (the relay's low-water mark, one probe of outbox_pending_idx per claim that has a keyed
@@ -33,15 +34,19 @@
 -- later id may commit, and be delivered, first. A kill mid-call may repeat a record
 -- (at-least-once), never after the next record of its key: the next one waits until the
 -- repeated one's lease has been taken back and its retry has succeeded or ended dead.
--- While daemons of the previous release (claim_due_v5) run beside this one in a rolling
--- upgrade, they claim keyed records without the rule.
+-- While 0.1.0 daemons run beside this release's during the upgrade, they claim keyed records
+-- without the rule (0003's claim_due knows nothing of keys).
 --
 -- Operator pauses (below, with their own notes): a table, its functions for the operator role,
--- a view, and their check in claim_due_v6: one probe of a partial index per claim while
--- nothing is paused. Daemons of the previous release do not honour them.
+-- a view, and their check in claim_due_v1: one probe of a partial index per claim while
+-- nothing is paused. 0.1.0 daemons do not honour them.
 --
--- Additive: a nullable column, a table, indexes, a view and new functions; claim_due_v5 and the
--- older claims stay for daemons of the previous releases and ignore keys and pauses.
+-- The delivery claim is created here, the first migration in which every object it reads
+-- exists: it is 0003's claim_due with the changes of 0006, 0008, 0009 and 0011 (see their
+-- headers) and the ordering keys and operator pauses of this one.
+--
+-- Additive: a nullable column, a table, indexes, a view and new functions; 0003's claim_due
+-- stays for 0.1.0 daemons and ignores keys and pauses.
 
 ALTER TABLE outbox_notifier.notification_records ADD COLUMN ordering_key text;
 
@@ -56,7 +61,7 @@ CREATE INDEX records_ordering_idx ON outbox_notifier.notification_records
 -- An operator who knows a receiver is down for maintenance holds its deliveries: a target (a
 -- webhook URL, kept as its target_key: the URL carries the bot's token and is never stored
 -- here), a user's channel (or all of the user's channels), or a whole provider, with a reason
--- and an optional end. Held records stay pending or failed: claim_due_v6 defers them, as pacing
+-- and an optional end. Held records stay pending or failed: claim_due_v1 defers them, as pacing
 -- does, without an attempt and without a call; nothing is skipped. resume_v1 makes them due at
 -- once (ordering keys and pacing still apply); a pause past its end is no longer honoured by
 -- the claim, and the maintenance loop marks it resumed. This is the operator's pause, never the
@@ -277,10 +282,17 @@ GRANT SELECT ON outbox_notifier.pauses, outbox_notifier.paused TO outbox_notifie
 GRANT SELECT ON outbox_notifier.pauses TO outbox_notifier_daemon;
 GRANT UPDATE (resumed_at, resumed_by) ON outbox_notifier.pauses TO outbox_notifier_daemon;
 
--- Claims due records for delivery: claim_due_v5 where a record an operator pause covers waits
--- for the pause's end (see pauses), and a record with an ordering key waits for the records
--- before it in its key and for the relay below it (see the header).
-CREATE FUNCTION outbox_notifier.claim_due_v6(
+-- Claims due records for delivery in one round trip, with pacing and endpoint protection
+-- (0003's claim_due describes the steps). Due records are read in their partial indexes' order
+-- (0006), first attempts past p_after_id, the caller's cursor (0: from the start, the sweep;
+-- 0011). Targets are locked and budgeted only when a candidate's provider is paced or a target
+-- of the batch is in trouble (0008, 0009). The breaker's pause and probe follow breaker_open; a
+-- throttled target takes no call until its Retry-After, then one probe at a time, and a slowed
+-- one half its budget (p_slow_per_s a second when its provider has none; 0009). A record an
+-- operator pause covers waits for the pause's end (see pauses), and a record with an ordering
+-- key waits for the records before it in its key and for the relay below it (see the header).
+-- A record held back is deferred without spending an attempt. One lease token per claim (0008).
+CREATE FUNCTION outbox_notifier.claim_due_v1(
     p_limit integer,
     p_lease_s double precision,
     p_paced text[],
@@ -486,8 +498,8 @@ BEGIN
     ORDER BY k
     ON CONFLICT (target_key) DO NOTHING;
 
-    -- As v3, with targets_trouble_idx (which also holds open, throttled and slowed targets) in
-    -- place of targets_attention_idx.
+    -- Only paced targets and targets in trouble (targets_trouble_idx: empty while all is well)
+    -- are locked and budgeted; with none, the batch is claimed as it is (0008).
     IF v_providers && v_paced
        OR EXISTS (SELECT FROM outbox_notifier.targets t
                   WHERE t.target_key = ANY (v_keys)

@@ -15,12 +15,12 @@
 
 -- name: claim_outbox
 -- Oldest pending outbox rows up to a row and a byte budget, a payload over its limit left in the
--- database; concurrent relays take disjoint batches. See outbox_notifier.claim_outbox_v2. The
+-- database; concurrent relays take disjoint batches. See outbox_notifier.claim_outbox_v1. The
 -- payload comes as UTF-8 bytea (convert_to only checks it in a UTF-8 database) so that, read in
 -- binary, it arrives as the bytes the relay decodes, with no str copy in between.
 SELECT c.id, c.event_type, c.event_version, convert_to(c.payload, 'UTF8') AS payload,
        c.payload_bytes, c.created_at
-FROM outbox_notifier.claim_outbox_v2(%(limit)s, %(max_batch_bytes)s, %(max_payload_bytes)s) AS c;
+FROM outbox_notifier.claim_outbox_v1(%(limit)s, %(max_batch_bytes)s, %(max_payload_bytes)s) AS c;
 
 -- name: relay_outbox
 -- Inserts the records of valid rows (an existing (channel, dedupe_key) is a dedupe hit and is
@@ -58,7 +58,7 @@ SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
 -- Claims due records with pacing (the 429 throttle included) and the breaker; see
--- outbox_notifier.claim_due_v6 (with the ordering rule of 0013). First attempts are looked for past %(after_id)s, the delivery
+-- outbox_notifier.claim_due_v1 (with the ordering rule of 0013). First attempts are looked for past %(after_id)s, the delivery
 -- loop's cursor (0: a sweep from the start), so that the scan does not revisit the index entries
 -- of records claimed before it (which a long-open snapshot keeps from being cleaned up).
 -- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
@@ -74,7 +74,7 @@ SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.t
        c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text, c.fallback_text,
        c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token, c.enabled,
        c.webhook_url, c.auth_kind, c.auth_secret, c.provider
-FROM outbox_notifier.claim_due_v6(
+FROM outbox_notifier.claim_due_v1(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
     %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
 ) AS c,
@@ -94,7 +94,7 @@ WITH claimed AS MATERIALIZED (
            c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text,
            c.fallback_text, c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token,
            c.enabled, c.webhook_url, c.auth_kind, c.auth_secret, c.provider
-    FROM outbox_notifier.claim_due_v6(
+    FROM outbox_notifier.claim_due_v1(
         %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
         %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
     ) AS c,
@@ -133,7 +133,7 @@ SELECT extract(epoch FROM least(
 --   row off (enabled = false, the reason kept);
 -- * a record without a trace context takes that of its attempt (a daemon that traces);
 -- * the breaker counts each call in the second it started, a 429 throttles its target
---   until its Retry-After (outbox_notifier.record_target_results_v3, which writes only the
+--   until its Retry-After (outbox_notifier.record_target_results_v1, which writes only the
 --   targets whose state the batch can change, locked in key order);
 -- * a replay's reason (0014) goes from the record into its attempt row, and off the record once
 --   the record ends (anything but 'failed', which the replay's retries still belong to).
@@ -229,7 +229,7 @@ WITH input AS (
       AND (input.outcome IN ('success', 'temporary_fail') OR input.http_status IS NOT NULL)
 ), tripped AS MATERIALIZED (
     SELECT array_agg(p.key) FILTER (WHERE p.key IS NOT NULL) AS keys
-    FROM outbox_notifier.record_target_results_v3(
+    FROM outbox_notifier.record_target_results_v1(
         ARRAY(SELECT target_key FROM calls ORDER BY record_id, lease_token),
         ARRAY(SELECT started FROM calls ORDER BY record_id, lease_token),
         ARRAY(SELECT kind FROM calls ORDER BY record_id, lease_token),
@@ -273,7 +273,7 @@ FOR UPDATE OF n;
 
 -- name: release_next_in_order
 -- Ordering (0013): the next record of each finished keyed record's channel and ordering key
--- (%(ids)s: records a result batch left sent, dead or skipped), held by claim_due_v6 until its
+-- (%(ids)s: records a result batch left sent, dead or skipped), held by claim_due_v1 until its
 -- head could move, becomes due now, so it goes without waiting out its hold. After
 -- lock_next_in_order in the same transaction (see there: this statement's snapshot is taken
 -- once a claim deferring the record has committed). Not a step of apply_results: it waits for

@@ -12,23 +12,17 @@ import sys
 from typing import Any
 
 import httpx
-import msgspec
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import migrations, sqlfiles
 from outbox_notifier.daemon import Daemon, SchemaNotCurrent
-from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import RecordStore
 from outbox_notifier.testing.feishu_server import FeishuServer
 from tests.support import (
     add_channel,
-    column,
     enqueue,
     eventually,
     payload,
-    relay_for,
     running,
     scalar,
     settings_for,
@@ -63,53 +57,13 @@ BREAKING = sqlfiles.Migration(
 )
 
 
-def test_versioned_functions_keep_the_bodies_of_the_unversioned_ones(
-    conn: psycopg.Connection[Any],
-) -> None:
-    for name in ("claim_due", "record_target_results"):
-        old, new = (
-            scalar(
-                conn,
-                "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-                " WHERE n.nspname = 'outbox_notifier' AND p.proname = %s",
-                (fn,),
-            )
-            for fn in (name, f"{name}_v1")
-        )
-        assert new == old, name
-
-
 def test_the_daemons_statements_call_only_versioned_functions() -> None:
     text = "\n".join(sqlfiles.queries().values())
-    assert "outbox_notifier.claim_due_v6(" in text
-    assert "outbox_notifier.claim_due_v5(" not in text
-    assert "outbox_notifier.record_target_results_v3(" in text
-    assert "outbox_notifier.claim_outbox_v2(" in text
-    assert "outbox_notifier.claim_outbox_v1(" not in text
+    assert "outbox_notifier.claim_due_v1(" in text
+    assert "outbox_notifier.record_target_results_v1(" in text
+    assert "outbox_notifier.claim_outbox_v1(" in text
     assert "outbox_notifier.claim_due(" not in text
     assert "outbox_notifier.record_target_results(" not in text
-
-
-# The relay's claim as the previous release ships it (its sql/queries.sql): it must keep working
-# on this schema while a rolling upgrade runs both releases.
-PREVIOUS_CLAIM_OUTBOX = "SELECT * FROM outbox_notifier.claim_outbox_v1(%(limit)s)"
-
-
-def test_the_previous_releases_relay_claim_still_works_on_this_schema(
-    db: str, conn: psycopg.Connection[Any]
-) -> None:
-    ids = [enqueue(conn, payload(f"k-v1-{i}")) for i in range(3)]
-    with conn.transaction():
-        rows = conn.execute(PREVIOUS_CLAIM_OUTBOX, {"limit": 2}).fetchall()
-        assert [(row[0], type(row[3])) for row in rows] == [(ids[0], str), (ids[1], str)]
-        assert msgspec.json.decode(rows[0][3])["dedupe_key"] == "k-v1-0"
-        # and it takes rows the way this release's claim does: locked, skipped by the other
-        with psycopg.connect(db, autocommit=True) as other:
-            claimed = other.execute(
-                query("claim_outbox"),
-                {"limit": 10, "max_batch_bytes": 1 << 20, "max_payload_bytes": 1 << 20},
-            ).fetchall()
-        assert [row[0] for row in claimed] == [ids[2]]
 
 
 async def test_additive_future_migration_leaves_the_daemon_starting_ready_and_delivering(
@@ -220,73 +174,3 @@ def test_migrate_status_and_dry_run_exclude_each_other(empty_db: str) -> None:
     proc = _cli("migrate", "--status", "--dry-run", "--dsn", empty_db)
     assert proc.returncode == 2
     assert "not allowed with argument" in proc.stderr
-
-
-# The delivery claim and the target bookkeeping as the previous release calls them: on this
-# schema (0011's fillfactor, claim_due_v5 and record_target_results_v3 beside them) they still
-# claim what this release's relay wrote and record their results.
-PREVIOUS_CLAIM_RECORDS = (
-    "SELECT c.id, c.lease_token, c.target_key FROM outbox_notifier.claim_due_v4("
-    "%(limit)s, 30, '{}', '{}', '{}', 0.05, 5, 60, 5) AS c"
-)
-PREVIOUS_TARGET_RESULTS = (
-    "SELECT * FROM outbox_notifier.record_target_results_v2("
-    "ARRAY[%(key)s], ARRAY[now()], ARRAY['success'], ARRAY[NULL::text],"
-    " ARRAY[NULL::timestamptz], 30, 20, 5, 0.5, 60, 60)"
-)
-
-
-def test_the_previous_releases_delivery_claim_still_works_on_this_schema(
-    conn: psycopg.Connection[Any],
-) -> None:
-    add_channel(conn, 1, "https://example.invalid/flow/api/trigger-webhook/x")
-    conn.execute(
-        "INSERT INTO outbox_notifier.notification_records"
-        " (channel, user_id, preview_id, dedupe_key, target_url)"
-        " SELECT 'feishu', 1, 'p', 'prev-' || g, '/x' FROM generate_series(1, 3) g"
-    )
-    rows = conn.execute(PREVIOUS_CLAIM_RECORDS, {"limit": 2}).fetchall()
-    assert len(rows) == 2 and rows[0][2] is not None
-    # this release's claim takes the rest from its cursor, and skips nothing v4 left
-    claimed = conn.execute(
-        query("claim_records"),
-        {"limit": 10, "after_id": 0, "lease_s": 30.0, "paced": "{}", "per_s": "{}",
-         "per_min": "{}", "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0,
-         "slow_per_s": 5, "durable": False},
-    )  # fmt: skip
-    newer = column(claimed, claimed.fetchall(), "id")
-    assert len(newer) == 1 and newer[0] > max(row[0] for row in rows)
-    assert conn.execute(PREVIOUS_TARGET_RESULTS, {"key": rows[0][2]}).fetchall() == [(None,)]
-    assert (
-        scalar(
-            conn,
-            "SELECT sum(n) FROM outbox_notifier.targets, unnest(window_calls) n"
-            " WHERE target_key = %s",
-            (rows[0][2],),
-        )
-        == 1
-    )
-
-
-# The delivery claim as release 0.2.0 (0011) calls it. On this schema (0013's ordering_key,
-# its index and claim_due_v6 beside it) it still claims what this release's relay wrote, keyed
-# records included: it knows nothing of the key and takes them as any record, as it always did.
-PREVIOUS_V5_CLAIM_RECORDS = (
-    "SELECT c.id, c.dedupe_key, c.lease_token FROM outbox_notifier.claim_due_v5("
-    "%(limit)s, 30, '{}', '{}', '{}', 0.05, 5, 60, 5, %(after_id)s) AS c"
-)
-
-
-async def test_the_0_2_0_delivery_claim_still_works_beside_ordering_keys(
-    db: str, conn: psycopg.Connection[Any]
-) -> None:
-    add_channel(conn, 1, "https://example.invalid/flow/api/trigger-webhook/x")
-    for i in range(3):
-        enqueue(conn, payload(f"v5-{i}", ordering_key="task-1"))
-    enqueue(conn, payload("v5-unkeyed"))
-    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
-        await relay_for(RecordStore(pool)).relay_once()
-    rows = conn.execute(PREVIOUS_V5_CLAIM_RECORDS, {"limit": 10, "after_id": 0}).fetchall()
-    assert sorted(row[1] for row in rows) == ["v5-0", "v5-1", "v5-2", "v5-unkeyed"]
-    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.notification_records"
-                        " WHERE status = 'sending' AND ordering_key = 'task-1'") == 3  # fmt: skip

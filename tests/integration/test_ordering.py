@@ -1,4 +1,4 @@
-"""Delivery in order per ordering key (0013, claim_due_v6), against PostgreSQL.
+"""Delivery in order per ordering key (0013, claim_due_v1), against PostgreSQL.
 
 The claim is driven directly (``RecordStore.claim_records``) and results are written as the
 completer writes them, so each rule is seen on its own; the daemon end to end, with random
@@ -176,7 +176,7 @@ async def test_the_next_record_is_released_even_while_a_claim_is_holding_it_behi
         )
         with psycopg.connect(db) as other:  # a claim in flight on another replica
             held = other.execute(
-                "SELECT count(*) FROM outbox_notifier.claim_due_v6("
+                "SELECT count(*) FROM outbox_notifier.claim_due_v1("
                 "100, 30, '{}', '{}', '{}', 0.05, 5, 30, 1, 0)"
             ).fetchone()
             assert held == (0,)

@@ -1,4 +1,4 @@
-"""Operator pauses (0013): pause_v1 / resume_v1, their hold in claim_due_v6, the paused view,
+"""Operator pauses (0013): pause_v1 / resume_v1, their hold in claim_due_v1, the paused view,
 the maintenance loop ending a pause at its end, and the CLI commands."""
 
 from __future__ import annotations
