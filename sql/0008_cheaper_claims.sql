@@ -1,7 +1,7 @@
 -- kind: additive
 -- 0008: a cheaper delivery claim for the common case.
 --
--- Three changes to the delivery claim (claim_due_v1, created in 0013), measured with the
+-- Three changes to the delivery claim (claim_due_v1, created in 0015), measured with the
 -- database-side benchmark (bench/README.md):
 -- * Reading all of the batch's targets on every claim to find the paced, failing or paused ones
 --   cost a tenth of the database side's throughput. The claim first asks whether any
