@@ -276,7 +276,9 @@ async def test_two_replicas_share_the_default_budget(
         enqueue(conn, payload(f"k-{i}"))
     # the default budgets (20/min, 20/min, 1/s), one call per record: digests off, for they
     # carry several records a call (test_digest_delivery)
-    off = {f"{prefix}_digest": False for prefix in ("bot", "dingtalk", "wecom", "slack")}
+    off: dict[str, Any] = {
+        f"{chat}_digest": False for chat in ("bot", "dingtalk", "wecom", "slack")
+    }
     policy = claim_policy(Settings(**off))
     pools = [AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) for _ in range(2)]
     async with pools[0] as one, pools[1] as two:
