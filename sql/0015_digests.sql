@@ -122,17 +122,24 @@ DECLARE
     v_held_until timestamptz[];
     v_out bigint[] := '{}';
     v_alone boolean[];
-    -- per digest target met by this claim: its queue's head (the oldest record waiting in it,
-    -- NULL: none), until when a call of its queue is in flight (NULL: none), and whether
-    -- another claim holds the head
+    -- due records another transaction held when this claim locked its candidates
+    v_skipped bigint[];
+    -- per chat-bot target met by this claim, read before its lock: whether another claim
+    -- holds part of the front of its queue
     v_q_keys text[] := '{}';
-    v_q_heads bigint[] := '{}';
-    v_q_busy timestamptz[] := '{}';
     v_q_contended boolean[] := '{}';
+    -- queue records passed over for an advisory lock held elsewhere (an operator's hold)
+    v_passed bigint[] := '{}';
     v_key text;
     v_head bigint;
-    v_busy timestamptz;
     v_contended boolean;
+    -- the same targets, read under their lock: the queue's head (the oldest record waiting in
+    -- it; NULL: none), until when a call of it is in flight (NULL: none), and the oldest due
+    -- record of the target that another claim held (NULL: none)
+    v_d_keys text[] := '{}';
+    v_d_heads bigint[] := '{}';
+    v_d_busy timestamptz[] := '{}';
+    v_d_skipped bigint[] := '{}';
     -- the claimed records' message ids (NULL: a call of one record) and queues (NULL: none);
     -- the deferred ones' time (NULL: when their target's budget allows) and queue
     v_claim_msg bigint[];
@@ -172,13 +179,16 @@ BEGIN
          ORDER BY r.next_retry_at LIMIT p_limit)
         LIMIT p_limit
     ), locked AS MATERIALIZED (
-        -- re-checked under the row lock: another replica may have moved the row since the scan
+        -- re-checked under the row lock: another replica may have moved the row since the scan.
+        -- A record in a digest queue only with the queue's lock (see the queues below).
         SELECT r.id, r.channel, r.dedupe_key, r.user_id, r.ordering_key, r.outbox_id,
                r.digest_alone
         FROM outbox_notifier.notification_records r
         WHERE r.id IN (SELECT due.id FROM due)
           AND (r.status IN ('pending', 'failed'))
           AND (r.next_retry_at IS NULL OR r.next_retry_at <= now())
+          AND (r.digest_target IS NULL
+               OR pg_try_advisory_xact_lock(hashtextextended('digest|' || r.digest_target, 7244)))
         ORDER BY r.id
         FOR UPDATE OF r SKIP LOCKED
     ), candidates AS MATERIALIZED (
@@ -200,22 +210,28 @@ BEGIN
            coalesce(array_agg(c.ordering_key ORDER BY c.id), '{}'),
            coalesce(array_agg(c.outbox_id ORDER BY c.id), '{}'),
            coalesce(array_agg(c.user_id ORDER BY c.id), '{}'),
-           coalesce(array_agg(c.digest_alone ORDER BY c.id), '{}')
-    INTO v_ids, v_keys, v_providers, v_hosts, v_channels, v_okeys, v_oids, v_users, v_alone
+           coalesce(array_agg(c.digest_alone ORDER BY c.id), '{}'),
+           -- digests: what another claim held, which may be older than this claim's records
+           ARRAY(SELECT d.id FROM due d WHERE NOT EXISTS (SELECT FROM locked l WHERE l.id = d.id))
+    INTO v_ids, v_keys, v_providers, v_hosts, v_channels, v_okeys, v_oids, v_users, v_alone,
+         v_skipped
     FROM candidates c;
 
     IF cardinality(v_ids) = 0 THEN
         RETURN;
     END IF;
 
-    -- Digest queues (see the header). For each chat-bot target met here, read its queue (one
-    -- probe of records_digest_queue_idx each, and none at all while no queue holds a record)
-    -- and, unless a call of the queue is in flight, take the queue's oldest records as
-    -- candidates too: a digest goes out oldest first, whichever records brought this claim to
-    -- the target. They go through the pause and ordering checks below like every candidate.
-    -- The head locked by another claim (which has it as a candidate and does the target's
-    -- digest) is left to that claim; a queue record held by an advisory lock (an operator
-    -- holding it) is passed over, as a candidate would be.
+    -- Digest queues (see the header). For each chat-bot target met here, take the oldest
+    -- records of its queue as candidates too (one probe of records_digest_queue_idx each, and
+    -- none at all while no queue holds a record): a digest goes out oldest first, whichever
+    -- records brought this claim to the target. They go through the pause and ordering checks
+    -- below like every candidate. One claim at a time owns a queue: a transaction-scoped
+    -- advisory lock on it (the due scan above takes a queued record only with it), so claims
+    -- running together do not split the front of a queue between them; a claim that does not
+    -- get it, or finds part of the front held all the same, takes no call of the queue
+    -- (contended). A queue record held by its own advisory lock (an operator holding it) is
+    -- passed over, as a candidate would be. What decides the call, whether the queue is busy
+    -- and its head, is read again under the target's lock (below).
     IF v_providers && p_digest
        AND EXISTS (SELECT FROM outbox_notifier.notification_records q
                    WHERE q.digest_target IS NOT NULL AND q.status IN ('pending', 'sending')) THEN
@@ -226,55 +242,62 @@ BEGIN
             SELECT q.id INTO v_head FROM outbox_notifier.notification_records q
             WHERE q.digest_target = v_key AND q.status = 'pending'
             ORDER BY q.id LIMIT 1;
-            SELECT max(q.lease_expires_at) INTO v_busy FROM outbox_notifier.notification_records q
-            WHERE q.digest_target = v_key AND q.status = 'sending';
-            v_contended := false;
-            IF v_head IS NOT NULL AND v_busy IS NULL THEN
-                WITH queued AS MATERIALIZED (
-                    SELECT q.id, q.channel, q.dedupe_key, q.user_id, q.ordering_key, q.outbox_id,
-                           q.digest_alone
-                    FROM outbox_notifier.notification_records q
-                    WHERE q.digest_target = v_key AND q.status = 'pending'
-                    ORDER BY q.id
-                    LIMIT p_digest_max
-                    FOR UPDATE OF q SKIP LOCKED
-                ), joined AS MATERIALIZED (
-                    SELECT l.id, ch.webhook_url, coalesce(ch.provider, 'feishu_flow') AS provider,
-                           l.channel, l.ordering_key, l.outbox_id, l.user_id, l.digest_alone
-                    FROM queued l
-                    LEFT JOIN outbox_notifier.notification_channels ch
-                           ON ch.user_id = l.user_id AND ch.channel = l.channel AND ch.enabled
-                    WHERE NOT (l.id = ANY (v_ids))
-                      AND pg_try_advisory_xact_lock(
-                              outbox_notifier.record_lock_key(l.channel, l.dedupe_key))
-                )
-                SELECT NOT EXISTS (SELECT FROM queued WHERE queued.id = v_head),
-                       v_ids || coalesce((SELECT array_agg(j.id ORDER BY j.id)
-                                          FROM joined j), '{}'),
-                       v_keys || coalesce((SELECT array_agg(CASE WHEN j.webhook_url IS NOT NULL
-                                   THEN outbox_notifier.target_key(j.webhook_url) END
-                                   ORDER BY j.id) FROM joined j), '{}'),
-                       v_providers || coalesce((SELECT array_agg(j.provider ORDER BY j.id)
-                                                FROM joined j), '{}'),
-                       v_hosts || coalesce((SELECT array_agg(
-                                   substring(j.webhook_url FROM '^[a-z]+://([^/:?#]+)')
-                                   ORDER BY j.id) FROM joined j), '{}'),
-                       v_channels || coalesce((SELECT array_agg(j.channel ORDER BY j.id)
-                                               FROM joined j), '{}'),
-                       v_okeys || coalesce((SELECT array_agg(j.ordering_key ORDER BY j.id)
-                                            FROM joined j), '{}'),
-                       v_oids || coalesce((SELECT array_agg(j.outbox_id ORDER BY j.id)
-                                           FROM joined j), '{}'),
-                       v_users || coalesce((SELECT array_agg(j.user_id ORDER BY j.id)
-                                            FROM joined j), '{}'),
-                       v_alone || coalesce((SELECT array_agg(j.digest_alone ORDER BY j.id)
-                                            FROM joined j), '{}')
-                INTO v_contended, v_ids, v_keys, v_providers, v_hosts, v_channels, v_okeys,
-                     v_oids, v_users, v_alone;
+            CONTINUE WHEN v_head IS NULL
+                OR EXISTS (SELECT FROM outbox_notifier.notification_records q
+                           WHERE q.digest_target = v_key AND q.status = 'sending');
+            IF NOT pg_try_advisory_xact_lock(hashtextextended('digest|' || v_key, 7244)) THEN
+                v_q_keys := v_q_keys || v_key;
+                v_q_contended := v_q_contended || true;
+                CONTINUE;
             END IF;
+            WITH queued AS MATERIALIZED (
+                SELECT q.id, q.channel, q.dedupe_key, q.user_id, q.ordering_key, q.outbox_id,
+                       q.digest_alone
+                FROM outbox_notifier.notification_records q
+                WHERE q.digest_target = v_key AND q.status = 'pending'
+                ORDER BY q.id
+                LIMIT p_digest_max
+                FOR UPDATE OF q SKIP LOCKED
+            ), joined AS MATERIALIZED (
+                SELECT l.id, ch.webhook_url, coalesce(ch.provider, 'feishu_flow') AS provider,
+                       l.channel, l.ordering_key, l.outbox_id, l.user_id, l.digest_alone
+                FROM queued l
+                LEFT JOIN outbox_notifier.notification_channels ch
+                       ON ch.user_id = l.user_id AND ch.channel = l.channel AND ch.enabled
+                WHERE NOT (l.id = ANY (v_ids))
+                  AND pg_try_advisory_xact_lock(
+                          outbox_notifier.record_lock_key(l.channel, l.dedupe_key))
+            )
+            SELECT NOT EXISTS (SELECT FROM queued WHERE queued.id = v_head)
+                       OR (SELECT count(*) FROM outbox_notifier.notification_records q
+                           WHERE q.digest_target = v_key AND q.status = 'pending'
+                             AND q.id BETWEEN v_head AND (SELECT max(queued.id) FROM queued))
+                          > (SELECT count(*) FROM queued),
+                   v_ids || coalesce((SELECT array_agg(j.id ORDER BY j.id)
+                                      FROM joined j), '{}'),
+                   v_keys || coalesce((SELECT array_agg(CASE WHEN j.webhook_url IS NOT NULL
+                               THEN outbox_notifier.target_key(j.webhook_url) END
+                               ORDER BY j.id) FROM joined j), '{}'),
+                   v_providers || coalesce((SELECT array_agg(j.provider ORDER BY j.id)
+                                            FROM joined j), '{}'),
+                   v_hosts || coalesce((SELECT array_agg(
+                               substring(j.webhook_url FROM '^[a-z]+://([^/:?#]+)')
+                               ORDER BY j.id) FROM joined j), '{}'),
+                   v_channels || coalesce((SELECT array_agg(j.channel ORDER BY j.id)
+                                           FROM joined j), '{}'),
+                   v_okeys || coalesce((SELECT array_agg(j.ordering_key ORDER BY j.id)
+                                        FROM joined j), '{}'),
+                   v_oids || coalesce((SELECT array_agg(j.outbox_id ORDER BY j.id)
+                                       FROM joined j), '{}'),
+                   v_users || coalesce((SELECT array_agg(j.user_id ORDER BY j.id)
+                                        FROM joined j), '{}'),
+                   v_alone || coalesce((SELECT array_agg(j.digest_alone ORDER BY j.id)
+                                        FROM joined j), '{}'),
+                   v_passed || ARRAY(SELECT q.id FROM queued q WHERE NOT (q.id = ANY (v_ids))
+                                       AND NOT EXISTS (SELECT FROM joined j WHERE j.id = q.id))
+            INTO v_contended, v_ids, v_keys, v_providers, v_hosts, v_channels, v_okeys,
+                 v_oids, v_users, v_alone, v_passed;
             v_q_keys := v_q_keys || v_key;
-            v_q_heads := v_q_heads || v_head;
-            v_q_busy := v_q_busy || v_busy;
             v_q_contended := v_q_contended || v_contended;
         END LOOP;
     END IF;
@@ -447,24 +470,78 @@ BEGIN
         ) lim
         WHERE t.target_key = ANY (v_keys);
 
+        -- The chat-bot targets' queues, read under the targets' locks (a claim that took a
+        -- target's lock before this one has committed: what it queued, or sent, is seen here).
+        -- A due record of the target that another claim held when this one locked its own
+        -- (still waiting, or sent by it since), older than the newest this claim's digest
+        -- would hold: the digest would leave a hole, so this claim takes no call of the queue
+        -- (it queues its records, and the next claim of the target takes the front in order).
+        IF v_providers && p_digest
+           AND (cardinality(v_skipped) > 0
+                OR EXISTS (SELECT FROM outbox_notifier.notification_records q
+                           WHERE q.digest_target IS NOT NULL
+                             AND q.status IN ('pending', 'sending'))) THEN
+            SELECT coalesce(array_agg(d.k), '{}'), coalesce(array_agg(h.id), '{}'),
+                   coalesce(array_agg(b.until), '{}'), coalesce(array_agg(o.id), '{}')
+            INTO v_d_keys, v_d_heads, v_d_busy, v_d_skipped
+            FROM (SELECT DISTINCT u.k FROM unnest(v_keys, v_providers) AS u(k, p)
+                  WHERE u.k IS NOT NULL AND u.p = ANY (p_digest)) d
+            LEFT JOIN LATERAL (
+                SELECT q.id FROM outbox_notifier.notification_records q
+                WHERE q.digest_target = d.k AND q.status = 'pending'
+                ORDER BY q.id LIMIT 1
+            ) h ON true
+            LEFT JOIN LATERAL (
+                SELECT max(q.lease_expires_at) AS until FROM outbox_notifier.notification_records q
+                WHERE q.digest_target = d.k AND q.status = 'sending'
+            ) b ON true
+            LEFT JOIN LATERAL (
+                SELECT min(o.id) AS id
+                FROM outbox_notifier.notification_records o
+                JOIN outbox_notifier.notification_channels ch
+                  ON ch.user_id = o.user_id AND ch.channel = o.channel AND ch.enabled
+                WHERE o.id = ANY (v_skipped) AND NOT o.digest_alone
+                  AND (o.status = 'sending'
+                       OR o.status = 'pending'
+                          AND (o.next_retry_at IS NULL OR o.next_retry_at <= now()))
+                  AND outbox_notifier.target_key(ch.webhook_url) = d.k
+            ) o ON true;
+        END IF;
+
         -- What each candidate gets: a call of its own ('single'), a place in its target's
         -- digest ('digest'), or a wait ('wait': until the budget allows; 'busy': a call of its
-        -- target's queue is in flight; 'contended': another claim holds the queue's head;
-        -- 'next': behind this claim's digest). A target whose provider digests and whose slot
+        -- target's queue is in flight; 'contended': another claim has the front of the queue,
+        -- or holds records the call would have to leave behind; 'next': behind this claim's
+        -- digest). A target whose provider digests and whose slot
         -- is not a probe: its records to be sent alone (digest_alone) take the budget first,
         -- one call each; the others go one call each while they fit what is left and its queue
         -- is empty, else the oldest p_digest_max go as one call, the digest, when a call is
         -- left and none of its queue is in flight. Any other target: as many calls as its
         -- allowance, oldest first.
-        WITH c AS (
+        WITH ranked AS (
             SELECT u.id, u.k, u.alone, u.k IS NOT NULL AND u.p = ANY (p_digest) AS digests,
                    row_number() OVER (PARTITION BY u.k ORDER BY u.id) AS rn,
                    row_number() OVER (PARTITION BY u.k, u.alone ORDER BY u.id) AS rn_kind,
                    count(*) FILTER (WHERE u.alone) OVER (PARTITION BY u.k) AS n_alone,
-                   count(*) FILTER (WHERE NOT u.alone) OVER (PARTITION BY u.k) AS n_queued
+                   count(*) FILTER (WHERE NOT u.alone) OVER (PARTITION BY u.k) AS n_queued,
+                   min(u.id) FILTER (WHERE NOT u.alone) OVER (PARTITION BY u.k) AS oldest,
+                   max(u.id) FILTER (WHERE NOT u.alone) OVER (PARTITION BY u.k) AS newest
             FROM unnest(v_ids, v_keys, v_providers, v_alone) AS u(id, k, p, alone)
+        ), c AS (
+            -- the newest record a digest of the target would hold
+            SELECT r.*, max(r.id) FILTER (WHERE NOT r.alone AND r.rn_kind <= p_digest_max)
+                            OVER (PARTITION BY r.k) AS last_member
+            FROM ranked r
+        ), queues AS (
+            -- contended: another claim held the front of the queue when this one took it, or
+            -- holds its head now (a head passed over for an operator's hold is not the front)
+            SELECT d.k, d.head, d.busy, d.skipped,
+                   coalesce(q.contended, false)
+                   OR d.head IS NOT NULL AND NOT d.head = ANY (v_ids || v_passed) AS contended
+            FROM unnest(v_d_keys, v_d_heads, v_d_busy, v_d_skipped) AS d(k, head, busy, skipped)
+            LEFT JOIN unnest(v_q_keys, v_q_contended) AS q(k, contended) ON q.k = d.k
         ), fate AS (
-            SELECT c.id, c.k, c.alone, c.digests, q.busy,
+            SELECT c.id, c.k, c.alone, c.digests, c.oldest, q.busy,
                    CASE
                        WHEN c.k IS NULL THEN 'single'
                        WHEN NOT c.digests OR b.probe OR b.throttle_probe OR c.alone THEN
@@ -472,10 +549,11 @@ BEGIN
                                                 AND NOT b.throttle_probe
                                            THEN c.rn_kind ELSE c.rn END) <= b.allow
                                 THEN 'single' ELSE 'wait' END
-                       WHEN q.head IS NULL AND q.busy IS NULL
-                            AND c.n_queued <= b.allow - least(c.n_alone, b.allow) THEN 'single'
                        WHEN q.busy IS NOT NULL THEN 'busy'
-                       WHEN q.contended THEN 'contended'
+                       WHEN q.head IS NULL
+                            AND c.n_queued <= b.allow - least(c.n_alone, b.allow) THEN
+                           CASE WHEN q.skipped < c.newest THEN 'contended' ELSE 'single' END
+                       WHEN q.contended OR q.skipped < c.last_member THEN 'contended'
                        WHEN b.allow - least(c.n_alone, b.allow) < 1 THEN 'wait'
                        WHEN c.rn_kind <= p_digest_max THEN 'digest'
                        ELSE 'next'
@@ -483,8 +561,7 @@ BEGIN
             FROM c
             LEFT JOIN unnest(v_b_keys, v_b_probe, v_b_throttle_probe, v_b_allow)
                  AS b(target_key, probe, throttle_probe, allow) ON b.target_key = c.k
-            LEFT JOIN unnest(v_q_keys, v_q_heads, v_q_busy, v_q_contended)
-                 AS q(target_key, head, busy, contended) ON q.target_key = c.k
+            LEFT JOIN queues q ON q.k = c.k
         ), messages AS (
             -- one message id per digest of two records or more
             SELECT f.k, nextval('outbox_notifier.message_id_seq') AS id
@@ -496,7 +573,12 @@ BEGIN
                        AS queue,
                    CASE f.fate
                        WHEN 'busy' THEN greatest(v_now, f.busy) + interval '1 second'
-                       WHEN 'contended' THEN v_now + interval '0.25 seconds'
+                       -- one record looks again soon; the claim that meets it takes the
+                       -- queue's front, the others with it (they wait in the queue)
+                       WHEN 'contended' THEN CASE WHEN f.id = f.oldest
+                                                  THEN v_now + interval '0.25 seconds'
+                                                  ELSE v_now + make_interval(secs => p_lease_s + 1)
+                                             END
                        WHEN 'next' THEN v_now + make_interval(secs => p_lease_s + 1)
                    END AS until
             FROM fate f LEFT JOIN messages m ON m.k = f.k AND f.fate = 'digest'
@@ -514,9 +596,9 @@ BEGIN
         FROM decided d;
 
         -- The calls about to be made (a digest is one call) go into the log of each paced or
-        -- slowed target (entries older than a minute drop out); a probe re-arms the pause so no other replica probes
-        -- meanwhile, and a throttle probe holds the target a second (the probe's reply lifts
-        -- or renews the throttle).
+        -- slowed target (entries older than a minute drop out); a probe re-arms the pause so
+        -- no other replica probes meanwhile, and a throttle probe holds the target a second
+        -- (the probe's reply lifts or renews the throttle).
         UPDATE outbox_notifier.targets t
         SET recent_sends = CASE WHEN b.logged THEN (
                 SELECT coalesce(array_agg(s ORDER BY s), '{}')
@@ -548,9 +630,9 @@ BEGIN
         -- more call: the end of a pause or throttle, or when the call that fills a window
         -- leaves it (the per_s-th / per_min-th newest entry of the log, sorted oldest first).
         -- Records waiting behind a call of their queue wait until a second past its lease (a
-        -- result that lands wakes the queue's head at once: apply_results); a contended queue
-        -- is looked at again in a quarter of a second. A chat-bot record that waits joins its
-        -- target's queue; any other leaves the queue it was in.
+        -- result that lands wakes the queue's head at once: apply_results); of a contended
+        -- queue's, the oldest is looked at again in a quarter of a second. A chat-bot record
+        -- that waits joins its target's queue; any other leaves the queue it was in.
         UPDATE outbox_notifier.notification_records r
         SET next_retry_at = coalesce(w.until, greatest(
                 v_now + make_interval(secs => 0.05),

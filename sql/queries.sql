@@ -144,10 +144,11 @@ SELECT extract(epoch FROM least(
 --   the record ends (anything but 'failed', which the replay's retries still belong to);
 -- * digests (0015): the records of one call share its message_id in their attempt rows, and
 --   only the result with call_records (the one that stands for the call) counts it for the
---   breaker and the throttle (one call, however many records). A record the call did not carry (unsent: the digest left it
---   out to keep the platform's limits) gets no attempt row: it goes back to pending, due at
---   once, its attempt not spent, and stays first in its target's queue. A record to be tried
---   alone next (alone_next: its digest was refused for its payload) is marked digest_alone.
+--   breaker and the throttle (one call, however many records). A record the call did not
+--   carry (unsent: the digest left it out to keep the platform's limits) gets no attempt row:
+--   it goes back to pending, due at once, its attempt not spent, and stays first in its
+--   target's queue. A record to be tried alone next (alone_next: its digest was refused for
+--   its payload) is marked digest_alone.
 --   Every other result takes its record out of its queue, and wakes the queue's head (due at
 --   once; a head another transaction holds is passed over, never waited for), so the target's
 --   next digest goes as soon as this one's result has landed.
