@@ -45,8 +45,9 @@ SETTLED = (
 
 
 def carried(request: Recorded) -> list[int]:
-    """The records a message carried, in the order it lists them."""
-    return [int(n) for n in RECORD.findall(request.body)]
+    """The records a message carried, in the order it lists them (once each: Slack's single
+    message names its record twice, as the fallback text and in its block)."""
+    return [int(n) for n in dict.fromkeys(RECORD.findall(request.body))]
 
 
 def commit_burst(
