@@ -304,7 +304,7 @@ class AppliedResults(msgspec.Struct, frozen=True, kw_only=True):
 
     records: list[AppliedRecord]  # one per result whose record still exists
     tripped: list[str]  # keys of the targets whose breaker this batch opened
-    woke: bool = False  # the batch made the next record of a digest queue due
+    woke: bool = False  # the batch made records of a digest queue due (a woken head, left-outs)
 
     @property
     def applied(self) -> list[AppliedRecord]:

@@ -156,9 +156,9 @@ SELECT extract(epoch FROM least(
 -- exists, with what logging and metrics need (status NULL: a late result, not applied), on
 -- each row the keys of the targets whose breaker this batch tripped (their paused_until set),
 -- whether the record has an ordering key (the next of its key is then released by
--- release_next_in_order, a statement of its own: see there), and whether the batch woke a
--- digest queue. The target is the channel's current webhook URL: a URL edited during the call
--- is tallied against its new target, the one the next claim paces.
+-- release_next_in_order, a statement of its own: see there), and whether the batch made a
+-- digest queue's records due (woke). The target is the channel's current webhook URL: a URL
+-- edited during the call is tallied against its new target, the one the next claim paces.
 WITH input AS (
     SELECT *
     FROM jsonb_to_recordset(%(results)s::jsonb) AS t(
@@ -291,7 +291,8 @@ WITH input AS (
 )
 SELECT known.record_id, known.channel, settled.status, settled.latency_s, known.trace_id,
        known.dedupe_key, tripped.keys, coalesce(settled.ordered, false),
-       EXISTS (SELECT FROM woken) AS woke
+       -- records of a queue due now: the woken heads, and those a digest left out
+       EXISTS (SELECT FROM woken) OR EXISTS (SELECT FROM unsent) AS woke
 FROM known LEFT JOIN settled ON settled.id = known.record_id CROSS JOIN tripped;
 
 -- name: lock_next_in_order

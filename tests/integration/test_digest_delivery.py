@@ -275,3 +275,33 @@ async def test_records_a_message_cannot_hold_go_in_the_next_without_spending_att
         (i, 1) for i in range(20)
     ]
     assert scalar(conn, "SELECT max(attempt_count) FROM outbox_notifier.notification_records") == 1
+
+
+async def test_users_sharing_a_robot_share_its_digests_one_recipient_a_message(
+    db: str, conn: psycopg.Connection[Any], srv: FeishuServer
+) -> None:
+    # A group robot three users' channels name: alike for users 1 and 2, signed for user 3 (a
+    # message is signed with one secret, so user 3's records go in messages of their own).
+    # In turn, as here, the records of a message are the oldest that share a recipient: eight
+    # calls for twelve records, within a budget of 10 a minute that the 12 exceed.
+    url = srv.dingtalk_url("group")
+    add_channel(conn, 1, url, provider="dingtalk_bot")
+    add_channel(conn, 2, url, provider="dingtalk_bot")
+    add_channel(conn, 3, url, provider="dingtalk_bot", auth_kind="bot_secret", secret="SEC-x")
+    daemon = Daemon(settings_for(db, dingtalk_max_per_min=10))
+    async with running(daemon):
+        await eventually(lambda: daemon.listener_up, what="listening")
+        with conn.transaction():
+            for i in range(12):  # users 1, 2, 3, 1, 2, 3, ...
+                enqueue(
+                    conn, payload(f"k-{i}", user_id=i % 3 + 1, summary_text=f"record {i} moved.")
+                )
+        await eventually(lambda: scalar(conn, SETTLED) == 12, timeout_s=30, what="settled")
+    messages = srv.requests_to("/robot/send")
+    signed = [carried(m) for m in messages if "sign=" in m.query]
+    assert signed == [[2], [5], [8], [11]]  # user 3's, and only theirs, signed
+    assert [carried(m) for m in messages if "sign=" not in m.query] == [
+        [0, 1], [3, 4], [6, 7], [9, 10],
+    ]  # fmt: skip
+    assert [i for m in messages for i in carried(m)] == list(range(12))
+    assert scalar(conn, "SELECT max(attempt_count) FROM outbox_notifier.notification_records") == 1
