@@ -23,6 +23,7 @@ from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.delivery import calls_of, to_result, unsent_result
 from outbox_notifier.names import Outcome
 from outbox_notifier.providers.model import SendResult
+from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import (
     AttemptResult,
     ClaimedRecord,
@@ -31,7 +32,8 @@ from outbox_notifier.store import (
     Pacing,
     RecordStore,
 )
-from tests.support import add_channel, enqueue, payload, relay_for, scalar
+from tests.integration.test_pipeline import _CLAIM_PARAMS, _plans
+from tests.support import add_channel, enqueue, fill_history, payload, relay_for, scalar
 
 DINGTALK = "https://oapi.dingtalk.com/robot/send?access_token=group-robot"
 LEASE_S = 30.0
@@ -267,3 +269,28 @@ async def test_a_provider_without_digests_is_paced_a_call_per_record(
     claimed = await store.claim_records(100, off)
     assert len(claimed) == 5 and all(r.message_id is None for r in claimed)
     assert all(queue is None for _, _, queue, _ in waiting(conn))
+
+
+def test_the_claim_reads_digest_queues_through_their_partial_index(
+    conn: psycopg.Connection[Any],
+) -> None:
+    # A long history, a robot over its budget with a queue: every probe of the queue (is any
+    # queue in use, its head, whether a call of it is in flight, its front) walks the queue's
+    # partial index, never the records.
+    fill_history(conn)
+    add_channel(conn, 1, DINGTALK, provider="dingtalk_bot")
+    conn.execute(
+        "INSERT INTO outbox_notifier.notification_records"
+        " (channel, user_id, preview_id, dedupe_key, target_url, next_retry_at, digest_target)"
+        " SELECT 'feishu', 1, 'p', 'q' || g, '/x', now() - interval '1 s', %s"
+        " FROM generate_series(1, 30) g",
+        (scalar(conn, "SELECT outbox_notifier.target_key(%s)", (DINGTALK,)),),
+    )
+    conn.execute("ANALYZE outbox_notifier.notification_records")
+    params = _CLAIM_PARAMS | {
+        "paced": "{dingtalk_bot}", "per_s": "{0}", "per_min": "{5}",
+        "digest": "{dingtalk_bot}", "digest_max_records": 20,
+    }  # fmt: skip
+    plans = _plans(conn, query("claim_records").encode(), params)
+    assert "using records_digest_queue_idx" in plans, plans
+    assert "Seq Scan on notification_records" not in plans, plans
