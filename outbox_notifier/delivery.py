@@ -39,6 +39,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Final
 
 import msgspec
 
@@ -66,6 +67,13 @@ from outbox_notifier.store import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Answers a digest gets before any message is made that hold for every record sharing its
+#: recipient: the channel row missing or off, its URL outside the policy, its signing secret
+#: missing. (A body too large is the first record's own: the others go on without it.)
+RECIPIENT_WIDE: Final = frozenset(
+    {ErrorCode.RECIPIENT_MISSING, ErrorCode.INVALID_URL, ErrorCode.PROVIDER_AUTH_FAILED}
+)
 
 
 def to_delivery(record: ClaimedRecord) -> Delivery:
@@ -434,7 +442,11 @@ class Deliverer:
             else:
                 digest = await call_digest(merger, first.provider, shared)
                 sent, included = digest.result, digest.included
-            for number, record in enumerate(records[:included]):
+            # No message was made, for a reason of the recipient's: every record sharing it
+            # gets the answer now, as its own call would, rather than a slot of the budget each.
+            no_message = sent.http_status is None and sent.request_json is None
+            answered = len(shared) if no_message and sent.error_code in RECIPIENT_WIDE else included
+            for number, record in enumerate(records[:answered]):
                 own_span = (
                     tracing.active.process(record) if number else contextlib.nullcontext(span)
                 )
@@ -448,7 +460,7 @@ class Deliverer:
                     )  # fmt: skip
                     own.finished(result.outcome, result.error_code, result.status)
                 results.append(result)
-        results += [unsent_result(record, started_at) for record in records[included:]]
+        results += [unsent_result(record, started_at) for record in records[answered:]]
         # One after the other, so that they reach one batch; more are due after the last one
         # if any other call is in flight (this one still is in the set).
         for number, result in enumerate(results, 1):

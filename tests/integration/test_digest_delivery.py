@@ -305,3 +305,19 @@ async def test_users_sharing_a_robot_share_its_digests_one_recipient_a_message(
     ]  # fmt: skip
     assert [i for m in messages for i in carried(m)] == list(range(12))
     assert scalar(conn, "SELECT max(attempt_count) FROM outbox_notifier.notification_records") == 1
+
+
+async def test_a_recipient_no_message_can_reach_ends_the_whole_digest_at_once(
+    db: str, conn: psycopg.Connection[Any], srv: FeishuServer
+) -> None:
+    # the channel's URL is outside the DingTalk policy (host 127.0.0.1 only): no message can
+    # be made for any of its records, and each gets that answer at once, not a slot each
+    add_channel(conn, 1, srv.dingtalk_url().replace("127.0.0.1", "localhost"),
+                provider="dingtalk_bot")  # fmt: skip
+    await deliver(db, conn, 5, dingtalk_max_per_min=3)
+    ended = conn.execute(
+        "SELECT DISTINCT status, last_error_code FROM outbox_notifier.notification_records"
+    ).fetchall()
+    assert ended == [("dead", "invalid_url")]
+    assert srv.requests == []
+    assert scalar(conn, "SELECT cardinality(recent_sends) FROM outbox_notifier.targets") == 1
