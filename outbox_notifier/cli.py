@@ -19,14 +19,11 @@ import psycopg
 
 from outbox_notifier import __version__, logs, names, operator, settings
 
+# Defined beside the commands that print and return them too (operator, pauses).
+from outbox_notifier.operator import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG
+
 if TYPE_CHECKING:
     from outbox_notifier import migrations
-
-PROG = "outbox-notifier"
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 NO_DATABASE = "no database: pass --dsn or set OUTBOX_NOTIFIER_DSN"
 
@@ -56,19 +53,23 @@ _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
+def _iso_time(text: str, expected: str) -> dt.datetime:
+    """An ISO 8601 time, UTC when no offset is given; ``expected`` names the accepted forms
+    in the error."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 def _timestamp(text: str) -> dt.datetime:
     """An ISO 8601 time (UTC when no offset is given) or an age like ``30m``, ``6h``, ``2d``."""
     relative = _RELATIVE.match(text.strip())
     if relative:
         amount, unit = relative.groups()
         return dt.datetime.now(dt.UTC) - dt.timedelta(**{_UNITS[unit]: int(amount)})
-    try:
-        value = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an ISO 8601 time or an age like 6h, got {text!r}"
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return _iso_time(text, "an ISO 8601 time or an age like 6h")
 
 
 def _duration(text: str) -> dt.timedelta:
@@ -82,13 +83,7 @@ def _duration(text: str) -> dt.timedelta:
 
 def _future_time(text: str) -> dt.datetime:
     """An RFC 3339 / ISO 8601 time (UTC when no offset is given)."""
-    try:
-        value = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an RFC 3339 time such as 2026-12-01T18:00:00Z, got {text!r}"
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return _iso_time(text, "an RFC 3339 time such as 2026-12-01T18:00:00Z")
 
 
 #: The options accepted before and after the subcommand: (name, add_argument keywords).

@@ -264,14 +264,7 @@ class Daemon:
         """Starts every stage's loop (each owns its loop, see outbox_notifier.loops), then on
         stop cancels all but delivery, which drains within ``shutdown_deadline_s``."""
         settings, ctx = self.settings, self.loops
-        relay = Relay(
-            store,
-            batch_size=settings.relay_batch_size,
-            batch_bytes=settings.relay_batch_bytes,
-            max_payload_bytes=settings.max_payload_bytes,
-            max_attempts=settings.max_attempts,
-            summary_max_runes=settings.summary_max_runes,
-        )
+        relay = Relay.from_settings(settings, store)
         rescuer = Rescuer(store, self.policy, interval_s=settings.retry_interval_s)
         maintenance = Maintenance(
             MaintenanceStore(store.pool, timeouts=store.timeouts, session=store.session),

@@ -32,6 +32,8 @@ from outbox_notifier.dbhealth import first_line
 from outbox_notifier.settings import Settings
 from outbox_notifier.sqlfiles import query
 
+# The command's name in messages and its exit codes (outbox_notifier.cli documents them); the
+# CLI and pauses take them from here.
 PROG = "outbox-notifier"
 
 EXIT_OK = 0

@@ -26,6 +26,7 @@ from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import CHANNEL
 from outbox_notifier.records import record_fields
 from outbox_notifier.reports import RelayReport as RelayReport  # re-exported
+from outbox_notifier.settings import Settings
 from outbox_notifier.store import (
     Connection,
     NewRecord,
@@ -55,6 +56,19 @@ class Relay:
     max_payload_bytes: int
     max_attempts: int
     summary_max_runes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: RecordStore) -> Relay:
+        """The relay the daemon runs: its batch bounds and the records' limits from
+        ``settings``."""
+        return cls(
+            store,
+            batch_size=settings.relay_batch_size,
+            batch_bytes=settings.relay_batch_bytes,
+            max_payload_bytes=settings.max_payload_bytes,
+            max_attempts=settings.max_attempts,
+            summary_max_runes=settings.summary_max_runes,
+        )
 
     async def run(
         self, ctx: LoopContext, wake: asyncio.Event, created: asyncio.Event, poll_interval_s: float

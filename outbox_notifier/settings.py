@@ -39,7 +39,7 @@ import tomllib
 import typing
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from psycopg import conninfo
@@ -292,40 +292,8 @@ def _check_values(s: Settings) -> None:
                 name,
                 "not a valid connection string (expected key=value pairs or a postgresql:// URL)",
             )
-    if s.pool_max_size < s.pool_min_size:
-        raise _invalid(
-            "pool_max_size",
-            f"must be >= pool_min_size, got {s.pool_max_size} "
-            f"while pool_min_size = {s.pool_min_size}",
-            related="pool_min_size",
-        )
-    if s.lease_s <= s.http_timeout_s:
-        raise _invalid(
-            "lease_s",
-            "must be greater than http_timeout_s (a lease must outlive the call it guards), "
-            f"got {s.lease_s} while http_timeout_s = {s.http_timeout_s}",
-            related="http_timeout_s",
-        )
-    if s.health_stale_s <= s.db_deadline_s:
-        raise _invalid(
-            "health_stale_s",
-            "must be greater than db_deadline_s (a loop waiting on a bounded database call is "
-            f"alive), got {s.health_stale_s} while db_deadline_s = {s.db_deadline_s}",
-            related="db_deadline_s",
-        )
-    if s.relay_batch_bytes < s.max_payload_bytes:
-        raise _invalid(
-            "relay_batch_bytes",
-            "must be >= max_payload_bytes (a batch must hold the largest payload allowed), "
-            f"got {s.relay_batch_bytes} while max_payload_bytes = {s.max_payload_bytes}",
-            related="max_payload_bytes",
-        )
-    if s.retry_max_s < s.retry_base_s:
-        raise _invalid(
-            "retry_max_s",
-            f"must be >= retry_base_s, got {s.retry_max_s} while retry_base_s = {s.retry_base_s}",
-            related="retry_base_s",
-        )
+    for order in _ORDERS:
+        order.check(s)
     if s.event_loop == "uvloop" and not eventloop.uvloop_available():
         raise _invalid("event_loop", "'uvloop' is not installed (pip install uvloop, or 'auto')")
     if s.log_level.upper() not in LOG_LEVELS:
@@ -365,6 +333,41 @@ def _check_values(s: Settings) -> None:
                 "frontend_base_url",
                 f"expected an http:// or https:// URL, got {s.frontend_base_url!r}",
             )
+
+
+class _Order(NamedTuple):
+    """``setting`` must not fall below ``bound`` (another setting): ``strict``, it must be
+    greater; ``why`` says what breaks otherwise."""
+
+    setting: str
+    bound: str
+    strict: bool = False
+    why: str = ""
+
+    def check(self, s: Settings) -> None:
+        value, bound = getattr(s, self.setting), getattr(s, self.bound)
+        if value > bound or (value == bound and not self.strict):
+            return
+        relation = "greater than" if self.strict else ">="
+        because = f" ({self.why})" if self.why else ""
+        raise _invalid(
+            self.setting,
+            f"must be {relation} {self.bound}{because}, got {value} while {self.bound} = {bound}",
+            related=self.bound,
+        )
+
+
+# Settings bounded by another, checked in this order: the first broken is the one named.
+_ORDERS = (
+    _Order("pool_max_size", "pool_min_size"),
+    _Order("lease_s", "http_timeout_s", strict=True,
+           why="a lease must outlive the call it guards"),
+    _Order("health_stale_s", "db_deadline_s", strict=True,
+           why="a loop waiting on a bounded database call is alive"),
+    _Order("relay_batch_bytes", "max_payload_bytes",
+           why="a batch must hold the largest payload allowed"),
+    _Order("retry_max_s", "retry_base_s"),
+)  # fmt: skip
 
 
 def _check_url_policy(s: Settings, provider: str) -> None:

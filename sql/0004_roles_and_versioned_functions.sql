@@ -58,6 +58,43 @@ REVOKE EXECUTE ON FUNCTION outbox_notifier.enqueue(text, jsonb, text),
 -- Producers: outbox_notifier.enqueue() and nothing else.
 GRANT EXECUTE ON FUNCTION outbox_notifier.enqueue(text, jsonb, text) TO outbox_notifier_producer;
 
+-- The callers of 0.1.0 keep their calls. There, these functions ran with the caller's rights, so
+-- a producer role needed INSERT on outbox and an operator role UPDATE on notification_records;
+-- the REVOKE above would take enqueue (and requeue) from them the moment this migration
+-- commits, failing the application's own transactions until someone grants the new roles.
+-- Each role granted those table rights by name keeps EXECUTE on the functions it could call
+-- (granted by the functions' owner, who runs migrate: no CREATEROLE needed). The table rights
+-- alone already let such a role write the rows these functions write, so this gives nothing
+-- new. A grant to PUBLIC is not carried over (that would undo the REVOKE): a warning says so.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT a.grantee, c.relname
+        FROM pg_catalog.pg_class c, aclexplode(c.relacl) a
+        WHERE (c.oid, a.privilege_type) IN (('outbox_notifier.outbox'::regclass, 'INSERT'),
+                                            ('outbox_notifier.notification_records'::regclass,
+                                             'UPDATE'))
+          AND a.grantee <> c.relowner
+    LOOP
+        IF r.grantee = 0 THEN
+            RAISE WARNING 'PUBLIC may write %, but outbox_notifier''s functions are no longer '
+                          'executable by PUBLIC: grant outbox_notifier_producer (enqueue) or '
+                          'outbox_notifier_operator (requeue) to the roles that call them',
+                          r.relname;
+        ELSIF r.relname = 'outbox' THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION outbox_notifier.enqueue(text, jsonb, text) '
+                           'TO %s', r.grantee::regrole);
+        ELSE
+            EXECUTE format('GRANT EXECUTE ON FUNCTION outbox_notifier.requeue(bigint), '
+                           'outbox_notifier.requeue_dead(text, text, timestamptz, timestamptz) '
+                           'TO %s', r.grantee::regrole);
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- The daemon: exactly what its statements need (sql/queries.sql, sql/metrics.sql, the
 -- retention and lease statements of sql/operator.sql), statement by statement:
 -- * relay: claim_outbox reads and row-locks the outbox (FOR UPDATE needs UPDATE), relay_outbox

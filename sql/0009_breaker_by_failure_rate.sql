@@ -48,9 +48,10 @@ ALTER TABLE outbox_notifier.targets
     ADD COLUMN throttled_until  timestamptz,
     ADD COLUMN slowed_until     timestamptz;
 
--- Targets the delivery claim must lock and budget: failing or paused ones (those of
--- targets_attention_idx, 0008), open breakers, throttled and slowed targets. Empty while every
--- target is healthy.
+-- Targets the delivery claim must lock and budget: failing or paused ones, open breakers,
+-- throttled and slowed targets. Empty while every target is healthy. It is built in the
+-- migration's transaction (not CONCURRENTLY): targets holds one row per webhook URL, and the
+-- build takes a moment's SHARE lock that claims (readers) pass and result writes wait out.
 CREATE INDEX targets_trouble_idx ON outbox_notifier.targets (target_key)
     WHERE consecutive_failures > 0 OR paused_until IS NOT NULL OR breaker_open
           OR throttled_until IS NOT NULL OR slowed_until IS NOT NULL;

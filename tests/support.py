@@ -53,15 +53,7 @@ def settings_for(dsn: str, **overrides: Any) -> Settings:
 def relay_for(store: RecordStore, **overrides: Any) -> Relay:
     """The relay as the daemon builds it from its settings: the defaults with ``overrides``
     (setting names, e.g. ``relay_batch_size=10``)."""
-    s = Settings(**overrides)
-    return Relay(
-        store,
-        batch_size=s.relay_batch_size,
-        batch_bytes=s.relay_batch_bytes,
-        max_payload_bytes=s.max_payload_bytes,
-        max_attempts=s.max_attempts,
-        summary_max_runes=s.summary_max_runes,
-    )
+    return Relay.from_settings(Settings(**overrides), store)
 
 
 def payload(dedupe_key: str, user_id: int = 1, **fields: Any) -> dict[str, Any]:

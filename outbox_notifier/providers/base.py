@@ -112,6 +112,23 @@ def bearer_auth(recipient: Recipient) -> dict[str, str]:
     return {"Authorization": "Bearer " + token}
 
 
+def signing_secret(recipient: Recipient, label: str) -> str | None:
+    """The secret a ``bot_secret`` recipient signs with (stripped); None for a recipient that
+    does not sign.
+
+    Raises ``NotSent`` for one that signs without a secret: a configuration fault, not worth
+    retrying. ``label`` names the channel in the message.
+    """
+    if recipient.auth_kind != "bot_secret":
+        return None
+    secret = (recipient.auth_secret or "").strip()
+    if not secret:
+        raise NotSent(
+            ErrorCode.PROVIDER_AUTH_FAILED, f"{label} channel wants signing but has no secret"
+        )
+    return secret
+
+
 class HttpOptions(TypedDict, total=False):
     """``HttpProvider``'s options, for a subclass that adds its own (``**options``)."""
 

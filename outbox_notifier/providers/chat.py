@@ -108,5 +108,10 @@ class ChatBotProvider(base.HttpProvider):
             return None
         return self.request(encoded, recipient, url)
 
+    def code_result(self, code: int, msg: str) -> tuple[Outcome, ErrorCode | None]:
+        """A non-zero reply code's result, from ``codes``: a code not in it is a permanent
+        ``payload_invalid``."""
+        return self.codes.get(code, (Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID))
+
     def classify(self, reply: model.HttpReply) -> model.Verdict:
-        return replies.coded_verdict(reply, self.code_label, self.codes, *self.code_fields)
+        return replies.coded_verdict(reply, self.code_label, self.code_result, *self.code_fields)

@@ -66,7 +66,7 @@ import msgspec
 from outbox_notifier import message
 from outbox_notifier.names import ErrorCode, Outcome
 
-from . import bodies, chat, model
+from . import base, bodies, chat, model
 
 __all__ = ["DINGTALK_BODY_MAX_BYTES", "DINGTALK_CODES", "DingTalkBotProvider", "dingtalk_sign"]
 
@@ -122,14 +122,9 @@ class DingTalkBotProvider(chat.ChatBotProvider):
         self, body: bytes, recipient: model.Recipient, url: httpx.URL
     ) -> model.PreparedRequest:
         request = super().request(body, recipient, url)
-        if recipient.auth_kind != "bot_secret":
+        secret = base.signing_secret(recipient, self.label)
+        if secret is None:
             return request
-        secret = (recipient.auth_secret or "").strip()
-        if not secret:
-            raise model.NotSent(
-                ErrorCode.PROVIDER_AUTH_FAILED,
-                "dingtalk bot channel wants signing but has no secret",
-            )
         # Fresh on every call: DingTalk refuses a timestamp more than an hour off. The body
         # holds no secret (the signature travels in the query), so it is stored as sent.
         timestamp_ms = int(self._clock().timestamp() * 1000)

@@ -325,14 +325,9 @@ class FeishuBotProvider(base.HttpProvider):
     def _sign(self, unsigned: BotMessage, recipient: model.Recipient) -> tuple[BotMessage, str]:
         """``unsigned`` with its ``timestamp`` and ``sign`` when the channel signs, and the
         secret (empty when it does not)."""
-        if recipient.auth_kind != "bot_secret":
+        secret = base.signing_secret(recipient, self.label)
+        if secret is None:
             return unsigned, ""
-        secret = (recipient.auth_secret or "").strip()
-        if not secret:
-            raise model.NotSent(
-                ErrorCode.PROVIDER_AUTH_FAILED,
-                "feishu bot channel wants signing but has no secret",
-            )
         # Fresh on every call: Feishu refuses a timestamp more than an hour off.
         timestamp = str(int(self._clock().timestamp()))
         signed = msgspec.structs.replace(
@@ -376,17 +371,6 @@ class FeishuBotProvider(base.HttpProvider):
     def classify(self, reply: model.HttpReply) -> model.Verdict:
         """2xx (Feishu's usual way) or a 4xx carrying a Feishu code: the code decides; 429 and
         5xx stay as the status says, whatever the body."""
-        verdict, coded = replies.status_and_code(reply, "feishu bot webhook", *_CODE_FIELDS)
-        if coded is None:
-            return verdict
-        said = (
-            f"feishu code {coded.code}: {coded.msg}" if coded.msg else f"feishu code {coded.code}"
+        return replies.coded_verdict(
+            reply, "feishu bot webhook", classify_feishu_code, *_CODE_FIELDS, code_label="feishu"
         )
-        if verdict.outcome is Outcome.TEMPORARY_FAIL:
-            return msgspec.structs.replace(
-                verdict, error_message=f"{verdict.error_message}, {said}"
-            )
-        outcome, code = classify_feishu_code(coded.code, coded.msg)
-        if not 200 <= reply.status < 300:
-            said += f" (HTTP {reply.status})"
-        return model.Verdict(outcome=outcome, error_code=code, error_message=said)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -168,24 +168,23 @@ def status_and_code(
 def coded_verdict(
     reply: HttpReply,
     label: str,
-    codes: Mapping[int, tuple[Outcome, ErrorCode]],
+    judge: Callable[[int, str], tuple[Outcome, ErrorCode | None]],
     *fields: tuple[str, str],
+    code_label: str | None = None,
 ) -> Verdict:
     """The verdict of a provider that answers with an application code (``status_and_code``):
-    a non-zero code maps through ``codes``, any code not in it is a permanent
-    ``payload_invalid``; 429 and 5xx stay as the status says. The message reads
-    ``"<label> code <code>: <msg>"``, plus the status when it is not 2xx."""
+    ``judge`` gives a non-zero code's result from the code and its message; 429 and 5xx stay
+    as the status says. A status's message names ``label``, a code's reads
+    ``"<code_label> code <code>: <msg>"`` (``code_label`` defaults to ``label``), plus the
+    status when it is not 2xx."""
     verdict, coded = status_and_code(reply, label, *fields)
     if coded is None:
         return verdict
-    said = f"{label} code {coded.code}: {coded.msg}" if coded.msg else f"{label} code {coded.code}"
+    name = label if code_label is None else code_label
+    said = f"{name} code {coded.code}: {coded.msg}" if coded.msg else f"{name} code {coded.code}"
     if verdict.outcome is Outcome.TEMPORARY_FAIL:
-        return Verdict(
-            outcome=verdict.outcome,
-            error_code=verdict.error_code,
-            error_message=f"{verdict.error_message}, {said}",
-        )
-    outcome, code = codes.get(coded.code, (Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID))
+        return msgspec.structs.replace(verdict, error_message=f"{verdict.error_message}, {said}")
+    outcome, code = judge(coded.code, coded.msg)
     if not 200 <= reply.status < 300:
         said += f" (HTTP {reply.status})"
     return Verdict(outcome=outcome, error_code=code, error_message=said)

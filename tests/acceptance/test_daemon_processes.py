@@ -96,7 +96,7 @@ def test_killed_worker_records_are_finished_by_another_after_the_lease(
     for i in range(5):
         enqueue(conn, payload(f"k-{i}"))
     server.hold_all()
-    victim = start_daemon(db, "--set", "lease_s=6", "--set", "http_timeout_s=5")
+    victim = start_daemon(db, "--set", "lease_s=4", "--set", "http_timeout_s=3")
     try:
         server.wait_for_count_sync(5, timeout_s=30)
         assert _count(conn, "WHERE status = 'sending'") == 5
@@ -199,7 +199,7 @@ def test_systemd_notifications_from_a_real_daemon(db: str, tmp_path: Any) -> Non
     assert ready < watchdog < stopping, messages
 
 
-PACED = 50  # bot deliveries in the pacing test
+PACED = 25  # bot deliveries in the pacing test
 
 
 @pytest.mark.slow
@@ -207,8 +207,8 @@ PACED = 50  # bot deliveries in the pacing test
 def test_two_replicas_pace_one_bot_to_five_requests_per_second(
     db: str, conn: psycopg.Connection[Any], server: FeishuServer
 ) -> None:
-    # 50 deliveries at 5/s take 10 s: enough windows to show the cap holds across replicas
-    # (and that the pacing, not an idle wait, spaces them), without a minute of waiting.
+    # 25 deliveries at 5/s take 5 s: five windows to show the cap holds across replicas (and
+    # that the pacing, not an idle wait, spaces them), without a minute of waiting.
     add_channel(conn, 1, server.bot_url("paced"), provider="feishu_bot")
     with psycopg.connect(db) as producer:
         for i in range(PACED):

@@ -39,7 +39,7 @@ def test_random_5xx_never_pauses_a_healthy_target_and_nothing_idles(
     harness.add_channels(db, {1: server.flow_url("busy")})
     # fast 5xx, slower successes: the answers of one wave land failures first
     server.chaos(11, p_500=0.05, ok_delay_s=0.02)
-    producer = harness.Producer(db, 2000, users=[1], duration_s=5.0, redeliver_every=0, bad_every=0)
+    producer = harness.Producer(db, 2000, users=[1], duration_s=2.5, redeliver_every=0, bad_every=0)
     with (
         harness.Fleet(db, REPLICAS, *FAST_RETRIES, "breaker_cooloff_s=60") as fleet,
         harness.TargetWatch(db, server) as watch,
@@ -127,9 +127,13 @@ def test_a_target_that_only_throttles_is_slowed_never_paused_and_burns_no_attemp
     harness.add_channels(db, {1: server.flow_url("throttled")})
     server.script("throttled", [], then=Reply.rate_limited(1))
     producer = harness.Producer(db, 60, users=[1], duration_s=0.5, redeliver_every=0, bad_every=0)
-    throttle_s = 6.0
+    # 4 s of 429s: a call per record per second would be 240 calls, one probe a second 4 or so
+    throttle_s = 4.0
+    # Past the 429s the target stays slowed to throttle_max_per_s (5/s) for throttle_slowdown_s
+    # (renewed by every 429, so in force all through them): 2 s rather than 60 s, or the 60
+    # records would drain at 5/s for 12 s after the target recovers.
     with (
-        harness.Fleet(db, REPLICAS, *FAST_RETRIES) as fleet,
+        harness.Fleet(db, REPLICAS, *FAST_RETRIES, "throttle_slowdown_s=2") as fleet,
         harness.TargetWatch(db, server) as watch,
     ):  # fmt: skip
         fleet.wait_ready()

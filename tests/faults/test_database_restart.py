@@ -43,7 +43,7 @@ def test_database_restarts_lose_nothing_and_listen_comes_back(
 ) -> None:
     dsn = private_db
     harness.add_channels(dsn, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
-    producer = harness.Producer(dsn, EVENTS, users=range(1, USERS + 1), duration_s=10.0)
+    producer = harness.Producer(dsn, EVENTS, users=range(1, USERS + 1), duration_s=6.0)
     started = time.monotonic()
     outages: list[float] = []
     # A long poll interval: after the restarts only a working LISTEN makes delivery prompt.
@@ -57,7 +57,7 @@ def test_database_restarts_lose_nothing_and_listen_comes_back(
         fleet.wait_ready()
         producer.start()
         for _ in range(RESTARTS):
-            time.sleep(3.5)
+            time.sleep(2.0)
             down = time.monotonic()
             private_cluster.restart("fast")
             outages.append(time.monotonic() - down)

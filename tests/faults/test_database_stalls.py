@@ -12,9 +12,12 @@ the black hole drops its port's packets on loopback with iptables, always remove
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import inspect
 import itertools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +31,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from outbox_notifier.daemon import STARTUP_RETRY_MAX_S
+from outbox_notifier.http import HealthServer
 from outbox_notifier.testing.feishu_server import FeishuServer
 from outbox_notifier.testing.postgres import LocalCluster
 from tests.faults import harness
@@ -173,12 +178,22 @@ STALL_SETTINGS = (
 )
 
 
+# The lock scenario's bounds: the same shape, halved (it only needs the lock to outlast them).
+LOCK_STALE_S = 2.0
+LOCK_SETTINGS = (
+    f"health_stale_s={LOCK_STALE_S:g}",
+    "db_deadline_s=1",
+    "lock_timeout_s=0.5",
+    "statement_timeout_s=0.8",
+)
+
+
 @pytest.mark.timeout(120)
 def test_outbox_lock_past_health_stale_keeps_liveness_and_delivers(
     db: str, server: FeishuServer, tmp_path: Path
 ) -> None:
     harness.add_channels(db, {1: server.flow_url("ok")})
-    with daemon(db, tmp_path, *STALL_SETTINGS) as d:
+    with daemon(db, tmp_path, *LOCK_SETTINGS) as d:
         wait_for(lambda: d.status("/readyz") == 200, 30, "ready", d)
         with (
             psycopg.connect(db) as blocker,
@@ -194,7 +209,7 @@ def test_outbox_lock_past_health_stale_keeps_liveness_and_delivers(
                 " VALUES ('feishu', 1, 'p', 'relayed-before', '/x', 't')"
             )
             locked_at = time.monotonic()
-            hold_s = 10.0  # > 2 x health_stale_s
+            hold_s = 2.5 * LOCK_STALE_S  # > 2 x health_stale_s
             ready_answers = []
             while time.monotonic() - locked_at < hold_s:
                 code, body = d.get("/healthz", timeout_s=2.0)
@@ -294,29 +309,48 @@ def test_black_hole_keeps_liveness_and_recovers_within_10s(
 
 # -- an outage at start ---------------------------------------------------------------------
 
+# Small bounds, so a short outage outlasts them: the start-up tries back off 0.5, 1, 2, 4 s ...
+# (doubling up to a cap), and the database stays down until the daemon has failed
+# OUTAGE_TRIES of them. Its wait for the next try is then 4 s, twice health_stale_s, and the
+# outage as the daemon sees it (first try to the one that connects) about 7.5 s, several
+# times health_stale_s and db_deadline_s.
+OUTAGE_STALE_S = 2.0
+OUTAGE_SETTINGS = (f"health_stale_s={OUTAGE_STALE_S:g}", "db_deadline_s=1")
+OUTAGE_TRIES = 4
+_NEXT_IN = re.compile(r"waiting for database \(try \d+, next in ([0-9.]+)s\)")
 
-@pytest.mark.timeout(150)
+
+@pytest.mark.timeout(120)
 def test_daemon_started_before_the_database_waits_then_delivers(
     private_cluster: LocalCluster, private_db: str, server: FeishuServer, tmp_path: Path
 ) -> None:
     dsn = private_db
     harness.add_channels(dsn, {1: server.flow_url("ok")})
     private_cluster.stop()
-    with daemon(dsn, tmp_path, "health_stale_s=4", "db_deadline_s=2") as d:
+    with daemon(dsn, tmp_path, *OUTAGE_SETTINGS) as d:
         wait_for(lambda: d.status("/healthz") == 200, 30, "/healthz up", d)
-        down_s = 45.0
         started = time.monotonic()
-        while time.monotonic() - started < down_s:
+
+        def live_and_waiting() -> bool:
             code, body = d.get("/healthz", timeout_s=2.0)
             assert code == 200, body
             code, body = d.get("/readyz", timeout_s=3.0)
             assert code == 503 and "database" in body, body
             assert d.proc.poll() is None, d.output()[-3000:]
-            time.sleep(1.0)
+            return len(_NEXT_IN.findall(d.output())) >= OUTAGE_TRIES
+
+        wait_for(live_and_waiting, 30, f"{OUTAGE_TRIES} start-up tries", d)
         ready_body = d.get("/readyz", timeout_s=3.0)[1]
         assert "startup: OperationalError" in ready_body, ready_body
         private_cluster.start()
-        ready_s = wait_for(lambda: d.status("/readyz") == 200, 30, "ready after start", d)
+        down_s = time.monotonic() - started
+
+        def ready() -> bool:  # /healthz stays 200 through the last wait as well
+            code, body = d.get("/healthz", timeout_s=2.0)
+            assert code == 200, body
+            return d.status("/readyz") == 200
+
+        ready_s = wait_for(ready, 30, "ready after start", d)
         with psycopg.connect(dsn, autocommit=True) as conn:
             harness.enqueue_event(conn, "late")
         wait_for(lambda: all_sent(dsn, ["late"]), 15, "delivery", d)
@@ -325,13 +359,23 @@ def test_daemon_started_before_the_database_waits_then_delivers(
         # Each try extends systemd's start timeout; READY=1 only comes after the wait.
         assert all("EXTEND_TIMEOUT_USEC=" in m for m in statuses), statuses[:3]
         assert any("READY=1" in m for _, m in d.notifications.messages)
-        tries = d.output().count("waiting for database (try")
-        assert 4 <= tries <= 20, f"{tries} log lines for the start-up retries"
-        print(f"\ndatabase down {down_s:g}s at start: ready {ready_s:.1f}s after it came up")
+        # One log line per failed try, its wait doubling from 0.5 s (to a cap): a backoff, not a
+        # spin; the last wait is at least twice health_stale_s.
+        waits = [float(w) for w in _NEXT_IN.findall(d.output())]
+        assert len(waits) >= OUTAGE_TRIES, waits
+        assert waits == [min(0.5 * 2**i, STARTUP_RETRY_MAX_S) for i in range(len(waits))], waits
+        assert waits[-1] >= 2 * OUTAGE_STALE_S, waits
+        print(
+            f"\ndatabase down {down_s:.1f}s at start ({len(waits)} tries, waits {waits}):"
+            f" ready {ready_s:.1f}s after it came up"
+        )
         assert d.stop() == 0
 
 
 # -- a flood of idle connections to the health port -----------------------------------------
+
+# How long the health server keeps a connection that sends nothing (request_timeout_s).
+IDLE_TIMEOUT_S: float = inspect.signature(HealthServer).parameters["request_timeout_s"].default
 
 
 @pytest.mark.timeout(90)
@@ -346,14 +390,21 @@ def test_400_idle_connections_leave_healthz_answering_and_the_log_quiet(
     with daemon(db, tmp_path, nofile=256) as d:
         wait_for(lambda: d.status("/readyz") == 200, 30, "ready", d)
         before = len(d.output().splitlines())
-        idle = []
+        idle: list[socket.socket] = []
+
+        def connect(_: int) -> None:
+            idle.append(socket.create_connection(("127.0.0.1", d.http_port), timeout=5))
+
         try:
-            for _ in range(400):
-                sock = socket.create_connection(("127.0.0.1", d.http_port), timeout=2)
-                idle.append(sock)
+            # Eight at a time: one by one, each time the accept queue is full a connection waits
+            # out a SYN retransmit (1 s) alone, and the flood takes 4 s to build.
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                list(pool.map(connect, range(400)))
+            assert len(idle) == 400
             started = time.monotonic()
             slowest = 0.0
-            while time.monotonic() - started < 10:
+            # Past the server's idle timeout, so the flood's survivors are closed meanwhile too.
+            while time.monotonic() - started < IDLE_TIMEOUT_S + 1.5:
                 t0 = time.monotonic()
                 code, _ = d.get("/healthz", timeout_s=1.0)
                 slowest = max(slowest, time.monotonic() - t0)

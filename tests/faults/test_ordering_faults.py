@@ -85,7 +85,7 @@ def test_each_key_arrives_in_outbox_order_while_replicas_are_killed(
     server.chaos(seed=3, p_500=0.1, prefix=FLOW_PREFIX, ok_delay_s=0.05)
     server.script(f"{FLOW_PREFIX}user-{SLOW_USER}", [Reply(status=500)] * SLOW_FAILURES)
     errors: list[BaseException] = []
-    producer = threading.Thread(target=_produce, args=(db, 8.0, errors), daemon=True)
+    producer = threading.Thread(target=_produce, args=(db, 4.0, errors), daemon=True)
     started = time.monotonic()
     with (
         Fleet(
@@ -97,7 +97,7 @@ def test_each_key_arrives_in_outbox_order_while_replicas_are_killed(
         LeaseWatch(db) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
-        with killing(fleet, every_s=3.0, seed=5) as kill_times:
+        with killing(fleet, every_s=1.5, seed=5) as kill_times:
             producer.start()
             producer.join(60)
             time.sleep(3.0)  # keep killing while the tail is delivered

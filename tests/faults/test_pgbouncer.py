@@ -118,7 +118,7 @@ def test_daemons_behind_pgbouncer_in_transaction_mode_complete_the_workload(
     harness.add_channels(db, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
     # Some temporary failures, so the retry path runs through the pooler too.
     server.script(FLOW_PREFIX, [Reply(status=500)] * 50, then=None)
-    producer = harness.Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=5.0)
+    producer = harness.Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=2.5)
     started = time.monotonic()
     with (
         harness.Fleet(

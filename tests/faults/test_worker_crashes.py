@@ -23,7 +23,7 @@ def test_sigkilled_replicas_lose_nothing_and_duplicate_only_interrupted_calls(
     harness.add_channels(db, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
     # Slightly slow answers keep calls in flight, so kills land mid-call.
     server.script(FLOW_PREFIX, [], then=Reply(delay_s=0.2))
-    producer = harness.Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=12.0)
+    producer = harness.Producer(db, EVENTS, users=range(1, USERS + 1), duration_s=6.0)
     started = time.monotonic()
     with (
         harness.Fleet(
@@ -34,7 +34,7 @@ def test_sigkilled_replicas_lose_nothing_and_duplicate_only_interrupted_calls(
         harness.LeaseWatch(db) as watch,
     ):  # fmt: skip
         fleet.wait_ready()
-        with harness.killing(fleet, every_s=2.0, seed=1) as kill_times:
+        with harness.killing(fleet, every_s=1.0, seed=1) as kill_times:
             producer.start()
             producer.join()
             time.sleep(2.0)  # keep killing while the tail is delivered

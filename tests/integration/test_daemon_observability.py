@@ -112,11 +112,11 @@ async def test_a_locked_outbox_is_not_a_liveness_failure(
     /readyz says the relay is locked out, records already relayed keep being delivered, and
     the outbox backlog drains once the lock goes."""
     add_channel(conn, 1, server.flow_url("ok"))
-    stale_s = 3.0
+    stale_s = 2.0
     daemon = Daemon(
         base_settings(
-            db, health_stale_s=stale_s, db_deadline_s=2.0, lock_timeout_s=0.3,
-            statement_timeout_s=1.5, poll_interval_s=0.2,
+            db, health_stale_s=stale_s, db_deadline_s=1.0, lock_timeout_s=0.3,
+            statement_timeout_s=0.8, poll_interval_s=0.2,
         )
     )  # fmt: skip
     async with running(daemon):
@@ -266,7 +266,7 @@ async def test_a_retention_pass_longer_than_the_database_deadline_runs_to_its_en
     """A backlog of finished rows takes many paced batches. The deadline bounds each batch,
     not the pass (which it used to cut off with 'retention failed'), and the maintenance loop
     stays alive batch by batch past health_stale_s."""
-    fill_history(conn, 5_000)  # finished records and outbox rows
+    fill_history(conn, 2_000)  # finished records and outbox rows: 80 batches of 50
     stale_s = 2.0
     daemon = Daemon(
         base_settings(

@@ -423,3 +423,55 @@ def test_the_operator_role_pauses_and_resumes_and_the_producer_cannot(
         pytest.raises(psycopg.errors.InsufficientPrivilege),
     ):
         producer.execute("SELECT outbox_notifier.resume_v1(p_user_id => 1)")
+
+
+def test_roles_that_called_the_0_1_0_functions_keep_calling_them(empty_db: str) -> None:
+    # 0.1.0 (schema 3) ran enqueue and requeue with the caller's rights: a producer held INSERT
+    # on the outbox, an operator UPDATE on the records. 0004 makes them owner's-rights functions
+    # that PUBLIC may not execute; such roles must keep their calls through the migrate, or the
+    # application's own transactions fail until someone grants the new roles.
+    all_migrations = sqlfiles.migrations()
+    released = [m for m in all_migrations if m.version <= 3]
+    suffix = uuid.uuid4().hex[:10]
+    producer, operator, bystander = (f"on_{kind}_{suffix}" for kind in ("prod", "oper", "none"))
+    migrations.migrate(empty_db, released)
+    with psycopg.connect(empty_db, autocommit=True) as admin:
+        try:
+            for name in (producer, operator, bystander):
+                admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+                admin.execute(
+                    sql.SQL("GRANT USAGE ON SCHEMA outbox_notifier TO {}").format(
+                        sql.Identifier(name)
+                    )
+                )
+            admin.execute(
+                sql.SQL("GRANT INSERT ON outbox_notifier.outbox TO {}").format(
+                    sql.Identifier(producer)
+                )
+            )
+            admin.execute(
+                sql.SQL(
+                    "GRANT SELECT, UPDATE ON outbox_notifier.notification_records TO {}"
+                ).format(sql.Identifier(operator))
+            )
+            migrations.migrate(empty_db, all_migrations)
+
+            as_producer = psycopg.conninfo.make_conninfo(empty_db, user=producer)
+            with psycopg.connect(as_producer, autocommit=True) as conn:
+                assert enqueue(conn, payload("kept-after-upgrade")) > 0
+            as_operator = psycopg.conninfo.make_conninfo(empty_db, user=operator)
+            with psycopg.connect(as_operator, autocommit=True) as conn:
+                assert conn.execute("SELECT outbox_notifier.requeue(0)").fetchone() == (False,)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    enqueue(conn, payload("not-a-producer"))
+            # a role that had neither right gets nothing: PUBLIC's EXECUTE stays revoked
+            as_bystander = psycopg.conninfo.make_conninfo(empty_db, user=bystander)
+            with (
+                psycopg.connect(as_bystander, autocommit=True) as conn,
+                pytest.raises(psycopg.errors.InsufficientPrivilege),
+            ):
+                enqueue(conn, payload("nobody"))
+        finally:
+            for name in (producer, operator, bystander):
+                admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
