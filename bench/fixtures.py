@@ -31,16 +31,25 @@ USERS = 500  # channels: deliveries fan out over this many webhook URLs of one l
 SUMMARY = "Your 10:00 review moved to 11:00; standup now clashes with a 1:1."
 
 
-def event_payload(run: str, i: int, trace_id: str = "", ordering_keys: int = 0) -> bytes:
+def event_payload(
+    run: str,
+    i: int,
+    trace_id: str = "",
+    ordering_keys: int = 0,
+    *,
+    user_id: int | None = None,
+    summary: str = SUMMARY,
+) -> bytes:
     """A valid ``notification.feishu.requested`` v1 payload; dedupe keys unique per run. With
     ``ordering_keys``, event ``i`` carries the ordering key ``task-<i % ordering_keys>``: the
-    records of a key are spread over the run, as the updates of one task are."""
+    records of a key are spread over the run, as the updates of one task are. Events go to
+    the ``USERS`` users in turn, or all to ``user_id``."""
     ordering = {"ordering_key": f"task-{i % ordering_keys}"} if ordering_keys else {}
     return msgspec.json.encode(
         {
             **ordering,
             "notification_id": i,
-            "user_id": i % USERS + 1,
+            "user_id": i % USERS + 1 if user_id is None else user_id,
             "trigger_id": f"trigger-{i}",
             "preview_id": f"preview-{i}",
             "trigger_type": "schedule_adjustment",
@@ -48,7 +57,7 @@ def event_payload(run: str, i: int, trace_id: str = "", ordering_keys: int = 0) 
             "target_id": i,
             "dedupe_key": f"{run}-{i}",
             "target_url": f"/preview/{i}",
-            "summary_text": SUMMARY,
+            "summary_text": summary,
             "fallback_text": "",
             "trace_id": trace_id or f"trace-{i}",
             "requested_at": "2026-01-01T09:00:00Z",

@@ -21,7 +21,7 @@ from typing import ClassVar, Final, Literal
 
 import msgspec
 
-from outbox_notifier.names import Outcome, RecordStatus
+from outbox_notifier.names import ErrorCode, Outcome, RecordStatus
 
 DEFAULT_MAX_ATTEMPTS: Final = 5
 DEFAULT_RETRY_BASE_S: Final = 300.0
@@ -133,7 +133,18 @@ class Retry(msgspec.Struct, frozen=True, kw_only=True):
     reason: Literal["backoff", "retry_after"]
 
 
-Transition = Sent | Skipped | Dead | Retry
+class RetryAlone(msgspec.Struct, frozen=True, kw_only=True):
+    """The record went out in a digest that the platform refused for its payload: the message
+    was at fault, maybe for another record's sake. ``failed``, due at once, and its next call
+    carries it alone, whose answer alone can make it dead. Given even on the record's last
+    attempt, so one bad record cannot end its neighbours: such a record takes one attempt
+    beyond ``max_attempts``."""
+
+    status: ClassVar[RecordStatus] = "failed"
+    delay_s: ClassVar[float] = 0.0
+
+
+Transition = Sent | Skipped | Dead | Retry | RetryAlone
 """Where a record goes after a provider call; ``.status`` is its new status."""
 
 
@@ -145,12 +156,23 @@ def decide(
     retry_after_s: float | None,
     policy: RetryPolicy,
     rng: random.Random,
+    error_code: ErrorCode | None = None,
+    records_in_call: int = 1,
 ) -> Transition:
     """The record's transition after a call that ended in ``outcome`` (seed semantics).
 
     ``attempt_count`` includes the call just made; ``max_attempts`` is the record's own limit
-    (``<= 0``: the policy's). ``rng`` is drawn from only for a backoff delay.
+    (``<= 0``: the policy's). ``rng`` is drawn from only for a backoff delay. A call that
+    carried several records (a digest, ``records_in_call``) and was refused for its payload
+    (``error_code`` ``payload_invalid``) is `RetryAlone` for each; any other outcome of a
+    digest is decided for each record as for a call of its own.
     """
+    if (
+        records_in_call > 1
+        and outcome is Outcome.PERMANENT_FAIL
+        and error_code is ErrorCode.PAYLOAD_INVALID
+    ):
+        return RetryAlone()
     if outcome is Outcome.SUCCESS:
         return Sent()
     if outcome is Outcome.SKIPPED:

@@ -101,8 +101,9 @@ class ResultCompleter:
         released: asyncio.Event | None = None,
     ) -> None:
         self.store = store
-        # set when a finished record released the next of its ordering key: the delivery
-        # loop's wake, so that record is claimed at once rather than at the next poll
+        # set when a finished record released the next of its ordering key, or a result woke
+        # the head of its target's digest queue: the delivery loop's wake, so that record is
+        # claimed at once rather than at the next poll
         self.released = released
         self.claim_policy = claim_policy
         self.batch_size = batch_size
@@ -197,6 +198,9 @@ class ResultCompleter:
                 )
                 span.rows(len(batch))
             records, tripped = stored.records, stored.tripped
+            if stored.woke and self.released is not None:
+                # the target's next digest can go now: claim it without waiting for a poll
+                self.released.set()
         except ValueRefused:
             # Should not happen (text is sanitised), but one bad value must not block the rest.
             records, tripped = [], []
@@ -247,6 +251,11 @@ class ResultCompleter:
                 logger.warning(
                     "late result discarded: the record's lease was taken over",
                     extra=_log_fields(result, record or _GONE),
+                )
+            elif result.unsent:
+                logger.debug(
+                    "record left out of its digest by the platform's limits: waits for the next",
+                    extra=_log_fields(result, record),
                 )
             else:
                 # Sent is the hot path: DEBUG, so a busy daemon is not slowed by its own logs.

@@ -34,7 +34,14 @@ from outbox_notifier.providers.model import Provider
 from outbox_notifier.relay import Relay
 from outbox_notifier.rescue import Rescuer
 from outbox_notifier.settings import Settings, parse_host_port
-from outbox_notifier.store import Breaker, ClaimPolicy, OperationalError, Pacing, RecordStore
+from outbox_notifier.store import (
+    Breaker,
+    ClaimPolicy,
+    Digests,
+    OperationalError,
+    Pacing,
+    RecordStore,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +75,10 @@ def http_transport(settings: Settings) -> httpclient.EgressTransport:
 def claim_policy(settings: Settings) -> ClaimPolicy:
     """The claims' lease; per-target pacing by provider name (each provider's
     ``<prefix>_max_per_s`` and ``<prefix>_max_per_min``, as ``providers.REGISTRY`` names
-    them) with the 429 throttle (``throttle_*``); the breaker (``breaker_*``)."""
+    them) with the 429 throttle (``throttle_*``); the breaker (``breaker_*``); digests for
+    the chat bots whose ``<prefix>_digest`` is on, of at most ``digest_max_records``."""
     own = {spec.name: spec.settings(settings) for spec in REGISTRY}
+    digesting = tuple(spec.name for spec in REGISTRY if spec.digest_options(settings).get("digest"))
     return ClaimPolicy(
         lease_s=settings.lease_s,
         pacing=Pacing(
@@ -87,6 +96,7 @@ def claim_policy(settings: Settings) -> ClaimPolicy:
             min_calls=settings.breaker_min_calls,
             failure_ratio=settings.breaker_failure_ratio,
         ),
+        digests=Digests(providers=digesting, max_records=settings.digest_max_records),
         durable=settings.durable_claims,
     )
 

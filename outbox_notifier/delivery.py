@@ -16,6 +16,12 @@ below the cursor that is still pending (its row or key was held by another repli
 the claim, or another replica's relay committed it after a higher id) is taken by the sweep: every
 ``sweep_s`` a claim starts from 0 instead.
 
+Digests: the claim returns the records of a chat-bot target over its budget as one call, rows
+sharing a ``message_id`` (claim_due_v1, migration 0015). The loop sends them with the provider's
+``send_digest``, one call and one task, and every record gets its own result: the call's, or,
+for a record the message could not hold (the platform's limits), a return to waiting with its
+attempt not spent, first in its target's queue for the next message.
+
 Invariant: ``lease_s`` must exceed the provider timeout plus the time a result waits to be
 applied, or a slow-but-alive call would be rescued and sent a second time. The settings enforce
 ``lease_s > http_timeout_s``; results wait milliseconds, and at most the completer's
@@ -25,12 +31,15 @@ applied, or a slow-but-alive call would be rescued and sent a second time. The s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Final
 
 import msgspec
 
@@ -39,7 +48,15 @@ from outbox_notifier.completer import ResultCompleter
 from outbox_notifier.dbhealth import bounded, first_line
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import ErrorCode, Outcome
-from outbox_notifier.providers.model import Delivery, Provider, Recipient, SendResult
+from outbox_notifier.providers import digester
+from outbox_notifier.providers.model import (
+    Delivery,
+    DigestProvider,
+    DigestResult,
+    Provider,
+    Recipient,
+    SendResult,
+)
 from outbox_notifier.records import record_fields
 from outbox_notifier.store import (
     AttemptResult,
@@ -50,6 +67,13 @@ from outbox_notifier.store import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Answers a digest gets before any message is made that hold for every record sharing its
+#: recipient: the channel row missing or off, its URL outside the policy, its signing secret
+#: missing. (A body too large is the first record's own: the others go on without it.)
+RECIPIENT_WIDE: Final = frozenset(
+    {ErrorCode.RECIPIENT_MISSING, ErrorCode.INVALID_URL, ErrorCode.PROVIDER_AUTH_FAILED}
+)
 
 
 def to_delivery(record: ClaimedRecord) -> Delivery:
@@ -104,9 +128,15 @@ def to_result(
     rng: random.Random,
     *,
     traceparent: str | None = None,
+    message_id: int | None = None,
+    records_in_call: int = 1,
+    counts_call: bool = True,
 ) -> AttemptResult:
     """The call's result as it will be stored, with the record's transition decided;
-    ``traceparent``: the context of the attempt's span, when tracing."""
+    ``traceparent``: the context of the attempt's span, when tracing. A digest's call
+    (``records_in_call`` > 1) gives each of its records a result with the call's
+    ``message_id``; one of them, ``counts_call``, stands for the call (see AttemptResult's
+    ``call_records``)."""
     transition = backoff.decide(
         sent.outcome,
         attempt_count=record.attempt_count,
@@ -114,6 +144,8 @@ def to_result(
         retry_after_s=sent.retry_after_s,
         policy=policy,
         rng=rng,
+        error_code=sent.error_code,
+        records_in_call=records_in_call,
     )
     status = transition.status
     error = None
@@ -130,7 +162,11 @@ def to_result(
         outcome=sent.outcome,
         error_code=None if status == "sent" else sent.error_code,
         error=error,
-        delay_s=transition.delay_s if isinstance(transition, backoff.Retry) else None,
+        delay_s=(
+            transition.delay_s
+            if isinstance(transition, backoff.Retry | backoff.RetryAlone)
+            else None
+        ),
         # an HTTP-date Retry-After with no Date to read it against: timed by the database
         retry_at=sent.retry_at,
         retry_after_s=sent.retry_after_s,
@@ -143,7 +179,76 @@ def to_result(
         started_at=started_at,
         duration_ms=sent.duration_s * 1000.0,
         traceparent=traceparent,
+        message_id=message_id,
+        call_records=records_in_call if counts_call else 0,
+        alone_next=isinstance(transition, backoff.RetryAlone),
     )
+
+
+def unsent_result(record: ClaimedRecord, started_at: datetime) -> AttemptResult:
+    """The result of a digest's record that its message could not hold (the platform's
+    limits): no call carried it, so no attempt is logged and its attempt is not spent; it
+    waits, first in its target's queue, for the next message. The call's fields are empty and
+    not read (``AttemptResult.unsent``)."""
+    return AttemptResult(
+        record_id=record.id,
+        lease_token=record.lease_token,
+        attempt=record.attempt_count,
+        provider=record.provider,
+        status="pending",
+        outcome=Outcome.SKIPPED,
+        error_code=None,
+        error=None,
+        delay_s=None,
+        provider_message_id=None,
+        request_json=None,
+        response_json=None,
+        http_status=None,
+        started_at=started_at,
+        duration_ms=0.0,
+        call_records=0,
+        unsent=True,
+    )
+
+
+def calls_of(claimed: Sequence[ClaimedRecord]) -> list[list[ClaimedRecord]]:
+    """The claimed records by the call that carries them: the rows of one digest (one
+    ``message_id``) together, oldest first; every other record alone. In record order."""
+    calls: list[list[ClaimedRecord]] = []
+    digests: dict[int, list[ClaimedRecord]] = {}
+    for record in sorted(claimed, key=lambda r: r.id):
+        if record.message_id is None:
+            calls.append([record])
+        elif record.message_id in digests:
+            digests[record.message_id].append(record)
+        else:
+            calls.append(digests.setdefault(record.message_id, [record]))
+    return calls
+
+
+async def call_digest(
+    provider: DigestProvider, name: str, deliveries: Sequence[Delivery]
+) -> DigestResult:
+    """One digest call by ``provider`` (named ``name``); whatever goes wrong becomes a result
+    for the first delivery alone, as `call_provider` makes one."""
+    started = time.perf_counter()
+    try:
+        return await provider.send_digest(deliveries)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a provider bug must not lose the records: retry them later
+        logger.exception(
+            "provider %s raised on a digest",
+            name,
+            extra={"record_id": deliveries[0].record_id, "provider": name},
+        )
+        failed = SendResult(
+            outcome=Outcome.TEMPORARY_FAIL,
+            error_code=ErrorCode.NETWORK_ERROR,
+            error_message=f"{type(exc).__name__}: {exc}",
+            duration_s=time.perf_counter() - started,
+        )
+        return DigestResult(included=1, result=failed)
 
 
 async def call_provider(
@@ -240,8 +345,8 @@ class Deliverer:
                 if claimed is None:
                     await ctx.sleep("delivery", self.claim_retry_s)
                     continue
-                for record in claimed:
-                    self._start(record)
+                for call in calls_of(claimed):
+                    self._start(call)
                 # A short claim that took something may have left due records behind it: the
                 # ones it held (pacing, an operator pause, the ordering rule) are deferred now,
                 # so the next claim reaches past them at once. Only an empty claim waits.
@@ -291,8 +396,9 @@ class Deliverer:
             return poll_interval_s
         return min(poll_interval_s, max(due_in, 0.01))
 
-    def _start(self, record: ClaimedRecord) -> None:
-        task = asyncio.create_task(self._deliver(record))
+    def _start(self, call: Sequence[ClaimedRecord]) -> None:
+        deliver = self._deliver(call[0]) if len(call) == 1 else self._deliver_digest(call)
+        task = asyncio.create_task(deliver)
         self._inflight.add(task)
         task.add_done_callback(self._finished)
 
@@ -311,6 +417,55 @@ class Deliverer:
             span.finished(result.outcome, result.error_code, result.status)
         # This call is still in the in-flight set: more are due if any other is.
         self.completer.put(result, more_due=len(self._inflight) > 1)
+
+    async def _deliver_digest(self, records: Sequence[ClaimedRecord]) -> None:
+        """One call for the records of a digest, oldest first. The message holds what the
+        platform's limits allow of the leading records that share the first one's recipient
+        (users whose channels name one robot alike); the rest wait for the next message. A
+        provider here that does not digest (this daemon's setting differs from the claimer's)
+        sends the first record alone."""
+        started_at = datetime.now(UTC)
+        first = records[0]
+        deliveries = [to_delivery(record) for record in records]
+        shared = list(
+            itertools.takewhile(lambda d: d.recipient == deliveries[0].recipient, deliveries)
+        )
+        provider = self.providers.get(first.provider)
+        merger = digester(provider) if provider is not None else None
+        results: list[AttemptResult] = []
+        # Tracing: the call is a child of the first record's attempt span; each other record
+        # the call carried has an attempt span of its own, with the call's outcome.
+        with tracing.active.process(first) as span:
+            if merger is None or len(shared) == 1:
+                sent = await call_provider(self.providers, first.provider, deliveries[0])
+                included = 1
+            else:
+                digest = await call_digest(merger, first.provider, shared)
+                sent, included = digest.result, digest.included
+            # No message was made, for a reason of the recipient's: every record sharing it
+            # gets the answer now, as its own call would, rather than a slot of the budget each.
+            no_message = sent.http_status is None and sent.request_json is None
+            answered = len(shared) if no_message and sent.error_code in RECIPIENT_WIDE else included
+            for number, record in enumerate(records[:answered]):
+                own_span = (
+                    tracing.active.process(record) if number else contextlib.nullcontext(span)
+                )
+                with own_span as own:
+                    result = to_result(
+                        record, sent, self.policy, started_at, self.rng,
+                        traceparent=own.traceparent(),
+                        message_id=first.message_id if included > 1 else None,
+                        counts_call=number == 0,
+                        records_in_call=included,
+                    )  # fmt: skip
+                    own.finished(result.outcome, result.error_code, result.status)
+                results.append(result)
+        results += [unsent_result(record, started_at) for record in records[answered:]]
+        # One after the other, so that they reach one batch; more are due after the last one
+        # if any other call is in flight (this one still is in the set).
+        for number, result in enumerate(results, 1):
+            more = number < len(results) or len(self._inflight) > 1
+            self.completer.put(result, more_due=more)
 
     async def _drain(self, ctx: LoopContext, completer: asyncio.Task[None]) -> None:
         """Lets in-flight calls finish and their results land; the caller bounds the time."""

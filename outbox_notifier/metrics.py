@@ -1,6 +1,7 @@
 """Prometheus collectors on an injected registry, fed with the pipeline's own objects.
 
-Every name starts ``outbox_notifier_``; counters end ``_total`` and durations ``_seconds``.
+Every name starts ``outbox_notifier_``; counters end ``_total``, durations ``_seconds`` and the
+one count histogram ``_records`` (records per message).
 Label values are bounded: channels (``channel``: the record's logical channel, the dedupe
 namespace), providers (``provider``: the platform that made the call), statuses, outcomes,
 error codes, reason classes and loop names, never a user id, URL or dedupe key. A value outside
@@ -86,6 +87,11 @@ END_TO_END_BUCKETS_S: Final = (
 CLAIM_BUCKETS_S: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# Records one message carries: 1 for a call of its own, up to digest_max_records (20) and a
+# few above it for a raised setting.
+MESSAGE_RECORDS_BUCKETS: Final = (1, 2, 3, 5, 10, 15, 20, 30, 50)
+#: The kinds of message (the ``kind`` label): one record, or several (a digest).
+MESSAGE_KINDS: Final = ("single", "digest")
 
 
 def _bounded(value: str | None, allowed: frozenset[str]) -> str:
@@ -135,12 +141,12 @@ class Metrics:
         # -- delivery ------------------------------------------------------------------------
         self.delivery_attempts = counter(
             "delivery_attempts_total",
-            "Provider calls, by provider and outcome.",
+            "Delivery attempts (one per record a provider call carried), by provider and outcome.",
             ["channel", "provider", "outcome"],
         )
         self.provider_errors = counter(
             "provider_errors_total",
-            "Provider calls that did not succeed, by error code.",
+            "Delivery attempts that did not succeed, by error code.",
             ["channel", "provider", "error_code"],
         )
         self.records_dead = counter(
@@ -168,6 +174,20 @@ class Metrics:
             "From the outbox row's commit to the record being sent.",
             ["channel", "provider"],
             buckets=END_TO_END_BUCKETS_S,
+        )
+        # Messages are calls, attempts are records: a digest is one message and as many
+        # attempts (delivery_attempts_total) as the records it carried.
+        self.messages = counter(
+            "messages_total",
+            "Messages the providers were called with, by kind (single: one record; digest: "
+            "several) and outcome.",
+            ["channel", "provider", "kind", "outcome"],
+        )
+        self.message_records = histogram(
+            "message_records",
+            "Records carried by one message (1 for a single, 2 or more for a digest).",
+            ["channel", "provider"],
+            buckets=MESSAGE_RECORDS_BUCKETS,
         )
 
         # -- loops ---------------------------------------------------------------------------
@@ -277,6 +297,10 @@ class Metrics:
                     self.provider_errors.labels(channel, provider, code)
                 self.provider_call_duration.labels(channel, provider)
                 self.end_to_end_latency.labels(channel, provider)
+                self.message_records.labels(channel, provider)
+                for kind in MESSAGE_KINDS:
+                    for outcome in sorted(_OUTCOMES):
+                        self.messages.labels(channel, provider, kind, outcome)
             self.records_dead.labels(channel)
             self.leases_expired.labels(channel)
             for status in SNAPSHOT_STATUSES:
@@ -312,15 +336,19 @@ class Metrics:
         """One batch of attempt results and their records as ``apply_results`` returned them
         (the result completer calls it).
 
-        Every result is a provider call: it counts as an attempt even when it arrived late.
-        A result whose record was not applied (status None, or the record is gone) lost its
-        lease (fencing) and is counted in ``late_results_total``.
+        Every result is an attempt, counted even when it arrived late; a result whose record
+        was not applied (status None, or the record is gone) lost its lease (fencing) and is
+        counted in ``late_results_total``. A call is counted once, by the result that stands
+        for it (``call_records``): a digest's other results are attempts of the same call. A
+        record a digest left out (``unsent``) was not attempted and is not counted.
         """
         by_id = {row.id: row for row in records}
         provider_of: dict[int, str] = {}
         traced: dict[int, str] = {}  # record id -> its attempt's traceparent (tracing only)
         child = self._child
         for result in results:
+            if result.unsent:
+                continue
             record = by_id.get(result.record_id)
             channel = _bounded(None if record is None else record.channel, self._channel_set)
             provider = provider_of[result.record_id] = _bounded(result.provider, self._provider_set)
@@ -335,10 +363,14 @@ class Metrics:
             # recipient, a refused URL): it has no call duration to report.
             if result.traceparent is not None:
                 traced[result.record_id] = result.traceparent
-            if result.request_json is not None or result.duration_ms > 0:
+            called = result.request_json is not None or result.duration_ms > 0
+            if called and result.call_records > 0:
                 child(self.provider_call_duration, channel, provider).observe(
                     result.duration_ms / 1000.0, _exemplar(result.traceparent)
                 )
+                kind = "digest" if result.call_records > 1 else "single"
+                child(self.messages, channel, provider, kind, outcome).inc()
+                child(self.message_records, channel, provider).observe(result.call_records)
         for row in records:
             if row.status == "dead":
                 child(self.records_dead, row.channel).inc()

@@ -20,7 +20,9 @@ Names (one word per concept, in code, logs and docs):
   code (``store.Breaker``), ``paused_until`` in the contract's columns and metric names.
 - *digest*: one chat-bot message carrying several records to one recipient
   (``HttpProvider.send_digest``), for records its budget cannot send one by one; each record
-  keeps its own transition and attempt row.
+  keeps its own transition and attempt row, the rows of one call sharing its *message id*.
+  The records of a target that wait for its next digest are its *queue*
+  (``notification_records.digest_target``).
 - *attempt result*: what one call produced and the status it leads to
   (``store.AttemptResult``); *applied record*, *rescued record*: a record as the statement
   that changed it returned it.

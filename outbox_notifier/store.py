@@ -135,6 +135,9 @@ class ClaimedRecord(RecordFields, frozen=True):
     auth_kind: str | None
     auth_secret: str | None
     provider: str
+    # The digest call this record goes out in, shared by the digest's records (claimed
+    # together, one per target and claim); None: a call of its own.
+    message_id: int | None = None
     # The record's W3C trace context: read only by a daemon that traces (claim_records with
     # ``traced``); the claim functions' columns end before them.
     traceparent: str | None = None
@@ -174,8 +177,18 @@ class Breaker(msgspec.Struct, frozen=True, kw_only=True):
     failure_ratio: float = 0.5
 
 
+class Digests(msgspec.Struct, frozen=True, kw_only=True):
+    """Which providers' records are merged into digests when their target's budget cannot
+    send them one call each (``providers``: the chat bots whose ``<prefix>_digest`` is on),
+    and the most records one digest carries."""
+
+    providers: tuple[str, ...] = ()
+    max_records: int = 20
+
+
 class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
-    """What every claim applies: the lease, per-target ``pacing`` and the ``breaker``.
+    """What every claim applies: the lease, per-target ``pacing``, the ``breaker`` and
+    ``digests``.
 
     ``durable`` makes a claim wait for its WAL flush (the ``durable_claims`` setting; see
     claim_records in the SQL).
@@ -184,6 +197,7 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
     lease_s: float
     pacing: Pacing = msgspec.field(default_factory=Pacing)
     breaker: Breaker = msgspec.field(default_factory=Breaker)
+    digests: Digests = msgspec.field(default_factory=Digests)
     durable: bool = False
 
 
@@ -202,6 +216,8 @@ def _policy_params(policy: ClaimPolicy) -> dict[str, object]:
         "breaker_failures": breaker.min_failures,
         "cooloff_s": breaker.cooloff_s,
         "slow_per_s": pacing.slow_per_s,
+        "digest": _array_literal(sorted(policy.digests.providers)),
+        "digest_max_records": policy.digests.max_records,
         "durable": policy.durable,
     }
 
@@ -244,6 +260,18 @@ class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
     # The W3C traceparent of the call's delivery span (a daemon that traces): kept by a record
     # that has no trace context yet, and the metrics' exemplar.
     traceparent: str | None = None
+    # Digests: the call's message id, shared by the results of one digest (None: the call
+    # carried this record alone). call_records: how many records the call carried, on the one
+    # result that stands for the call in the target's bookkeeping (the breaker, the throttle)
+    # and the per-call metrics; 0 on a digest's other results, which do not count it again.
+    # unsent: the call did not carry this record (the digest left it out to keep the
+    # platform's limits): no attempt is logged, and it goes back to waiting with its attempt
+    # not spent (only record_id, lease_token and status are read). alone_next: its next call
+    # carries it alone (the digest was refused for its payload).
+    message_id: int | None = None
+    call_records: int = 1
+    unsent: bool = False
+    alone_next: bool = False
 
 
 class AppliedRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -276,6 +304,7 @@ class AppliedResults(msgspec.Struct, frozen=True, kw_only=True):
 
     records: list[AppliedRecord]  # one per result whose record still exists
     tripped: list[str]  # keys of the targets whose breaker this batch opened
+    woke: bool = False  # the batch made records of a digest queue due (a woken head, left-outs)
 
     @property
     def applied(self) -> list[AppliedRecord]:
@@ -403,6 +432,7 @@ class RecordStore:
             rows = await cur.fetchall()
         tripped: list[str] = (rows[0][6] or []) if rows else []
         return AppliedResults(
+            woke=bool(rows and rows[0][8]),
             records=[
                 AppliedRecord(
                     id=row[0],

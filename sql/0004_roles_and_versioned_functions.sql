@@ -5,7 +5,7 @@
 
 -- Versioned functions -------------------------------------------------------------------------
 -- From release 0.2.0 on, the daemon calls the schema functions it needs by a versioned name:
--- claim_outbox_v1 (created in 0010), record_target_results_v1 (0011) and claim_due_v1 (0013).
+-- claim_outbox_v1 (created in 0010), record_target_results_v1 (0011) and claim_due_v1 (0015).
 -- A later migration that must change one adds its _v2 beside the _v1 (additive), the next
 -- daemon calls _v2, and daemons still calling _v1 keep working through a rolling upgrade or a
 -- rollback; _v1 goes only in a breaking migration once no daemon calls it. 0003's

@@ -3,7 +3,7 @@
 --
 -- This migration creates nothing. The two claims it introduced while release 0.2.0 was being
 -- written are the relay's claim_outbox_v1, created in 0010, and the delivery claim
--- claim_due_v1, created in 0013, which both read their index as described here. The file stays,
+-- claim_due_v1, created in 0015, which both read their index as described here. The file stays,
 -- with no statement, so that the migrations keep their numbers.
 --
 -- The planner's row estimates lag behind a burst (statistics come with autovacuum's ANALYZE):

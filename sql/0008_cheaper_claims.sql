@@ -2,7 +2,7 @@
 -- 0008: a cheaper delivery claim for the common case.
 --
 -- This migration creates nothing. It introduced three changes to the delivery claim while
--- release 0.2.0 was being written; the claim is claim_due_v1, created in 0013 with them. The
+-- release 0.2.0 was being written; the claim is claim_due_v1, created in 0015 with them. The
 -- file stays, with no statement, so that the migrations keep their numbers. Measured with the
 -- database-side benchmark (bench/README.md):
 -- * Reading all of the batch's targets on every claim to find the paced, failing or paused ones

@@ -30,7 +30,7 @@
 -- second). Records waiting for a throttled target are deferred without spending an attempt, as
 -- for pacing; paused_until and paused_targets are left to the breaker alone.
 --
--- The delivery claim, claim_due_v1 (created in 0013), acts on these columns: the breaker's
+-- The delivery claim, claim_due_v1 (created in 0015), acts on these columns: the breaker's
 -- pause and probe follow breaker_open, a throttled target takes no call until its Retry-After,
 -- then one probe at a time, and a slowed one half its budget (p_slow_per_s a second when its
 -- provider has none).

@@ -32,7 +32,7 @@
 --   No targets row is written while all is well, which also keeps the claims' and applies'
 --   reads of those rows off HOT chains that a held snapshot would let grow by one version per
 --   result batch. With it and the cursor below: 4,191 -> 3,857 B.
--- * The delivery claim, claim_due_v1 (created in 0013), starts its scan of first attempts past
+-- * The delivery claim, claim_due_v1 (created in 0015), starts its scan of first attempts past
 --   p_after_id, the delivery loop's cursor (the highest id it has claimed), so the walk of
 --   records_pending_due_idx does not revisit the entries of records claimed before it; a held
 --   snapshot keeps those entries, and the versions they point at, from being removed or marked

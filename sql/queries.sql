@@ -58,9 +58,12 @@ SELECT outbox_id, id FROM inserted;
 
 -- name: claim_records
 -- Claims due records with pacing (the 429 throttle included) and the breaker; see
--- outbox_notifier.claim_due_v1 (with the ordering rule of 0013). First attempts are looked for past %(after_id)s, the delivery
--- loop's cursor (0: a sweep from the start), so that the scan does not revisit the index entries
--- of records claimed before it (which a long-open snapshot keeps from being cleaned up).
+-- outbox_notifier.claim_due_v1 (with the ordering rule of 0013 and the digests of 0015). First
+-- attempts are looked for past %(after_id)s, the delivery loop's cursor (0: a sweep from the
+-- start), so that the scan does not revisit the index entries of records claimed before it
+-- (which a long-open snapshot keeps from being cleaned up). The records of a chat bot in
+-- %(digest)s whose budget cannot take them one call each come as digests of at most
+-- %(digest_max_records)s: the rows of one digest share a message_id (NULL: a call of its own).
 -- Unless %(durable)s (the durable_claims setting), the claim commits without waiting for its WAL
 -- to reach disk: synchronous_commit is off for this transaction only. A database crash (not a
 -- clean restart, which flushes the WAL) may then lose the claims of its last moments: their
@@ -73,10 +76,11 @@ SELECT outbox_id, id FROM inserted;
 SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.target_id,
        c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text, c.fallback_text,
        c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token, c.enabled,
-       c.webhook_url, c.auth_kind, c.auth_secret, c.provider
+       c.webhook_url, c.auth_kind, c.auth_secret, c.provider, c.message_id
 FROM outbox_notifier.claim_due_v1(
     %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
-    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
+    %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s,
+    %(digest)s::text[], %(digest_max_records)s
 ) AS c,
     set_config(
         'synchronous_commit',
@@ -93,10 +97,11 @@ WITH claimed AS MATERIALIZED (
     SELECT c.user_id, c.trigger_id, c.preview_id, c.trigger_type, c.target_type, c.target_id,
            c.dedupe_key, c.target_url, c.trace_id, c.id, c.channel, c.summary_text,
            c.fallback_text, c.fallback_used, c.attempt_count, c.max_attempts, c.lease_token,
-           c.enabled, c.webhook_url, c.auth_kind, c.auth_secret, c.provider
+           c.enabled, c.webhook_url, c.auth_kind, c.auth_secret, c.provider, c.message_id
     FROM outbox_notifier.claim_due_v1(
         %(limit)s, %(lease_s)s, %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[],
-        %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s
+        %(margin_s)s, %(breaker_failures)s, %(cooloff_s)s, %(slow_per_s)s, %(after_id)s,
+        %(digest)s::text[], %(digest_max_records)s
     ) AS c,
         set_config(
             'synchronous_commit',
@@ -136,14 +141,24 @@ SELECT extract(epoch FROM least(
 --   until its Retry-After (outbox_notifier.record_target_results_v1, which writes only the
 --   targets whose state the batch can change, locked in key order);
 -- * a replay's reason (0014) goes from the record into its attempt row, and off the record once
---   the record ends (anything but 'failed', which the replay's retries still belong to).
+--   the record ends (anything but 'failed', which the replay's retries still belong to);
+-- * digests (0015): the records of one call share its message_id in their attempt rows, and
+--   only the result with call_records (the one that stands for the call) counts it for the
+--   breaker and the throttle (one call, however many records). A record the call did not
+--   carry (unsent: the digest left it out to keep the platform's limits) gets no attempt row:
+--   it goes back to pending, due at once, its attempt not spent, and stays first in its
+--   target's queue. A record to be tried alone next (alone_next: its digest was refused for
+--   its payload) is marked digest_alone.
+--   Every other result takes its record out of its queue, and wakes the queue's head (due at
+--   once; a head another transaction holds is passed over, never waited for), so the target's
+--   next digest goes as soon as this one's result has landed.
 -- All of it commits together or is retried together. Returns one row per result whose record
 -- exists, with what logging and metrics need (status NULL: a late result, not applied), on
 -- each row the keys of the targets whose breaker this batch tripped (their paused_until set),
--- and whether the record has an ordering key (the next of its key is then released by
--- release_next_in_order, a statement of its own: see there). The target is the channel's current webhook
--- URL: a URL edited during the call is tallied against its new target, the one the next claim
--- paces.
+-- whether the record has an ordering key (the next of its key is then released by
+-- release_next_in_order, a statement of its own: see there), and whether the batch made a
+-- digest queue's records due (woke). The target is the channel's current webhook URL: a URL
+-- edited during the call is tallied against its new target, the one the next claim paces.
 WITH input AS (
     SELECT *
     FROM jsonb_to_recordset(%(results)s::jsonb) AS t(
@@ -151,13 +166,14 @@ WITH input AS (
         error_code text, error text, delay_s float8, provider_message_id text,
         request_json text, response_json text, http_status integer, started_at timestamptz,
         duration_ms float8, disable_channel boolean, retry_at timestamptz, retry_after_s float8,
-        traceparent text
+        traceparent text, message_id bigint, call_records integer, unsent boolean,
+        alone_next boolean
     )
 ), known AS MATERIALIZED (
     SELECT input.record_id, r.channel, r.user_id, r.trace_id, r.dedupe_key,
            CASE WHEN ch.webhook_url IS NOT NULL
                 THEN outbox_notifier.target_key(ch.webhook_url) END AS target_key,
-           r.replay_reason
+           r.replay_reason, r.digest_target
     FROM input
     JOIN outbox_notifier.notification_records r ON r.id = input.record_id
     LEFT JOIN outbox_notifier.notification_channels ch
@@ -189,26 +205,60 @@ WITH input AS (
         lease_expires_at = NULL,
         lease_token = NULL,
         replay_reason = CASE WHEN input.status = 'failed' THEN r.replay_reason END,
+        digest_target = NULL,
+        digest_alone = input.alone_next,
         updated_at = now()
     FROM input
     WHERE r.id = input.record_id AND r.status = 'sending' AND r.lease_token = input.lease_token
+      AND NOT input.unsent
     RETURNING r.id, r.status,
               extract(epoch FROM now() - coalesce(r.outbox_created_at, r.requested_at))
               AS latency_s,
               r.ordering_key IS NOT NULL AS ordered
+), unsent AS (
+    UPDATE outbox_notifier.notification_records r
+    SET status = 'pending',
+        attempt_count = r.attempt_count - 1,
+        next_retry_at = now(),
+        lease_expires_at = NULL,
+        lease_token = NULL,
+        updated_at = now()
+    FROM input
+    WHERE r.id = input.record_id AND r.status = 'sending' AND r.lease_token = input.lease_token
+      AND input.unsent
+    RETURNING r.id, r.status, NULL::float8 AS latency_s, r.ordering_key IS NOT NULL AS ordered
+), settled AS (
+    SELECT * FROM applied UNION ALL SELECT * FROM unsent
+), woken AS (
+    -- each queue a result left: its head (oldest pending record) is due at once
+    UPDATE outbox_notifier.notification_records r
+    SET next_retry_at = least(r.next_retry_at, now()), updated_at = now()
+    FROM (SELECT DISTINCT known.digest_target FROM known JOIN input USING (record_id)
+          WHERE known.digest_target IS NOT NULL AND NOT input.unsent) q
+    CROSS JOIN LATERAL (
+        SELECT h.id FROM outbox_notifier.notification_records h
+        WHERE h.digest_target = q.digest_target AND h.status = 'pending'
+        ORDER BY h.id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) head
+    WHERE r.id = head.id
+    RETURNING r.id
 ), logged AS (
     INSERT INTO outbox_notifier.delivery_attempts (
         record_id, attempt, lease_token, started_at, duration_ms, outcome, error_code,
-        http_status, response_excerpt, applied, replay_reason
+        http_status, response_excerpt, applied, replay_reason, message_id
     )
     -- started_at was read on this host's clock: moved onto the database clock, as every
     -- other time the daemon writes
     SELECT input.record_id, input.attempt, input.lease_token,
            now() - (%(host_now)s::timestamptz - input.started_at), input.duration_ms,
            input.outcome, input.error_code, input.http_status,
-           left(input.response_json, 2000), applied.id IS NOT NULL, known.replay_reason
+           left(input.response_json, 2000), applied.id IS NOT NULL, known.replay_reason,
+           input.message_id
     FROM input LEFT JOIN applied ON applied.id = input.record_id
     LEFT JOIN known ON known.record_id = input.record_id
+    WHERE NOT input.unsent
 ), calls AS MATERIALIZED (
     -- the calls that reached a target: when each started (database clock), what the reply
     -- means to the breaker, and for a 429 until when the target asked to be left alone
@@ -225,7 +275,7 @@ WITH input AS (
                coalesce(input.retry_at - now(), make_interval(secs => input.retry_after_s)),
                interval '1 second'), make_interval(secs => %(retry_after_max_s)s)) END AS until
     FROM input JOIN known USING (record_id)
-    WHERE known.target_key IS NOT NULL
+    WHERE known.target_key IS NOT NULL AND input.call_records > 0 AND NOT input.unsent
       AND (input.outcome IN ('success', 'temporary_fail') OR input.http_status IS NOT NULL)
 ), tripped AS MATERIALIZED (
     SELECT array_agg(p.key) FILTER (WHERE p.key IS NOT NULL) AS keys
@@ -239,9 +289,11 @@ WITH input AS (
         %(slowdown_s)s
     ) AS p(key)
 )
-SELECT known.record_id, known.channel, applied.status, applied.latency_s, known.trace_id,
-       known.dedupe_key, tripped.keys, coalesce(applied.ordered, false)
-FROM known LEFT JOIN applied ON applied.id = known.record_id CROSS JOIN tripped;
+SELECT known.record_id, known.channel, settled.status, settled.latency_s, known.trace_id,
+       known.dedupe_key, tripped.keys, coalesce(settled.ordered, false),
+       -- records of a queue due now: the woken heads, and those a digest left out
+       EXISTS (SELECT FROM woken) OR EXISTS (SELECT FROM unsent) AS woke
+FROM known LEFT JOIN settled ON settled.id = known.record_id CROSS JOIN tripped;
 
 -- name: lock_next_in_order
 -- Ordering (0013), the first of the two statements of a release, in one transaction: locks the

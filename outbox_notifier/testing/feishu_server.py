@@ -30,7 +30,8 @@ Endpoints (default replies):
 Replies are scripted per path prefix (matched against the path and query, so a DingTalk or
 WeCom robot is told apart by its token) or token prefix with :meth:`FeishuServer.script`; see
 :class:`Reply` for what a reply can do (status, JSON or raw body, headers, delay, drop, oversize
-body, trickled response, hold until released).
+body, trickled response, hold until released). :meth:`FeishuServer.judge` answers by what each
+request carries instead (a platform refusing a message that holds one invalid record).
 """
 
 from __future__ import annotations
@@ -345,6 +346,8 @@ class _Rule:
     queue: deque[Reply]
     then: Reply | None
     then_fn: Callable[[], Reply | None] | None = None
+    # Judges each request by what it carries (``FeishuServer.judge``); None: the default.
+    judge: Callable[[Recorded], Reply | None] | None = None
 
 
 def _rule_prefixes(key: str) -> tuple[str, ...]:
@@ -628,6 +631,18 @@ class FeishuServer(_EndpointUrls):
         with self._lock:
             self._rules[prefix] = rule
 
+    def judge(
+        self, path_or_token_prefix: str, reply_for: Callable[[Recorded], Reply | None]
+    ) -> None:
+        """Answer requests under the prefix (as :meth:`script` matches it) with
+        ``reply_for(request)``, or the endpoint default when it returns None: a platform that
+        reads each body, say one that refuses any message holding a record it finds invalid.
+        ``reply_for`` runs on the server's loop and must not block. Scripting the same prefix
+        again replaces it."""
+        rule = _Rule(_rule_prefixes(path_or_token_prefix), deque(), None, judge=reply_for)
+        with self._lock:
+            self._rules[path_or_token_prefix] = rule
+
     def clear_scripts(self) -> None:
         with self._lock:
             self._rules.clear()
@@ -665,7 +680,13 @@ class FeishuServer(_EndpointUrls):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(fn)
 
-    def _pick(self, path: str) -> Reply | None:
+    def _pick(self, path: str, rec: Recorded) -> Reply | None:
+        # The rule is picked under the lock, and a judge run outside it: it may read the body.
+        reply_for = self._reply_for(path)
+        return reply_for(rec) if reply_for is not None else None
+
+    def _reply_for(self, path: str) -> Callable[[Recorded], Reply | None] | None:
+        """The scripted reply for ``path`` as a function of the request; None: unscripted."""
         with self._lock:
             best: _Rule | None = None
             best_len = -1
@@ -675,11 +696,16 @@ class FeishuServer(_EndpointUrls):
                         best, best_len = rule, len(p)
             if best is None:
                 return None
+            reply: Reply | None
             if best.queue:
-                return best.queue.popleft()
-            if best.then_fn is not None:
-                return best.then_fn()
-            return best.then
+                reply = best.queue.popleft()
+            elif best.judge is not None:
+                return best.judge
+            elif best.then_fn is not None:
+                reply = best.then_fn()
+            else:
+                reply = best.then
+        return lambda _rec: reply
 
     # ------------------------------------------------------------------ inspection
 
@@ -845,7 +871,7 @@ class FeishuServer(_EndpointUrls):
         if self._holding:
             await self._wait_hold(True)
         target = f"{path}?{query}" if query else path
-        reply = self._pick(target)
+        reply = self._pick(target, rec)
         kind = _kind(target)
         if reply is None:
             if method != "POST" and kind != _KIND_GENERIC:

@@ -208,14 +208,16 @@ def test_two_replicas_pace_one_bot_to_five_requests_per_second(
     db: str, conn: psycopg.Connection[Any], server: FeishuServer
 ) -> None:
     # 25 deliveries at 5/s take 5 s: five windows to show the cap holds across replicas (and
-    # that the pacing, not an idle wait, spaces them), without a minute of waiting.
+    # that the pacing, not an idle wait, spaces them), without a minute of waiting. One call
+    # per record: digests off (with them the 25 go in two calls; test_digest_delivery).
     add_channel(conn, 1, server.bot_url("paced"), provider="feishu_bot")
     with psycopg.connect(db) as producer:
         for i in range(PACED):
             enqueue(producer, payload(f"paced-{i}"))
         producer.commit()
     bot = ("--set", "bot_allowed_schemes=http", "--set", "bot_allowed_hosts=127.0.0.1",
-           "--set", "bot_max_per_s=5", "--set", "bot_max_per_min=0")  # fmt: skip
+           "--set", "bot_max_per_s=5", "--set", "bot_max_per_min=0",
+           "--set", "bot_digest=false")  # fmt: skip
     daemons = [start_daemon(db, *bot) for _ in range(2)]
     try:
         wait_until(lambda: _count(conn, "WHERE status = 'sent'") == PACED, 45, f"{PACED} sent")

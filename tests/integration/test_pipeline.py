@@ -423,7 +423,7 @@ def test_a_claim_locks_targets_only_when_one_needs_it(
 _CLAIM_PARAMS: dict[str, Any] = {
     "limit": 100, "lease_s": 30.0, "paced": [], "per_s": [], "per_min": [],
     "margin_s": 0.05, "breaker_failures": 5, "cooloff_s": 60.0, "slow_per_s": 5,
-    "durable": False, "after_id": 0,
+    "durable": False, "after_id": 0, "digest": [], "digest_max_records": 20,
     "max_batch_bytes": Settings().relay_batch_bytes,
     "max_payload_bytes": Settings().max_payload_bytes,
 }  # fmt: skip

@@ -407,16 +407,19 @@ def test_an_expired_lease_of_a_replay_is_logged_as_the_replay(
 # -- compatibility -----------------------------------------------------------------------------
 
 # How 0014 changed the daemon's two statements that write attempts; undone, they give the
-# statements as the previous release ships them.
+# statements as the previous release ships them (with the later changes of 0015 kept: digests).
 _EDITS = {
     "apply_results": [
-        (",\n           r.replay_reason\n    FROM input", "\n    FROM input"),
+        ("r.replay_reason, r.digest_target\n    FROM input", "r.digest_target\n    FROM input"),
         (
             "        replay_reason = CASE WHEN input.status = 'failed' THEN r.replay_reason END,\n",
             "",
         ),
-        ("applied, replay_reason\n", "applied\n"),
-        (", known.replay_reason\n", "\n"),
+        ("applied, replay_reason, message_id\n", "applied, message_id\n"),
+        (
+            ", known.replay_reason,\n           input.message_id\n",
+            ",\n           input.message_id\n",
+        ),
         ("    LEFT JOIN known ON known.record_id = input.record_id\n", ""),
     ],
     "rescue_expired_leases": [

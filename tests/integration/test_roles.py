@@ -320,6 +320,7 @@ def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None
         *{("maintenance_leases", p) for p in both},
         ("schema_migrations", "SELECT"),
         ("lease_token_seq", "USAGE"),
+        ("message_id_seq", "USAGE"),  # 0015: one id per digest call
         # 0013: claims read the operator's pauses, maintenance marks an ended one resumed
         ("pauses", "SELECT"),
         *{(f"pauses({c})", "UPDATE") for c in ("resumed_at", "resumed_by")},
@@ -328,7 +329,7 @@ def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None
     assert _grants(conn, "outbox_notifier_producer") == {("enqueue", "EXECUTE")}
     readable = ("backlog", "dead_letters", "stuck_sending", "target_health", "outbox",
                 "notification_records", "delivery_attempts", "targets", "maintenance_leases",
-                "schema_migrations")  # fmt: skip
+                "schema_migrations", "digest_messages")  # fmt: skip
     channel_columns = ("id", "user_id", "channel", "enabled", "auth_kind", "disabled_reason",
                        "created_at", "updated_at", "provider")  # fmt: skip
     assert _grants(conn, "outbox_notifier_operator") == {

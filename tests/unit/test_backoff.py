@@ -12,6 +12,7 @@ from outbox_notifier.backoff import (
     DEFAULT_RETRY_MAX_S,
     Dead,
     Retry,
+    RetryAlone,
     RetryPolicy,
     Sent,
     Skipped,
@@ -21,7 +22,7 @@ from outbox_notifier.backoff import (
     jittered_s,
     retry_delay_s,
 )
-from outbox_notifier.names import Outcome
+from outbox_notifier.names import ErrorCode, Outcome
 
 NOW = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)
 
@@ -139,6 +140,44 @@ def test_the_records_own_limit_wins_over_the_policy() -> None:
     assert isinstance(after(2, 5), Retry)
     assert after(3, 0) == Dead(reason="attempts_spent")  # 0: the policy's limit
     assert isinstance(after(2, 0), Retry)
+
+
+def digest_answered(
+    outcome: Outcome, code: ErrorCode | None, records: int, attempt: int = 1
+) -> Transition:
+    return decide(
+        outcome, attempt_count=attempt, max_attempts=5, retry_after_s=None, policy=NO_JITTER,
+        rng=random.Random(0), error_code=code, records_in_call=records,
+    )  # fmt: skip
+
+
+def test_a_digest_refused_for_its_payload_is_tried_again_record_by_record() -> None:
+    refused = digest_answered(Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID, records=3)
+    assert refused == RetryAlone()
+    assert (refused.status, refused.delay_s) == ("failed", 0.0)  # due at once
+    # even on the last attempt: the message was refused, maybe for a neighbour's sake
+    last = digest_answered(Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID, 3, attempt=5)
+    assert last == RetryAlone()
+    # alone, the platform's answer is the record's own: dead
+    alone = digest_answered(Outcome.PERMANENT_FAIL, ErrorCode.PAYLOAD_INVALID, records=1)
+    assert alone == Dead(reason="permanent_failure")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "expected"),
+    [
+        # auth failures and gone endpoints end every record, as a call of one would
+        (Outcome.PERMANENT_FAIL, ErrorCode.PROVIDER_AUTH_FAILED, Dead(reason="permanent_failure")),
+        (Outcome.PERMANENT_FAIL, ErrorCode.ENDPOINT_GONE, Dead(reason="permanent_failure")),
+        (Outcome.TEMPORARY_FAIL, ErrorCode.PROVIDER_5XX, Retry(delay_s=300.0, reason="backoff")),
+        (Outcome.SUCCESS, None, Sent()),
+    ],
+)
+def test_any_other_answer_to_a_digest_is_each_records_as_if_alone(
+    outcome: Outcome, code: ErrorCode | None, expected: Transition
+) -> None:
+    assert digest_answered(outcome, code, records=20) == expected
+    assert digest_answered(outcome, code, records=1) == expected
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 4])  # 4: capped

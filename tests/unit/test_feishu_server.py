@@ -97,6 +97,20 @@ async def test_longest_prefix_wins(srv: FeishuServer, client: httpx.AsyncClient)
     assert (await client.post(srv.bot_url("special-2"))).status_code == 418
 
 
+async def test_a_judge_answers_by_the_body(srv: FeishuServer, client: httpx.AsyncClient) -> None:
+    # A platform that refuses any message holding the word "bad", and lets the rest through.
+    def refuse_bad(request: Recorded) -> Reply | None:
+        return Reply.errcode(400201, "bad record") if b"bad" in request.body else None
+
+    srv.judge("/robot/send", refuse_bad)
+    refused = await client.post(srv.dingtalk_url("t"), json={"text": "one good, one bad"})
+    passed = await client.post(srv.dingtalk_url("t"), json={"text": "all good"})
+    assert refused.json() == {"errcode": 400201, "errmsg": "bad record"}
+    assert passed.json() == {"errcode": 0, "errmsg": "ok"}
+    srv.script("/robot/send", [Reply(status=503)])  # a script replaces the judge
+    assert (await client.post(srv.dingtalk_url("t"), json={"text": "bad"})).status_code == 503
+
+
 async def test_retry_after_header(srv: FeishuServer, client: httpx.AsyncClient) -> None:
     srv.script("/", [Reply.rate_limited(3), Reply(status=429, headers={"Retry-After": "7"})])
     r = await client.post(srv.bot_url("t"))
