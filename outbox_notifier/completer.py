@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -86,36 +87,36 @@ def _log_fields(result: AttemptResult, record: AppliedRecord) -> dict[str, objec
     return fields
 
 
-class ResultCompleter:
-    """Applies results in batches until `finish`; see the module docstring."""
+def _room() -> asyncio.Event:
+    room = asyncio.Event()
+    room.set()  # an empty backlog has room
+    return room
 
-    def __init__(
-        self,
-        store: RecordStore,
-        claim_policy: ClaimPolicy,
-        *,
-        batch_size: int = 500,
-        linger_s: float = 0.005,
-        retry_s: float = 1.0,
-        backlog_max: int = 5000,
-        released: asyncio.Event | None = None,
-    ) -> None:
-        self.store = store
-        # set when a finished record released the next of its ordering key, or a result woke
-        # the head of its target's digest queue: the delivery loop's wake, so that record is
-        # claimed at once rather than at the next poll
-        self.released = released
-        self.claim_policy = claim_policy
-        self.batch_size = batch_size
-        self.linger_s = linger_s
-        self.retry_s = retry_s
-        self.backlog_max = backlog_max
-        # None is the end-of-work marker finish() sends.
-        self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
-        self._more_due = False
-        self._applying = 0
-        self.has_room = asyncio.Event()
-        self.has_room.set()
+
+# eq=False: a stage is one object, compared (and hashed) by identity, as the loops' stages.
+@dataclasses.dataclass(eq=False)
+class ResultCompleter:
+    """Applies results in batches until `finish`; see the module docstring.
+
+    ``released``, when given, is set when a finished record released the next of its ordering
+    key, or a result woke the head of its target's digest queue: the delivery loop's wake, so
+    that record is claimed at once rather than at the next poll."""
+
+    store: RecordStore
+    claim_policy: ClaimPolicy
+    _: dataclasses.KW_ONLY
+    batch_size: int = 500
+    linger_s: float = 0.005
+    retry_s: float = 1.0
+    backlog_max: int = 5000
+    released: asyncio.Event | None = None
+    has_room: asyncio.Event = dataclasses.field(default_factory=_room, init=False)
+    # None is the end-of-work marker finish() sends.
+    _results: asyncio.Queue[AttemptResult | None] = dataclasses.field(
+        default_factory=asyncio.Queue, init=False
+    )
+    _more_due: bool = dataclasses.field(default=False, init=False)
+    _applying: int = dataclasses.field(default=0, init=False)
 
     @property
     def backlog(self) -> int:

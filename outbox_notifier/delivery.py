@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -237,17 +238,7 @@ async def call_digest(
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a provider bug must not lose the records: retry them later
-        logger.exception(
-            "provider %s raised on a digest",
-            name,
-            extra={"record_id": deliveries[0].record_id, "provider": name},
-        )
-        failed = SendResult(
-            outcome=Outcome.TEMPORARY_FAIL,
-            error_code=ErrorCode.NETWORK_ERROR,
-            error_message=f"{type(exc).__name__}: {exc}",
-            duration_s=time.perf_counter() - started,
-        )
+        failed = _provider_raised(exc, name, deliveries[0].record_id, started, "on a digest")
         return DigestResult(included=1, result=failed)
 
 
@@ -269,17 +260,28 @@ async def call_provider(
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a provider bug must not lose the record: retry it later
-        logger.exception(
-            "provider %s raised", name, extra={"record_id": delivery.record_id, "provider": name}
-        )
-        return SendResult(
-            outcome=Outcome.TEMPORARY_FAIL,
-            error_code=ErrorCode.NETWORK_ERROR,
-            error_message=f"{type(exc).__name__}: {exc}",
-            duration_s=time.perf_counter() - started,
-        )
+        return _provider_raised(exc, name, delivery.record_id, started)
 
 
+def _provider_raised(
+    exc: Exception, name: str, record_id: int, started: float, what: str = ""
+) -> SendResult:
+    """The result of a call whose provider raised: logged with its traceback, and a temporary
+    failure (the seed's fallback), so that the record is retried rather than lost."""
+    logger.exception(
+        "provider %s raised%s", name, f" {what}" if what else "",
+        extra={"record_id": record_id, "provider": name},
+    )  # fmt: skip
+    return SendResult(
+        outcome=Outcome.TEMPORARY_FAIL,
+        error_code=ErrorCode.NETWORK_ERROR,
+        error_message=f"{type(exc).__name__}: {exc}",
+        duration_s=time.perf_counter() - started,
+    )
+
+
+# eq=False: a stage is one object, compared (and hashed) by identity, as Relay and Maintenance.
+@dataclasses.dataclass(eq=False)
 class Deliverer:
     """The delivery loop. ``run(ctx, wake, poll_interval_s)`` until ``ctx.stop`` is set;
     ``wake`` cuts an idle wait short. Results go to ``completer``, which ``run`` runs beside the
@@ -288,34 +290,21 @@ class Deliverer:
     ``rng`` draws the backoff jitter (`backoff.decide`); tests seed it.
     """
 
-    def __init__(
-        self,
-        store: RecordStore,
-        providers: Mapping[str, Provider],
-        policy: backoff.RetryPolicy,
-        claim_policy: ClaimPolicy,
-        completer: ResultCompleter,
-        *,
-        batch_size: int,
-        concurrency: int,
-        claim_retry_s: float = 1.0,
-        sweep_s: float = 1.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.store = store
-        self.providers = providers
-        self.policy = policy
-        self.claim_policy = claim_policy
-        self.completer = completer
-        self.batch_size = batch_size
-        self.concurrency = concurrency
-        self.claim_retry_s = claim_retry_s
-        self.sweep_s = sweep_s
-        self._after_id = 0  # the cursor (see the module docstring)
-        self._swept_at = -math.inf
-        self.rng = rng or random.Random()
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
+    store: RecordStore
+    providers: Mapping[str, Provider]
+    policy: backoff.RetryPolicy
+    claim_policy: ClaimPolicy
+    completer: ResultCompleter
+    _: dataclasses.KW_ONLY
+    batch_size: int
+    concurrency: int
+    claim_retry_s: float = 1.0
+    sweep_s: float = 1.0
+    rng: random.Random = dataclasses.field(default_factory=random.Random)
+    _after_id: int = dataclasses.field(default=0, init=False)  # the cursor (module docstring)
+    _swept_at: float = dataclasses.field(default=-math.inf, init=False)
+    _inflight: set[asyncio.Task[None]] = dataclasses.field(default_factory=set, init=False)
+    _slot_freed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, init=False)
 
     @property
     def in_flight(self) -> int:

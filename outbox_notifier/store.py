@@ -201,7 +201,7 @@ class ClaimPolicy(msgspec.Struct, frozen=True, kw_only=True):
     durable: bool = False
 
 
-def _policy_params(policy: ClaimPolicy) -> dict[str, object]:
+def claim_params(policy: ClaimPolicy) -> dict[str, object]:
     """The claim's parameters from ``policy``. The arrays go as PostgreSQL array literals, cast
     in the statement: psycopg would otherwise inspect each list on every claim to pick its
     element type."""
@@ -397,7 +397,7 @@ class RecordStore:
         ``traced``: with their trace contexts."""
         # The policy's part of the parameters is the same on every claim: built once.
         if self._claim_params is None or self._claim_params[0] is not policy:
-            self._claim_params = (policy, _policy_params(policy))
+            self._claim_params = (policy, claim_params(policy))
         params = {"limit": limit, "after_id": after_id, **self._claim_params[1]}
         statement = query("claim_records_traced" if traced else "claim_records")
         async with self._statement() as conn:

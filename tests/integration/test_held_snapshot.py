@@ -15,12 +15,11 @@ from typing import Any
 import psycopg
 
 from outbox_notifier.sqlfiles import query
+from outbox_notifier.store import ClaimPolicy, claim_params
 from tests.support import column, scalar
 
-_CLAIM: dict[str, Any] = {
-    "lease_s": 30.0, "paced": "{}", "per_s": "{}", "per_min": "{}", "margin_s": 0.05,
-    "breaker_failures": 5, "cooloff_s": 60.0, "slow_per_s": 5, "durable": False,
-}  # fmt: skip
+# the daemon's own parameters of a claim with nothing paced
+_CLAIM: dict[str, Any] = claim_params(ClaimPolicy(lease_s=30.0))
 
 
 def _add_pending(conn: psycopg.Connection[Any], prefix: str, n: int) -> None:

@@ -528,12 +528,12 @@ async def test_record_keeps_the_producers_requested_at_and_the_outbox_time(
 
 
 def test_the_claim_policys_arrays_reach_postgresql_as_given(conn: psycopg.Connection[Any]) -> None:
-    from outbox_notifier.store import _policy_params
+    from outbox_notifier.store import claim_params
 
     policy = ClaimPolicy(
         lease_s=30, pacing=Pacing(per_s={'we"ird\\name': 3, "b": 0}, per_min={"a": 100, "b": 7})
     )
-    params = _policy_params(policy)
+    params = claim_params(policy)
     row = conn.execute(
         "SELECT %(paced)s::text[], %(per_s)s::integer[], %(per_min)s::integer[]", params
     ).fetchone()
