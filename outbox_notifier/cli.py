@@ -453,17 +453,15 @@ def _cmd_status(args: argparse.Namespace, cfg: settings.Settings) -> int:
     return operator.status(cfg, as_json=args.json)
 
 
-def _cmd_requeue(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    from outbox_notifier import operator
+def _dead_letter_filters(args: argparse.Namespace) -> operator.DeadLetterFilters:
+    return operator.DeadLetterFilters(
+        channel=args.channel, error_code=args.error_code, since=args.since, until=args.until
+    )
 
+
+def _cmd_requeue(args: argparse.Namespace, cfg: settings.Settings) -> int:
     return operator.requeue(
-        cfg,
-        record_id=args.id,
-        channel=args.channel,
-        error_code=args.error_code,
-        since=args.since,
-        until=args.until,
-        dry_run=args.dry_run,
+        cfg, _dead_letter_filters(args), record_id=args.id, dry_run=args.dry_run
     )
 
 
@@ -537,10 +535,10 @@ _HANDLERS: dict[str, tuple[Handler, bool]] = {
 
 
 def _requeue_selection_problem(args: argparse.Namespace) -> str | None:
-    filters = (args.channel, args.error_code, args.since, args.until)
-    if args.id is not None and any(f is not None for f in filters):
+    filtered = _dead_letter_filters(args).given
+    if args.id is not None and filtered:
         return "--id cannot be combined with --channel, --error-code, --since or --until"
-    if args.id is None and all(f is None for f in filters):
+    if args.id is None and not filtered:
         return "pass --id N, or at least one of --channel, --error-code, --since, --until"
     return None
 

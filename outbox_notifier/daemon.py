@@ -33,6 +33,7 @@ from outbox_notifier.providers import REGISTRY, default_providers
 from outbox_notifier.providers.model import Provider
 from outbox_notifier.relay import Relay
 from outbox_notifier.rescue import Rescuer
+from outbox_notifier.retention import RetentionPolicy
 from outbox_notifier.settings import Settings, parse_host_port
 from outbox_notifier.store import (
     Breaker,
@@ -269,10 +270,7 @@ class Daemon:
         maintenance = Maintenance(
             MaintenanceStore(store.pool, timeouts=store.timeouts, session=store.session),
             interval_s=settings.maintenance_interval_s,
-            outbox_retention_s=settings.outbox_retention_s,
-            records_retention_s=settings.records_retention_s,
-            retention_batch_size=settings.retention_batch_size,
-            retention_pause_factor=settings.retention_pause_factor,
+            retention=RetentionPolicy.from_settings(settings),
             horizon=self.horizon,
         )
         claims = claim_policy(settings)

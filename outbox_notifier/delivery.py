@@ -38,9 +38,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -232,14 +232,10 @@ async def call_digest(
 ) -> DigestResult:
     """One digest call by ``provider`` (named ``name``); whatever goes wrong becomes a result
     for the first delivery alone, as `call_provider` makes one."""
-    started = time.perf_counter()
-    try:
-        return await provider.send_digest(deliveries)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # a provider bug must not lose the records: retry them later
-        failed = _provider_raised(exc, name, deliveries[0].record_id, started, "on a digest")
-        return DigestResult(included=1, result=failed)
+    made = await _guarded(
+        lambda: provider.send_digest(deliveries), name, deliveries[0].record_id, "on a digest"
+    )
+    return DigestResult(included=1, result=made) if isinstance(made, SendResult) else made
 
 
 async def call_provider(
@@ -254,30 +250,34 @@ async def call_provider(
             error_code=ErrorCode.RECIPIENT_MISSING,
             error_message=f"no provider {name!r} in this daemon",
         )
+    return await _guarded(lambda: provider.send(delivery), name, delivery.record_id)
+
+
+_Sent = TypeVar("_Sent")
+
+
+async def _guarded(
+    call: Callable[[], Awaitable[_Sent]], name: str, record_id: int, what: str = ""
+) -> _Sent | SendResult:
+    """What ``call`` to the provider ``name`` returns or, when the provider raises, a temporary
+    failure (the seed's fallback), logged with its traceback: a provider bug must not lose the
+    record, which is retried later. Cancellation is not a failure and propagates."""
     started = time.perf_counter()
     try:
-        return await provider.send(delivery)
+        return await call()
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # a provider bug must not lose the record: retry it later
-        return _provider_raised(exc, name, delivery.record_id, started)
-
-
-def _provider_raised(
-    exc: Exception, name: str, record_id: int, started: float, what: str = ""
-) -> SendResult:
-    """The result of a call whose provider raised: logged with its traceback, and a temporary
-    failure (the seed's fallback), so that the record is retried rather than lost."""
-    logger.exception(
-        "provider %s raised%s", name, f" {what}" if what else "",
-        extra={"record_id": record_id, "provider": name},
-    )  # fmt: skip
-    return SendResult(
-        outcome=Outcome.TEMPORARY_FAIL,
-        error_code=ErrorCode.NETWORK_ERROR,
-        error_message=f"{type(exc).__name__}: {exc}",
-        duration_s=time.perf_counter() - started,
-    )
+    except Exception as exc:
+        logger.exception(
+            "provider %s raised%s", name, f" {what}" if what else "",
+            extra={"record_id": record_id, "provider": name},
+        )  # fmt: skip
+        return SendResult(
+            outcome=Outcome.TEMPORARY_FAIL,
+            error_code=ErrorCode.NETWORK_ERROR,
+            error_message=f"{type(exc).__name__}: {exc}",
+            duration_s=time.perf_counter() - started,
+        )
 
 
 # eq=False: a stage is one object, compared (and hashed) by identity, as Relay and Maintenance.

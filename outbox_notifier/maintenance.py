@@ -10,6 +10,8 @@ import dataclasses
 import logging
 import time
 
+import msgspec
+
 from outbox_notifier import leadership, retention
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.horizon import DEFAULT_WARN_S, HorizonWatch
@@ -28,10 +30,7 @@ class Maintenance:
     store: MaintenanceStore
     _: dataclasses.KW_ONLY
     interval_s: float
-    outbox_retention_s: float
-    records_retention_s: float
-    retention_batch_size: int
-    retention_pause_factor: float
+    retention: retention.RetentionPolicy
     # Read each turn, so the horizon gauges and /readyz lag a hold by one snapshot interval.
     horizon: HorizonWatch = dataclasses.field(
         default_factory=lambda: HorizonWatch(warn_s=DEFAULT_WARN_S)
@@ -85,10 +84,7 @@ class Maintenance:
         async def purge() -> retention.RetentionReport:
             return await retention.purge_once(
                 self.store,
-                outbox_max_age_s=self.outbox_retention_s,
-                records_max_age_s=self.records_retention_s,
-                batch_size=self.retention_batch_size,
-                pause_factor=self.retention_pause_factor,
+                **msgspec.structs.asdict(self.retention),
                 # Each statement is bounded, not the pass: a backlog of finished rows may take
                 # minutes to delete at the paced rate, beating the heartbeat batch by batch.
                 deadline_s=ctx.db_deadline_s,

@@ -344,24 +344,35 @@ _REFUSALS: dict[str | None, str] = {
 }
 
 
+class DeadLetterFilters(msgspec.Struct, frozen=True, kw_only=True):
+    """Which dead records a bulk requeue takes; None means any. The time range is on
+    ``updated_at``, when the record died: ``since`` inclusive, ``until`` exclusive."""
+
+    channel: str | None = None
+    error_code: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any filter is set: a bulk requeue needs one, a requeue by id none."""
+        return any(value is not None for value in msgspec.structs.astuple(self))
+
+
 def requeue(
     settings: Settings,
+    filters: DeadLetterFilters,
     *,
     record_id: int | None,
-    channel: str | None,
-    error_code: str | None,
-    since: datetime | None,
-    until: datetime | None,
     dry_run: bool,
 ) -> int:
-    """Requeues one record by id, or the dead records matching the filters.
+    """Requeues one record by id, or the dead records matching ``filters``.
 
     By id: a dead, failed or skipped record goes back to pending with a fresh attempt budget;
     exit 1 with the reason when it cannot. By filters: every matching dead record (exit 1 when
     some were held by another transaction and skipped; run again). ``dry_run`` prints what
     would be requeued and changes nothing.
     """
-    filters = {"channel": channel, "error_code": error_code, "since": since, "until": until}
     try:
         with _connect(settings) as conn:
             if record_id is not None:
@@ -403,7 +414,7 @@ def _refusal(current: str | None) -> str:
 
 
 def _requeue_matching(
-    conn: psycopg.Connection[Any], filters: dict[str, Any], *, dry_run: bool
+    conn: psycopg.Connection[Any], filters: DeadLetterFilters, *, dry_run: bool
 ) -> int:
     if dry_run:
         matching = dead_letters_matching(conn, filters)
@@ -424,7 +435,8 @@ def _requeue_matching(
 
     with conn.transaction():
         matching_ids = [m.id for m in dead_letters_matching(conn, filters)]
-        requeued = [row[0] for row in conn.execute(query("requeue_dead"), filters).fetchall()]
+        params = msgspec.structs.asdict(filters)
+        requeued = [row[0] for row in conn.execute(query("requeue_dead"), params).fetchall()]
     # Rows locked by a worker or another operator are skipped rather than waited for.
     skipped = sorted(set(matching_ids) - set(requeued))
     if not requeued and not skipped:
@@ -441,15 +453,13 @@ def _requeue_matching(
 
 
 def dead_letters_matching(
-    conn: psycopg.Connection[Any], filters: dict[str, Any]
+    conn: psycopg.Connection[Any], filters: DeadLetterFilters
 ) -> list[MatchingDeadLetter]:
-    """The dead records a bulk requeue with these filters would pick.
-
-    ``filters`` holds ``channel``, ``error_code``, ``since`` and ``until``; None means any.
-    """
+    """The dead records a bulk requeue with these filters would pick."""
+    params = msgspec.structs.asdict(filters)
     return [
         MatchingDeadLetter(id=row[0], channel=row[1], error_code=row[2], updated_at=row[3])
-        for row in conn.execute(query("dead_letters_matching"), filters).fetchall()
+        for row in conn.execute(query("dead_letters_matching"), params).fetchall()
     ]
 
 

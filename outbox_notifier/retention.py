@@ -41,6 +41,7 @@ import msgspec
 
 from outbox_notifier.dbhealth import bounded
 from outbox_notifier.maintenance_store import MaintenanceStore
+from outbox_notifier.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,28 @@ class RetentionReport(msgspec.Struct, frozen=True, kw_only=True):
 
     outbox_deleted: int
     records_deleted: int  # their delivery_attempts went with them
+
+
+class RetentionPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """What a pass deletes and how it paces itself, as one value: its fields are `purge_once`'s
+    keywords of the same names (which checks them), so a loop that runs pass after pass holds
+    one policy rather than four loose values."""
+
+    outbox_max_age_s: float
+    records_max_age_s: float
+    batch_size: int = DEFAULT_BATCH_SIZE
+    pause_factor: float = DEFAULT_PAUSE_FACTOR
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetentionPolicy:
+        """The daemon's policy: the ages are the ``outbox_retention_s`` and
+        ``records_retention_s`` settings, the pacing the ``retention_*`` ones."""
+        return cls(
+            outbox_max_age_s=settings.outbox_retention_s,
+            records_max_age_s=settings.records_retention_s,
+            batch_size=settings.retention_batch_size,
+            pause_factor=settings.retention_pause_factor,
+        )
 
 
 async def purge_once(

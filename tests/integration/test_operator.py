@@ -234,17 +234,15 @@ def test_format_age(seconds: float | None, shown: str) -> None:
 # -- requeue by id -----------------------------------------------------------------------------
 
 
-def _requeue(db: str, **kwargs: Any) -> int:
-    args: dict[str, Any] = {
-        "record_id": None,
-        "channel": None,
-        "error_code": None,
-        "since": None,
-        "until": None,
-        "dry_run": False,
-    }
-    args.update(kwargs)
-    return operator.requeue(settings_for(db), **args)
+def _requeue(
+    db: str, *, record_id: int | None = None, dry_run: bool = False, **filters: Any
+) -> int:
+    return operator.requeue(
+        settings_for(db),
+        operator.DeadLetterFilters(**filters),
+        record_id=record_id,
+        dry_run=dry_run,
+    )
 
 
 def test_requeue_dead_record_by_id(

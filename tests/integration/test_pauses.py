@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.maintenance import Maintenance
 from outbox_notifier.maintenance_store import MaintenanceStore
+from outbox_notifier.retention import RetentionPolicy
 from outbox_notifier.store import ClaimPolicy, RecordStore
 from tests.support import add_channel, enqueue, loop_context, payload, relay_for, scalar
 
@@ -132,10 +133,10 @@ async def test_a_pause_with_an_end_resumes_by_itself(
     assert scalar(conn, "SELECT ended FROM outbox_notifier.paused")
     caplog.set_level(logging.INFO, "outbox_notifier.maintenance")
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as aconn:
-        maintenance = Maintenance(
-            MaintenanceStore(aconn), interval_s=3600, outbox_retention_s=3600,
-            records_retention_s=3600, retention_batch_size=100, retention_pause_factor=0,
-        )  # fmt: skip
+        retention = RetentionPolicy(
+            outbox_max_age_s=3600, records_max_age_s=3600, batch_size=100, pause_factor=0
+        )
+        maintenance = Maintenance(MaintenanceStore(aconn), interval_s=3600, retention=retention)
         await maintenance._end_pauses(loop_context())
     assert scalar(conn, "SELECT count(*) FROM outbox_notifier.paused") == 0
     assert scalar(conn, "SELECT resumed_by FROM outbox_notifier.pauses") == "expired"
