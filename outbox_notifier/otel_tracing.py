@@ -38,6 +38,7 @@ No attribute holds a message, a URL's secret part, a user id or a dedupe key.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -116,6 +117,25 @@ def redacted_url(url: httpx.URL, path_prefix: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4096)
+def _shown_url(url: httpx.URL, path_prefix: str) -> str:
+    """`redacted_url`, once per robot: a recipient's URL comes back with each of its records."""
+    return redacted_url(url, path_prefix)
+
+
+class _HashedResource(Resource):
+    """A resource hashed once. The OTLP encoder groups every span by its resource, and the
+    SDK's hash writes the attributes out as JSON each time: an eighth of the encoding's CPU.
+    A resource is immutable, so its hash never changes."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 class _Span(tracing.Span):
     """An SDK span behind the facade's `tracing.Span`; current while its block runs."""
 
@@ -159,10 +179,16 @@ class _Span(tracing.Span):
         self._span.set_attributes(attributes)
 
     def replied(self, http_status: int) -> None:
-        self._span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, http_status)
-        if http_status >= 400:
-            self._span.set_attribute(error_attributes.ERROR_TYPE, str(http_status))
-            self._span.set_status(Status(StatusCode.ERROR))
+        if http_status < 400:
+            self._span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, http_status)
+            return
+        self._span.set_attributes(
+            {
+                http_attributes.HTTP_RESPONSE_STATUS_CODE: http_status,
+                error_attributes.ERROR_TYPE: str(http_status),
+            }
+        )
+        self._span.set_status(Status(StatusCode.ERROR))
 
     def failed(self, error_type: str) -> None:
         self._span.set_attribute(error_attributes.ERROR_TYPE, error_type)
@@ -252,7 +278,7 @@ class OtelTracing(tracing.Tracing):
                 service_attributes.SERVICE_VERSION: __version__,
             }
         ).merge(OTELResourceDetector().detect())
-        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        provider = TracerProvider(resource=_HashedResource(resource), shutdown_on_exit=False)
         exporter = _exporter(os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower())
         if exporter is not None:
             # Spans are exported off the event loop, in batches, by the processor's thread: a
@@ -279,6 +305,9 @@ class OtelTracing(tracing.Tracing):
                     "record's trace context ignored: not a W3C traceparent",
                     extra={"record_id": record_id},
                 )
+        # The conventions' sampling-relevant attributes go to the sampler at the start; the
+        # rest are set once, and only on a span that records (a start attribute is checked
+        # twice by the SDK: for the sampler and for the span).
         span = self._tracer.start_span(
             f"process {channel}",
             context=parent,
@@ -289,12 +318,17 @@ class OtelTracing(tracing.Tracing):
                 MESSAGING_OPERATION_TYPE: "process",
                 MESSAGING_OPERATION_NAME: "process",
                 MESSAGING_DESTINATION_NAME: channel,
-                MESSAGING_MESSAGE_ID: str(record_id),
-                RECORD_ID: record_id,
-                ATTEMPT: record.attempt_count,
-                PROVIDER: record.provider,
             },
         )
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    MESSAGING_MESSAGE_ID: str(record_id),
+                    RECORD_ID: record_id,
+                    ATTEMPT: record.attempt_count,
+                    PROVIDER: record.provider,
+                }
+            )
         return _Span(span)
 
     def http_call(self, url: httpx.URL, path_prefix: str) -> tracing.Span:
@@ -302,7 +336,7 @@ class OtelTracing(tracing.Tracing):
         attributes: dict[str, str | int] = {
             http_attributes.HTTP_REQUEST_METHOD: "POST",
             server_attributes.SERVER_ADDRESS: url.host,
-            url_attributes.URL_FULL: redacted_url(url, path_prefix),
+            url_attributes.URL_FULL: _shown_url(url, path_prefix),
         }
         if port is not None:
             attributes[server_attributes.SERVER_PORT] = port
