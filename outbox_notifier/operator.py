@@ -89,6 +89,19 @@ class ActivePause(msgspec.Struct, frozen=True, kw_only=True):
     records_waiting: int
 
 
+class DigestQueue(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat-bot target whose records wait for a digest (the ``digest_queues`` view): named by
+    its key, provider and host, never its URL."""
+
+    target_key: str
+    provider: str | None  # None until the target's first call is on record
+    host: str | None
+    waiting: int  # pending in the queue
+    sending: int  # in the digest in flight
+    oldest_age_s: float
+    breaker_open: bool
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """What ``status --json`` prints; the keys are stable."""
 
@@ -97,6 +110,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     stuck_sending: StuckSending
     dead_letters: list[DeadLetter]  # the most recent, newest first
     pauses: list[ActivePause] = msgspec.field(default_factory=list)  # oldest first
+    digest_queues: list[DigestQueue] = msgspec.field(default_factory=list)  # longest wait first
 
 
 class MatchingDeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,6 +173,13 @@ def load_status(conn: psycopg.Connection[Any]) -> StatusReport:
             )
             for row in conn.execute(query("status_pauses")).fetchall()
         ]  # fmt: skip
+        queues = [
+            DigestQueue(
+                target_key=row[0], provider=row[1], host=row[2], waiting=row[3],
+                sending=row[4], oldest_age_s=row[5], breaker_open=row[6],
+            )
+            for row in conn.execute(query("status_digest_queues")).fetchall()
+        ]  # fmt: skip
     assert outbox_row is not None and stuck_row is not None  # aggregates: always one row
     return StatusReport(
         records=records,
@@ -182,6 +203,7 @@ def load_status(conn: psycopg.Connection[Any]) -> StatusReport:
             for row in dead_rows
         ],
         pauses=pauses,
+        digest_queues=queues,
     )
 
 
@@ -272,6 +294,27 @@ def render_status(report: StatusReport) -> str:
                 for p in report.pauses
             ],
             right=(0, 2),
+        )
+    else:
+        out.append("  (none)")
+
+    out += ["", "waiting for a digest (chat bots over their budget)"]
+    if report.digest_queues:
+        out += _table(
+            ("target", "provider", "host", "waiting", "sending", "oldest age", "breaker"),
+            [
+                (
+                    q.target_key[:12],
+                    q.provider or "-",
+                    q.host or "-",
+                    str(q.waiting),
+                    str(q.sending),
+                    format_age(q.oldest_age_s),
+                    "open" if q.breaker_open else "",
+                )
+                for q in report.digest_queues
+            ],
+            right=(3, 4),
         )
     else:
         out.append("  (none)")

@@ -116,3 +116,10 @@ WHERE id = %(id)s;
 SELECT id, scope, paused, reason, paused_by, since, until, ended, records_waiting
 FROM outbox_notifier.paused
 ORDER BY since, id;
+
+-- name: status_digest_queues
+-- Chat-bot targets whose records wait for a digest (0016), the longest wait first.
+SELECT target_key, provider, host, waiting, sending, extract(epoch FROM oldest_age)::float8,
+       breaker_open
+FROM outbox_notifier.digest_queues
+ORDER BY oldest_age DESC, target_key;

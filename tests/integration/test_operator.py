@@ -127,8 +127,11 @@ def test_status_json_counts_everything_exactly(
     assert err == ""
     assert len(out.splitlines()) == 1
     shown = json.loads(out)
-    assert list(shown) == ["records", "outbox", "stuck_sending", "dead_letters", "pauses"]
+    assert list(shown) == [
+        "records", "outbox", "stuck_sending", "dead_letters", "pauses", "digest_queues",
+    ]  # fmt: skip
     assert shown["pauses"] == []  # nothing is paused in this backlog
+    assert shown["digest_queues"] == []  # no chat bot over its budget either
 
     by_key = {(r["channel"], r["status"]): r for r in shown["records"]}
     assert [(r["channel"], r["status"], r["count"]) for r in shown["records"]] == [
@@ -174,6 +177,67 @@ def test_status_table_has_headings_and_no_secrets(
     assert SECRET not in out
     assert HOOK_TOKEN not in out
     assert "webhook_url" not in out
+
+
+def test_status_shows_each_digest_queue_by_target_never_its_url(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bot_url = f"https://oapi.dingtalk.com/robot/send?access_token={HOOK_TOKEN}"
+    other_url = f"https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key={SECRET}"
+    with psycopg.connect(db, autocommit=True) as conn:
+        busy, paused = (
+            scalar(conn, "SELECT outbox_notifier.target_key(%s)", (url,))
+            for url in (bot_url, other_url)
+        )
+        conn.execute(
+            "INSERT INTO outbox_notifier.targets (target_key, provider, host, paused_until)"
+            " VALUES (%s, 'dingtalk_bot', 'oapi.dingtalk.com', NULL),"
+            "        (%s, 'wecom_bot', 'qyapi.weixin.qq.com', now() + interval '1 minute')",
+            (busy, paused),
+        )
+        queued = {
+            busy: [("pending", 300), ("pending", 5), ("sending", 30)],
+            paused: [("pending", 60)],
+        }
+        for target, rows in queued.items():
+            for n, (status, age_s) in enumerate(rows):
+                key = f"{target[:6]}-{n}"
+                lease_s = 30.0 if status == "sending" else None
+                record_id = insert_record(conn, key, status=status, age_s=age_s, lease_s=lease_s)
+                conn.execute(
+                    "UPDATE outbox_notifier.notification_records SET digest_target = %s"
+                    " WHERE id = %s",
+                    (target, record_id),
+                )
+        # out of every queue: a finished record that once waited in one
+        done = insert_record(conn, "done", status="sent", age_s=900)
+        conn.execute(
+            "UPDATE outbox_notifier.notification_records SET digest_target = %s WHERE id = %s",
+            (busy, done),
+        )
+
+    assert operator.status(settings_for(db), as_json=True) == 0
+    out = capsys.readouterr().out
+    queues = json.loads(out)["digest_queues"]
+    assert [(q["target_key"], q["provider"], q["host"], q["waiting"], q["sending"],
+             q["breaker_open"]) for q in queues] == [
+        (busy, "dingtalk_bot", "oapi.dingtalk.com", 2, 1, False),
+        (paused, "wecom_bot", "qyapi.weixin.qq.com", 1, 0, True),
+    ]  # fmt: skip
+    assert 300 <= queues[0]["oldest_age_s"] < 400  # the oldest waiting, not the sent one
+    assert 60 <= queues[1]["oldest_age_s"] < 160
+
+    assert operator.status(settings_for(db), as_json=False) == 0
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    at = lines.index("waiting for a digest (chat bots over their budget)")
+    assert lines[at + 1].split() == [
+        "target", "provider", "host", "waiting", "sending", "oldest", "age", "breaker",
+    ]  # fmt: skip
+    assert lines[at + 2].split()[:5] == [busy[:12], "dingtalk_bot", "oapi.dingtalk.com", "2", "1"]
+    assert lines[at + 3].split()[-1] == "open"
+    for text in (out, table):
+        assert HOOK_TOKEN not in text and SECRET not in text and "https://" not in text
 
 
 def test_status_of_an_empty_database(db: str, capsys: pytest.CaptureFixture[str]) -> None:

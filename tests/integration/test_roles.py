@@ -329,7 +329,7 @@ def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None
     assert _grants(conn, "outbox_notifier_producer") == {("enqueue", "EXECUTE")}
     readable = ("backlog", "dead_letters", "stuck_sending", "target_health", "outbox",
                 "notification_records", "delivery_attempts", "targets", "maintenance_leases",
-                "schema_migrations", "digest_messages")  # fmt: skip
+                "schema_migrations", "digest_messages", "digest_queues")  # fmt: skip
     channel_columns = ("id", "user_id", "channel", "enabled", "auth_kind", "disabled_reason",
                        "created_at", "updated_at", "provider")  # fmt: skip
     assert _grants(conn, "outbox_notifier_operator") == {
