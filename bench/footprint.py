@@ -13,6 +13,11 @@ server, other users' work too). The CHECKPOINT before each drain makes every con
 full-page image of each page it first touches, rather than whichever contender a checkpoint
 happened to fall on.
 
+Where the WAL goes: where the server has ``pg_walinspect`` (a contrib module of PostgreSQL 15
+and later; the bench creates it in the run's database when it may), ``window.end()`` also sums
+the WAL records of the window by relation and record type (``WalShare``), as ``pg_waldump
+--stats`` would, naming each relation from the run's catalog.
+
 Statement time is the sum of ``pg_stat_statements.total_exec_time`` of the run's database
 (each run has its own clone: filtered by ``dbid``), top-level statements only, so a function's
 inner statements are not counted twice; planning is not counted (``track_planning`` is off by
@@ -40,9 +45,35 @@ _UNTRACKED = "-c pg_stat_statements.track=none"
 
 
 @dataclass(frozen=True)
+class WalShare:
+    """WAL records of one relation and record type (``Heap UPDATE``) over a window."""
+
+    relation: str  # "(none)": records of no relation (commits, ...); "(other)": not the run's
+    record: str
+    count: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Usage:
     wal_bytes: float
     exec_ms: float  # NaN when the server cannot count statements
+    wal_shares: tuple[WalShare, ...] = ()  # empty without pg_walinspect
+
+
+# The window's WAL records by relation (the run's catalog names it) and record type.
+_WAL_SHARES = """
+WITH w AS (
+    SELECT resource_manager || ' ' || record_type AS record, record_length,
+           substring(block_ref FROM 'rel [0-9]+/[0-9]+/([0-9]+)')::oid AS node
+    FROM pg_get_wal_records_info(%(start)s::pg_lsn, %(end)s::pg_lsn)
+)
+SELECT CASE WHEN w.node IS NULL THEN '(none)' ELSE coalesce(c.relname::text, '(other)') END,
+       w.record, count(*), sum(w.record_length)
+FROM w LEFT JOIN pg_class c ON c.relfilenode = w.node AND c.relfilenode <> 0
+GROUP BY 1, 2
+ORDER BY 4 DESC
+"""
 
 
 class Meter:
@@ -103,10 +134,12 @@ class Window:
     def end(self) -> Usage:
         with psycopg.connect(self.meter.server_dsn, autocommit=True) as conn:
             row = conn.execute(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)::float8", (self.lsn,)
+                "SELECT pg_current_wal_lsn()::text,"
+                " pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)::float8",
+                (self.lsn,),
             ).fetchone()
             assert row is not None
-            wal = float(row[0])
+            end_lsn, wal = str(row[0]), float(row[1])
             exec_ms = float("nan")
             if self.meter.statements:
                 row = conn.execute(
@@ -116,7 +149,17 @@ class Window:
                 ).fetchone()
                 assert row is not None
                 exec_ms = float(row[0])
-        return Usage(wal_bytes=wal, exec_ms=exec_ms)
+        return Usage(wal_bytes=wal, exec_ms=exec_ms, wal_shares=self._wal_shares(end_lsn))
+
+    def _wal_shares(self, end_lsn: str) -> tuple[WalShare, ...]:
+        """The window's WAL by relation and record type; empty where pg_walinspect cannot be
+        had (read before anything drops the run's database: a checkpoint may recycle the
+        window's WAL files)."""
+        with psycopg.connect(self.poll_dsn, autocommit=True) as conn:
+            if _tries(conn, "CREATE EXTENSION IF NOT EXISTS pg_walinspect"):
+                return ()
+            rows = conn.execute(_WAL_SHARES, {"start": self.lsn, "end": end_lsn}).fetchall()
+        return tuple(WalShare(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows)
 
 
 def _tries(conn: psycopg.Connection[Any], statement: LiteralString) -> str:

@@ -210,6 +210,27 @@ def footprint_table(contenders: list[Contender]) -> str:
     return _table(header, cells, {0})
 
 
+def wal_table(run: scenarios.Throughput, n: int, top: int = 15) -> str:
+    """Where one drain's WAL went, per delivered record: the ``top`` largest relation and record
+    type pairs, then the rest together."""
+    header = ["WAL of one daemon drain: relation", "record", "records/job", "B/job", "share"]
+    total = sum(s.bytes for s in run.wal_shares) or 1
+    shown = run.wal_shares[:top]
+    rest = run.wal_shares[top:]
+    cells = [
+        [s.relation, s.record, f"{s.count / n:.2f}", _fmt(s.bytes / n), f"{s.bytes / total:.0%}"]
+        for s in shown
+    ]
+    if rest:
+        bytes_ = sum(s.bytes for s in rest)
+        cells.append(
+            [f"(the other {len(rest)})", "", f"{sum(s.count for s in rest) / n:.2f}",
+             _fmt(bytes_ / n), f"{bytes_ / total:.0%}"]
+        )  # fmt: skip
+    cells.append(["total", "", "", _fmt(total / n), "100%"])
+    return _table(header, cells, {0, 1})
+
+
 def snapshot_table(plan: snapshot.Plan, windows: list[snapshot.Window]) -> str:
     header = [f"window (s), {plan.rate:.0f} events/s", "snapshot", "events", "p50 ms", "p99 ms"]
     header += [f"{loop} claim ms" for loop in snapshot.CLAIM_LOOPS]
@@ -600,6 +621,12 @@ class Bench:
                     f" {result.wal_b:,.0f} B WAL/job, {result.statement_us:,.1f} us statements/job"
                 )
         daemon = self.footprints[0].runs
+        broken_down = [r for r in daemon if r.wal_shares]
+        if broken_down:  # the median run's
+            median = sorted(broken_down, key=lambda r: r.wal_b)[len(broken_down) // 2]
+            self.tables.append(wal_table(median, n))
+        else:
+            self.notes.append("WAL not broken down: pg_walinspect is not available here")
         self.rows += [
             Row(
                 "WAL per delivered record, daemon (CLI, enqueue included)",
