@@ -197,6 +197,54 @@ async def test_three_replicas_claiming_one_burst_keep_the_budget_and_the_order(
     assert {row[2] for row in view} == {"success"}
 
 
+# a budget by the second, so that the slowest mix (every call a single) still drains in 20 s
+PER_S = 10
+PACED = {"dingtalk_max_per_s": PER_S, "dingtalk_max_per_min": 0}
+
+
+@pytest.mark.timeout(60)
+async def test_replicas_with_digests_on_and_off_share_the_budget_and_deliver_each_once(
+    db: str, conn: psycopg.Connection[Any], srv: FeishuServer
+) -> None:
+    # A fleet halfway through a settings change: one replica of three has DingTalk digests
+    # off. Its claims send one record a call, the others digests; the target's budget is one
+    # log for all of them, and every record still goes out once. (Its singles may go ahead of
+    # the queue: these records have no ordering key, so no order is promised.)
+    url = srv.dingtalk_url()
+    add_channel(conn, 1, url, provider="dingtalk_bot")
+    conn.execute("SELECT outbox_notifier.pause_v1('a burst for a mixed fleet', %s)", (url,))
+    held = (
+        "SELECT count(*) FROM outbox_notifier.notification_records"
+        " WHERE status = 'pending' AND next_retry_at > now()"
+    )
+    daemons = [
+        Daemon(settings_for(db, **PACED)),
+        Daemon(settings_for(db, **PACED, dingtalk_digest=False)),
+        Daemon(settings_for(db, **PACED)),
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running(daemons[0]))
+        await eventually(lambda: daemons[0].listener_up, what="listening")
+        commit_burst(conn, 200)
+        await eventually(lambda: scalar(conn, held) == 200, what="the burst held by the pause")
+        for daemon in daemons[1:]:
+            await stack.enter_async_context(running(daemon))
+        await eventually(lambda: all(d.listener_up for d in daemons), what="listening")
+        conn.execute("SELECT outbox_notifier.resume_v1(%s)", (url,))
+        await eventually(lambda: scalar(conn, SETTLED) == 200, timeout_s=40, what="settled")
+    messages = srv.requests_to("/robot/send")
+    delivered = [i for m in messages for i in carried(m)]
+    assert sorted(delivered) == list(range(200))  # each record once
+    assert srv.max_per_window(1.0, "/robot/send") <= PER_S
+    assert any(len(carried(m)) > 1 for m in messages)  # the digest replicas merged
+    statuses = conn.execute(
+        "SELECT status, count(*) FROM outbox_notifier.notification_records GROUP BY status"
+    ).fetchall()
+    assert statuses == [("sent", 200)]
+    # one attempt a record: no record was sent twice or retried for the mix
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.delivery_attempts") == 200
+
+
 async def test_a_target_with_little_traffic_still_gets_a_message_per_record(
     db: str, conn: psycopg.Connection[Any], srv: FeishuServer
 ) -> None:
