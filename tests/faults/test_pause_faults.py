@@ -37,7 +37,7 @@ pytestmark = pytest.mark.faults
 PER_SIDE = 500
 KEYS = 5  # the paused target's records carry 5 ordering keys: each key's order is checked
 PAUSE_S = 4
-PER_S = 125  # flow_max_per_s: the paused target's pacing budget after the pause (it binds:
+PER_S = 150  # flow_max_per_s: the paused target's pacing budget after the pause (it binds:
 # the busiest second reaches it, where the other targets, unpaced, get about 300 a second)
 # After the pause the paused target's records drain at its pace, PER_SIDE / PER_S seconds; the
 # test allows twice that and 2 s more (a slow runner). A record held behind its key's head
