@@ -96,7 +96,9 @@ def test_killed_worker_records_are_finished_by_another_after_the_lease(
     for i in range(5):
         enqueue(conn, payload(f"k-{i}"))
     server.hold_all()
-    victim = start_daemon(db, "--set", "lease_s=4", "--set", "http_timeout_s=3")
+    # A lease of 2 s (its calls bounded at 1.5 s, below it): the rescuer, started once the
+    # victim is dead, finds the leases expired about when it is up, instead of waiting for them.
+    victim = start_daemon(db, "--set", "lease_s=2", "--set", "http_timeout_s=1.5")
     try:
         server.wait_for_count_sync(5, timeout_s=30)
         assert _count(conn, "WHERE status = 'sending'") == 5

@@ -127,8 +127,9 @@ def test_a_target_that_only_throttles_is_slowed_never_paused_and_burns_no_attemp
     harness.add_channels(db, {1: server.flow_url("throttled")})
     server.script("throttled", [], then=Reply.rate_limited(1))
     producer = harness.Producer(db, 60, users=[1], duration_s=0.5, redeliver_every=0, bad_every=0)
-    # 4 s of 429s: a call per record per second would be 240 calls, one probe a second 4 or so
-    throttle_s = 4.0
+    # 3 s of 429s: a call per record per second would be 60 + 180 calls (more than the bound
+    # below allows), one probe a second 3 or so
+    throttle_s = 3.0
     # Past the 429s the target stays slowed to throttle_max_per_s (5/s) for throttle_slowdown_s
     # (renewed by every 429, so in force all through them): 2 s rather than 60 s, or the 60
     # records would drain at 5/s for 12 s after the target recovers.

@@ -32,6 +32,10 @@ pytestmark = pytest.mark.faults
 EVENTS = 1500
 USERS = 10
 RESTARTS = 2
+# The workload is committed over PRODUCE_S; a restart comes every RESTART_EVERY_S of it, so
+# both land while events are being committed (each outage lasts a fraction of a second).
+PRODUCE_S = 4.0
+RESTART_EVERY_S = 1.3
 
 
 @pytest.mark.timeout(150)
@@ -43,7 +47,7 @@ def test_database_restarts_lose_nothing_and_listen_comes_back(
 ) -> None:
     dsn = private_db
     harness.add_channels(dsn, {u: server.flow_url(f"user-{u}") for u in range(1, USERS + 1)})
-    producer = harness.Producer(dsn, EVENTS, users=range(1, USERS + 1), duration_s=6.0)
+    producer = harness.Producer(dsn, EVENTS, users=range(1, USERS + 1), duration_s=PRODUCE_S)
     started = time.monotonic()
     outages: list[float] = []
     # A long poll interval: after the restarts only a working LISTEN makes delivery prompt.
@@ -57,10 +61,11 @@ def test_database_restarts_lose_nothing_and_listen_comes_back(
         fleet.wait_ready()
         producer.start()
         for _ in range(RESTARTS):
-            time.sleep(2.0)
+            time.sleep(RESTART_EVERY_S)
             down = time.monotonic()
             private_cluster.restart("fast")
             outages.append(time.monotonic() - down)
+        committed_by_last_restart = producer.committed_rows
         producer.join()
         fleet.wait_ready(timeout_s=30)  # readiness includes "the LISTEN connection is up"
         settle_s = harness.wait_settled(dsn, timeout_s=60)
@@ -82,6 +87,7 @@ def test_database_restarts_lose_nothing_and_listen_comes_back(
         events=producer.committed_rows,
         db_restarts=RESTARTS,
         outage_s="/".join(f"{o:.1f}" for o in outages),
+        committed_by_last_restart=committed_by_last_restart,
         producer_retries=producer.commit_errors,
         daemon_db_errors=int(db_errors),
         listener_reconnects="/".join(str(int(r)) for r in reconnects),
@@ -91,6 +97,8 @@ def test_database_restarts_lose_nothing_and_listen_comes_back(
         run_s=round(elapsed, 1),
     )
     harness.report("database_restart", figures, record_property)
+    # the restarts came while the workload was still being committed
+    assert committed_by_last_restart < EVENTS, committed_by_last_restart
     assert figures.records == len(producer.acknowledged) + 1
     assert figures.rejected >= producer.bad_acknowledged
     assert figures.by_status == {"sent": figures.records}

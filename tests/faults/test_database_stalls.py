@@ -270,6 +270,10 @@ def iptables_allowed() -> None:
         pytest.skip(f"iptables is not permitted here: {probe.stderr.strip()[:200]}")
 
 
+# psycopg_pool's warning when it stops retrying a lost connection (after reconnect_timeout).
+_GAVE_UP = re.compile(r"reconnection attempt in pool '[^']*' failed after")
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.usefixtures("iptables_allowed")
 def test_black_hole_keeps_liveness_and_recovers_within_10s(
@@ -282,7 +286,13 @@ def test_black_hole_keeps_liveness_and_recovers_within_10s(
         with psycopg.connect(dsn, autocommit=True) as conn:
             harness.enqueue_event(conn, "before")
         wait_for(lambda: all_sent(dsn, ["before"]), 15, "first delivery", d)
-        hole_s = 30.0  # far past health_stale_s, long enough for reconnect backoff to grow
+        # Three times health_stale_s, and past the pool's reconnect_timeout (5 s here) by
+        # seconds. The pool's own backoff (1, 2, 4, 8, 16 s ... between 2-s connect timeouts)
+        # would only make a 10 s recovery miss after a hole of half a minute; rather than wait
+        # that out, the log below must show the pool giving a reconnection up during the
+        # hole, which is what keeps the backoff from growing (see connections.new_pool).
+        hole_s = 12.0
+        assert _GAVE_UP.search(d.output()) is None, d.output()[-3000:]
         with black_hole(private_cluster.port):
             started = time.monotonic()
             saw_unready = False
@@ -303,7 +313,12 @@ def test_black_hole_keeps_liveness_and_recovers_within_10s(
         recovery_s = wait_for(lambda: all_sent(dsn, keys), 10, "work after the hole", d)
         recovery_s = time.monotonic() - restored
         assert gap < 2.0, f"watchdog ping gap {gap:.1f}s over WatchdogSec=2"
-        print(f"\nblack hole {hole_s:g}s: recovered in {recovery_s:.1f}s, watchdog gap {gap:.2f}s")
+        gave_up = len(_GAVE_UP.findall(d.output()))
+        assert gave_up >= 1, f"the pool never gave a reconnection up\n{d.output()[-3000:]}"
+        print(
+            f"\nblack hole {hole_s:g}s: recovered in {recovery_s:.1f}s, watchdog gap {gap:.2f}s,"
+            f" pool gave up {gave_up} reconnections"
+        )
         assert d.stop() == 0
 
 
