@@ -266,7 +266,7 @@ async def test_a_retention_pass_longer_than_the_database_deadline_runs_to_its_en
     """A backlog of finished rows takes many paced batches. The deadline bounds each batch,
     not the pass (which it used to cut off with 'retention failed'), and the maintenance loop
     stays alive batch by batch past health_stale_s."""
-    fill_history(conn, 1_500)  # finished records and outbox rows: 60 batches of 50
+    fill_history(conn, 2_000)  # finished records and outbox rows: 80 batches of 50
     stale_s = 2.0
     daemon = Daemon(
         base_settings(
@@ -284,7 +284,6 @@ async def test_a_retention_pass_longer_than_the_database_deadline_runs_to_its_en
             assert asyncio.get_running_loop().time() - started < 45, "retention too slow"
             await asyncio.sleep(0.2)
         took = asyncio.get_running_loop().time() - started
-    print(f"\nretention pass done {took:.2f}s after the daemon started")
     # one pass (the next is a minute away), longer than the deadline and the staleness bound
     assert took > stale_s
     assert scalar(conn, "SELECT count(*) FROM outbox_notifier.outbox") == 0
