@@ -151,31 +151,37 @@ async def test_a_burst_arrives_in_digests_within_the_budget_and_in_commit_order(
     assert sorted(alone) == sorted(i for m in messages if len(carried(m)) == 1 for i in carried(m))
 
 
-async def test_three_replicas_claiming_one_burst_keep_the_budget_and_the_order(
-    db: str, conn: psycopg.Connection[Any], srv: FeishuServer
+async def burst_to_replicas(
+    conn: psycopg.Connection[Any], url: str, daemons: list[Daemon], n: int, timeout_s: float
 ) -> None:
-    # The burst waits behind an operator pause, relayed by one replica (relays running side by
-    # side may split one producer transaction's rows between them, and the records of an
-    # unkeyed event are created in the order the relays commit); the three replicas then find
-    # all of it due at once when the pause is lifted.
-    url = srv.dingtalk_url()
-    add_channel(conn, 1, url, provider="dingtalk_bot")
-    conn.execute("SELECT outbox_notifier.pause_v1('a burst for three replicas', %s)", (url,))
+    """``n`` records for the robot at ``url``, held by an operator pause while the first
+    replica relays them (relays running side by side may split one producer transaction's rows
+    between them, and the records of an unkeyed event are created in the order the relays
+    commit); then every replica runs, the pause is lifted, and all of them find the burst due
+    at once. Returns when every record has settled."""
+    conn.execute("SELECT outbox_notifier.pause_v1('a burst for several replicas', %s)", (url,))
     held = (
         "SELECT count(*) FROM outbox_notifier.notification_records"
         " WHERE status = 'pending' AND next_retry_at > now()"
     )
-    daemons = [Daemon(settings_for(db)) for _ in range(3)]
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(running(daemons[0]))
         await eventually(lambda: daemons[0].listener_up, what="listening")
-        commit_burst(conn, 300)
-        await eventually(lambda: scalar(conn, held) == 300, what="the burst held by the pause")
+        commit_burst(conn, n)
+        await eventually(lambda: scalar(conn, held) == n, what="the burst held by the pause")
         for daemon in daemons[1:]:
             await stack.enter_async_context(running(daemon))
         await eventually(lambda: all(d.listener_up for d in daemons), what="listening")
         conn.execute("SELECT outbox_notifier.resume_v1(%s)", (url,))
-        await eventually(lambda: scalar(conn, SETTLED) == 300, timeout_s=60, what="settled")
+        await eventually(lambda: scalar(conn, SETTLED) == n, timeout_s=timeout_s, what="settled")
+
+
+async def test_three_replicas_claiming_one_burst_keep_the_budget_and_the_order(
+    db: str, conn: psycopg.Connection[Any], srv: FeishuServer
+) -> None:
+    url = srv.dingtalk_url()
+    add_channel(conn, 1, url, provider="dingtalk_bot")
+    await burst_to_replicas(conn, url, [Daemon(settings_for(db)) for _ in range(3)], 300, 60)
     took_s = scalar(
         conn,
         "SELECT extract(epoch FROM max(r.sent_at) - max(p.resumed_at))"
@@ -212,26 +218,12 @@ async def test_replicas_with_digests_on_and_off_share_the_budget_and_deliver_eac
     # the queue: these records have no ordering key, so no order is promised.)
     url = srv.dingtalk_url()
     add_channel(conn, 1, url, provider="dingtalk_bot")
-    conn.execute("SELECT outbox_notifier.pause_v1('a burst for a mixed fleet', %s)", (url,))
-    held = (
-        "SELECT count(*) FROM outbox_notifier.notification_records"
-        " WHERE status = 'pending' AND next_retry_at > now()"
-    )
     daemons = [
         Daemon(settings_for(db, **PACED)),
         Daemon(settings_for(db, **PACED, dingtalk_digest=False)),
         Daemon(settings_for(db, **PACED)),
     ]
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(running(daemons[0]))
-        await eventually(lambda: daemons[0].listener_up, what="listening")
-        commit_burst(conn, 200)
-        await eventually(lambda: scalar(conn, held) == 200, what="the burst held by the pause")
-        for daemon in daemons[1:]:
-            await stack.enter_async_context(running(daemon))
-        await eventually(lambda: all(d.listener_up for d in daemons), what="listening")
-        conn.execute("SELECT outbox_notifier.resume_v1(%s)", (url,))
-        await eventually(lambda: scalar(conn, SETTLED) == 200, timeout_s=40, what="settled")
+    await burst_to_replicas(conn, url, daemons, 200, 40)
     messages = srv.requests_to("/robot/send")
     delivered = [i for m in messages for i in carried(m)]
     assert sorted(delivered) == list(range(200))  # each record once
