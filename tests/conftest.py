@@ -10,7 +10,6 @@ share.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -41,16 +40,12 @@ def template_db(pg_server: str) -> Iterator[str]:
 
 
 class Clones:
-    """Clones of the template, made ahead on a thread of their own (started by the first
-    `take`): CREATE DATABASE runs on the server while the tests before run here. A test's
-    database, handed back, is dropped on that thread too, while the next test runs."""
-
-    AHEAD = 2  # clones kept ready: a run of short tests does not wait for each one
+    """Clones of the template, one made ahead on a thread of its own (started by the first
+    `take`): CREATE DATABASE runs on the server while the test before runs here."""
 
     def __init__(self, server: str, template: str) -> None:
         self.server, self.template = server, template
-        self._ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=self.AHEAD)
-        self._used: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -63,10 +58,6 @@ class Clones:
             raise made
         return made
 
-    def give_back(self, dsn: str) -> None:
-        """``dsn``'s database is done with: dropped on the clones' thread."""
-        self._used.put(dsn)
-
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -74,20 +65,10 @@ class Clones:
         while not self._ready.empty():
             made = self._ready.get_nowait()
             if isinstance(made, str):
-                self._used.put(made)
-        while not self._used.empty():
-            postgres.drop_database(self.server, self._used.get_nowait())
+                postgres.drop_database(self.server, made)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self._ready.full():  # nothing to make: drop what the tests gave back
-                try:
-                    used = self._used.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                with contextlib.suppress(Exception):  # close() drops what is left
-                    postgres.drop_database(self.server, used)
-                continue
             made: str | BaseException
             try:
                 made = postgres.create_database(
@@ -95,7 +76,15 @@ class Clones:
                 )
             except Exception as exc:  # the test that takes it fails with it, the next tries anew
                 made = exc
-            self._ready.put(made)  # never blocks: only this thread fills it, and it had room
+            while True:
+                try:
+                    self._ready.put(made, timeout=0.5)
+                    break
+                except queue.Full:
+                    if self._stop.is_set():
+                        if isinstance(made, str):
+                            postgres.drop_database(self.server, made)
+                        return
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +107,7 @@ def db(pg_server: str, clones: Clones) -> Iterator[str]:
     """DSN of a fresh, migrated database for this test alone."""
     dsn = clones.take()
     yield dsn
-    clones.give_back(dsn)
+    postgres.drop_database(pg_server, dsn)
 
 
 @pytest.fixture
