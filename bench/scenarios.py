@@ -471,7 +471,7 @@ async def _claim_latency(dsn: str, reps: int) -> tuple[float, float]:
                 async with store.transaction() as tx:
                     started = time.perf_counter()
                     defaults = Settings()
-                    rows = await store.claim_outbox(
+                    claim = await store.claim_outbox(
                         tx, 100,
                         max_batch_bytes=defaults.relay_batch_bytes,
                         max_payload_bytes=defaults.max_payload_bytes,
@@ -480,7 +480,7 @@ async def _claim_latency(dsn: str, reps: int) -> tuple[float, float]:
                     await tx.execute(
                         "UPDATE outbox_notifier.outbox SET status = 'relayed', relayed_at = now()"
                         " WHERE id = ANY(%s)",
-                        ([r.id for r in rows],),
+                        ([r.id for r in claim.rows],),
                     )
     return statistics.median(records_ms), statistics.median(outbox_ms)
 

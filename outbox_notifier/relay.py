@@ -9,6 +9,9 @@ A batch is bounded by bytes as well as rows: the claim stops before its payloads
 ``batch_bytes`` (one row at least), and leaves a payload over ``max_payload_bytes`` in the
 database, so the relay rejects it by its size without ever reading it. A payload is held once,
 as the UTF-8 bytes msgspec decodes.
+
+Claims start past a cursor, not at the oldest pending row: the index entries of rows relayed
+while a long-open snapshot keeps them would otherwise be read by every claim (``relay_cursor``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.names import CHANNEL
 from outbox_notifier.records import record_fields
+from outbox_notifier.relay_cursor import RelayCursor
 from outbox_notifier.reports import RelayReport as RelayReport  # re-exported
 from outbox_notifier.settings import Settings
 from outbox_notifier.store import (
@@ -56,6 +60,8 @@ class Relay:
     max_payload_bytes: int
     max_attempts: int
     summary_max_runes: int
+    # where claims start: past the rows known relayed (relay_cursor.py)
+    cursor: RelayCursor = dataclasses.field(default_factory=RelayCursor)
 
     @classmethod
     def from_settings(cls, settings: Settings, store: RecordStore) -> Relay:
@@ -98,20 +104,23 @@ class Relay:
                 await ctx.wait("relay", wake, poll_interval_s)
 
     async def relay_once(self) -> RelayReport:
+        after_id = self.cursor.next_claim_after()
         try:
-            return await self._relay(isolate_rows=False)
+            return await self._relay(after_id, isolate_rows=False)
         except ValueRefused:
             # A value that passed validation but that Postgres refuses would otherwise fail the
             # whole batch forever. Retry the batch row by row so only the culprit is rejected.
             logger.warning("relay batch refused by the database; retrying row by row")
-            return await self._relay(isolate_rows=True)
+            return await self._relay(after_id, isolate_rows=True)
 
-    async def _relay(self, *, isolate_rows: bool) -> RelayReport:
+    async def _relay(self, after_id: int, *, isolate_rows: bool) -> RelayReport:
         async with self.store.transaction() as conn:
-            rows = await self.store.claim_outbox(
+            claim = await self.store.claim_outbox(
                 conn, self.batch_size,
                 max_batch_bytes=self.batch_bytes, max_payload_bytes=self.max_payload_bytes,
+                after_id=after_id,
             )  # fmt: skip
+            rows = claim.rows
             if not rows:
                 return RelayReport(0, 0, 0, 0, {})
             batch = self._sort(rows)
@@ -122,6 +131,8 @@ class Relay:
                     conn, batch.records, batch.rejected,
                     channel=CHANNEL, max_attempts=self.max_attempts,
                 )  # fmt: skip
+        # committed: only now may the cursor count these rows as relayed
+        self.cursor.committed(rows[-1].id, claim.running_xmin, claim.scan_xmax)
         for outbox_id, reason in batch.rejected:
             logger.warning("outbox row rejected", extra={"outbox_id": outbox_id, "reason": reason})
         if logger.isEnabledFor(logging.DEBUG):  # one line per row: only when asked for

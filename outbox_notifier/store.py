@@ -62,6 +62,15 @@ class OutboxRow(msgspec.Struct, frozen=True):
     created_at: datetime
 
 
+class OutboxClaim(msgspec.Struct, frozen=True):
+    """A relay claim: its rows, in id order, and the two transaction ids the relay's cursor
+    moves by (``relay_cursor``); both 0 when no row was claimed."""
+
+    rows: list[OutboxRow]
+    running_xmin: int
+    scan_xmax: int
+
+
 class NewRecord(RecordFields, frozen=True, kw_only=True):
     """A notification record to create from a valid outbox row."""
 
@@ -355,18 +364,29 @@ class RecordStore:
     # -- relay -----------------------------------------------------------------------------
 
     async def claim_outbox(
-        self, conn: AsyncConnection, limit: int, *, max_batch_bytes: int, max_payload_bytes: int
-    ) -> list[OutboxRow]:
-        """Up to ``limit`` pending rows whose payloads total at most ``max_batch_bytes`` (at
-        least one row), a payload over ``max_payload_bytes`` left out."""
+        self,
+        conn: AsyncConnection,
+        limit: int,
+        *,
+        max_batch_bytes: int,
+        max_payload_bytes: int,
+        after_id: int = 0,
+    ) -> OutboxClaim:
+        """Up to ``limit`` pending rows past ``after_id`` (the relay's cursor; 0 sweeps from
+        the start) whose payloads total at most ``max_batch_bytes`` (at least one row), a
+        payload over ``max_payload_bytes`` left out."""
         params = {
             "limit": limit,
             "max_batch_bytes": max_batch_bytes,
             "max_payload_bytes": max_payload_bytes,
+            "after_id": after_id,
         }
         # binary: the payload's bytea arrives as bytes, not as hex text to decode
         cur = await conn.execute(query("claim_outbox"), params, binary=True)
-        return [OutboxRow(*row) for row in await cur.fetchall()]
+        fetched = await cur.fetchall()
+        if not fetched:
+            return OutboxClaim([], 0, 0)
+        return OutboxClaim([OutboxRow(*row[:6]) for row in fetched], fetched[0][6], fetched[0][7])
 
     async def relay(
         self,

@@ -14,13 +14,17 @@
 --   is applied only while the record still carries the token its worker was given.
 
 -- name: claim_outbox
--- Oldest pending outbox rows up to a row and a byte budget, a payload over its limit left in the
--- database; concurrent relays take disjoint batches. See outbox_notifier.claim_outbox_v1. The
--- payload comes as UTF-8 bytea (convert_to only checks it in a UTF-8 database) so that, read in
--- binary, it arrives as the bytes the relay decodes, with no str copy in between.
+-- Oldest pending outbox rows past the relay's cursor up to a row and a byte budget, a payload
+-- over its limit left in the database; concurrent relays take disjoint batches. See
+-- outbox_notifier.claim_outbox_v2, and relay_cursor.py for the two transaction ids (as bigint:
+-- xid8 has no binary loader). The payload comes as UTF-8 bytea (convert_to only checks it in a
+-- UTF-8 database) so that, read in binary, it arrives as the bytes the relay decodes, with no
+-- str copy in between.
 SELECT c.id, c.event_type, c.event_version, convert_to(c.payload, 'UTF8') AS payload,
-       c.payload_bytes, c.created_at
-FROM outbox_notifier.claim_outbox_v1(%(limit)s, %(max_batch_bytes)s, %(max_payload_bytes)s) AS c;
+       c.payload_bytes, c.created_at, c.running_xmin::text::bigint AS running_xmin,
+       c.scan_xmax::text::bigint AS scan_xmax
+FROM outbox_notifier.claim_outbox_v2(%(limit)s, %(max_batch_bytes)s, %(max_payload_bytes)s,
+                                     %(after_id)s) AS c;
 
 -- name: relay_outbox
 -- Inserts the records of valid rows (an existing (channel, dedupe_key) is a dedupe hit and is

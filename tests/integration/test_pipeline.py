@@ -561,15 +561,17 @@ async def test_a_relay_claim_stops_at_its_byte_budget_and_locks_only_what_it_ret
     ):
         store = RecordStore(pool)
         # room for two and a half rows: two, the third would pass the budget
-        first = await store.claim_outbox(
-            one, 100, max_batch_bytes=size * 5 // 2, max_payload_bytes=1 << 20
-        )
+        first = (
+            await store.claim_outbox(
+                one, 100, max_batch_bytes=size * 5 // 2, max_payload_bytes=1 << 20
+            )
+        ).rows
         assert [(r.id, r.payload_bytes) for r in first] == [(ids[0], size), (ids[1], size)]
         assert all(r.payload is not None and len(r.payload) == size for r in first)
         # the third row was read but not locked: the next relay takes it
-        second = await store.claim_outbox(
-            two, 100, max_batch_bytes=size * 3, max_payload_bytes=1 << 20
-        )
+        second = (
+            await store.claim_outbox(two, 100, max_batch_bytes=size * 3, max_payload_bytes=1 << 20)
+        ).rows
         assert [r.id for r in second] == ids[2:5]
     async with (
         AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool,
@@ -580,7 +582,8 @@ async def test_a_relay_claim_stops_at_its_byte_budget_and_locks_only_what_it_ret
             "UPDATE outbox_notifier.outbox SET status = 'relayed' WHERE id = ANY(%s)", (ids,)
         )
         # a row larger than the whole budget but allowed still moves, alone
-        [alone] = await store.claim_outbox(tx, 100, max_batch_bytes=size, max_payload_bytes=1 << 20)
+        claim = await store.claim_outbox(tx, 100, max_batch_bytes=size, max_payload_bytes=1 << 20)
+        [alone] = claim.rows
         assert (alone.id, alone.payload_bytes) == (big, _payload_bytes(conn, big))
 
 
