@@ -132,7 +132,7 @@ class Relay:
                     channel=CHANNEL, max_attempts=self.max_attempts,
                 )  # fmt: skip
         # committed: only now may the cursor count these rows as relayed
-        self.cursor.committed(rows[-1].id, claim.running_xmin, claim.scan_xmax)
+        self.cursor.committed(rows[-1].id, claim.running_xmin, claim.claim_xid)
         for outbox_id, reason in batch.rejected:
             logger.warning("outbox row rejected", extra={"outbox_id": outbox_id, "reason": reason})
         if logger.isEnabledFor(logging.DEBUG):  # one line per row: only when asked for

@@ -7,9 +7,10 @@ thousands of them (0017's header has the figures). The relay claims past a curso
 The cursor may not simply jump to the highest id claimed: producers take ids in one order and
 commit in another, so a row below it may still be uncommitted. A batch's highest id therefore
 waits until every transaction that could hold such a row has ended: the claim reports
-``scan_xmax`` (no transaction id at or above it existed when its scan began) and every later
-claim ``running_xmin`` (the oldest transaction still running); once ``running_xmin`` reaches a
-batch's ``scan_xmax``, nothing below that batch's highest id can appear any more. A batch that
+``claim_xid``, its own transaction id, taken once its scan had begun and so higher than that of
+every transaction that could have written a row the scan did not see, and every later claim
+``running_xmin`` (the oldest transaction still running); once ``running_xmin`` reaches a
+batch's ``claim_xid``, nothing below that batch's highest id can appear any more. A batch that
 has waited ``max_wait_s`` moves the cursor anyway, so one long transaction cannot pin it; what
 such a transaction commits below the cursor is taken by a sweep, a claim from 0, as soon as a
 claim sees that the transactions passed over have ended. A sweep also runs every ``sweep_s``, for
@@ -28,7 +29,7 @@ from collections.abc import Callable
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Waiting:
     last_id: int  # the batch's highest outbox id
-    scan_xmax: int  # every row below last_id is visible once no transaction older than this runs
+    claim_xid: int  # every row below last_id is visible once no transaction older than this runs
     claimed_at: float
 
 
@@ -37,14 +38,14 @@ class RelayCursor:
     max_wait_s: float = 5.0
     sweep_s: float = 30.0
     clock: Callable[[], float] = time.monotonic
-    # batches closer together than this share one entry (the later id and xmax, the earlier
+    # batches closer together than this share one entry (the later id and xid, the earlier
     # time): the queue stays short whatever the claim rate
     merge_s: float = 0.05
     _after_id: int = dataclasses.field(default=0, init=False)
     _swept_at: float | None = dataclasses.field(default=None, init=False)
     # the cursor was moved past transactions that may still commit rows below it: a sweep is
     # due once running_xmin reaches this (0: none)
-    _passed_xmax: int = dataclasses.field(default=0, init=False)
+    _passed_xid: int = dataclasses.field(default=0, init=False)
     _waiting: collections.deque[_Waiting] = dataclasses.field(
         default_factory=collections.deque, init=False
     )
@@ -62,23 +63,23 @@ class RelayCursor:
             return 0
         return self._after_id
 
-    def committed(self, last_id: int, running_xmin: int, scan_xmax: int) -> None:
+    def committed(self, last_id: int, running_xmin: int, claim_xid: int) -> None:
         """A claim's batch was committed: ``last_id`` its highest id, ``running_xmin`` and
-        ``scan_xmax`` as the claim reported them (0017)."""
+        ``claim_xid`` as the claim reported them (0017)."""
         now = self.clock()
-        if self._passed_xmax and self._passed_xmax <= running_xmin:
-            self._passed_xmax, self._swept_at = 0, None
+        if self._passed_xid and self._passed_xid <= running_xmin:
+            self._passed_xid, self._swept_at = 0, None
         waiting = self._waiting
         while waiting and (
-            waiting[0].scan_xmax <= running_xmin or now - waiting[0].claimed_at >= self.max_wait_s
+            waiting[0].claim_xid <= running_xmin or now - waiting[0].claimed_at >= self.max_wait_s
         ):
             passed = waiting.popleft()
-            if passed.scan_xmax > running_xmin:
-                self._passed_xmax = max(self._passed_xmax, passed.scan_xmax)
+            if passed.claim_xid > running_xmin:
+                self._passed_xid = max(self._passed_xid, passed.claim_xid)
             self._after_id = max(self._after_id, passed.last_id)
         if waiting and now - waiting[-1].claimed_at < self.merge_s:
             last = waiting.pop()
-            last_id, scan_xmax, now = (
-                max(last.last_id, last_id), max(last.scan_xmax, scan_xmax), last.claimed_at
+            last_id, claim_xid, now = (
+                max(last.last_id, last_id), max(last.claim_xid, claim_xid), last.claimed_at
             )  # fmt: skip
-        waiting.append(_Waiting(last_id, scan_xmax, now))
+        waiting.append(_Waiting(last_id, claim_xid, now))

@@ -68,7 +68,7 @@ class OutboxClaim(msgspec.Struct, frozen=True):
 
     rows: list[OutboxRow]
     running_xmin: int
-    scan_xmax: int
+    claim_xid: int
 
 
 class NewRecord(RecordFields, frozen=True, kw_only=True):

@@ -10,14 +10,18 @@
 --
 -- claim_outbox_v2 starts its scan past p_after_id, the relay's cursor, and reports two
 -- transaction ids with which the relay moves that cursor safely (outbox_notifier/relay_cursor.py):
---   running_xmin: the oldest transaction still running when the claim began;
---   scan_xmax: the first transaction id not yet assigned when the claim's scan had begun.
--- Producers commit ids out of order (a transaction takes its id, then commits after a later
--- one), so the cursor may not simply jump to the highest id claimed: a row below it that was
--- not yet committed would wait for the sweep. Every row the scan could not see belongs to a
--- transaction that had its id before scan_xmax (an enqueue assigns its transaction's id as it
--- writes the row). Once a later claim's running_xmin reaches that scan_xmax, all of them have
--- ended, and every row at or below the batch's highest id is visible: the cursor moves there.
+--   running_xmin: the oldest transaction still running when the claim began (the xmin of its
+--     snapshot: no transaction with a lower id runs);
+--   claim_xid: the claim's own transaction id, taken once its scan has begun, so higher than
+--     the id of every transaction that had one then. (Not the scan snapshot's xmax: that is
+--     the newest completed id plus one, and a transaction still running may hold a higher id.)
+-- Producers commit ids out of order (a transaction takes its row's id, then commits after a
+-- later one), so the cursor may not simply jump to the highest id claimed: a row below it that
+-- was not yet committed would wait for the sweep. Every row below the batch's highest id that
+-- the scan could not see belongs to a transaction that had its id before the scan began (an
+-- enqueue takes its transaction's id as it writes the row, a moment after the row's id), so
+-- below claim_xid. Once a later claim's running_xmin reaches claim_xid, all of those have
+-- ended and every such row is visible: the cursor moves to the batch's highest id.
 -- A transaction that stays open longer than the relay's bound (seconds) is passed anyway, and
 -- what it commits below the cursor is taken by the sweep, a claim from 0 (p_after_id = 0).
 -- Needs pg_current_snapshot() (PostgreSQL 13).
@@ -32,7 +36,7 @@ CREATE FUNCTION outbox_notifier.claim_outbox_v2(
     p_after_id bigint
 ) RETURNS TABLE (
     id bigint, event_type text, event_version text, payload text, payload_bytes bigint,
-    created_at timestamptz, running_xmin xid8, scan_xmax xid8
+    created_at timestamptz, running_xmin xid8, claim_xid xid8
 )
 LANGUAGE plpgsql VOLATILE
 SET enable_bitmapscan = off
@@ -61,11 +65,11 @@ DECLARE
     v_want_bytes bigint;
     v_got_ids bigint[];
     v_running_xmin xid8 := pg_snapshot_xmin(pg_current_snapshot());
-    v_scan_xmax xid8;
+    v_claim_xid xid8;
 BEGIN
     OPEN v_scan;
-    -- taken after the scan's snapshot (OPEN took it): a later value only makes the cursor wait
-    v_scan_xmax := pg_snapshot_xmax(pg_current_snapshot());
+    -- after the scan's snapshot (OPEN took it); the claim locks rows, so it takes an id anyway
+    v_claim_xid := pg_current_xact_id();
     -- Rounds: read the rows that fit beside the batch, then lock them in one statement. A row
     -- another relay holds (or has relayed meanwhile) is skipped, which leaves room for the
     -- next round; with no row skipped, the batch is complete.
@@ -118,7 +122,7 @@ BEGIN
 
     RETURN QUERY
     SELECT o.id, o.event_type, o.event_version, s.body, s.bytes, o.created_at,
-           v_running_xmin, v_scan_xmax
+           v_running_xmin, v_claim_xid
     FROM unnest(v_ids, v_sizes, v_bodies) AS s(id, bytes, body)
     JOIN outbox_notifier.outbox o ON o.id = s.id
     ORDER BY o.id;

@@ -22,7 +22,7 @@
 -- str copy in between.
 SELECT c.id, c.event_type, c.event_version, convert_to(c.payload, 'UTF8') AS payload,
        c.payload_bytes, c.created_at, c.running_xmin::text::bigint AS running_xmin,
-       c.scan_xmax::text::bigint AS scan_xmax
+       c.claim_xid::text::bigint AS claim_xid
 FROM outbox_notifier.claim_outbox_v2(%(limit)s, %(max_batch_bytes)s, %(max_payload_bytes)s,
                                      %(after_id)s) AS c;
 

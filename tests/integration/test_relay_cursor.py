@@ -93,6 +93,42 @@ async def test_a_row_committed_after_a_higher_id_is_relayed_without_waiting_for_
                       " WHERE status = 'pending'") == 0  # fmt: skip
 
 
+async def test_the_cursor_waits_for_a_writer_whose_id_no_snapshot_counts_as_running_yet(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    """A snapshot's xmax is the newest completed transaction id plus one, so a running
+    transaction with a higher id is in no snapshot's list: the cursor must wait on an id taken
+    after the scan began (the claim's own), not on that xmax."""
+    clock = _Clock()
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        relay = _relay(RecordStore(pool), clock)
+        with (
+            psycopg.connect(db) as higher,
+            psycopg.connect(db) as lower,
+            psycopg.connect(db) as writer,
+        ):
+            higher.execute("SELECT pg_current_xact_id()")  # ids in this order: higher's,
+            lower.execute("SELECT pg_current_xact_id()")  # lower's, then the writer's
+            late = enqueue(writer, payload("k-late"))
+            above = enqueue(higher, payload("k-above"))
+            higher.commit()  # the newest completed id is now below lower's and the writer's
+            assert above > late
+            assert (await relay.relay_once()).created == 1
+            lower.commit()
+            for n in range(3):
+                clock.now += 0.1
+                enqueue(conn, payload(f"k-more-{n}"))
+                after_id, created = await _relay_now(relay)
+                assert created == 1
+                assert after_id < late, "the cursor passed a row still uncommitted"
+            assert relay.cursor.after_id < late
+            writer.commit()
+        clock.now += 0.1
+        after_id, created = await _relay_now(relay)
+        assert (after_id < late, created) == (True, 1)
+        assert _status(conn, late) == "relayed"
+
+
 async def test_a_long_transaction_passed_over_is_swept_for_when_it_ends(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
