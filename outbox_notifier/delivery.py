@@ -13,8 +13,12 @@ previous claim took, so its index scan starts where the last one stopped instead
 over the entries of every record claimed since the oldest open snapshot (which that snapshot keeps
 from being cleaned up: under a long-held one the walk grew with every record delivered). A record
 below the cursor that is still pending (its row or key was held by another replica or loop at
-the claim, or another replica's relay committed it after a higher id) is taken by the sweep: every
-``sweep_s`` a claim starts from 0 instead.
+the claim, another replica's relay committed it after a higher id, an operator requeued it) is
+taken by the sweep: every ``sweep_s`` a claim starts from 0 instead. Under a long-held snapshot a
+sweep walks every entry the snapshot keeps, so a slow sweep spaces out the next ones
+(``sweeps``); in between, every ``sweep_s`` a claim starts from where the cursor was at the
+previous such claim, so a record another replica's relay committed late still goes within a
+second or two.
 
 Digests: the claim returns the records of a chat-bot target over its budget as one call, rows
 sharing a ``message_id`` (claim_due_v1, migration 0015). The loop sends them with the provider's
@@ -66,6 +70,7 @@ from outbox_notifier.store import (
     OperationalError,
     RecordStore,
 )
+from outbox_notifier.sweeps import SweepSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -302,9 +307,15 @@ class Deliverer:
     sweep_s: float = 1.0
     rng: random.Random = dataclasses.field(default_factory=random.Random)
     _after_id: int = dataclasses.field(default=0, init=False)  # the cursor (module docstring)
-    _swept_at: float = dataclasses.field(default=-math.inf, init=False)
+    _sweeps: SweepSchedule = dataclasses.field(init=False)
+    # the trailing claims: where the next one starts, and when the last one ran
+    _trail_from: int = dataclasses.field(default=0, init=False)
+    _trailed_at: float = dataclasses.field(default=-math.inf, init=False)
     _inflight: set[asyncio.Task[None]] = dataclasses.field(default_factory=set, init=False)
     _slot_freed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, init=False)
+
+    def __post_init__(self) -> None:
+        self._sweeps = SweepSchedule(self.sweep_s)
 
     @property
     def in_flight(self) -> int:
@@ -350,8 +361,11 @@ class Deliverer:
     async def _claim(self, ctx: LoopContext, limit: int) -> list[ClaimedRecord] | None:
         now = time.monotonic()
         after_id = self._after_id
-        if now - self._swept_at >= self.sweep_s:
-            after_id, self._swept_at = 0, now
+        sweeping = self._sweeps.begin()
+        if sweeping:
+            after_id, self._trail_from, self._trailed_at = 0, self._after_id, now
+        elif now - self._trailed_at >= self.sweep_s:
+            after_id, self._trail_from, self._trailed_at = self._trail_from, self._after_id, now
         try:
             tracer = tracing.active
             with ctx.metrics.claim_timer("delivery"), tracer.database("claim_records") as span:
@@ -366,6 +380,9 @@ class Deliverer:
             logger.warning("claim failed, database unavailable: %s", first_line(exc))
             ctx.database_failed("delivery", exc)
             return None
+        finally:
+            if sweeping:
+                self._sweeps.end()
         ctx.db_health.ok("delivery")
         if claimed:
             # Every first attempt the scan could see up to here was taken or skipped (a skipped

@@ -112,6 +112,8 @@ class Relay:
             # whole batch forever. Retry the batch row by row so only the culprit is rejected.
             logger.warning("relay batch refused by the database; retrying row by row")
             return await self._relay(after_id, isolate_rows=True)
+        finally:
+            self.cursor.claim_ended()
 
     async def _relay(self, after_id: int, *, isolate_rows: bool) -> RelayReport:
         async with self.store.transaction() as conn:

@@ -13,9 +13,10 @@ every transaction that could have written a row the scan did not see, and every 
 batch's ``claim_xid``, nothing below that batch's highest id can appear any more. A batch that
 has waited ``max_wait_s`` moves the cursor anyway, so one long transaction cannot pin it; what
 such a transaction commits below the cursor is taken by a sweep, a claim from 0, as soon as a
-claim sees that the transactions passed over have ended. A sweep also runs every ``sweep_s``, for
-what nothing else reveals: rows another relay left behind when its transaction failed, and the
-instant between an enqueue taking its row's id and its transaction taking an id.
+claim sees that the transactions passed over have ended. A sweep also runs every ``sweep_s``
+(spaced out further when sweeps are slow, see ``sweeps``), for what nothing else reveals: rows
+another relay left behind when its transaction failed, and the instant between an enqueue
+taking its row's id and its transaction taking an id.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import collections
 import dataclasses
 import time
 from collections.abc import Callable
+
+from outbox_notifier.sweeps import SweepSchedule
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,7 +45,8 @@ class RelayCursor:
     # time): the queue stays short whatever the claim rate
     merge_s: float = 0.05
     _after_id: int = dataclasses.field(default=0, init=False)
-    _swept_at: float | None = dataclasses.field(default=None, init=False)
+    _sweeps: SweepSchedule = dataclasses.field(init=False)
+    _sweeping: bool = dataclasses.field(default=False, init=False)
     # the cursor was moved past transactions that may still commit rows below it: a sweep is
     # due once running_xmin reaches this (0: none)
     _passed_xid: int = dataclasses.field(default=0, init=False)
@@ -50,25 +54,32 @@ class RelayCursor:
         default_factory=collections.deque, init=False
     )
 
+    def __post_init__(self) -> None:
+        self._sweeps = SweepSchedule(self.sweep_s, clock=self.clock)
+
     @property
     def after_id(self) -> int:
         """Every pending row at or below this id has been relayed (or is left to the sweep)."""
         return self._after_id
 
     def next_claim_after(self) -> int:
-        """The id the next claim starts past: 0 when a sweep is due, the cursor otherwise."""
-        now = self.clock()
-        if self._swept_at is None or now - self._swept_at >= self.sweep_s:
-            self._swept_at = now
-            return 0
-        return self._after_id
+        """The id the next claim starts past: 0 when a sweep is due, the cursor otherwise.
+        Call ``claim_ended`` once that claim's transaction has ended."""
+        self._sweeping = self._sweeps.begin()
+        return 0 if self._sweeping else self._after_id
+
+    def claim_ended(self) -> None:
+        if self._sweeping:
+            self._sweeps.end()
+            self._sweeping = False
 
     def committed(self, last_id: int, running_xmin: int, claim_xid: int) -> None:
         """A claim's batch was committed: ``last_id`` its highest id, ``running_xmin`` and
         ``claim_xid`` as the claim reported them (0017)."""
         now = self.clock()
         if self._passed_xid and self._passed_xid <= running_xmin:
-            self._passed_xid, self._swept_at = 0, None
+            self._passed_xid = 0
+            self._sweeps.now()
         waiting = self._waiting
         while waiting and (
             waiting[0].claim_xid <= running_xmin or now - waiting[0].claimed_at >= self.max_wait_s

@@ -137,3 +137,28 @@ async def test_no_new_claims_while_the_completer_is_behind(
             assert scalar(conn, CLAIMED) == 2
             holder.rollback()
             await eventually(lambda: scalar(conn, SENT) == 10, what="delivery after the lag")
+
+
+async def test_a_record_left_below_the_cursor_goes_while_full_sweeps_are_spaced_out(
+    conn: psycopg.Connection[Any], store: RecordStore
+) -> None:
+    """With full sweeps an hour apart (as after a slow one under a held snapshot), a record the
+    cursor passed while its key was held goes with the next trailing claim, which starts where
+    the cursor was one sweep_s before."""
+    provider = _Held()
+    provider.release.set()
+    loop = deliverer(store, provider, concurrency=20)
+    loop.sweep_s = 2.0
+    lowest = int(scalar(conn, "SELECT min(id) FROM outbox_notifier.notification_records"))
+    key = scalar(conn, "SELECT dedupe_key FROM outbox_notifier.notification_records WHERE id = %s",
+                 (lowest,))  # fmt: skip
+    with psycopg.connect(conn.info.dsn) as other:
+        other.execute(
+            "SELECT pg_advisory_xact_lock(outbox_notifier.record_lock_key('feishu', %s))", (key,)
+        )
+        async with delivering(loop, loop_context(), poll_interval_s=0.05):
+            await eventually(lambda: scalar(conn, SENT) == 9)  # the first claim, a full sweep
+            loop._sweeps.every_s = 3600.0  # the next full sweep is an hour away
+            loop._sweeps.end()
+            other.commit()  # the key is free: only a claim from below the cursor finds it
+            await eventually(lambda: scalar(conn, SENT) == 10, timeout_s=5)
