@@ -68,8 +68,6 @@ DECLARE
     v_claim_xid xid8;
 BEGIN
     OPEN v_scan;
-    -- after the scan's snapshot (OPEN took it); the claim locks rows, so it takes an id anyway
-    v_claim_xid := pg_current_xact_id();
     -- Rounds: read the rows that fit beside the batch, then lock them in one statement. A row
     -- another relay holds (or has relayed meanwhile) is skipped, which leaves room for the
     -- next round; with no row skipped, the batch is complete.
@@ -119,6 +117,11 @@ BEGIN
         EXIT WHEN cardinality(v_got_ids) = cardinality(v_want_ids);
     END LOOP;
     CLOSE v_scan;
+    -- after the scan's snapshot (OPEN took it); a claim that locked rows has an id already,
+    -- taken with its first lock, and an empty one takes none (no commit record to write)
+    IF cardinality(v_ids) > 0 THEN
+        v_claim_xid := pg_current_xact_id();
+    END IF;
 
     RETURN QUERY
     SELECT o.id, o.event_type, o.event_version, s.body, s.bytes, o.created_at,
