@@ -26,6 +26,16 @@ from outbox_notifier.store import RecordStore
 FLOW_PREFIX = "/flow/api/trigger-webhook/"
 
 
+class ManualClock:
+    """A monotonic clock the test moves by hand (``clock.now += 5``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def settings_for(dsn: str, **overrides: Any) -> Settings:
     """Settings pointing at a test database and allowing the local server's URLs."""
     values: dict[str, Any] = {

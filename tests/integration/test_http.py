@@ -23,7 +23,7 @@ from outbox_notifier.metrics import Metrics
 from outbox_notifier.relay import RelayReport
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import RecordStore
-from tests.support import eventually, fill_history
+from tests.support import ManualClock, eventually, fill_history
 
 MAX_AGE_S = 10.0
 
@@ -38,14 +38,6 @@ async def pool(db: str) -> AsyncIterator[AsyncConnectionPool[psycopg.AsyncConnec
         yield pool
     finally:
         await pool.close()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _server(
@@ -104,7 +96,7 @@ async def test_metrics_endpoint_serves_parsable_prometheus_text(
 async def test_healthz_turns_503_when_a_loop_stops_beating(
     pool: AsyncConnectionPool[psycopg.AsyncConnection],
 ) -> None:
-    clock = Clock()
+    clock = ManualClock()
     monitor = HeartbeatMonitor(("relay", "delivery"), clock=clock)
     async with (
         _server(CollectorRegistry(), monitor, pool) as server,

@@ -15,18 +15,10 @@ from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.relay import Relay
 from outbox_notifier.relay_cursor import RelayCursor
 from outbox_notifier.store import RecordStore
-from tests.support import enqueue, payload, relay_for, scalar
+from tests.support import ManualClock, enqueue, payload, relay_for, scalar
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _relay(store: RecordStore, clock: _Clock) -> Relay:
+def _relay(store: RecordStore, clock: ManualClock) -> Relay:
     relay = relay_for(store, relay_batch_size=100)
     # no sweep by the clock in these tests: whatever the relay takes below its cursor, a sweep
     # on its schedule did not take
@@ -40,7 +32,7 @@ def _status(conn: psycopg.Connection[Any], outbox_id: int) -> str:
     )
 
 
-async def _caught_up(relay: Relay, conn: psycopg.Connection[Any], clock: _Clock) -> None:
+async def _caught_up(relay: Relay, conn: psycopg.Connection[Any], clock: ManualClock) -> None:
     """Relays a row at a time until the cursor passes every row enqueued before. Another
     transaction anywhere in the cluster (the tests' own CREATE DATABASE) holds it back until
     it ends, as it must: a transaction the claim cannot see through could be a producer's."""
@@ -54,8 +46,24 @@ async def _caught_up(relay: Relay, conn: psycopg.Connection[Any], clock: _Clock)
         await relay.relay_once()
 
 
+async def _relay_more_below(
+    relay: Relay, conn: psycopg.Connection[Any], clock: ManualClock, late: int
+) -> list[int]:
+    """Three passes, each after a new row is committed, while the row ``late`` is not: each
+    claim must start below it. Returns how many rows each pass created."""
+    created = []
+    for n in range(3):
+        clock.now += 0.1
+        enqueue(conn, payload(f"k-more-{n}"))
+        after_id, made = await _relay_now(relay)
+        assert after_id < late, "the cursor passed a row still uncommitted"
+        created.append(made)
+    return created
+
+
 async def _relay_now(relay: Relay) -> tuple[int, int]:
-    """One relay pass: the id its claim started past, and how many rows it created."""
+    """One relay pass: the cursor as the pass began (its claim starts past it, or from 0 when
+    it sweeps), and how many rows the pass created."""
     after_id = relay.cursor.after_id
     report = await relay.relay_once()
     return after_id, report.created
@@ -64,7 +72,7 @@ async def _relay_now(relay: Relay) -> tuple[int, int]:
 async def test_a_row_committed_after_a_higher_id_is_relayed_without_waiting_for_a_sweep(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
-    clock = _Clock()
+    clock = ManualClock()
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         relay = _relay(RecordStore(pool), clock)
         enqueue(conn, payload("k-0"))
@@ -74,12 +82,7 @@ async def test_a_row_committed_after_a_higher_id_is_relayed_without_waiting_for_
             late = enqueue(producer, payload("k-late"))
             relayed = [enqueue(conn, payload(f"k-{n}")) for n in (1, 2)]
             assert min(relayed) > late
-            for n in range(3):
-                clock.now += 0.1
-                enqueue(conn, payload(f"k-more-{n}"))
-                after_id, created = await _relay_now(relay)
-                assert created >= 1
-                assert after_id < late, "the cursor passed a row still uncommitted"
+            assert all(made >= 1 for made in await _relay_more_below(relay, conn, clock, late))
             producer.commit()
         assert _status(conn, late) == "pending"
         clock.now += 0.1
@@ -99,7 +102,7 @@ async def test_the_cursor_waits_for_a_writer_whose_id_no_snapshot_counts_as_runn
     """A snapshot's xmax is the newest completed transaction id plus one, so a running
     transaction with a higher id is in no snapshot's list: the cursor must wait on an id taken
     after the scan began (the claim's own), not on that xmax."""
-    clock = _Clock()
+    clock = ManualClock()
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         relay = _relay(RecordStore(pool), clock)
         with (
@@ -115,12 +118,7 @@ async def test_the_cursor_waits_for_a_writer_whose_id_no_snapshot_counts_as_runn
             assert above > late
             assert (await relay.relay_once()).created == 1
             lower.commit()
-            for n in range(3):
-                clock.now += 0.1
-                enqueue(conn, payload(f"k-more-{n}"))
-                after_id, created = await _relay_now(relay)
-                assert created == 1
-                assert after_id < late, "the cursor passed a row still uncommitted"
+            assert await _relay_more_below(relay, conn, clock, late) == [1, 1, 1]
             assert relay.cursor.after_id < late
             writer.commit()
         clock.now += 0.1
@@ -132,7 +130,8 @@ async def test_the_cursor_waits_for_a_writer_whose_id_no_snapshot_counts_as_runn
 async def test_a_long_transaction_passed_over_is_swept_for_when_it_ends(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
-    clock = _Clock()
+    clock = ManualClock()
+    started = clock.now
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         relay = _relay(RecordStore(pool), clock)
         with psycopg.connect(db) as producer:
@@ -153,7 +152,7 @@ async def test_a_long_transaction_passed_over_is_swept_for_when_it_ends(
         await _caught_up(relay, conn, clock)
         await relay.relay_once()
         assert _status(conn, late) == "relayed"
-        assert clock.now < relay.cursor.sweep_s
+        assert clock.now - started < relay.cursor.sweep_s
 
 
 def _relay_claim_reads(conn: psycopg.Connection[Any], after_id: int) -> tuple[int, int]:
@@ -177,7 +176,7 @@ def _relay_claim_reads(conn: psycopg.Connection[Any], after_id: int) -> tuple[in
 async def test_the_relay_claims_reads_stay_flat_while_a_snapshot_keeps_dead_entries(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
-    clock = _Clock()
+    clock = ManualClock()
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         relay = _relay(RecordStore(pool), clock)
         with psycopg.connect(db) as holder:

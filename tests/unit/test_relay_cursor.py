@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from outbox_notifier.relay_cursor import RelayCursor
+from tests.support import ManualClock
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _cursor(clock: _Clock) -> RelayCursor:
+def _cursor(clock: ManualClock) -> RelayCursor:
     cursor = RelayCursor(max_wait_s=5.0, sweep_s=30.0, clock=clock)
     assert cursor.next_claim_after() == 0  # the first claim sweeps
     return cursor
 
 
 def test_a_batch_is_passed_once_the_transactions_running_at_its_scan_have_ended() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     cursor = _cursor(clock)
     cursor.committed(last_id=10, running_xmin=100, claim_xid=105)
     assert cursor.next_claim_after() == 0  # 100..104 may still commit ids below 10
@@ -36,7 +29,7 @@ def test_a_batch_is_passed_once_the_transactions_running_at_its_scan_have_ended(
 
 
 def test_one_long_transaction_holds_the_cursor_no_longer_than_max_wait() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     cursor = _cursor(clock)
     cursor.committed(last_id=10, running_xmin=100, claim_xid=105)
     clock.now += 4.9
@@ -48,7 +41,7 @@ def test_one_long_transaction_holds_the_cursor_no_longer_than_max_wait() -> None
 
 
 def test_the_transactions_passed_over_are_swept_for_as_soon_as_they_end() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     cursor = _cursor(clock)
     cursor.committed(last_id=10, running_xmin=100, claim_xid=105)
     clock.now += 5
@@ -63,7 +56,7 @@ def test_the_transactions_passed_over_are_swept_for_as_soon_as_they_end() -> Non
 
 
 def test_a_sweep_runs_every_sweep_s() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     cursor = _cursor(clock)
     cursor.committed(last_id=10, running_xmin=100, claim_xid=101)
     cursor.committed(last_id=20, running_xmin=101, claim_xid=102)
@@ -75,7 +68,7 @@ def test_a_sweep_runs_every_sweep_s() -> None:
 
 
 def test_batches_close_together_wait_as_one_for_the_later_horizon() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     cursor = _cursor(clock)
     for n in range(1, 1001):  # a thousand batches within merge_s
         cursor.committed(last_id=n, running_xmin=100, claim_xid=100 + n)

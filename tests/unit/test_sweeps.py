@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from outbox_notifier.sweeps import SweepSchedule
+from tests.support import ManualClock
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _sweep(schedule: SweepSchedule, clock: _Clock, took_s: float) -> None:
+def _sweep(schedule: SweepSchedule, clock: ManualClock, took_s: float) -> None:
     assert schedule.begin()
     clock.now += took_s
     schedule.end()
 
 
 def test_quick_sweeps_run_every_every_s() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     schedule = SweepSchedule(1.0, clock=clock)
     _sweep(schedule, clock, 0.002)
     clock.now += 0.99
@@ -30,7 +23,7 @@ def test_quick_sweeps_run_every_every_s() -> None:
 
 
 def test_a_slow_sweep_spaces_out_the_next_so_sweeping_takes_its_share_at_most() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     schedule = SweepSchedule(1.0, share=0.01, clock=clock)
     started = clock.now
     _sweep(schedule, clock, 0.25)  # a held snapshot's dead entries
@@ -43,7 +36,7 @@ def test_a_slow_sweep_spaces_out_the_next_so_sweeping_takes_its_share_at_most() 
 
 
 def test_now_makes_the_next_claim_sweep() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     schedule = SweepSchedule(30.0, clock=clock)
     _sweep(schedule, clock, 0.001)
     assert not schedule.begin()
