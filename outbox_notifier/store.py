@@ -231,6 +231,22 @@ def claim_params(policy: ClaimPolicy) -> dict[str, object]:
     }
 
 
+def apply_params(results: Sequence[AttemptResult], policy: ClaimPolicy) -> dict[str, object]:
+    """The parameters of ``apply_results`` for a batch of ``results`` under ``policy``."""
+    pacing, breaker = policy.pacing, policy.breaker
+    return {
+        "results": _json(results),
+        "host_now": datetime.now(UTC),
+        "breaker_failures": breaker.min_failures,
+        "cooloff_s": breaker.cooloff_s,
+        "window_s": breaker.window_s,
+        "min_calls": breaker.min_calls,
+        "failure_ratio": breaker.failure_ratio,
+        "slowdown_s": pacing.slowdown_s,
+        "retry_after_max_s": pacing.retry_after_max_s,
+    }
+
+
 def _array_literal(values: Sequence[str] | Sequence[int]) -> str:
     """``values`` as a one-dimensional PostgreSQL array literal, every element quoted."""
     quoted = ('"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values)
@@ -435,20 +451,8 @@ class RecordStore:
     ) -> AppliedResults:
         """Applies a batch of results, their 410 disables and the pacing and breaker
         bookkeeping in one statement (see ``apply_results`` in the SQL)."""
-        pacing, breaker = policy.pacing, policy.breaker
-        params = {
-            "results": _json(results),
-            "host_now": datetime.now(UTC),
-            "breaker_failures": breaker.min_failures,
-            "cooloff_s": breaker.cooloff_s,
-            "window_s": breaker.window_s,
-            "min_calls": breaker.min_calls,
-            "failure_ratio": breaker.failure_ratio,
-            "slowdown_s": pacing.slowdown_s,
-            "retry_after_max_s": pacing.retry_after_max_s,
-        }
         async with self._statement() as conn:
-            cur = await conn.execute(query("apply_results"), params)
+            cur = await conn.execute(query("apply_results"), apply_params(results, policy))
             rows = await cur.fetchall()
         tripped: list[str] = (rows[0][6] or []) if rows else []
         return AppliedResults(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -19,9 +20,10 @@ from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.http import HeartbeatMonitor
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.metrics import Metrics
+from outbox_notifier.names import Outcome
 from outbox_notifier.relay import Relay
 from outbox_notifier.settings import Settings
-from outbox_notifier.store import RecordStore
+from outbox_notifier.store import AttemptResult, ClaimedRecord, RecordStore
 
 FLOW_PREFIX = "/flow/api/trigger-webhook/"
 
@@ -211,3 +213,20 @@ def column(cur: psycopg.Cursor[Any], rows: list[tuple[Any, ...]], name: str) -> 
     assert cur.description is not None
     index = [c.name for c in cur.description].index(name)
     return [row[index] for row in rows]
+
+
+def result_for(
+    record: ClaimedRecord, status: str, *, delay_s: float | None = None
+) -> AttemptResult:
+    """An attempt's result for a claimed record as the completer would write it, without a
+    provider call: ``status`` 'sent' succeeded, 'failed' failed for now, anything else for good."""
+    outcome = {"sent": Outcome.SUCCESS, "failed": Outcome.TEMPORARY_FAIL}.get(
+        status, Outcome.PERMANENT_FAIL
+    )
+    return AttemptResult(
+        record_id=record.id, lease_token=record.lease_token, attempt=record.attempt_count,
+        status=status, outcome=outcome,  # type: ignore[arg-type]
+        error_code=None, error=None if status == "sent" else "test",
+        delay_s=delay_s, provider_message_id=None, request_json=None, response_json=None,
+        http_status=None, started_at=datetime.now(UTC), duration_ms=1.0,
+    )  # fmt: skip

@@ -19,8 +19,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier.daemon import Daemon
-from outbox_notifier.names import Outcome
-from outbox_notifier.store import AttemptResult, ClaimedRecord, ClaimPolicy, RecordStore
+from outbox_notifier.store import ClaimedRecord, ClaimPolicy, RecordStore
 from outbox_notifier.testing.feishu_server import FLOW_PREFIX, FeishuServer
 from tests.support import (
     add_channel,
@@ -28,6 +27,7 @@ from tests.support import (
     eventually,
     payload,
     relay_for,
+    result_for,
     running,
     scalar,
     settings_for,
@@ -49,19 +49,6 @@ def _record(conn: psycopg.Connection[Any], dedupe_key: str) -> dict[str, Any]:
     ).fetchone()
     assert row is not None
     return row
-
-
-def _result(record: ClaimedRecord, status: str, *, delay_s: float | None = None) -> AttemptResult:
-    outcome = {"sent": Outcome.SUCCESS, "failed": Outcome.TEMPORARY_FAIL}.get(
-        status, Outcome.PERMANENT_FAIL
-    )
-    return AttemptResult(
-        record_id=record.id, lease_token=record.lease_token, attempt=record.attempt_count,
-        status=status, outcome=outcome,  # type: ignore[arg-type]
-        error_code=None, error=None if status == "sent" else "test",
-        delay_s=delay_s, provider_message_id=None, request_json=None, response_json=None,
-        http_status=None, started_at=datetime.now(UTC), duration_ms=1.0,
-    )  # fmt: skip
 
 
 def _make_due(conn: psycopg.Connection[Any]) -> None:
@@ -107,13 +94,13 @@ async def test_a_failing_head_holds_only_its_key_and_is_retried_before_the_next(
         assert sorted(first) == ["a0", "b0"]
         # a0 fails (retry in a minute), b0 is sent and releases b1 at once
         applied = await store.apply_results(
-            [_result(first["a0"], "failed", delay_s=60), _result(first["b0"], "sent")], POLICY
+            [result_for(first["a0"], "failed", delay_s=60), result_for(first["b0"], "sent")], POLICY
         )
         finished = [row.id for row in applied.records if row.ordered and row.finished]
         assert await store.release_next_in_order(finished) == 1
         second = await store.claim_records(100, POLICY)
         assert [r.dedupe_key for r in second] == ["b1"]
-        await store.apply_results([_result(second[0], "sent")], POLICY)
+        await store.apply_results([result_for(second[0], "sent")], POLICY)
         await store.release_next_in_order([second[0].id])
         third = await store.claim_records(100, POLICY)
         assert [r.dedupe_key for r in third] == ["b2"]
@@ -142,7 +129,7 @@ async def test_a_dead_head_releases_the_next_and_stays_visible(
         store = RecordStore(pool)
         await relay_for(store).relay_once()
         [head] = await store.claim_records(100, POLICY)
-        applied = await store.apply_results([_result(head, "dead")], POLICY)
+        applied = await store.apply_results([result_for(head, "dead")], POLICY)
         assert [(r.status, r.ordered, r.finished) for r in applied.records] == [
             ("dead", True, True)
         ]
@@ -180,7 +167,7 @@ async def test_the_next_record_is_released_even_while_a_claim_is_holding_it_behi
                 "100, 30, '{}', '{}', '{}', 0.05, 5, 30, 1, 0)"
             ).fetchone()
             assert held == (0,)
-            await store.apply_results([_result(head, "sent")], POLICY)
+            await store.apply_results([result_for(head, "sent")], POLICY)
             release = asyncio.create_task(store.release_next_in_order([head.id]))
             await asyncio.sleep(0.3)
             other.commit()
@@ -245,7 +232,7 @@ async def test_a_backlog_behind_a_failing_head_is_not_walked_by_every_claim(
             claimed += await store.claim_records(100, POLICY)
             walks += 1
         assert [r.dedupe_key for r in claimed] == ["k1"]
-        await store.apply_results([_result(claimed[0], "failed", delay_s=300)], POLICY)
+        await store.apply_results([result_for(claimed[0], "failed", delay_s=300)], POLICY)
         before = conn.execute(
             "SELECT sum(hashtext(next_retry_at::text)) FROM outbox_notifier.notification_records"
         ).fetchone()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import statistics
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ import pytest
 
 from outbox_notifier import operator
 from outbox_notifier.daemon import Daemon
-from outbox_notifier.sqlfiles import query
+from outbox_notifier.sqlfiles import migrations, query
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply, max_in_window
 from tests.support import (
     add_channel,
@@ -435,8 +436,20 @@ _EDITS = {
 }
 
 
+def _apply_results_statement() -> str:
+    """apply_results_v1's statement (0018) as the daemon ran it from queries.sql before 0018:
+    the function's body with its parameters bound by name."""
+    function = next(m.sql for m in migrations() if m.name == "0018_apply_by_primary_key")
+    body = function.split("RETURN QUERY\n", 1)[1].rsplit(";\nEND", 1)[0]
+    text = "\n".join(line.removeprefix("    ") for line in body.splitlines())
+    text = text.replace("p_results", "%(results)s::jsonb").replace(
+        "p_host_now", "%(host_now)s::timestamptz"
+    )
+    return re.sub(r"\bp_(\w+)", r"%(\1)s", text)
+
+
 def previous_release_query(name: str) -> Any:
-    text = query(name)
+    text = _apply_results_statement() if name == "apply_results" else query(name)
     if name in _EDITS:
         for new, old in _EDITS[name]:
             assert text.count(new) == 1, (name, new)

@@ -26,10 +26,12 @@ TRACE_CONTEXT = ["traceparent", "tracestate"]
 
 def recordset_columns(query_name: str, parameter: str, text: str | None = None) -> list[str]:
     """The columns of ``jsonb_to_recordset(%(<parameter>)s::jsonb) AS t(...)`` in a query (its
-    text as shipped, or as rendered)."""
+    text as shipped, or as rendered), or of ``jsonb_to_recordset(p_<parameter>)`` in a
+    function's migration."""
     text = sqlfiles.query(query_name) if text is None else text.replace('"', "")
     match = re.search(
-        r"jsonb_to_recordset\(%\(" + parameter + r"\)s::jsonb\) AS \w+\((.*?)\)\s*\)",
+        r"jsonb_to_recordset\((?:%\(" + parameter + r"\)s::jsonb|p_" + parameter + r")\)"
+        r" AS \w+\((.*?)\)\s*\)",
         text,
         re.DOTALL,
     )
@@ -83,7 +85,12 @@ def test_a_field_without_a_postgres_type_is_refused_when_the_statement_is_built(
 
 def test_the_result_recordset_reads_only_result_fields() -> None:
     # AttemptResult may carry more (the provider label is for the metrics), never less.
-    columns = recordset_columns("apply_results", "results")
+    # the statement hands the batch to apply_results_v1 (0018), whose recordset reads it
+    assert "outbox_notifier.apply_results_v1(\n    %(results)s::jsonb" in sqlfiles.query(
+        "apply_results"
+    )
+    function = next(m.sql for m in sqlfiles.migrations() if m.name == "0018_apply_by_primary_key")
+    columns = recordset_columns("apply_results", "results", function)
     assert set(columns) <= set(AttemptResult.__struct_fields__), set(columns) - set(
         AttemptResult.__struct_fields__
     )
