@@ -35,6 +35,23 @@ def test_a_slow_sweep_spaces_out_the_next_so_sweeping_takes_its_share_at_most() 
     assert schedule.begin()
 
 
+def test_a_sweep_within_quick_s_is_not_spaced_out_by_its_share() -> None:
+    # a busy machine, no held snapshot: 15 ms is over the share of a 1 s loop, a stall of
+    # nothing, and a requeued record below the cursor should not wait 7.5 s for it
+    clock = ManualClock()
+    schedule = SweepSchedule(1.0, share=0.002, quick_s=0.02, clock=clock)
+    started = clock.now
+    _sweep(schedule, clock, 0.015)
+    clock.now = started + 1.0
+    assert schedule.begin()
+    clock.now += 0.025  # over quick_s: 12.5 s until the next
+    schedule.end()
+    clock.now = started + 1.0 + 12.4
+    assert not schedule.begin()
+    clock.now = started + 1.0 + 12.5
+    assert schedule.begin()
+
+
 def test_now_makes_the_next_claim_sweep() -> None:
     clock = ManualClock()
     schedule = SweepSchedule(30.0, clock=clock)
