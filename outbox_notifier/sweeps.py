@@ -24,11 +24,12 @@ class SweepSchedule:
     # for its sweep, so each one under a held snapshot delays what arrives meanwhile: at 1%,
     # the two loops' sweeps took commit-to-delivery p99 to 104-224 ms in six of the ten minutes
     # of a 10-minute hold (300 events/s); at 0.2%, 36-66 ms in its second to ninth minutes
-    # (50-175 ms in a second run on a busier machine; bench/README). The price, under such a hold only: a record left below a cursor waits up
-    # to took / share for the next sweep (a 200 ms sweep: 100 s); the usual ones go sooner, by
-    # the delivery loop's trailing claim and the relay's sweep once the transactions it passed
-    # have ended. A sweep within quick_s delays nothing that matters, and a requeued record
-    # should not wait seconds for it: the next one runs every_s later.
+    # (50-175 ms in a second run on a busier machine; bench/README). The price, under such a
+    # hold only: a record left below a cursor waits up to took / share for the next sweep (a
+    # 200 ms sweep: 100 s); the usual ones go sooner, by the delivery loop's trailing claim and
+    # the relay's sweep once the transactions it passed have ended. A sweep within quick_s
+    # delays nothing that matters, and a requeued record should not wait seconds for it: the
+    # next one runs every_s later.
     share: float = 0.002
     quick_s: float = 0.02
     clock: Callable[[], float] = time.monotonic
