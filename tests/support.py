@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -230,3 +230,17 @@ def result_for(
         delay_s=delay_s, provider_message_id=None, request_json=None, response_json=None,
         http_status=None, started_at=datetime.now(UTC), duration_ms=1.0,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def held_snapshot(dsn: str) -> Iterator[int]:
+    """A REPEATABLE READ transaction that has read a row and stays open (the forgotten
+    ``BEGIN`` of an analytics session): vacuum may remove no row version it can see, and no
+    index entry pointing at one. Yields its pid."""
+    with psycopg.connect(dsn, application_name="analytics") as holder:
+        holder.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        row = holder.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        holder.execute("SELECT count(*) FROM outbox_notifier.outbox").fetchone()
+        yield int(row[0])
+        holder.rollback()

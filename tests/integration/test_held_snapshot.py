@@ -17,7 +17,7 @@ import psycopg
 
 from outbox_notifier.sqlfiles import query
 from outbox_notifier.store import ClaimedRecord, ClaimPolicy, apply_params, claim_params
-from tests.support import column, result_for, scalar
+from tests.support import held_snapshot, result_for, scalar
 
 _POLICY = ClaimPolicy(lease_s=30.0)
 # the daemon's own parameters of a claim with nothing paced
@@ -41,17 +41,24 @@ def _add_pending(conn: psycopg.Connection[Any], prefix: str, n: int) -> None:
     )
 
 
-def _claim(conn: psycopg.Connection[Any], limit: int, after_id: int) -> tuple[list[int], int]:
-    """The ids one claim takes, and how many buffers of the records table and its indexes it
-    read."""
+def _claim_records(
+    conn: psycopg.Connection[Any], limit: int, after_id: int
+) -> tuple[list[ClaimedRecord], int]:
+    """The records one claim takes, and how many buffers of the records table and its indexes
+    it read."""
     with conn.transaction():
         before = int(scalar(conn, _READ))
-        claimed = conn.execute(
+        rows = conn.execute(
             query("claim_records"), _CLAIM | {"limit": limit, "after_id": after_id}
-        )
-        rows = claimed.fetchall()
+        ).fetchall()
         buffers = int(scalar(conn, _READ)) - before
-    return column(claimed, rows, "id"), buffers
+    return [ClaimedRecord(*row) for row in rows], buffers
+
+
+def _claim(conn: psycopg.Connection[Any], limit: int, after_id: int) -> tuple[list[int], int]:
+    """The ids one claim takes, and how many buffers it read."""
+    claimed, buffers = _claim_records(conn, limit, after_id)
+    return [r.id for r in claimed], buffers
 
 
 def _apply_sent(conn: psycopg.Connection[Any], claimed: list[ClaimedRecord]) -> int:
@@ -80,9 +87,7 @@ def _deliver(conn: psycopg.Connection[Any], ids: list[int]) -> None:
 def test_the_claims_reads_stay_flat_while_a_snapshot_keeps_dead_entries(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
-    with psycopg.connect(db) as holder:
-        holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        holder.execute("SELECT count(*) FROM outbox_notifier.notification_records").fetchone()
+    with held_snapshot(db):
         cursor, reads, sweeps = 0, {}, {}
         for round_, n in enumerate((200, 2_000)):
             # n records claimed and delivered in batches of 100 while the snapshot holds
@@ -105,7 +110,6 @@ def test_the_claims_reads_stay_flat_while_a_snapshot_keeps_dead_entries(
                 swept, sweep_reads = _claim(conn, 10, 0)
             assert sorted(swept) == sorted(fresh)
             sweeps[n] = sweep_reads
-        holder.rollback()
     # From 200 to 2,000 records delivered under the snapshot, a claim of ten from the start
     # read 171 more buffers, one from the cursor 48 more (measured; the rest is outside the scan
     # of first attempts): the cursor takes out most of the growth, not all of it.
@@ -121,25 +125,16 @@ def test_applying_results_reads_each_record_by_id_while_a_snapshot_keeps_dead_en
     # read the records through that index, and so visited an entry of every record sent since
     # the snapshot began (0018). Those entries share a few pages, so buffer counts hardly show
     # it (measured: as many buffers either way); the scan of the index is what to look for.
-    with psycopg.connect(db) as holder:
-        holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        holder.execute("SELECT count(*) FROM outbox_notifier.notification_records").fetchone()
+    with held_snapshot(db):
         _add_pending(conn, "a-", 1_000)
         conn.execute("ANALYZE outbox_notifier.notification_records")  # none sending
         cursor, batches = 0, 0
         while True:
-            with conn.transaction():
-                claimed = [
-                    ClaimedRecord(*row)
-                    for row in conn.execute(
-                        query("claim_records"), _CLAIM | {"limit": 100, "after_id": cursor}
-                    ).fetchall()
-                ]
+            claimed, _ = _claim_records(conn, 100, cursor)
             if not claimed:
                 break
             cursor, batches = max(cursor, *(r.id for r in claimed)), batches + 1
             assert _apply_sent(conn, claimed) == 0, f"batch {batches}"
-        holder.rollback()
     assert batches == 10
 
 

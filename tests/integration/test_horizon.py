@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -24,23 +24,9 @@ from outbox_notifier.daemon import Daemon
 from outbox_notifier.horizon import HorizonWatch
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
-from tests.support import enqueue, eventually, payload, running, settings_for
+from tests.support import enqueue, eventually, held_snapshot, payload, running, settings_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@asynccontextmanager
-async def held_snapshot(db: str) -> AsyncIterator[int]:
-    """A REPEATABLE READ transaction that has read a row and stays open (the forgotten
-    ``BEGIN`` of an analytics session); yields its pid."""
-    async with await psycopg.AsyncConnection.connect(db, application_name="analytics") as holder:
-        await holder.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
-        cur = await holder.execute("SELECT pg_backend_pid()")
-        row = await cur.fetchone()
-        assert row is not None
-        await holder.execute("SELECT count(*) FROM outbox_notifier.outbox")
-        yield int(row[0])
-        await holder.rollback()
 
 
 async def check(store: MaintenanceStore, watch: HorizonWatch, metrics: Metrics) -> None:
@@ -62,7 +48,7 @@ async def test_a_held_snapshot_is_measured_named_and_released(
     assert gauge(metrics, "xmin_horizon_age_seconds") < 0.2  # only short transactions
     assert watch.readiness_detail() == {}
 
-    async with held_snapshot(db) as pid:
+    with held_snapshot(db) as pid:
         await asyncio.sleep(0.3)
         await check(store, watch, metrics)
         first = gauge(metrics, "xmin_horizon_age_seconds")
@@ -88,7 +74,7 @@ async def test_dead_tuples_follow_deletes_while_the_horizon_is_held(
 ) -> None:
     store, metrics = MaintenanceStore(aconn), Metrics(CollectorRegistry())
     watch = HorizonWatch(warn_s=60.0)
-    async with held_snapshot(db):  # vacuum may not take them away meanwhile
+    with held_snapshot(db):  # vacuum may not take them away meanwhile
         conn.execute(
             "INSERT INTO outbox_notifier.outbox (event_type, event_version, payload, status)"
             " SELECT 'x', '1', '{}', 'relayed' FROM generate_series(1, 500)"
@@ -129,11 +115,8 @@ def login_role(db: str, *groups: str) -> Iterator[str]:
 async def test_a_role_that_cannot_see_other_sessions_says_unknown(db: str) -> None:
     metrics = Metrics(CollectorRegistry())
     watch = HorizonWatch(warn_s=0.1)
-    with login_role(db, "outbox_notifier_daemon") as blind_dsn:
-        async with (
-            held_snapshot(db),
-            await psycopg.AsyncConnection.connect(blind_dsn, autocommit=True) as blind,
-        ):
+    with login_role(db, "outbox_notifier_daemon") as blind_dsn, held_snapshot(db):
+        async with await psycopg.AsyncConnection.connect(blind_dsn, autocommit=True) as blind:
             await asyncio.sleep(0.2)
             await check(MaintenanceStore(blind), watch, metrics)
             assert math.isnan(gauge(metrics, "xmin_horizon_age_seconds"))  # not a false 0
@@ -142,11 +125,11 @@ async def test_a_role_that_cannot_see_other_sessions_says_unknown(db: str) -> No
             assert gauge(metrics, "dead_tuples", table="outbox") >= 0  # visible to any role
 
     # The documented grant is enough.
-    with login_role(db, "outbox_notifier_daemon", "pg_read_all_stats") as dsn:
-        async with (
-            held_snapshot(db) as pid,
-            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as seeing,
-        ):
+    with (
+        login_role(db, "outbox_notifier_daemon", "pg_read_all_stats") as dsn,
+        held_snapshot(db) as pid,
+    ):
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as seeing:
             await asyncio.sleep(0.2)
             await check(MaintenanceStore(seeing), watch, metrics)
             assert gauge(metrics, "xmin_horizon_age_seconds") >= 0.2
@@ -170,7 +153,7 @@ async def test_readyz_names_the_holder_and_stays_ready(
             return daemon.http_port is not None and (await get("/readyz")).status_code == 200
 
         await eventually(ready, timeout_s=15, what="ready")
-        async with held_snapshot(db) as pid:
+        with held_snapshot(db) as pid:
             answers: list[httpx.Response] = []
 
             async def named() -> bool:

@@ -15,7 +15,7 @@ from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.relay import Relay
 from outbox_notifier.relay_cursor import RelayCursor
 from outbox_notifier.store import RecordStore
-from tests.support import ManualClock, enqueue, payload, relay_for, scalar
+from tests.support import ManualClock, enqueue, held_snapshot, payload, relay_for, scalar
 
 
 def _relay(store: RecordStore, clock: ManualClock) -> Relay:
@@ -179,9 +179,7 @@ async def test_the_relay_claims_reads_stay_flat_while_a_snapshot_keeps_dead_entr
     clock = ManualClock()
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         relay = _relay(RecordStore(pool), clock)
-        with psycopg.connect(db) as holder:
-            holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-            holder.execute("SELECT count(*) FROM outbox_notifier.outbox").fetchone()
+        with held_snapshot(db):
             cursor_reads, sweep_reads = {}, {}
             for round_, n in enumerate((200, 3_000)):
                 conn.execute(
@@ -199,7 +197,6 @@ async def test_the_relay_claims_reads_stay_flat_while_a_snapshot_keeps_dead_entr
                 assert taken == 10
                 clock.now += 0.1
                 await relay.relay_once()
-            holder.rollback()
     # From 200 to 3,000 rows relayed under the snapshot, a claim from the start read about 400
     # more buffers (the entries of all of them, and the row versions they point at), one from
     # the cursor 6 more (measured): the growth is the sweep's, not the claims'
