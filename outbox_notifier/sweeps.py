@@ -4,9 +4,12 @@ Both claims keep a cursor so that their index scans skip the entries of rows alr
 which a long-open snapshot keeps from being cleaned up. A sweep, a claim from the start, takes
 what the cursor passed; under such a snapshot it walks every one of those entries, and the loop
 waits for it (measured at 300 events/s: 250 ms after a 10-minute hold, growing with the hold).
-So a sweep that took long spaces out the next ones: sweeping takes at most ``share`` of the
+So sweeps that take long space out the next ones: sweeping takes at most ``share`` of the
 loop's time, and while sweeps are quick (``quick_s``: a stall nobody would see) they run every
-``every_s``.
+``every_s``. Only slowness that lasts counts, the shorter of the last two sweeps: a one-off slow
+sweep (the first after start-up, which plans the statement and loads the catalog; a checkpoint;
+a busy machine) says nothing about dead entries, and spacing on it alone left a record below the
+cursor waiting 10 s and more with no snapshot held.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class SweepSchedule:
     clock: Callable[[], float] = time.monotonic
     _next_at: float = dataclasses.field(default=-math.inf, init=False)
     _started_at: float = dataclasses.field(default=-math.inf, init=False)
+    _last_took: float = dataclasses.field(default=0.0, init=False)
 
     def begin(self) -> bool:
         """Whether the next claim sweeps; if it does, call ``end`` once it has finished."""
@@ -46,7 +50,11 @@ class SweepSchedule:
 
     def end(self) -> None:
         took = self.clock() - self._started_at
-        spacing = self.every_s if took <= self.quick_s else max(self.every_s, took / self.share)
+        lasting = min(took, self._last_took)  # module docstring: only slowness that lasts
+        self._last_took = took
+        spacing = self.every_s
+        if lasting > self.quick_s:
+            spacing = max(self.every_s, lasting / self.share)
         self._next_at = self._started_at + spacing
 
     def now(self) -> None:

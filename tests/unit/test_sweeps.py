@@ -1,4 +1,5 @@
-"""Sweeps run every every_s while they are quick, and take at most their share of the time."""
+"""Sweeps run every every_s while they are quick, and take at most their share of the time
+once they stay slow."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ def test_quick_sweeps_run_every_every_s() -> None:
 def test_a_slow_sweep_spaces_out_the_next_so_sweeping_takes_its_share_at_most() -> None:
     clock = ManualClock()
     schedule = SweepSchedule(1.0, share=0.01, clock=clock)
+    _sweep(schedule, clock, 0.3)  # a held snapshot's dead entries
+    clock.now += 1.0
     started = clock.now
-    _sweep(schedule, clock, 0.25)  # a held snapshot's dead entries
+    _sweep(schedule, clock, 0.25)  # still slow: the shorter of the two sets the spacing
     clock.now = started + 24.9
     assert not schedule.begin()
     clock.now = started + 25.0
@@ -40,15 +43,31 @@ def test_a_sweep_within_quick_s_is_not_spaced_out_by_its_share() -> None:
     # nothing, and a requeued record below the cursor should not wait 7.5 s for it
     clock = ManualClock()
     schedule = SweepSchedule(1.0, share=0.002, quick_s=0.02, clock=clock)
-    started = clock.now
-    _sweep(schedule, clock, 0.015)
-    clock.now = started + 1.0
-    assert schedule.begin()
-    clock.now += 0.025  # over quick_s: 12.5 s until the next
-    schedule.end()
-    clock.now = started + 1.0 + 12.4
+    for _ in range(3):
+        started = clock.now
+        _sweep(schedule, clock, 0.015)
+        clock.now = started + 1.0
+    _sweep(schedule, clock, 0.025)
+    started = clock.now = clock.now + 0.975
+    _sweep(schedule, clock, 0.025)  # over quick_s, and so was the one before: 12.5 s apart
+    clock.now = started + 12.4
     assert not schedule.begin()
-    clock.now = started + 1.0 + 12.5
+    clock.now = started + 12.5
+    assert schedule.begin()
+
+
+def test_one_slow_sweep_among_quick_ones_does_not_space_out_the_next() -> None:
+    # the first sweep after start-up plans the statement and loads the catalog; with no
+    # snapshot held, a record below the cursor should not wait took / share (15 s) for that
+    clock = ManualClock()
+    schedule = SweepSchedule(1.0, share=0.002, quick_s=0.02, clock=clock)
+    started = clock.now
+    _sweep(schedule, clock, 0.03)
+    clock.now = started + 1.0
+    _sweep(schedule, clock, 0.002)
+    clock.now += 0.998
+    _sweep(schedule, clock, 0.03)  # a checkpoint, say, between quick ones
+    clock.now += 0.97
     assert schedule.begin()
 
 
