@@ -400,11 +400,7 @@ class Bench:
         on = Contender("daemon: CLI, tracing on, 100% sampled, OTLP/HTTP")
         tenth = Contender("daemon: CLI, tracing on, 10% sampled, OTLP/HTTP")
         with otlp_sink() as sink:
-            env = {
-                "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
-                "OTEL_TRACES_SAMPLER": "always_on",
-                "OTEL_SERVICE_NAME": "outbox-notifier-bench",
-            }
+            env = _traced_env(sink.url)
             sampled = {
                 **env,
                 "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
@@ -774,7 +770,9 @@ class Bench:
             )
             self.rows.append(row)
 
-    def profile(self, out_dir: Path) -> None:
+    def profile(self, out_dir: Path, *, traced: bool) -> None:
+        """One profiled throughput run per daemon variant, and the yardstick's; ``traced``: one
+        more of the CLI daemon with tracing on (every span sampled, exported to a sink)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         for variant in ("cli", "instant"):
             out = out_dir / f"daemon-{variant}.txt"
@@ -782,9 +780,26 @@ class Bench:
                 self.dbs, self.srv, self.mode.jobs, variant, profile=out
             )
             _log(f"profiled {variant}: {result.rate:,.1f}/s -> {out}")
+        if traced:
+            out = out_dir / "daemon-cli-traced.txt"
+            with otlp_sink() as sink:
+                result = scenarios.daemon_throughput(
+                    self.dbs, self.srv, self.mode.jobs, "cli", profile=out,
+                    settings={"tracing": "true"}, env=_traced_env(sink.url),
+                )  # fmt: skip
+            _log(f"profiled cli, tracing on: {result.rate:,.1f}/s -> {out}")
         out = out_dir / "yardstick.txt"
         result = scenarios.baseline_throughput(self.dbs, self.srv, self.mode.jobs, profile=out)
         _log(f"profiled yardstick: {result.rate:,.1f}/s -> {out}")
+
+
+def _traced_env(sink_url: str) -> dict[str, str]:
+    """The daemon's environment for tracing on, every span sampled, exported to the sink."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
+        "OTEL_TRACES_SAMPLER": "always_on",
+        "OTEL_SERVICE_NAME": "outbox-notifier-bench",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -798,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="write a sampled profile of one throughput run per daemon variant",
+        help="write a sampled profile of one throughput run per daemon variant (and one with "
+        "tracing on, if the tracing section runs)",
     )
     parser.add_argument(
         "--hold-s",
@@ -828,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
                     _log(f"section {section}")
                     getattr(bench, section)()
             if args.profile is not None:
-                bench.profile(args.profile)
+                bench.profile(args.profile, traced="tracing" in args.only)
         finally:
             dbs.close()
     print(f"\n{versions}; mode {mode.name}; {time.monotonic() - started:.0f} s\n")
