@@ -62,7 +62,9 @@ FULL = Mode(
     duration_s=30.0,
     history=1_000_000,
     claim_reps=50,
-    snapshot=snapshot.Plan(rate=300.0, window_s=60.0, before_s=60.0, hold_s=600.0, after_s=180.0),
+    snapshot=snapshot.Plan(
+        rate=300.0, window_s=60.0, before_s=60.0, hold_s=600.0, after_s=180.0, warmup_max_s=300.0
+    ),
     burst=300,
 )
 QUICK = Mode(
@@ -237,7 +239,7 @@ def snapshot_table(plan: snapshot.Plan, windows: list[snapshot.Window]) -> str:
     header += ["dead tuples: records", "outbox"]
     cells = [
         [
-            f"{w.start_s:.0f}-{w.start_s + plan.window_s:.0f}",
+            f"{w.start_s:.0f}-{w.start_s + w.length_s:.0f}",
             w.phase,
             f"{len(w.latencies_s):,}",
             _fmt(_quantile(w.latencies_s, 50) * 1000),
@@ -646,12 +648,13 @@ class Bench:
             f"snapshot: {plan.rate:.0f} events/s for "
             f"{plan.before_s + plan.hold_s + plan.after_s:.0f} s, snapshot held from "
             f"{plan.before_s:.0f} s to {plan.before_s + plan.hold_s:.0f} s"
+            + (f", after a warm-up of up to {plan.warmup_max_s:.0f} s" if plan.warmup_max_s else "")
         )
         windows, achieved = snapshot.held_snapshot(self.dbs, self.srv, plan)
         self.tables.append(snapshot_table(plan, windows))
         held = f"REPEATABLE READ held {plan.hold_s:.0f} s at {plan.rate:.0f}/s"
         before = [w for w in windows if w.phase == "before"]
-        until_release = [w for w in windows if w.phase != "after"]
+        until_release = [w for w in windows if w.phase in ("before", "held")]
         rows = [
             Row(
                 f"held snapshot ({held}): worst p99 of a {plan.window_s:.0f} s window",
@@ -683,6 +686,16 @@ class Bench:
             )
         )
         rows.append(Row("held snapshot run: offered rate achieved", "events/s", [achieved]))
+        for w in windows:
+            if w.phase == "warm-up":  # the start on fresh tables (bench/snapshot.py), not judged
+                rows.append(
+                    Row(
+                        f"held snapshot run: warm-up ({w.length_s:.0f} s, fresh tables until "
+                        "their first autoanalyze), p99",
+                        "ms",
+                        [_quantile(w.latencies_s, 99) * 1000],
+                    )
+                )
         self.rows += rows
 
     def ordering(self) -> None:
