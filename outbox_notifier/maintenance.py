@@ -1,7 +1,13 @@
 """The maintenance loop: metric snapshots on every replica (one cheap query on the partial
 indexes; see the outbox_notifier.metrics docstring for how they are aggregated) with the
 horizon check beside them (outbox_notifier.horizon), and retention on one replica at a time
-(the holder of the maintenance lease, outbox_notifier.leadership)."""
+(the holder of the maintenance lease, outbox_notifier.leadership).
+
+On a freshly migrated database the loop also gives the outbox and the records their first
+statistics as soon as they hold ``FIRST_ANALYZE_ROWS`` rows, instead of waiting a minute or more
+for autovacuum: the statements planned while the tables were empty read them whole, at a cost
+that grows with every row, until then (migration 0019 has the figures). Once both tables have
+been analyzed, by the daemon or by autovacuum, it stops asking."""
 
 from __future__ import annotations
 
@@ -17,12 +23,19 @@ from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.horizon import DEFAULT_WARN_S, HorizonWatch
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance_store import MaintenanceStore
-from outbox_notifier.store import DatabaseError, OperationalError
+from outbox_notifier.store import DatabaseError, NotCallable, OperationalError
 
 logger = logging.getLogger(__name__)
 
 #: Snapshots are taken at least this often, however long the retention interval.
 SNAPSHOT_MAX_INTERVAL_S = 5.0
+#: Rows a never-analyzed busy table holds before the daemon analyzes it: enough for plans that
+#: read by index, few enough that the slow plans have not cost much yet (a second or so of
+#: traffic; ANALYZE of them takes milliseconds).
+FIRST_ANALYZE_ROWS = 1000
+#: How often the loop turns while a busy table was never analyzed (a fresh install's first
+#: seconds; on a database in use the first turn finds both analyzed and stops asking).
+FRESH_CHECK_S = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -35,6 +48,8 @@ class Maintenance:
     horizon: HorizonWatch = dataclasses.field(
         default_factory=lambda: HorizonWatch(warn_s=DEFAULT_WARN_S)
     )
+    # Until both busy tables have been analyzed once (module docstring).
+    fresh_tables: bool = True
 
     async def run(self, ctx: LoopContext) -> None:
         snapshot_every_s = min(self.interval_s, SNAPSHOT_MAX_INTERVAL_S)
@@ -44,14 +59,19 @@ class Maintenance:
                 # Each step is bounded by db_deadline_s, which is below health_stale_s; the
                 # heartbeat beats before each, so a database that swallows every statement
                 # costs the loop one deadline per beat, never the sum of them (a wedge).
-                for step in (self._end_pauses, self._snapshot, self._check_horizon):
+                steps = (self._end_pauses, self._snapshot, self._check_horizon, self._analyze)
+                for step in steps:
                     await step(ctx)
                     if not ctx.turn("maintenance"):
                         return
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self.interval_s
                     await self._purge(ctx)
-                await ctx.sleep("maintenance", snapshot_every_s)
+                # A fresh table costs more with every row until it is analyzed: look often.
+                pause_s = (
+                    min(FRESH_CHECK_S, snapshot_every_s) if self.fresh_tables else snapshot_every_s
+                )
+                await ctx.sleep("maintenance", pause_s)
         finally:
             with contextlib.suppress(DatabaseError):
                 await leadership.release_leadership(self.store)
@@ -61,6 +81,29 @@ class Maintenance:
 
     async def _check_horizon(self, ctx: LoopContext) -> None:
         await self.horizon.check(self.store, ctx.metrics, timeout_s=ctx.db_deadline_s)
+
+    async def _analyze(self, ctx: LoopContext) -> None:
+        """The busy tables' first ANALYZE, while one of them never had it (module docstring)."""
+        if not self.fresh_tables:
+            return
+        try:
+            fresh = await bounded(
+                self.store.analyze_fresh_tables(FIRST_ANALYZE_ROWS), ctx.db_deadline_s
+            )
+        except NotCallable as exc:  # a role or schema that does not allow it: autovacuum will
+            logger.warning("first analyze of the tables left to autovacuum: %s", describe(exc))
+            self.fresh_tables = False
+            return
+        except DatabaseError as exc:  # a lock held on the table, say: the next turn tries again
+            logger.info("first analyze of the tables not done yet: %s", describe(exc))
+            return
+        for table, analyzed in fresh:
+            if analyzed:
+                logger.info(
+                    "analyzed %s for the first time: statements planned on the empty table are "
+                    "planned again", table, extra={"table": table, "min_rows": FIRST_ANALYZE_ROWS},
+                )  # fmt: skip
+        self.fresh_tables = not all(analyzed for _, analyzed in fresh)
 
     async def _end_pauses(self, ctx: LoopContext) -> None:
         """Marks resumed the operator pauses past their end, one log line each (claims stopped

@@ -1,5 +1,6 @@
 """The maintenance loop's statements: retention purges, the leader lease, the metrics snapshot,
-and what holds the database back (the xmin horizon, dead tuples).
+what holds the database back (the xmin horizon, dead tuples), and the busy tables' first
+statistics.
 
 A store module, like ``store``: ``retention``, ``leadership`` and ``metrics`` ask it and never
 touch a connection themselves. It works over a pool (a connection per statement, returned in
@@ -120,6 +121,13 @@ class MaintenanceStore:
             assert row is not None  # an aggregate: always one row
             sees_all, age_s, age_xids, holder = row
             return bool(sees_all), float(age_s), int(age_xids), holder
+
+    async def analyze_fresh_tables(self, min_rows: int) -> list[tuple[str, bool]]:
+        """Analyzes the busy tables never analyzed that hold ``min_rows`` rows; returns each
+        table never analyzed before the call, with whether it was analyzed now."""
+        async with self._statement() as conn:
+            cur = await conn.execute(query("analyze_fresh_tables"), {"min_rows": min_rows})
+            return [(str(table), bool(analyzed)) for table, analyzed in await cur.fetchall()]
 
     async def table_tuples(self) -> list[TuplesRow]:
         """Live and dead tuples of each table of the schema."""

@@ -39,6 +39,8 @@ OperationalError = psycopg.OperationalError
 ValueRefused = psycopg.DataError
 # The schema is not there at all (never migrated, or dropped).
 SchemaMissing = (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName)
+# A function the role may not call, or that the schema does not have: asking again won't help.
+NotCallable = (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction)
 
 #: A connection handed out by ``RecordStore.transaction()``.
 Connection = AsyncConnection

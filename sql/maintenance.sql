@@ -191,3 +191,10 @@ SELECT relname::text, n_live_tup::bigint, n_dead_tup::bigint
 FROM pg_stat_user_tables
 WHERE schemaname = 'outbox_notifier'
 ORDER BY relname;
+
+-- name: analyze_fresh_tables
+-- The first ANALYZE of the outbox and the records once they hold min_rows live rows, if
+-- autovacuum has not given it yet (migration 0019); one row per table never analyzed before:
+-- its name and whether it was analyzed now. Run by every replica's maintenance loop until it
+-- returns nothing.
+SELECT table_name, analyzed FROM outbox_notifier.analyze_fresh_tables_v1(%(min_rows)s);

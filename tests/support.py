@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import msgspec
 import psycopg
 from prometheus_client import CollectorRegistry
+from psycopg import sql
 
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.dbhealth import DatabaseHealth
@@ -244,3 +246,20 @@ def held_snapshot(dsn: str) -> Iterator[int]:
         holder.execute("SELECT count(*) FROM outbox_notifier.outbox").fetchone()
         yield int(row[0])
         holder.rollback()
+
+
+@contextlib.contextmanager
+def login_role(db: str, *groups: str) -> Iterator[str]:
+    """A login role, member of ``groups``; yields its DSN and drops it afterwards."""
+    name = f"on_login_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(db, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, groups))
+            )
+        )
+    try:
+        yield psycopg.conninfo.make_conninfo(db, user=name)
+    finally:
+        with psycopg.connect(db, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
-from psycopg import sql
 
 from outbox_notifier.daemon import Daemon
 from outbox_notifier.horizon import HorizonWatch
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
-from tests.support import enqueue, eventually, held_snapshot, payload, running, settings_for
+from tests.support import (
+    enqueue,
+    eventually,
+    held_snapshot,
+    login_role,
+    payload,
+    running,
+    settings_for,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,23 +97,6 @@ async def test_dead_tuples_follow_deletes_while_the_horizon_is_held(
         await eventually(counted, timeout_s=10, what="500 dead outbox tuples")
     for table in ("notification_records", "delivery_attempts", "targets"):
         assert gauge(metrics, "dead_tuples", table=table) >= 0
-
-
-@contextmanager
-def login_role(db: str, *groups: str) -> Iterator[str]:
-    """A login role, member of ``groups``; yields its DSN and drops it afterwards."""
-    name = f"on_login_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(db, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-                sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, groups))
-            )
-        )
-    try:
-        yield psycopg.conninfo.make_conninfo(db, user=name)
-    finally:
-        with psycopg.connect(db, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
 async def test_a_role_that_cannot_see_other_sessions_says_unknown(db: str) -> None:

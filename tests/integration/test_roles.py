@@ -325,6 +325,8 @@ def test_each_role_has_exactly_its_grants(conn: psycopg.Connection[Any]) -> None
         ("pauses", "SELECT"),
         *{(f"pauses({c})", "UPDATE") for c in ("resumed_at", "resumed_by")},
         ("records_behind_pause", "EXECUTE"),
+        # 0019: the busy tables' first ANALYZE, with the function owner's rights
+        ("analyze_fresh_tables_v1", "EXECUTE"),
     }  # fmt: skip
     assert _grants(conn, "outbox_notifier_producer") == {("enqueue", "EXECUTE")}
     readable = ("backlog", "dead_letters", "stuck_sending", "target_health", "outbox",

@@ -57,5 +57,6 @@ def test_the_maintenance_statements_are_all_in_maintenance_sql() -> None:
         "end_pauses",
         "xmin_horizon",
         "table_tuples",
+        "analyze_fresh_tables",
     }
     assert queries_named_by("maintenance_store") == names_in("maintenance.sql")
