@@ -691,7 +691,7 @@ class Bench:
                 rows.append(
                     Row(
                         f"held snapshot run: warm-up ({w.length_s:.0f} s, fresh tables until "
-                        "their first autoanalyze), p99",
+                        "first analyzed and vacuumed), p99",
                         "ms",
                         [_quantile(w.latencies_s, 99) * 1000],
                     )
