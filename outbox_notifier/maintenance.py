@@ -95,7 +95,7 @@ class Maintenance:
             self.fresh_tables = False
             return
         except DatabaseError as exc:  # a lock held on the table, say: the next turn tries again
-            logger.info("first analyze of the tables not done yet: %s", describe(exc))
+            logger.debug("first analyze of the tables not done yet: %s", describe(exc))
             return
         for table, analyzed in fresh:
             if analyzed:

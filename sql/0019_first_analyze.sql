@@ -22,12 +22,17 @@
 -- The daemon calls it from its maintenance loop until no row comes back. It acts with its
 -- owner's rights, because ANALYZE needs the table's owner and the daemon's role is not; only
 -- the daemon's role may call it. A lock held on a table (a migration, a manual VACUUM, an
--- autovacuum of it) makes it wait up to the caller's lock_timeout and fail; the next turn
--- tries again. Additive: a new function, which a daemon of an earlier build never calls.
+-- autovacuum of it, another replica's call) makes it fail after 100 ms rather than wait: the
+-- next turn, a second later, tries again, and by then the table has often been analyzed by
+-- whoever held the lock. Additive: a new function, which a daemon of an earlier build never
+-- calls.
 
 CREATE FUNCTION outbox_notifier.analyze_fresh_tables_v1(p_min_rows bigint)
 RETURNS TABLE (table_name text, analyzed boolean)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '100ms'
+AS $$
 DECLARE
     fresh record;
 BEGIN

@@ -7,6 +7,7 @@ Autovacuum is switched off on the two tables here, so that every analyze seen is
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -129,6 +130,28 @@ async def test_the_maintenance_loop_analyzes_each_table_once_then_stops_asking(
         conn.execute("SELECT pg_stat_reset()")
         await loop._analyze(ctx)
         assert _analyzed(conn) == set()
+
+
+async def test_a_table_locked_elsewhere_is_analyzed_at_a_later_turn_without_waiting(
+    db: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(maintenance, "FIRST_ANALYZE_ROWS", 5)
+    _without_autovacuum(conn)
+    for i in range(6):
+        enqueue(conn, payload(f"k-{i}"))
+    await eventually(lambda: _live_rows(conn, "outbox") >= 6, what="statistics of the outbox")
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as aconn:
+        loop = _maintenance(aconn)
+        with psycopg.connect(db) as holder:  # a manual VACUUM's lock, or another replica's
+            holder.execute("LOCK TABLE outbox_notifier.outbox IN SHARE UPDATE EXCLUSIVE MODE")
+            started = time.monotonic()
+            await loop._analyze(loop_context())
+            assert time.monotonic() - started < 2.0  # 100 ms, not the daemon's lock timeout
+            assert loop.fresh_tables
+            assert _analyzed(conn) == set()
+            holder.rollback()
+        await loop._analyze(loop_context())
+        assert _analyzed(conn) == {"outbox"}
 
 
 async def test_a_role_that_may_not_analyze_leaves_it_to_autovacuum(
