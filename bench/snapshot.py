@@ -113,9 +113,9 @@ WHERE schemaname = 'outbox_notifier' AND relname IN ('notification_records', 'ou
 """
 
 
-def _warm_up(dsn: str, run: str, plan: Plan, stats: psycopg.Connection) -> float:
+def _warm_up(dsn: str, run: str, plan: Plan, stats: psycopg.Connection) -> tuple[float, int]:
     """Offers the load until both tables have been analyzed and vacuumed once (or
-    ``plan.warmup_max_s`` passed); returns how long that took."""
+    ``plan.warmup_max_s`` passed); returns how long that took and how many events it offered."""
     checked_at = [0.0]
     settled = [False]
 
@@ -127,8 +127,8 @@ def _warm_up(dsn: str, run: str, plan: Plan, stats: psycopg.Connection) -> float
         return settled[0]
 
     started = time.monotonic()
-    asyncio.run(offer(dsn, f"{run}-warm-up", plan.rate, plan.warmup_max_s, until=done))
-    return time.monotonic() - started
+    offered = asyncio.run(offer(dsn, f"{run}-warm-up", plan.rate, plan.warmup_max_s, until=done))
+    return time.monotonic() - started, len(offered)
 
 
 def _hold(conn: psycopg.Connection) -> None:
@@ -187,7 +187,7 @@ def held_snapshot(
             httpx.Client(timeout=10.0) as client,
         ):
             warm_from = _sample(stats, client, metrics_url)
-            warm_s = _warm_up(dsn, run, plan, stats) if plan.warmup_max_s else 0.0
+            warm_s, warmed = _warm_up(dsn, run, plan, stats) if plan.warmup_max_s else (0.0, 0)
         started = time.time()
 
         async def load() -> tuple[int, list[Sample]]:
@@ -199,7 +199,7 @@ def held_snapshot(
 
         offered, samples = asyncio.run(load())
         achieved = offered / (time.time() - started)
-        wait_done(dsn, offered)
+        wait_done(dsn, warmed + offered)  # the warm-up's records count too
         with psycopg.connect(dsn) as conn:
             delivered = conn.execute(_LATENCIES).fetchall()
     finally:
