@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 #: Snapshots are taken at least this often, however long the retention interval.
 SNAPSHOT_MAX_INTERVAL_S = 5.0
 #: Rows a never-analyzed busy table holds before the daemon analyzes it: enough for plans that
-#: read by index, few enough that the slow plans have not cost much yet (a second or so of
-#: traffic; ANALYZE of them takes milliseconds).
+#: read by index, few enough that the slow plans have not cost much yet (a few seconds of
+#: traffic at a few hundred events a second; ANALYZE of them takes milliseconds).
 FIRST_ANALYZE_ROWS = 1000
 #: How often the loop turns while a busy table was never analyzed (a fresh install's first
 #: seconds; on a database in use the first turn finds both analyzed and stops asking).
