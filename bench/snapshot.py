@@ -116,15 +116,15 @@ WHERE schemaname = 'outbox_notifier' AND relname IN ('notification_records', 'ou
 def _warm_up(dsn: str, run: str, plan: Plan, stats: psycopg.Connection) -> tuple[float, int]:
     """Offers the load until both tables have been analyzed and vacuumed once (or
     ``plan.warmup_max_s`` passed); returns how long that took and how many events it offered."""
-    checked_at = [0.0]
-    settled = [False]
+    checked_at, settled = 0.0, False
 
     def done() -> bool:  # called before each event: asks the database once a second
+        nonlocal checked_at, settled
         now = time.monotonic()
-        if now - checked_at[0] >= 1.0:
-            checked_at[0] = now
-            settled[0] = bool(stats.execute(_SETTLED).fetchone()[0])  # type: ignore[index]
-        return settled[0]
+        if now - checked_at >= 1.0:
+            checked_at = now
+            settled = bool(stats.execute(_SETTLED).fetchone()[0])  # type: ignore[index]
+        return settled
 
     started = time.monotonic()
     offered = asyncio.run(offer(dsn, f"{run}-warm-up", plan.rate, plan.warmup_max_s, until=done))

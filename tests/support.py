@@ -21,9 +21,12 @@ from outbox_notifier.delivery import Deliverer
 from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.http import HeartbeatMonitor
 from outbox_notifier.loops import LoopContext
+from outbox_notifier.maintenance import Maintenance
+from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.metrics import Metrics
 from outbox_notifier.names import Outcome
 from outbox_notifier.relay import Relay
+from outbox_notifier.retention import RetentionPolicy
 from outbox_notifier.settings import Settings
 from outbox_notifier.store import AttemptResult, ClaimedRecord, RecordStore
 
@@ -159,6 +162,15 @@ def scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = 
     row = conn.execute(query, params).fetchone()
     assert row is not None
     return row[0]
+
+
+def maintenance_loop(conn: psycopg.AsyncConnection[Any]) -> Maintenance:
+    """The maintenance loop over one connection, with retention that removes nothing young,
+    for driving one of its steps."""
+    retention = RetentionPolicy(
+        outbox_max_age_s=3600, records_max_age_s=3600, batch_size=100, pause_factor=0
+    )
+    return Maintenance(MaintenanceStore(conn), interval_s=3600, retention=retention)
 
 
 def loop_context(metrics: Metrics | None = None, *, db_deadline_s: float = 10.0) -> LoopContext:

@@ -15,9 +15,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_notifier import maintenance
-from outbox_notifier.maintenance import Maintenance
 from outbox_notifier.maintenance_store import MaintenanceStore
-from outbox_notifier.retention import RetentionPolicy
 from outbox_notifier.store import RecordStore
 from tests.support import (
     add_channel,
@@ -25,6 +23,7 @@ from tests.support import (
     eventually,
     login_role,
     loop_context,
+    maintenance_loop,
     payload,
     relay_for,
     scalar,
@@ -61,20 +60,18 @@ def _live_rows(conn: psycopg.Connection[Any], table: str) -> int:
     )
 
 
-def _maintenance(aconn: psycopg.AsyncConnection[Any]) -> Maintenance:
-    retention = RetentionPolicy(
-        outbox_max_age_s=3600, records_max_age_s=3600, batch_size=100, pause_factor=0
-    )
-    return Maintenance(MaintenanceStore(aconn), interval_s=3600, retention=retention)
+async def _fresh_outbox(conn: psycopg.Connection[Any], rows: int) -> None:
+    """``rows`` outbox rows in tables autovacuum leaves alone, once the statistics count them."""
+    _without_autovacuum(conn)
+    for i in range(rows):
+        enqueue(conn, payload(f"k-{i}"))
+    await eventually(lambda: _live_rows(conn, "outbox") >= rows, what=f"statistics of {rows}")
 
 
 async def test_a_busy_table_is_analyzed_once_it_holds_min_rows_with_the_daemons_role(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
-    _without_autovacuum(conn)
-    for i in range(5):
-        enqueue(conn, payload(f"k-{i}"))
-    await eventually(lambda: _live_rows(conn, "outbox") >= 5, what="statistics of 5 rows")
+    await _fresh_outbox(conn, 5)
     # the daemon's role does not own the tables: ANALYZE needs the function's owner rights
     with login_role(db, "outbox_notifier_daemon") as dsn:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
@@ -103,13 +100,10 @@ async def test_the_maintenance_loop_analyzes_each_table_once_then_stops_asking(
 ) -> None:
     monkeypatch.setattr(maintenance, "FIRST_ANALYZE_ROWS", 5)
     caplog.set_level(logging.INFO, "outbox_notifier.maintenance")
-    _without_autovacuum(conn)
     add_channel(conn, 1, "https://bot.example/hook/x")
-    for i in range(6):
-        enqueue(conn, payload(f"k-{i}"))
-    await eventually(lambda: _live_rows(conn, "outbox") >= 6, what="statistics of the outbox")
+    await _fresh_outbox(conn, 6)
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as aconn:
-        loop = _maintenance(aconn)
+        loop = maintenance_loop(aconn)
         ctx = loop_context()
         await loop._analyze(ctx)
         assert _analyzed(conn) == {"outbox"}
@@ -136,12 +130,9 @@ async def test_a_table_locked_elsewhere_is_analyzed_at_a_later_turn_without_wait
     db: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(maintenance, "FIRST_ANALYZE_ROWS", 5)
-    _without_autovacuum(conn)
-    for i in range(6):
-        enqueue(conn, payload(f"k-{i}"))
-    await eventually(lambda: _live_rows(conn, "outbox") >= 6, what="statistics of the outbox")
+    await _fresh_outbox(conn, 6)
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as aconn:
-        loop = _maintenance(aconn)
+        loop = maintenance_loop(aconn)
         with psycopg.connect(db) as holder:  # a manual VACUUM's lock, or another replica's
             holder.execute("LOCK TABLE outbox_notifier.outbox IN SHARE UPDATE EXCLUSIVE MODE")
             started = time.monotonic()
@@ -160,7 +151,7 @@ async def test_a_role_that_may_not_analyze_leaves_it_to_autovacuum(
     caplog.set_level(logging.INFO, "outbox_notifier.maintenance")
     with login_role(db, "outbox_notifier_operator") as dsn:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
-            loop = _maintenance(aconn)
+            loop = maintenance_loop(aconn)
             await loop._analyze(loop_context())
     assert not loop.fresh_tables
     assert "first analyze of the tables left to autovacuum: InsufficientPrivilege" in caplog.text

@@ -14,11 +14,16 @@ import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from outbox_notifier.maintenance import Maintenance
-from outbox_notifier.maintenance_store import MaintenanceStore
-from outbox_notifier.retention import RetentionPolicy
 from outbox_notifier.store import ClaimPolicy, RecordStore
-from tests.support import add_channel, enqueue, loop_context, payload, relay_for, scalar
+from tests.support import (
+    add_channel,
+    enqueue,
+    loop_context,
+    maintenance_loop,
+    payload,
+    relay_for,
+    scalar,
+)
 
 POLICY = ClaimPolicy(lease_s=30)
 DOWN = "https://down.example/flow/api/trigger-webhook/secret-token"
@@ -133,11 +138,7 @@ async def test_a_pause_with_an_end_resumes_by_itself(
     assert scalar(conn, "SELECT ended FROM outbox_notifier.paused")
     caplog.set_level(logging.INFO, "outbox_notifier.maintenance")
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as aconn:
-        retention = RetentionPolicy(
-            outbox_max_age_s=3600, records_max_age_s=3600, batch_size=100, pause_factor=0
-        )
-        maintenance = Maintenance(MaintenanceStore(aconn), interval_s=3600, retention=retention)
-        await maintenance._end_pauses(loop_context())
+        await maintenance_loop(aconn)._end_pauses(loop_context())
     assert scalar(conn, "SELECT count(*) FROM outbox_notifier.paused") == 0
     assert scalar(conn, "SELECT resumed_by FROM outbox_notifier.pauses") == "expired"
     assert "ended at its end time; resumed" in caplog.text
