@@ -55,10 +55,20 @@ class WalShare:
 
 
 @dataclass(frozen=True)
+class StatementShare:
+    """One top-level statement's share of a window's statement time (``pg_stat_statements``)."""
+
+    query: str  # its normalized text, whitespace collapsed
+    calls: int
+    exec_ms: float
+
+
+@dataclass(frozen=True)
 class Usage:
     wal_bytes: float
     exec_ms: float  # NaN when the server cannot count statements
     wal_shares: tuple[WalShare, ...] = ()  # empty without pg_walinspect
+    statement_shares: tuple[StatementShare, ...] = ()  # empty without pg_stat_statements
 
 
 # The window's WAL records by relation (the run's catalog names it) and record type.
@@ -141,15 +151,23 @@ class Window:
             assert row is not None
             end_lsn, wal = str(row[0]), float(row[1])
             exec_ms = float("nan")
+            shares: tuple[StatementShare, ...] = ()
             if self.meter.statements:
-                row = conn.execute(
-                    "SELECT coalesce(sum(total_exec_time), 0)::float8 FROM pg_stat_statements"
-                    " WHERE dbid = %s AND toplevel",
+                rows = conn.execute(
+                    "SELECT btrim(regexp_replace(regexp_replace(query, '--[^\\n]*', '', 'g'),"
+                    " '\\s+', ' ', 'g')), calls,"
+                    " total_exec_time::float8 FROM pg_stat_statements"
+                    " WHERE dbid = %s AND toplevel ORDER BY total_exec_time DESC",
                     (self.dbid,),
-                ).fetchone()
-                assert row is not None
-                exec_ms = float(row[0])
-        return Usage(wal_bytes=wal, exec_ms=exec_ms, wal_shares=self._wal_shares(end_lsn))
+                ).fetchall()
+                shares = tuple(StatementShare(str(r[0]), int(r[1]), float(r[2])) for r in rows)
+                exec_ms = sum(s.exec_ms for s in shares)
+        return Usage(
+            wal_bytes=wal,
+            exec_ms=exec_ms,
+            wal_shares=self._wal_shares(end_lsn),
+            statement_shares=shares,
+        )
 
     def _wal_shares(self, end_lsn: str) -> tuple[WalShare, ...]:
         """The window's WAL by relation and record type; empty where pg_walinspect cannot be

@@ -233,6 +233,31 @@ def wal_table(run: scenarios.Throughput, n: int, top: int = 15) -> str:
     return _table(header, cells, {0, 1})
 
 
+def statement_table(run: scenarios.Throughput, n: int, top: int = 10, width: int = 70) -> str:
+    """Where one drain's statement time went, per delivered record: the ``top`` statements
+    (their text cut to ``width``), then the rest together."""
+    header = ["statement time of one daemon drain: statement", "calls/job", "us/job", "share"]
+    total = sum(s.exec_ms for s in run.statement_shares) or 1.0
+    shown = run.statement_shares[:top]
+    rest = run.statement_shares[top:]
+
+    def cut(text: str) -> str:
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    cells = [
+        [cut(s.query), f"{s.calls / n:.3f}", _fmt(s.exec_ms * 1000 / n), f"{s.exec_ms / total:.0%}"]
+        for s in shown
+    ]
+    if rest:
+        spent = sum(s.exec_ms for s in rest)
+        cells.append(
+            [f"(the other {len(rest)})", f"{sum(s.calls for s in rest) / n:.3f}",
+             _fmt(spent * 1000 / n), f"{spent / total:.0%}"]
+        )  # fmt: skip
+    cells.append(["total", "", _fmt(total * 1000 / n), "100%"])
+    return _table(header, cells, {0})
+
+
 def snapshot_table(plan: snapshot.Plan, windows: list[snapshot.Window]) -> str:
     header = [f"window (s), {plan.rate:.0f} events/s", "snapshot", "events", "p50 ms", "p99 ms"]
     header += [f"{loop} claim ms" for loop in snapshot.CLAIM_LOOPS]
@@ -625,6 +650,10 @@ class Bench:
             self.tables.append(wal_table(median, n))
         else:
             self.notes.append("WAL not broken down: pg_walinspect is not available here")
+        timed = [r for r in daemon if r.statement_shares]
+        if timed:  # the median run's
+            median = sorted(timed, key=lambda r: r.statement_us)[len(timed) // 2]
+            self.tables.append(statement_table(median, n))
         self.rows += [
             Row(
                 "WAL per delivered record, daemon (CLI, enqueue included)",

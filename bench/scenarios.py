@@ -32,7 +32,7 @@ from bench.fixtures import (
     server_total,
     wait_done,
 )
-from bench.footprint import Meter, WalShare
+from bench.footprint import Meter, StatementShare, WalShare
 from outbox_notifier.daemon import claim_policy
 from outbox_notifier.events import EVENT_TYPE
 from outbox_notifier.settings import Settings
@@ -88,6 +88,7 @@ class Throughput:
     wal_b: float = float("nan")  # WAL bytes
     statement_us: float = float("nan")  # PostgreSQL statement execution time
     wal_shares: tuple[WalShare, ...] = ()  # the WAL by relation and record type (pg_walinspect)
+    statement_shares: tuple[StatementShare, ...] = ()  # statement time by statement
 
 
 def _measure(
@@ -115,6 +116,7 @@ def _measure(
         wal_b=usage.wal_bytes / n if usage else float("nan"),
         statement_us=usage.exec_ms * 1000 / n if usage else float("nan"),
         wal_shares=usage.wal_shares if usage else (),
+        statement_shares=usage.statement_shares if usage else (),
     )
 
 
