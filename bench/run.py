@@ -453,6 +453,11 @@ class Bench:
             exported = sink.requests
         if not exported:
             raise RuntimeError("tracing on, yet no span reached the OTLP sink")
+        from bench import otel_floor  # the otel extra, which only this section needs
+
+        floor = otel_floor.measure()
+        _log(f"tracing: the SDK alone, {floor}")
+        off_cpu = statistics.median(r.cpu_us for r in off.runs)
         self.rows += [
             Row(f"daemon, tracing off, {n:,} records", "records/s", [r.rate for r in off.runs]),
             Row(
@@ -475,6 +480,21 @@ class Bench:
             Row("daemon CPU per record, tracing off", "us", [r.cpu_us for r in off.runs]),
             Row("daemon CPU per record, tracing on", "us", [r.cpu_us for r in on.runs]),
             Row("daemon CPU per record, tracing on, 10%", "us", [r.cpu_us for r in tenth.runs]),
+            Row(
+                "OpenTelemetry SDK alone, per record: 2 spans created and ended",
+                "us",
+                [floor.create_us],
+            ),
+            Row(
+                "OpenTelemetry SDK alone, per record: 2 spans encoded for OTLP",
+                "us",
+                [floor.encode_us],
+            ),
+            Row(
+                "highest ratio the SDK allows: CPU off / (CPU off + SDK alone)",
+                "x",
+                [off_cpu / (off_cpu + floor.total_us)],
+            ),
         ]
         self.notes.append(f"tracing: {exported} OTLP export requests reached the sink")
 
