@@ -1,5 +1,6 @@
 """The maintenance loop: metric snapshots on every replica (one cheap query on the partial
-indexes; see the outbox_notifier.metrics docstring for how they are aggregated) with the
+indexes, paced like a sweep when a held snapshot makes it slow: ``sweeps``; see the
+outbox_notifier.metrics docstring for how they are aggregated) with the
 horizon check beside them (outbox_notifier.horizon), and retention on one replica at a time
 (the holder of the maintenance lease, outbox_notifier.leadership).
 
@@ -24,6 +25,7 @@ from outbox_notifier.horizon import DEFAULT_WARN_S, HorizonWatch
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.store import DatabaseError, NotCallable, OperationalError
+from outbox_notifier.sweeps import SweepSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ FIRST_ANALYZE_ROWS = 1000
 #: How often the loop turns while a busy table was never analyzed (a fresh install's first
 #: seconds; on a database in use the first turn finds both analyzed and stops asking).
 FRESH_CHECK_S = 1.0
+#: Once two snapshots in a row are slow (a held snapshot: see ``sweeps``), taking them costs at
+#: most this share of the time; the gauges are then older, the horizon's still read each turn.
+SNAPSHOT_SHARE = 0.01
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,6 +55,10 @@ class Maintenance:
     )
     # Until both busy tables have been analyzed once (module docstring).
     fresh_tables: bool = True
+    # Each turn while snapshots are quick (every_s 0: the loop's pace), spaced out when slow.
+    snapshots: SweepSchedule = dataclasses.field(
+        default_factory=lambda: SweepSchedule(0.0, share=SNAPSHOT_SHARE)
+    )
 
     async def run(self, ctx: LoopContext) -> None:
         snapshot_every_s = min(self.interval_s, SNAPSHOT_MAX_INTERVAL_S)
@@ -77,7 +86,12 @@ class Maintenance:
                 await leadership.release_leadership(self.store)
 
     async def _snapshot(self, ctx: LoopContext) -> None:
-        await ctx.metrics.snapshot(self.store, timeout_s=ctx.db_deadline_s)
+        if not self.snapshots.begin():
+            return
+        try:
+            await ctx.metrics.snapshot(self.store, timeout_s=ctx.db_deadline_s)
+        finally:
+            self.snapshots.end()
 
     async def _check_horizon(self, ctx: LoopContext) -> None:
         await self.horizon.check(self.store, ctx.metrics, timeout_s=ctx.db_deadline_s)

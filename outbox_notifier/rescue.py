@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.store import OperationalError, RecordStore, RescuedRecord
+from outbox_notifier.sweeps import SweepSchedule
 
 logger = logging.getLogger(__name__)
+
+#: Once two rescues in a row are slow (a held snapshot: see ``sweeps``), rescuing takes at most
+#: this share of the time; a lease that expires meanwhile waits up to took / share for it.
+RESCUE_SHARE = 0.01
 
 
 async def rescue_expired_leases(
@@ -31,26 +38,43 @@ async def rescue_expired_leases(
 
 
 class Rescuer:
-    def __init__(self, store: RecordStore, policy: RetryPolicy, *, interval_s: float) -> None:
+    def __init__(
+        self,
+        store: RecordStore,
+        policy: RetryPolicy,
+        *,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.policy = policy
         self.interval_s = interval_s
+        self.schedule = SweepSchedule(interval_s, share=RESCUE_SHARE, clock=clock)
 
     async def run(self, ctx: LoopContext, rescued_wake: asyncio.Event) -> None:
-        """Rescues every ``interval_s`` until stopped; sets ``rescued_wake`` when it took any."""
+        """Rescues every ``interval_s`` (less often while rescues are slow) until stopped; sets
+        ``rescued_wake`` when it took any."""
         while ctx.turn("rescue"):
-            rescued: list[RescuedRecord] = []
-            try:
-                with ctx.metrics.claim_timer("rescue"):
-                    rescued = await bounded(
-                        rescue_expired_leases(self.store, self.policy), ctx.db_deadline_s
-                    )
-            except OperationalError as exc:
-                logger.warning("lease rescue failed, database unavailable: %s", describe(exc))
-                ctx.database_failed("rescue", exc)
-            else:
-                ctx.db_health.ok("rescue")
-            ctx.metrics.observe_rescued(rescued)
-            if rescued:
-                rescued_wake.set()
+            if self.schedule.begin():
+                try:
+                    rescued = await self._rescue(ctx)
+                finally:
+                    self.schedule.end()
+                if rescued:
+                    rescued_wake.set()
             await ctx.sleep("rescue", self.interval_s)
+
+    async def _rescue(self, ctx: LoopContext) -> list[RescuedRecord]:
+        rescued: list[RescuedRecord] = []
+        try:
+            with ctx.metrics.claim_timer("rescue"):
+                rescued = await bounded(
+                    rescue_expired_leases(self.store, self.policy), ctx.db_deadline_s
+                )
+        except OperationalError as exc:
+            logger.warning("lease rescue failed, database unavailable: %s", describe(exc))
+            ctx.database_failed("rescue", exc)
+        else:
+            ctx.db_health.ok("rescue")
+        ctx.metrics.observe_rescued(rescued)
+        return rescued
