@@ -25,7 +25,7 @@ from outbox_notifier.horizon import DEFAULT_WARN_S, HorizonWatch
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.store import DatabaseError, NotCallable, OperationalError
-from outbox_notifier.sweeps import SweepSchedule
+from outbox_notifier.sweeps import PACED_MAX_SPACING_S, SweepSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ FIRST_ANALYZE_ROWS = 1000
 #: seconds; on a database in use the first turn finds both analyzed and stops asking).
 FRESH_CHECK_S = 1.0
 #: Once two snapshots in a row are slow (a held snapshot: see ``sweeps``), taking them costs at
-#: most this share of the time; the gauges are then older, the horizon's still read each turn.
+#: most this share of the time (a minute apart at most); the gauges are then older, the
+#: horizon's are still read each turn.
 SNAPSHOT_SHARE = 0.01
 
 
@@ -57,7 +58,9 @@ class Maintenance:
     fresh_tables: bool = True
     # Each turn while snapshots are quick (every_s 0: the loop's pace), spaced out when slow.
     snapshots: SweepSchedule = dataclasses.field(
-        default_factory=lambda: SweepSchedule(0.0, share=SNAPSHOT_SHARE)
+        default_factory=lambda: SweepSchedule(
+            0.0, share=SNAPSHOT_SHARE, max_spacing_s=PACED_MAX_SPACING_S
+        )
     )
 
     async def run(self, ctx: LoopContext) -> None:

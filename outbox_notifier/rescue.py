@@ -13,12 +13,13 @@ from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.store import OperationalError, RecordStore, RescuedRecord
-from outbox_notifier.sweeps import SweepSchedule
+from outbox_notifier.sweeps import PACED_MAX_SPACING_S, SweepSchedule
 
 logger = logging.getLogger(__name__)
 
 #: Once two rescues in a row are slow (a held snapshot: see ``sweeps``), rescuing takes at most
-#: this share of the time; a lease that expires meanwhile waits up to took / share for it.
+#: this share of the time, and they are at most PACED_MAX_SPACING_S apart: a lease that expires
+#: meanwhile waits up to took / share for it, a minute at most.
 RESCUE_SHARE = 0.01
 
 
@@ -49,7 +50,9 @@ class Rescuer:
         self.store = store
         self.policy = policy
         self.interval_s = interval_s
-        self.schedule = SweepSchedule(interval_s, share=RESCUE_SHARE, clock=clock)
+        self.schedule = SweepSchedule(
+            interval_s, share=RESCUE_SHARE, max_spacing_s=PACED_MAX_SPACING_S, clock=clock
+        )
 
     async def run(self, ctx: LoopContext, rescued_wake: asyncio.Event) -> None:
         """Rescues every ``interval_s`` (less often while rescues are slow) until stopped; sets

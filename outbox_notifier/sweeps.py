@@ -18,7 +18,8 @@ status leaves an entry the hold keeps: the maintenance loop's metric snapshot (e
 every replica: 465 ms after a 4-minute hold at 300 events/s, from 2 ms) and the lease rescue
 (141 ms, from under 0.1). Neither has a cursor to start from; paced at 1%, each costs the
 database a bounded share of a core however long the hold, where they took more of it every
-minute (their gauges and rescues come less often meanwhile).
+minute (their gauges and rescues come less often meanwhile, a minute apart at most: the
+snapshot's staleness alert waits ten).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+
+#: The most the metric snapshot and the lease rescue are spaced out (module docstring).
+PACED_MAX_SPACING_S = 60.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,6 +49,8 @@ class SweepSchedule:
     # next one runs every_s later.
     share: float = 0.002
     quick_s: float = 0.02
+    # However slow: a gauge or a rescue must not wait longer than this (the sweeps: no bound).
+    max_spacing_s: float = math.inf
     clock: Callable[[], float] = time.monotonic
     _next_at: float = dataclasses.field(default=-math.inf, init=False)
     _started_at: float = dataclasses.field(default=-math.inf, init=False)
@@ -64,7 +70,7 @@ class SweepSchedule:
         self._last_took = took
         spacing = self.every_s
         if lasting > self.quick_s:
-            spacing = max(self.every_s, lasting / self.share)
+            spacing = max(self.every_s, min(lasting / self.share, self.max_spacing_s))
         self._next_at = self._started_at + spacing
 
     def now(self) -> None:

@@ -78,3 +78,16 @@ def test_now_makes_the_next_claim_sweep() -> None:
     assert not schedule.begin()
     schedule.now()
     assert schedule.begin()
+
+
+def test_a_bounded_schedule_is_never_spaced_out_further_than_its_bound() -> None:
+    clock = ManualClock()
+    schedule = SweepSchedule(5.0, share=0.01, max_spacing_s=60.0, clock=clock)
+    _sweep(schedule, clock, 3.0)
+    clock.now += 5.0
+    started = clock.now
+    _sweep(schedule, clock, 3.0)  # 3 s at 1% would be 300 s apart
+    clock.now = started + 59.9
+    assert not schedule.begin()
+    clock.now = started + 60.0
+    assert schedule.begin()
