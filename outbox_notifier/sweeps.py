@@ -15,7 +15,7 @@ cursor waiting 10 s and more with no snapshot held.
 The same schedule paces two periodic statements that a held snapshot slows the same way, each
 walking a partial index on the records' status in which every record passing through that
 status leaves an entry the hold keeps: the maintenance loop's metric snapshot (every 5 s on
-every replica: 465 ms after a 4-minute hold at 300 events/s, from 2 ms) and the lease rescue
+every replica: 465 ms after a 5-minute hold at 300 events/s, from 2 ms) and the lease rescue
 (141 ms, from under 0.1). Neither has a cursor to start from; paced at 1%, each costs the
 database a bounded share of a core however long the hold, where they took more of it every
 minute (their gauges and rescues come less often meanwhile, a minute apart at most: the
