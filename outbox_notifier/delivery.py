@@ -18,10 +18,7 @@ taken by the sweep: every ``sweep_s`` a claim starts from 0 instead. Under a lon
 sweep walks every entry the snapshot keeps, so a slow sweep spaces out the next ones
 (``sweeps``); in between, every ``sweep_s`` a claim starts from where the cursor was at the
 previous such claim, so a record another replica's relay committed late still goes within a
-second or two. A sweep runs beside the loop's claims, on a connection of its own, with half the
-free slots: the loop goes on claiming past its cursor meanwhile, so a sweep slowed by a held
-snapshot (100-200 ms) delays nothing that arrives during it. To the database the two are two
-claims, as two replicas' would be (disjoint by their row locks).
+second or two.
 
 Digests: the claim returns the records of a chat-bot target over its budget as one call, rows
 sharing a ``message_id`` (claim_due_v1, migration 0015). The loop sends them with the provider's
@@ -316,9 +313,6 @@ class Deliverer:
     _trailed_at: float = dataclasses.field(default=-math.inf, init=False)
     _inflight: set[asyncio.Task[None]] = dataclasses.field(default_factory=set, init=False)
     _slot_freed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event, init=False)
-    # the sweep in progress beside the claims (module docstring), and the slots it may fill
-    _sweep: asyncio.Task[None] | None = dataclasses.field(default=None, init=False)
-    _sweep_slots: int = dataclasses.field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self._sweeps = SweepSchedule(self.sweep_s)
@@ -334,28 +328,19 @@ class Deliverer:
                 if completer.done():  # only a bug ends it; results must keep landing
                     logger.error("result completer stopped (%r); restarting it", completer)
                     completer = self._start_completer(ctx)
-                if self._sweep is not None and self._sweep.done():
-                    sweep, self._sweep = self._sweep, None
-                    sweep.result()  # a bug in it ends the loop, as one in a claim does
                 if not self.completer.has_room.is_set():
                     # The database takes results slower than the calls make them: claim nothing
                     # new until the completer catches up (the calls in flight go on).
                     await ctx.wait("delivery", self.completer.has_room, poll_interval_s)
                     continue
-                free = self.concurrency - len(self._inflight) - self._sweep_slots
+                free = self.concurrency - len(self._inflight)
                 # Claim in chunks rather than one record per freed slot: fewer, larger claims.
-                if free < max(1, self.concurrency // 4) and (self._inflight or self._sweep_slots):
+                if free < max(1, self.concurrency // 4) and self._inflight:
                     self._slot_freed.clear()
                     await ctx.wait("delivery", self._slot_freed, poll_interval_s)
                     continue
                 wanted = min(self.batch_size, free)
                 wake.clear()
-                if self._sweep is None and self._sweeps.begin():
-                    swept = max(1, wanted // 2)
-                    self._start_sweep(ctx, swept)
-                    wanted -= swept
-                    if not wanted:
-                        continue
                 claimed = await self._claim(ctx, wanted)
                 if claimed is None:
                     await ctx.sleep("delivery", self.claim_retry_s)
@@ -373,35 +358,14 @@ class Deliverer:
     def _start_completer(self, ctx: LoopContext) -> asyncio.Task[None]:
         return asyncio.create_task(self.completer.run(ctx), name="complete-results")
 
-    def _start_sweep(self, ctx: LoopContext, limit: int) -> None:
-        """A claim from 0 beside the loop's own, filling at most ``limit`` slots."""
-        self._trail_from, self._trailed_at = self._after_id, time.monotonic()
-        self._sweep_slots = limit
-        self._sweep = asyncio.create_task(self._sweep_once(ctx, limit), name="sweep-records")
-
-    async def _sweep_once(self, ctx: LoopContext, limit: int) -> None:
-        try:
-            claimed = await self._claim_from(ctx, limit, 0)
-        finally:
-            self._sweeps.end()
-            self._sweep_slots = 0
-            self._slot_freed.set()
-        for call in calls_of(claimed or []):
-            self._start(call)
-
     async def _claim(self, ctx: LoopContext, limit: int) -> list[ClaimedRecord] | None:
-        """The loop's claim: past the cursor, or every ``sweep_s`` a trailing one."""
         now = time.monotonic()
         after_id = self._after_id
-        if now - self._trailed_at >= self.sweep_s:
+        sweeping = self._sweeps.begin()
+        if sweeping:
+            after_id, self._trail_from, self._trailed_at = 0, self._after_id, now
+        elif now - self._trailed_at >= self.sweep_s:
             after_id, self._trail_from, self._trailed_at = self._trail_from, self._after_id, now
-        return await self._claim_from(ctx, limit, after_id)
-
-    async def _claim_from(
-        self, ctx: LoopContext, limit: int, after_id: int
-    ) -> list[ClaimedRecord] | None:
-        """Claims up to ``limit`` records, first attempts past ``after_id``; None when the
-        database is unavailable (logged, and reported to its health)."""
         try:
             tracer = tracing.active
             with ctx.metrics.claim_timer("delivery"), tracer.database("claim_records") as span:
@@ -416,6 +380,9 @@ class Deliverer:
             logger.warning("claim failed, database unavailable: %s", first_line(exc))
             ctx.database_failed("delivery", exc)
             return None
+        finally:
+            if sweeping:
+                self._sweeps.end()
         ctx.db_health.ok("delivery")
         if claimed:
             # Every first attempt the scan could see up to here was taken or skipped (a skipped
@@ -509,8 +476,6 @@ class Deliverer:
     async def _drain(self, ctx: LoopContext, completer: asyncio.Task[None]) -> None:
         """Lets in-flight calls finish and their results land; the caller bounds the time."""
         try:
-            if self._sweep is not None:  # it may start calls yet: they are drained below
-                await asyncio.gather(self._sweep, return_exceptions=True)
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
             # The completer may be in the middle of a batch: let it apply everything queued,
@@ -521,7 +486,5 @@ class Deliverer:
             await completer
         finally:
             completer.cancel()
-            if self._sweep is not None:
-                self._sweep.cancel()
             for task in self._inflight:
                 task.cancel()
