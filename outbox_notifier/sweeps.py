@@ -2,9 +2,8 @@
 
 Both claims keep a cursor so that their index scans skip the entries of rows already taken,
 which a long-open snapshot keeps from being cleaned up. A sweep, a claim from the start, takes
-what the cursor passed; under such a snapshot it walks every one of those entries (measured at
-300 events/s: 250 ms after a 10-minute hold, growing with the hold), and the relay waits for
-it (the delivery loop runs its sweep beside its claims, but the walk still costs the database).
+what the cursor passed; under such a snapshot it walks every one of those entries, and the loop
+waits for it (measured at 300 events/s: 250 ms after a 10-minute hold, growing with the hold).
 So sweeps that take long space out the next ones: sweeping takes at most ``share`` of the
 loop's time, and while sweeps are quick (``quick_s``: a stall nobody would see) they run every
 ``every_s``. Only slowness that lasts counts, the shorter of the last two sweeps: a one-off slow
@@ -36,9 +35,8 @@ PACED_MAX_SPACING_S = 60.0
 @dataclasses.dataclass(eq=False)
 class SweepSchedule:
     every_s: float
-    # At most this share of the loop's time goes to sweeps slower than quick_s. The relay
-    # waits for its sweep (and the delivery loop did), so each one under a held snapshot
-    # delays what arrives meanwhile: at 1%,
+    # At most this share of the loop's time goes to sweeps slower than quick_s. The loop waits
+    # for its sweep, so each one under a held snapshot delays what arrives meanwhile: at 1%,
     # the two loops' sweeps took commit-to-delivery p99 to 104-224 ms in six of the ten minutes
     # of a 10-minute hold (300 events/s); at 0.2%, 36-66 ms in its second to ninth minutes
     # (50-175 ms in a second run on a busier machine; bench/README). The price, under such a
