@@ -25,7 +25,7 @@ from outbox_notifier.horizon import DEFAULT_WARN_S, HorizonWatch
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.maintenance_store import MaintenanceStore
 from outbox_notifier.store import DatabaseError, NotCallable, OperationalError
-from outbox_notifier.sweeps import PACED_MAX_SPACING_S, SweepSchedule
+from outbox_notifier.sweeps import SweepSchedule, paced_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ FIRST_ANALYZE_ROWS = 1000
 #: How often the loop turns while a busy table was never analyzed (a fresh install's first
 #: seconds; on a database in use the first turn finds both analyzed and stops asking).
 FRESH_CHECK_S = 1.0
-#: Once two snapshots in a row are slow (a held snapshot: see ``sweeps``), taking them costs at
-#: most this share of the time (a minute apart at most); the gauges are then older, the
-#: horizon's are still read each turn.
-SNAPSHOT_SHARE = 0.01
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,12 +52,10 @@ class Maintenance:
     )
     # Until both busy tables have been analyzed once (module docstring).
     fresh_tables: bool = True
-    # Each turn while snapshots are quick (every_s 0: the loop's pace), spaced out when slow.
-    snapshots: SweepSchedule = dataclasses.field(
-        default_factory=lambda: SweepSchedule(
-            0.0, share=SNAPSHOT_SHARE, max_spacing_s=PACED_MAX_SPACING_S
-        )
-    )
+    # Each turn while snapshots are quick (every_s 0: the loop's pace); once two in a row are
+    # slow (a held snapshot: see ``sweeps``), 1% of the time, a minute apart at most. The gauges
+    # are then older; the horizon's are still read each turn.
+    snapshots: SweepSchedule = dataclasses.field(default_factory=lambda: paced_schedule(0.0))
 
     async def run(self, ctx: LoopContext) -> None:
         snapshot_every_s = min(self.interval_s, SNAPSHOT_MAX_INTERVAL_S)

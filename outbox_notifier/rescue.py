@@ -13,14 +13,9 @@ from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.dbhealth import bounded, describe
 from outbox_notifier.loops import LoopContext
 from outbox_notifier.store import OperationalError, RecordStore, RescuedRecord
-from outbox_notifier.sweeps import PACED_MAX_SPACING_S, SweepSchedule
+from outbox_notifier.sweeps import paced_schedule
 
 logger = logging.getLogger(__name__)
-
-#: Once two rescues in a row are slow (a held snapshot: see ``sweeps``), rescuing takes at most
-#: this share of the time, and they are at most PACED_MAX_SPACING_S apart: a lease that expires
-#: meanwhile waits up to took / share for it, a minute at most.
-RESCUE_SHARE = 0.01
 
 
 async def rescue_expired_leases(
@@ -50,9 +45,9 @@ class Rescuer:
         self.store = store
         self.policy = policy
         self.interval_s = interval_s
-        self.schedule = SweepSchedule(
-            interval_s, share=RESCUE_SHARE, max_spacing_s=PACED_MAX_SPACING_S, clock=clock
-        )
+        # Once two rescues in a row are slow (a held snapshot), they are spaced out to 1% of
+        # the time, a minute apart at most: a lease that expires meanwhile waits that much more.
+        self.schedule = paced_schedule(interval_s, clock)
 
     async def run(self, ctx: LoopContext, rescued_wake: asyncio.Event) -> None:
         """Rescues every ``interval_s`` (less often while rescues are slow) until stopped; sets

@@ -28,7 +28,9 @@ import math
 import time
 from collections.abc import Callable
 
-#: The most the metric snapshot and the lease rescue are spaced out (module docstring).
+#: The metric snapshot's and the lease rescue's share of the time once slow, and the most they
+#: are spaced out (module docstring).
+PACED_SHARE = 0.01
 PACED_MAX_SPACING_S = 60.0
 
 
@@ -74,3 +76,8 @@ class SweepSchedule:
     def now(self) -> None:
         """The next claim sweeps, whenever the last one was."""
         self._next_at = -math.inf
+
+
+def paced_schedule(every_s: float, clock: Callable[[], float] = time.monotonic) -> SweepSchedule:
+    """The schedule of the metric snapshot and the lease rescue (module docstring)."""
+    return SweepSchedule(every_s, share=PACED_SHARE, max_spacing_s=PACED_MAX_SPACING_S, clock=clock)

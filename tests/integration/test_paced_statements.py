@@ -3,7 +3,9 @@ each turn while they are quick; once two in a row are slow, as under a held snap
 fills the partial indexes they walk, at most 1% of the time.
 
 The statements are real; only their duration is made up: each one moves the loop's clock
-(a ``ManualClock``) by a second, as a walk of a long hold's dead entries takes.
+(a ``ManualClock``) by 300 ms, as a walk of a long hold's dead entries takes. Two such in a
+row put the next one 300 ms / 1% = 30 s after the second began (below the one-minute bound,
+which tests/unit/test_sweeps.py covers).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from outbox_notifier.backoff import RetryPolicy
 from outbox_notifier.maintenance_store import MaintenanceStore, SnapshotRow
 from outbox_notifier.rescue import Rescuer
 from outbox_notifier.store import RecordStore, RescuedRecord
-from outbox_notifier.sweeps import SweepSchedule
+from outbox_notifier.sweeps import PACED_SHARE, paced_schedule
 from tests.support import (
     ManualClock,
     enqueue,
@@ -33,7 +35,9 @@ from tests.support import (
 
 pytestmark = pytest.mark.timeout(60)
 
-SLOW_S = 1.0  # what each statement "takes" on the loop's clock
+SLOW_S = 0.3  # what each statement "takes" on the loop's clock
+START = 1000.0  # the ManualClock's
+NEXT_AT = START + SLOW_S + SLOW_S / PACED_SHARE  # the second began at START + SLOW_S
 
 
 class _SlowRescues(RecordStore):
@@ -67,7 +71,7 @@ class _SlowSnapshots(MaintenanceStore):
 async def test_slow_rescues_are_spaced_out_to_their_share(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
-    clock = ManualClock()
+    clock = ManualClock(START)
     async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
         store = _SlowRescues(pool, clock)
         enqueue(conn, payload("k-1"))
@@ -84,12 +88,15 @@ async def test_slow_rescues_are_spaced_out_to_their_share(
             await eventually(lambda: store.calls == 2, what="two rescues")
             await asyncio.sleep(0.3)  # some 30 turns of the loop
             # The first took the record back, in time; the two slow ones in a row put the next
-            # one took / share = 100 s away on the loop's clock, which has not moved since.
+            # one 30 s away on the loop's clock, which has not moved since.
             assert store.calls == 2
             status = conn.execute("SELECT status FROM outbox_notifier.notification_records")
             assert status.fetchone() == ("failed",)
-            clock.now += 100.0
-            await eventually(lambda: store.calls == 3, what="the rescue 100 s later")
+            clock.now = NEXT_AT - 0.1
+            await asyncio.sleep(0.2)
+            assert store.calls == 2
+            clock.now = NEXT_AT + 0.1
+            await eventually(lambda: store.calls == 3, what="the rescue 30 s later")
         finally:
             ctx.stop.set()
             await asyncio.wait_for(task, 5)
@@ -116,21 +123,21 @@ async def test_quick_rescues_run_every_turn(db: str) -> None:
 async def test_slow_metric_snapshots_are_spaced_out_and_the_gauges_kept(
     aconn: psycopg.AsyncConnection[Any], conn: psycopg.Connection[Any]
 ) -> None:
-    clock = ManualClock()
+    clock = ManualClock(START)
     loop = maintenance_loop(aconn)
     store = _SlowSnapshots(aconn, clock)
     loop.store = store
-    loop.snapshots = SweepSchedule(0.0, share=0.01, clock=clock)
+    loop.snapshots = paced_schedule(0.0, clock)  # the loop's own schedule, on the test's clock
     ctx = loop_context()
     enqueue(conn, payload("k-1"))
     for _ in range(5):  # five turns of the loop at once on its clock
         await loop._snapshot(ctx)
-    assert store.calls == 2  # the second slow one in a row spaces the next 100 s out
+    assert store.calls == 2  # the second slow one in a row spaces the next 30 s out
     pending = ctx.metrics.registry.get_sample_value("outbox_notifier_outbox_pending")
     assert pending == 1.0  # the gauges hold the last snapshot's values meanwhile
-    clock.now += 98.0  # 99 s after the second began
+    clock.now = NEXT_AT - 0.1
     await loop._snapshot(ctx)
     assert store.calls == 2
-    clock.now += 1.0  # 100 s
+    clock.now = NEXT_AT + 0.1
     await loop._snapshot(ctx)
     assert store.calls == 3
