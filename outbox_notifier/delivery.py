@@ -179,7 +179,7 @@ def to_result(
         provider_message_id=(
             None if sent.provider_message_id is None else _pg_text(sent.provider_message_id)
         ),
-        request_json=sent.request_json.decode() if sent.request_json is not None else None,
+        request_json=None if sent.request_json is None else msgspec.Raw(sent.request_json),
         response_json=response,
         http_status=sent.http_status,
         started_at=started_at,

@@ -279,7 +279,9 @@ class AttemptResult(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_s: float | None = None
     disable_channel: bool = False  # the target answered 410 Gone: switch the recipient off
     provider_message_id: str | None
-    request_json: str | None
+    # The request as sent (secrets masked), JSON the daemon's encoders made: written into the
+    # batch document as the JSON value it is, so the database parses it once (0020).
+    request_json: msgspec.Raw | None
     response_json: str | None
     http_status: int | None
     started_at: datetime

@@ -129,14 +129,15 @@ SELECT extract(epoch FROM least(
 ) - now());
 
 -- name: apply_results
--- Applies a batch of provider results in one atomic statement: apply_results_v1 (0018), which
--- describes what each result does. Returns one row per result whose record exists (status
+-- Applies a batch of provider results in one atomic statement: apply_results_v2 (0020: each
+-- result's request_json is the request's JSON itself, not a string holding it; 0018 describes
+-- what each result does). Returns one row per result whose record exists (status
 -- NULL: a late result, not applied), with on each row the keys of the targets whose breaker
 -- the batch tripped, whether the record has an ordering key, and whether the batch made a
 -- digest queue's records due.
 SELECT a.record_id, a.channel, a.status, a.latency_s, a.trace_id, a.dedupe_key,
        a.tripped_keys, a.ordered, a.woke
-FROM outbox_notifier.apply_results_v1(
+FROM outbox_notifier.apply_results_v2(
     %(results)s::jsonb, %(host_now)s::timestamptz, %(retry_after_max_s)s, %(window_s)s,
     %(min_calls)s::integer, %(breaker_failures)s::integer, %(failure_ratio)s, %(cooloff_s)s,
     %(slowdown_s)s

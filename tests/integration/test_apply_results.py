@@ -3,10 +3,12 @@ log, a 410's channel disable and the endpoint-protection bookkeeping commit toge
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime
 from typing import Any, ClassVar, LiteralString
 
+import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
@@ -16,7 +18,7 @@ from outbox_notifier.daemon import claim_policy, http_transport
 from outbox_notifier.delivery import call_provider, to_delivery, to_result
 from outbox_notifier.providers import default_providers
 from outbox_notifier.sqlfiles import query
-from outbox_notifier.store import RecordStore
+from outbox_notifier.store import AttemptResult, RecordStore, apply_params
 from outbox_notifier.testing.feishu_server import FeishuServer, Reply
 from tests.support import (
     add_channel,
@@ -98,3 +100,82 @@ async def test_a_result_batch_is_one_statement(db: str, conn: psycopg.Connection
         (server.flow_url("busy"),),
     ).fetchall() == [(True, True, "provider_5xx")]
     assert scalar(conn, "SELECT count(*) FROM outbox_notifier.delivery_attempts") == 3
+
+
+# Text a request's JSON must carry through unchanged: quotes, a backslash, a newline, a tab,
+# non-ASCII and a character outside the BMP.
+_AWKWARD = 'He said "move it" \\ twice\nat 10:00\t日程 🚀'
+
+
+async def _sent_through(
+    db: str, conn: psycopg.Connection[Any], keys: list[str]
+) -> tuple[RecordStore, list[AttemptResult], list[bytes], AsyncConnectionPool[Any]]:
+    """Relays, claims and calls the records of ``keys`` (one Flow server that accepts them),
+    without applying the results: the results, and the bodies the server received."""
+    async with FeishuServer() as server:
+        add_channel(conn, 1, server.flow_url("ok"))
+        for key in keys:
+            enqueue(conn, payload(key, summary_text=_AWKWARD))
+        settings = settings_for(db)
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            db, kwargs={"autocommit": True}, min_size=1, open=False
+        )
+        await pool.open()
+        store = RecordStore(pool)
+        assert (await relay_for(store).relay_once()).created == len(keys)
+        transport = http_transport(settings)
+        try:
+            providers = default_providers(settings, transport)
+            results = []
+            for record in await store.claim_records(10, claim_policy(settings)):
+                sent = await call_provider(providers, record.provider, to_delivery(record))
+                rng = random.Random(record.id)
+                results.append(to_result(record, sent, RetryPolicy(), datetime.now(UTC), rng))
+        finally:
+            await transport.aclose()
+        return store, results, [r.body for r in server.requests], pool
+
+
+async def test_the_request_is_kept_as_the_json_object_that_was_sent(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    store, results, bodies, pool = await _sent_through(db, conn, ["k-raw"])
+    async with pool:
+        applied = await store.apply_results(results, claim_policy(settings_for(db)))
+    assert [r.status for r in applied.records] == ["sent"]
+    (kept,) = conn.execute(
+        "SELECT provider_request_json, jsonb_typeof(provider_request_json)"
+        " FROM outbox_notifier.notification_records"
+    ).fetchall()
+    # an object equal to the body the server received, not a string holding it
+    assert kept == (json.loads(bodies[0]), "object")
+    assert _AWKWARD in kept[0]["message"]["summary"]
+
+
+async def test_a_daemon_of_an_earlier_build_still_applies_through_v1(
+    db: str, conn: psycopg.Connection[Any]
+) -> None:
+    # An earlier 0.2.0 build calls apply_results_v1 with each request as a JSON string; 0020
+    # made v1 call v2. The result is the same record, attempt and stored request.
+    _, results, bodies, pool = await _sent_through(db, conn, ["k-old", "k-none"])
+    await pool.close()
+    documents = json.loads(msgspec.json.encode(results))
+    documents[0]["request_json"] = json.dumps(documents[0]["request_json"])
+    # a result without a request (nothing was sent) keeps what the record had: here nothing
+    documents[1]["request_json"] = None
+    params = apply_params(results, claim_policy(settings_for(db)))
+    params["results"] = json.dumps(documents)
+    rows = conn.execute(
+        "SELECT record_id, status FROM outbox_notifier.apply_results_v1("
+        " %(results)s::jsonb, %(host_now)s::timestamptz, %(retry_after_max_s)s, %(window_s)s,"
+        " %(min_calls)s::integer, %(breaker_failures)s::integer, %(failure_ratio)s,"
+        " %(cooloff_s)s, %(slowdown_s)s) ORDER BY record_id",
+        params,
+    ).fetchall()
+    assert rows == [(results[0].record_id, "sent"), (results[1].record_id, "sent")]
+    kept = conn.execute(
+        "SELECT provider_request_json, jsonb_typeof(provider_request_json)"
+        " FROM outbox_notifier.notification_records ORDER BY id"
+    ).fetchall()
+    assert kept == [(json.loads(bodies[0]), "object"), (None, None)]
+    assert scalar(conn, "SELECT count(*) FROM outbox_notifier.delivery_attempts") == 2

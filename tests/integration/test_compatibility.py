@@ -61,8 +61,8 @@ def test_the_daemons_statements_call_only_versioned_functions() -> None:
     text = "\n".join(sqlfiles.queries().values())
     assert "outbox_notifier.claim_due_v1(" in text
     assert "outbox_notifier.claim_outbox_v2(" in text
-    # which calls record_target_results_v1 (0018)
-    assert "outbox_notifier.apply_results_v1(" in text
+    # which calls record_target_results_v1 (0020)
+    assert "outbox_notifier.apply_results_v2(" in text
     assert "outbox_notifier.analyze_fresh_tables_v1(" in text  # the maintenance loop's (0019)
     assert "outbox_notifier.claim_due(" not in text
     assert "outbox_notifier.record_target_results(" not in text

@@ -85,11 +85,11 @@ def test_a_field_without_a_postgres_type_is_refused_when_the_statement_is_built(
 
 def test_the_result_recordset_reads_only_result_fields() -> None:
     # AttemptResult may carry more (the provider label is for the metrics), never less.
-    # the statement hands the batch to apply_results_v1 (0018), whose recordset reads it
-    assert "outbox_notifier.apply_results_v1(\n    %(results)s::jsonb" in sqlfiles.query(
+    # the statement hands the batch to apply_results_v2 (0020), whose recordset reads it
+    assert "outbox_notifier.apply_results_v2(\n    %(results)s::jsonb" in sqlfiles.query(
         "apply_results"
     )
-    function = next(m.sql for m in sqlfiles.migrations() if m.name == "0018_apply_by_primary_key")
+    function = next(m.sql for m in sqlfiles.migrations() if m.name == "0020_apply_request_as_json")
     columns = recordset_columns("apply_results", "results", function)
     assert set(columns) <= set(AttemptResult.__struct_fields__), set(columns) - set(
         AttemptResult.__struct_fields__

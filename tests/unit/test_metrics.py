@@ -56,7 +56,7 @@ def result(
         error=None if error_code is None else "boom",
         delay_s=300.0 if status == "failed" else None,
         provider_message_id=None,
-        request_json='{"user_id": 42}' if called else None,
+        request_json=msgspec.Raw(b'{"user_id": 42}') if called else None,
         response_json=None,
         http_status=200 if called else None,
         started_at=datetime(2026, 11, 29, tzinfo=UTC),
