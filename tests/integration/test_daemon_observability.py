@@ -266,13 +266,15 @@ async def test_a_retention_pass_longer_than_the_database_deadline_runs_to_its_en
     """A backlog of finished rows takes many paced batches. The deadline bounds each batch,
     not the pass (which it used to cut off with 'retention failed'), and the maintenance loop
     stays alive batch by batch past health_stale_s."""
-    fill_history(conn, 2_000)  # finished records and outbox rows: 80 batches of 50
+    # finished records and outbox rows: 160 batches of 25, so that the pass outlasts stale_s
+    # on a fast cluster too (80 batches of 50 once took 1.8 s with fsync off)
+    fill_history(conn, 2_000)
     stale_s = 2.0
     daemon = Daemon(
         base_settings(
             db, health_stale_s=stale_s, db_deadline_s=1.0, maintenance_interval_s=60.0,
             records_retention_s=0.001, outbox_retention_s=0.001,
-            retention_batch_size=50, retention_pause_factor=20.0,
+            retention_batch_size=25, retention_pause_factor=20.0,
         )
     )  # fmt: skip
     left = "SELECT count(*) FROM outbox_notifier.notification_records"
