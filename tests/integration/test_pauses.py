@@ -190,34 +190,3 @@ def test_the_cli_pauses_shows_and_resumes(db: str, conn: psycopg.Connection[Any]
     assert bad.returncode == 1 and "has passed" in bad.stderr
     usage = _cli(db, "pause", "--provider", "webhook", "--channel", "feishu", "--reason", "x")
     assert usage.returncode == 2 and "--channel goes with --user" in usage.stderr
-
-
-@pytest.mark.parametrize(
-    "scope", [{"p_user_id": 1}, {"p_target_url": DOWN}], ids=["recipient", "target"]
-)
-async def test_a_pause_finds_its_waiting_records_by_the_recipients_index(
-    db: str, conn: psycopg.Connection[Any], scope: dict[str, Any]
-) -> None:
-    # 0021: only pending and failed records are in records_waiting_user_idx (one entry a record,
-    # not one a row version), and that index is what a recipient's or a target's pause reads.
-    _seed(conn)
-    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
-        assert (await relay_for(RecordStore(pool)).relay_once()).created == 9
-    pause_id = _pause(conn, **scope)
-    behind = (
-        "SELECT count(*) FROM outbox_notifier.pauses p, outbox_notifier.records_behind_pause(p)"
-        " WHERE p.id = %s"
-    )
-    conn.execute("SET enable_seqscan = off")
-    assert scalar(conn, behind, (pause_id,)) == 3
-    conn.execute("LOAD 'auto_explain'")
-    conn.execute("SET auto_explain.log_min_duration = 0")
-    conn.execute("SET auto_explain.log_nested_statements = on")
-    conn.execute("SET client_min_messages = log")
-    notes: list[str] = []
-    conn.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
-    scalar(conn, behind, (pause_id,))
-    assert any("records_waiting_user_idx" in n for n in notes), notes
-    # delivered records leave it: its entries are the waiting records'
-    conn.execute("UPDATE outbox_notifier.notification_records SET status = 'sent'")
-    assert scalar(conn, behind, (pause_id,)) == 0
