@@ -108,8 +108,8 @@ _AWKWARD = 'He said "move it" \\ twice\nat 10:00\t日程 🚀'
 
 
 async def _sent_through(
-    db: str, conn: psycopg.Connection[Any], keys: list[str]
-) -> tuple[RecordStore, list[AttemptResult], list[bytes], AsyncConnectionPool[Any]]:
+    db: str, conn: psycopg.Connection[Any], store: RecordStore, keys: list[str]
+) -> tuple[list[AttemptResult], list[bytes]]:
     """Relays, claims and calls the records of ``keys`` (one Flow server that accepts them),
     without applying the results: the results, and the bodies the server received."""
     async with FeishuServer() as server:
@@ -117,11 +117,6 @@ async def _sent_through(
         for key in keys:
             enqueue(conn, payload(key, summary_text=_AWKWARD))
         settings = settings_for(db)
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            db, kwargs={"autocommit": True}, min_size=1, open=False
-        )
-        await pool.open()
-        store = RecordStore(pool)
         assert (await relay_for(store).relay_once()).created == len(keys)
         transport = http_transport(settings)
         try:
@@ -133,14 +128,15 @@ async def _sent_through(
                 results.append(to_result(record, sent, RetryPolicy(), datetime.now(UTC), rng))
         finally:
             await transport.aclose()
-        return store, results, [r.body for r in server.requests], pool
+        return results, [r.body for r in server.requests]
 
 
 async def test_the_request_is_kept_as_the_json_object_that_was_sent(
     db: str, conn: psycopg.Connection[Any]
 ) -> None:
-    store, results, bodies, pool = await _sent_through(db, conn, ["k-raw"])
-    async with pool:
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        store = RecordStore(pool)
+        results, bodies = await _sent_through(db, conn, store, ["k-raw"])
         applied = await store.apply_results(results, claim_policy(settings_for(db)))
     assert [r.status for r in applied.records] == ["sent"]
     (kept,) = conn.execute(
@@ -157,8 +153,8 @@ async def test_a_daemon_of_an_earlier_build_still_applies_through_v1(
 ) -> None:
     # An earlier 0.2.0 build calls apply_results_v1 with each request as a JSON string; 0020
     # made v1 call v2. The result is the same record, attempt and stored request.
-    _, results, bodies, pool = await _sent_through(db, conn, ["k-old", "k-none"])
-    await pool.close()
+    async with AsyncConnectionPool(db, kwargs={"autocommit": True}, min_size=1) as pool:
+        results, bodies = await _sent_through(db, conn, RecordStore(pool), ["k-old", "k-none"])
     documents = json.loads(msgspec.json.encode(results))
     documents[0]["request_json"] = json.dumps(documents[0]["request_json"])
     # a result without a request (nothing was sent) keeps what the record had: here nothing
